@@ -1,0 +1,44 @@
+"""specialize_jax: specializing small T5/FlanT5 students for multi-step reasoning, in JAX."""
+import setuptools
+
+# Versions verified together on Python 3.11 (see ../shared/docs/NOTES.md and README "Install").
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorstore==0.1.86",
+    "seqio==0.0.20",
+    # tensorflow-text pulls full tensorflow even beside tensorflow-cpu, so depend on it directly.
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    # tensorflow-datasets 4.9.10 imports it while preparing a dataset without declaring it.
+    "importlib_resources",
+    "gin-config==0.5.0",
+    "sentencepiece==0.2.3",
+    "numpy==2.4.6",
+    "msgpack",
+    "safetensors",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest==9.0.3",
+        # Test-only peers for parity checks (CPU wheel of torch is local on the dev machines).
+        "torch==2.13.0",
+        "transformers==5.24.0",
+    ],
+}
+
+setuptools.setup(
+    name="specialize_jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["specialize_jax", "specialize_jax.*", "tasks", "tasks.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["specialize=specialize_jax.cli:main"]},
+)

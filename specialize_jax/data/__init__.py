@@ -1,0 +1,1 @@
+"""Data layer: readers, formats, teacher-data schema, answer metrics, feature converters (no Flax)."""

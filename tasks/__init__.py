@@ -1,0 +1,15 @@
+"""SeqIO task and mixture registrations. Importing this package registers them all (a side effect
+kept out of the library: `specialize_jax` never imports `tasks`). Names are listed in README.md.
+
+- `tasks.math_eval`: `{gsm8k_test,gsm8k_dev,multiarith_dev,multiarith_test,asdiv_test,svamp_test,
+  addsub_test,singleeq_test,gsm8k_tfds_test}_{zs_ao,zs_cot,icl_ao,icl_cot}`
+- `tasks.bbh`: `bbh_{task}_{cot,ao}` for the 27 BBH tasks, mixtures `bbh_cot`, `bbh_ao`
+- `tasks.distillation`: `gsm8k_distill_{format}` and the mixture `gsm8k_distill`
+"""
+from tasks import bbh
+from tasks import distillation
+from tasks import math_eval
+
+math_eval.register()
+bbh.register()
+distillation.register()

@@ -1,0 +1,24 @@
+"""Pieces shared by the task registrations: output features and the SeqIO postprocessors."""
+import seqio
+
+from specialize_jax.data import vocabulary
+
+
+def output_features() -> dict:
+  vocab = vocabulary.get_vocabulary()
+  return {
+      "inputs": seqio.Feature(vocabulary=vocab, add_eos=True, required=True),
+      "targets": seqio.Feature(vocabulary=vocab, add_eos=True),
+  }
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def gold_answer_postprocessor(output, example=None, is_target=False):
+  """Targets become the example's gold answer string (e.g. `9 (apples)`); predictions stay text,
+  so the metric sees (gold answer, model output) pairs."""
+  if is_target:
+    return _text(example["answer"])
+  return _text(output)

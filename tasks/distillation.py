@@ -1,0 +1,113 @@
+"""Distillation (training) tasks: the four formats of METHOD.md §2 built from a teacher-data file.
+
+Registered at import:
+- `gsm8k_distill_{zs_ao,zs_cot,icl_ao,icl_cot}` (split `train`) and the mixture `gsm8k_distill`
+  whose per-format rates default to the original's mix (≈79 % in-context CoT, 20 % zero-shot CoT,
+  1 % answer-only).
+
+Teacher data: the file named by `$SPECIALIZE_TEACHER_DATA` (schema `specialize_jax.teacher/1`, see
+`specialize_jax.data.teacher_data`), read when the dataset is built; without it, the GSM8K gold
+rationales (one "sample" per question), so the tasks always build. GSM8K dev and test questions are
+never trained on. Other teacher files or budgets: call `register_distillation_tasks(prefix, ...)`.
+"""
+import functools
+import os
+from typing import Mapping, Optional
+
+import seqio
+import tensorflow as tf
+
+from specialize_jax.data import data_dir
+from specialize_jax.data import formats
+from specialize_jax.data import readers
+from specialize_jax.data import splits
+from specialize_jax.data import teacher_data
+from specialize_jax.data import vocabulary
+from tasks import common
+
+TEACHER_DATA_ENV = "SPECIALIZE_TEACHER_DATA"
+TRAIN_SPLIT = "train"
+DEFAULT_PREFIX = "gsm8k_distill"
+# In-context inputs run past 512 T5 tokens (no newline piece): METHOD.md §2 asks for >= 1024.
+DEFAULT_MAX_INPUT_TOKENS = 1024
+# The original's mixture (3B setting): one format per micro-batch, ~79 % IC-CoT, 20 % ZS-CoT, ~1 % AO.
+DEFAULT_FORMAT_RATES = {"icl_cot": 0.79, "zs_cot": 0.20, "icl_ao": 0.005, "zs_ao": 0.005}
+
+
+def load_teacher_records(teacher_data_path: Optional[str] = None) -> list:
+  """Teacher records from `teacher_data_path`, else `$SPECIALIZE_TEACHER_DATA`, else GSM8K gold."""
+  path = teacher_data_path or os.environ.get(TEACHER_DATA_ENV)
+  if path:
+    return list(teacher_data.read_records(path).records)
+  return teacher_data.records_from_gsm8k_gold(data_dir.data_path(readers.GSM8K_FILES["train"]))
+
+
+def held_out_questions() -> frozenset:
+  """Questions no training task may contain: GSM8K dev and test."""
+  return frozenset(e.question for split in ("dev", "test") for e in splits.math_split("gsm8k", split))
+
+
+def distillation_source(format_name: str, teacher_data_path: Optional[str], max_input_tokens: int,
+                        num_exemplars: int, exemplar_seed: int) -> seqio.DataSource:
+  """A SeqIO source yielding `id`, `inputs`, `targets`, `answer` (text) for one format."""
+  def dataset_fn(split, shuffle_files, seed=None):  # pylint: disable=unused-argument
+    records = load_teacher_records(teacher_data_path)
+    sampler = formats.ExemplarSampler(splits.math_split("gsm8k", "train"), num_exemplars,
+                                       exemplar_seed)
+    count_tokens = formats.SentencePieceCounter(vocabulary.vocabulary_path())
+    exclude = held_out_questions()
+
+    def generate():
+      for example in formats.distillation_examples(records, format_name, sampler, max_input_tokens,
+                                                   count_tokens, exclude):
+        yield {k: example[k] for k in ("id", "inputs", "targets", "answer")}
+
+    text = tf.TensorSpec(shape=(), dtype=tf.string)
+    return tf.data.Dataset.from_generator(
+        generate, output_signature={"id": text, "inputs": text, "targets": text, "answer": text})
+  return seqio.FunctionDataSource(dataset_fn, splits=(TRAIN_SPLIT,))
+
+
+def check_input_budget(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
+                       max_input_tokens: int) -> tf.data.Dataset:
+  """Fails before training when the inputs length would cut in-context questions short."""
+  if sequence_length and sequence_length.get("inputs") and sequence_length["inputs"] < max_input_tokens:
+    raise ValueError(
+        f"TASK_FEATURE_LENGTHS['inputs']={sequence_length['inputs']} is shorter than the in-context "
+        f"tasks' input budget of {max_input_tokens} tokens, so questions would be truncated. Set "
+        f"--gin.TASK_FEATURE_LENGTHS to at least {{'inputs': {max_input_tokens}, ...}} or register the "
+        "tasks with a smaller `max_input_tokens`.")
+  return dataset
+
+
+def register_distillation_tasks(prefix: str = DEFAULT_PREFIX,
+                                teacher_data_path: Optional[str] = None,
+                                rates: Mapping[str, float] = DEFAULT_FORMAT_RATES,
+                                max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS,
+                                num_exemplars: int = formats.NUM_EXEMPLARS,
+                                exemplar_seed: int = 0) -> str:
+  """Registers `{prefix}_{format}` for the four formats and the mixture `{prefix}`; returns its name."""
+  unknown = set(rates) - set(formats.FORMATS)
+  if unknown:
+    raise ValueError(f"Unknown formats in rates: {sorted(unknown)}; expected {formats.FORMATS}.")
+  for format_name in formats.FORMATS:
+    preprocessors = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
+    if formats.is_in_context(format_name):
+      preprocessors.insert(0, functools.partial(check_input_budget,
+                                                max_input_tokens=max_input_tokens))
+    seqio.TaskRegistry.add(
+        f"{prefix}_{format_name}",
+        source=distillation_source(format_name, teacher_data_path, max_input_tokens,
+                                   num_exemplars, exemplar_seed),
+        preprocessors=preprocessors,
+        output_features=common.output_features(),
+        postprocess_fn=common.gold_answer_postprocessor,
+        shuffle_buffer_size=10_000,
+    )
+  seqio.MixtureRegistry.add(
+      prefix, [(f"{prefix}_{f}", rate) for f, rate in rates.items() if rate > 0])
+  return prefix
+
+
+def register() -> None:
+  register_distillation_tasks()

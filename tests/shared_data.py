@@ -1,0 +1,24 @@
+"""The one place tests locate the project's shared data folder."""
+import os
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHARED_DATA_ENV = "SPECIALIZE_SHARED_DATA"
+
+
+def shared_data_dir() -> pathlib.Path:
+  """``$SPECIALIZE_SHARED_DATA``, default ``../shared/data`` beside the repo; skips loudly if absent."""
+  path = pathlib.Path(os.environ.get(SHARED_DATA_ENV, REPO_ROOT.parent / "shared" / "data")).resolve()
+  if not path.is_dir():
+    pytest.skip(f"SHARED DATA NOT FOUND at {path}: set {SHARED_DATA_ENV} to the shared data folder "
+                "(CI always has it; this test did NOT run).")
+  return path
+
+
+def shared_file(relative_path: str) -> pathlib.Path:
+  path = shared_data_dir() / relative_path
+  if not path.exists():
+    pytest.skip(f"SHARED DATA FILE NOT FOUND: {path} (this test did NOT run).")
+  return path
