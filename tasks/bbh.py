@@ -49,7 +49,11 @@ def format_bbh(dataset: tf.data.Dataset, task: str, format_name: str) -> tf.data
 
 def register() -> None:
   for format_name in FORMATS:
-    metric = metrics.bbh_cot_accuracy if format_name == "cot" else metrics.bbh_answer_only_accuracy
+    if format_name == "cot":
+      metric_fns = [metrics.bbh_cot_accuracy, common.paper_variant(metrics.bbh_cot_accuracy_paper)]
+    else:
+      metric_fns = [metrics.bbh_answer_only_accuracy,
+                    common.paper_variant(metrics.bbh_answer_only_accuracy_paper)]
     names = []
     for task in readers.BBH_TASKS:
       name = bbh_task_name(task, format_name)
@@ -63,7 +67,7 @@ def register() -> None:
           ],
           output_features=common.output_features(),
           postprocess_fn=common.gold_answer_postprocessor,
-          metric_fns=[metric],
+          metric_fns=metric_fns,
       )
       names.append(name)
     seqio.MixtureRegistry.add(f"bbh_{format_name}", [(n, 1.0) for n in names])

@@ -22,3 +22,15 @@ def gold_answer_postprocessor(output, example=None, is_target=False):
   if is_target:
     return _text(example["answer"])
   return _text(output)
+
+
+PAPER_SUFFIX = "_paper"
+
+
+def paper_variant(metric_fn):
+  """A paper-rule metric whose keys carry `_paper` (`accuracy_paper`), so SeqIO can report it
+  beside the default metric without one overwriting the other."""
+  def fn(targets, predictions):
+    return {f"{k}{PAPER_SUFFIX}": v for k, v in metric_fn(targets, predictions).items()}
+  fn.__name__ = metric_fn.__name__
+  return fn

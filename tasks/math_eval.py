@@ -19,12 +19,13 @@ from specialize_jax.data import tfds_gsm8k
 from tasks import common
 
 EVAL_SPLIT = "test"
-MATH_METRICS = (metrics.math_accuracy, metrics.math_accuracy_paper)
+MATH_METRICS = (metrics.math_accuracy, common.paper_variant(metrics.math_accuracy_paper))
 
 
-def _math_source(dataset: str, split: str) -> seqio.DataSource:
+def _math_source(dataset: str, dataset_split: str) -> seqio.DataSource:
+  """Our split `dataset_split` (e.g. multiarith dev) exposed as the task's single SeqIO split."""
   def dataset_fn(split, shuffle_files, seed=None):  # pylint: disable=unused-argument
-    examples = splits.math_split(dataset, split)
+    examples = splits.math_split(dataset, dataset_split)
     return tf.data.Dataset.from_tensor_slices({
         "id": [e.id for e in examples],
         "question": [e.question for e in examples],

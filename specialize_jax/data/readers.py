@@ -146,7 +146,7 @@ def multiarith_dev_indices() -> np.ndarray:
 def read_asdiv() -> List[MathExample]:
   """All 2,305 ASDiv problems from the original XML; question = body + ' ' + question (as the paper).
 
-  Gold answers keep their unit (`9 (apples)`); 147 are not numbers (`Yes`, `3:30 p.m.`) and get
+  Gold answers keep their unit (`9 (apples)`); 211 are not one number (`Yes`, `3:30 p.m.`) and get
   `answer_number=None`, so a numeric metric can never count them correct — kept for comparability
   with the paper, which evaluated on all 2,305.
   """

@@ -1,0 +1,142 @@
+"""The `specialize` command: one entry point, one subcommand per job.
+
+  specialize download [--data_dir DIR] [--only gsm8k,bbh] [--force] [--base_url URL]
+  specialize score --task TASK --predictions FILE.jsonl [--metric_mode {default,paper}]
+  specialize tasks [--filter SUBSTRING]
+  specialize prepare_tfds --tfds_data_dir DIR [--source_dir DIR]
+  specialize convert --from {hf,t5x,auto} SRC --to {hf,orbax} DST
+
+This module is the only place that reads argv and imports `tasks` (which registers SeqIO tasks).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+
+def _quiet_tensorflow() -> None:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _registered_task(name: str):
+  import difflib  # pylint: disable=g-import-not-at-top
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
+  if name not in seqio.TaskRegistry.names():
+    close = difflib.get_close_matches(name, seqio.TaskRegistry.names(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else " List them with `specialize tasks`."
+    raise SystemExit(f"specialize: unknown task {name!r}.{hint}")
+  return seqio.get_mixture_or_task(name)
+
+
+def _cmd_score(args) -> int:
+  from specialize_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
+  task = _registered_task(args.task)
+  start = time.perf_counter()
+  try:
+    result = scoring.score(task, args.predictions, metric_mode=args.metric_mode,
+                           prediction_field=args.prediction_field)
+  except (scoring.PredictionsError, FileNotFoundError) as e:
+    print(f"specialize score: {e}", file=sys.stderr)
+    return 2
+  output = result.to_json()
+  output["seconds"] = round(time.perf_counter() - start, 3)
+  print(json.dumps(output))
+  return 0
+
+
+def _cmd_download(args) -> int:
+  from specialize_jax.data import data_dir as data_dir_lib  # pylint: disable=g-import-not-at-top
+  from specialize_jax.data import download  # pylint: disable=g-import-not-at-top
+  target = args.data_dir or str(data_dir_lib.data_dir())
+  try:
+    summary = download.download(target, only=args.only, force=args.force,
+                                base_url_override=args.base_url, timeout_s=args.timeout_s,
+                                retries=args.retries)
+  except ValueError as e:
+    print(f"specialize download: {e}", file=sys.stderr)
+    return 2
+  print(download.format_summary(summary))
+  return summary.exit_code
+
+
+def _cmd_tasks(args) -> int:
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  for name in sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names()):
+    if args.filter in name:
+      print(name)
+  return 0
+
+
+def _cmd_prepare_tfds(args) -> int:
+  from specialize_jax.data import tfds_gsm8k  # pylint: disable=g-import-not-at-top
+  try:
+    path = tfds_gsm8k.prepare_gsm8k_tfds(args.tfds_data_dir, args.source_dir)
+  except FileNotFoundError as e:
+    print(f"specialize prepare_tfds: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps({"dataset": tfds_gsm8k.GSM8K_TFDS_NAME, "path": path}))
+  return 0
+
+
+def _cmd_convert(args) -> int:
+  from specialize_jax.model import convert  # pylint: disable=g-import-not-at-top
+  try:
+    result = convert.convert(args.src, args.src_format, args.dst, args.dst_format)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"specialize convert: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(result) if isinstance(result, dict) else f"wrote {args.dst}")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="specialize", description=__doc__.split("\n\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("score", help="score a predictions JSONL against an eval task")
+  p.add_argument("--task", required=True, help="registered eval task, e.g. gsm8k_test_icl_cot")
+  p.add_argument("--predictions", required=True, help="JSONL with a 'prediction' string per line")
+  p.add_argument("--metric_mode", choices=("default", "paper"), default="default")
+  p.add_argument("--prediction_field", default="prediction",
+                 help="dotted path of the text field (e.g. 175b_verification.solution)")
+  p.set_defaults(fn=_cmd_score)
+
+  p = sub.add_parser("download", help="fetch the public datasets, prompts and vocabulary")
+  p.add_argument("--data_dir", default=None, help="default: $SPECIALIZE_DATA_DIR or ~/.cache/...")
+  p.add_argument("--only", default=None, help="comma-separated groups, e.g. gsm8k,bbh")
+  p.add_argument("--force", action="store_true", help="download even files that verify")
+  p.add_argument("--base_url", default=None, help="mirror serving the data-dir layout")
+  p.add_argument("--timeout_s", type=float, default=60.0)
+  p.add_argument("--retries", type=int, default=3)
+  p.set_defaults(fn=_cmd_download)
+
+  p = sub.add_parser("tasks", help="list registered SeqIO tasks and mixtures")
+  p.add_argument("--filter", default="", help="only names containing this substring")
+  p.set_defaults(fn=_cmd_tasks)
+
+  p = sub.add_parser("prepare_tfds", help="build the TFDS gsm8k:1.0.0 dataset from local files")
+  p.add_argument("--tfds_data_dir", required=True)
+  p.add_argument("--source_dir", default=None, help="holds train.jsonl/test.jsonl (default: data dir)")
+  p.set_defaults(fn=_cmd_prepare_tfds)
+
+  p = sub.add_parser("convert", help="convert a checkpoint between HF, T5X and orbax formats")
+  p.add_argument("--from", dest="src_format", choices=("hf", "t5x", "auto"), default="auto")
+  p.add_argument("src")
+  p.add_argument("--to", dest="dst_format", choices=("hf", "orbax"), required=True)
+  p.add_argument("dst")
+  p.set_defaults(fn=_cmd_convert)
+  return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  _quiet_tensorflow()
+  args = build_parser().parse_args(argv)
+  return args.fn(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,856 @@
+"""Teacher data: a versioned JSON-lines schema for teacher chains of thought, with a validator.
+
+Every teacher source (the GSM8K gold rationales, PaLM's SVAMP rationales, the paper's
+code-davinci-002 samples, and later our own teacher client) is turned into this one format, so
+filtering, formatting and tokenizer alignment read a single, checked layout.
+
+Schema ``specialize_jax.teacher/1``
+-----------------------------------
+A file is UTF-8 text with one JSON object per line, one line per QUESTION, each line ending in
+``\\n``. JSON has no NaN or Infinity: every number below must be finite. Ids are unique in a file.
+Fields not listed here are errors (put free-form data under ``meta``).
+
+Record (one per question)::
+
+  {"schema": "specialize_jax.teacher/1",   # required, exactly this string
+   "id": "gsm8k/train/0",                  # required, non-empty str, unique in the file
+   "source": "gsm8k",                      # required, non-empty str: the dataset
+   "split": "train",                       # required, non-empty str
+   "question": "Natalia sold ...",         # required, str: the question as the teacher saw it
+   "gold_answer": "72",                    # required, str: gold as the source writes it
+                                           #   (GSM8K: text after "####"; SVAMP: the equation)
+   "gold_number": 72.0,                    # required, number or null (non-numeric gold)
+   "teacher": {"name": "code-davinci-002", # optional; omitted for human-written gold
+               "api": "openai.completions",  #   optional str
+               "params": {"temperature": 0.5}},  # optional object of sampling settings
+   "meta": {...},                          # optional object: provenance, free-form
+   "samples": [<sample>, ...]}             # required list (may be empty)
+
+Sample (one teacher completion)::
+
+  {"text": " step\\nIf Natalia ... The answer is 72\\n\\n",  # required str: the completion
+   "answer": 72.0,                 # required, number or null: the answer extracted from text
+   "correct": true,                # required, bool or null (null: gold_number is null)
+   "tokens": [" step", "\\n", ...],  # optional list of str: the teacher's tokens, in order
+   "logprobs": [0.0, -0.0139, ...],   # optional, one number <= 0 per token: log p(sampled token)
+   "top_logprobs": [[[" step", 0.0], ["!", -10.6], ...], ...],
+                                   # optional, one list per token of [token, logprob] pairs,
+                                   #   at most 20 pairs per position (the API's top-k)
+   "offsets": [0, 5, 6, ...],      # optional, one int per token: char offset of it in text,
+                                   #   non-decreasing, 0 <= offset <= len(text)
+   "finish_reason": "stop",        # optional str, as the API reported it
+   "meta": {...}}                  # optional object
+
+Key order is free. ``answer`` is the number read from ``text`` (``answers.extract_answer``
+unless a builder documents its own rule); ``correct`` is ``answers.answers_match(answer,
+gold_number)``, false when ``answer`` is null. Ids follow ``readers``: ``<source>/<split>/<index>``
+(``gsm8k/train/17``), so teacher records join with dataset examples; a source's own split (not the
+dataset's) gets its own prefix (``svamp-dsbs/train/3``).
+
+``logprobs``, ``top_logprobs`` and ``offsets`` need ``tokens`` and must have its length. When tokens
+are present they should concatenate to ``text``; a mismatch is a warning (byte-level BPE tokens may
+split a UTF-8 character) that the alignment stage must handle.
+
+Problems carry a severity: errors make ``read_records(strict=True)`` raise and ``strict=False`` skip
+the line; warnings (token/text mismatch, ``correct`` disagreeing with answer vs gold, blank lines, a
+truncated last line) are reported and the line is kept (or, if unreadable, ignored).
+
+Crash safety: ``write_records`` writes a temp file beside the target and ``os.replace``-s it, so a
+failure leaves the old file untouched. ``append_record`` appends one line with flush + fsync; a
+crash can leave only the LAST line cut short, which readers report as a warning and ignore and
+which the next ``append_record`` removes. A bad line anywhere else is corruption and an error.
+"""
+import ast
+import collections
+import dataclasses
+import difflib
+import glob
+import json
+import logging
+import math
+import operator
+import os
+import pathlib
+import re
+import tempfile
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from specialize_jax.data import answers
+from specialize_jax.data import readers
+
+SCHEMA = "specialize_jax.teacher/1"
+MAX_TOP_LOGPROBS = 20
+MAX_REPORTED_PROBLEMS = 20
+ERROR = "error"
+WARNING = "warning"
+# The paper's codex files print probabilities to 4 decimals, so 0.0 means p < 5e-5; log(0) has no
+# JSON form, so we store the log of the middle of that interval.
+ROUNDED_ZERO_LOGPROB = math.log(2.5e-5)
+
+_RECORD_REQUIRED = ("schema", "id", "source", "split", "question", "gold_answer", "gold_number",
+                    "samples")
+_RECORD_OPTIONAL = ("teacher", "meta")
+_TEACHER_REQUIRED = ("name",)
+_TEACHER_OPTIONAL = ("api", "params")
+_SAMPLE_REQUIRED = ("text", "answer", "correct")
+_SAMPLE_OPTIONAL = ("tokens", "logprobs", "top_logprobs", "offsets", "finish_reason", "meta")
+_PER_TOKEN_FIELDS = ("logprobs", "top_logprobs", "offsets")
+
+
+class TeacherDataError(ValueError):
+  """Teacher data that breaks the schema; ``problems`` holds every problem found."""
+
+  def __init__(self, message: str, problems: Sequence["Problem"] = ()):
+    super().__init__(message)
+    self.problems = tuple(problems)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """One schema problem. ``line`` is 1-based (0: not tied to a line); ``field`` is a JSON path."""
+  path: str
+  line: int
+  field: str
+  message: str
+  kind: str  # bad_json, missing_field, unknown_field, type, value, length_mismatch, schema_version,
+             # duplicate_id, tokens_text_mismatch, answer_mismatch, blank_line, truncated_last_line
+  severity: str = ERROR
+
+  def __str__(self) -> str:
+    where = f"{self.path}:{self.line}" if self.line else self.path
+    return f"{where}: {self.field or '<line>'}: {self.severity}: {self.message}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherInfo:
+  """Which model produced the samples, through which API, with which sampling settings."""
+  name: str
+  api: Optional[str] = None
+  params: Optional[Dict[str, Any]] = None
+
+  def to_json(self) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"name": self.name}
+    if self.api is not None:
+      out["api"] = self.api
+    if self.params is not None:
+      out["params"] = self.params
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSample:
+  """One teacher completion; per-token fields are None or tuples with one entry per token."""
+  text: str
+  answer: Optional[float]
+  correct: Optional[bool]
+  tokens: Optional[Tuple[str, ...]] = None
+  logprobs: Optional[Tuple[float, ...]] = None
+  top_logprobs: Optional[Tuple[Tuple[Tuple[str, float], ...], ...]] = None
+  offsets: Optional[Tuple[int, ...]] = None
+  finish_reason: Optional[str] = None
+  meta: Optional[Dict[str, Any]] = None
+
+  def to_json(self) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"text": self.text, "answer": self.answer, "correct": self.correct}
+    if self.tokens is not None:
+      out["tokens"] = list(self.tokens)
+    if self.logprobs is not None:
+      out["logprobs"] = list(self.logprobs)
+    if self.top_logprobs is not None:
+      out["top_logprobs"] = [[[tok, lp] for tok, lp in pos] for pos in self.top_logprobs]
+    if self.offsets is not None:
+      out["offsets"] = list(self.offsets)
+    if self.finish_reason is not None:
+      out["finish_reason"] = self.finish_reason
+    if self.meta is not None:
+      out["meta"] = self.meta
+    return out
+
+  @classmethod
+  def from_json(cls, obj: Mapping[str, Any]) -> "TeacherSample":
+    """Builds a sample from an already validated dict (use ``TeacherRecord.from_json`` to check)."""
+    def opt_tuple(name, convert):
+      value = obj.get(name)
+      return None if value is None else tuple(convert(v) for v in value)
+    return cls(
+        text=obj["text"], answer=_opt_float(obj["answer"]), correct=obj["correct"],
+        tokens=opt_tuple("tokens", str), logprobs=opt_tuple("logprobs", float),
+        top_logprobs=opt_tuple("top_logprobs",
+                               lambda pos: tuple((str(t), float(lp)) for t, lp in pos)),
+        offsets=opt_tuple("offsets", int), finish_reason=obj.get("finish_reason"),
+        meta=obj.get("meta"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherRecord:
+  """One question with all its teacher samples (one line of a teacher-data file)."""
+  id: str
+  source: str
+  split: str
+  question: str
+  gold_answer: str
+  gold_number: Optional[float]
+  samples: Tuple[TeacherSample, ...]
+  teacher: Optional[TeacherInfo] = None
+  meta: Optional[Dict[str, Any]] = None
+
+  def to_json(self) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"schema": SCHEMA, "id": self.id, "source": self.source,
+                           "split": self.split, "question": self.question,
+                           "gold_answer": self.gold_answer, "gold_number": self.gold_number}
+    if self.teacher is not None:
+      out["teacher"] = self.teacher.to_json()
+    if self.meta is not None:
+      out["meta"] = self.meta
+    out["samples"] = [s.to_json() for s in self.samples]
+    return out
+
+  @classmethod
+  def from_json(cls, obj: Any) -> "TeacherRecord":
+    """Validates ``obj`` against the schema; raises ``TeacherDataError`` naming every bad field."""
+    where = f"record {obj.get('id')!r}" if isinstance(obj, dict) else "record"
+    problems = [dataclasses.replace(p, path=where) for p in _record_problems(obj)
+                if p.severity == ERROR]
+    if problems:
+      raise TeacherDataError(_format_problems(where, problems), problems)
+    return cls._from_valid_json(obj)
+
+  @classmethod
+  def _from_valid_json(cls, obj: Mapping[str, Any]) -> "TeacherRecord":
+    teacher = obj.get("teacher")
+    return cls(
+        id=obj["id"], source=obj["source"], split=obj["split"], question=obj["question"],
+        gold_answer=obj["gold_answer"], gold_number=_opt_float(obj["gold_number"]),
+        samples=tuple(TeacherSample.from_json(s) for s in obj["samples"]),
+        teacher=None if teacher is None else TeacherInfo(
+            name=teacher["name"], api=teacher.get("api"), params=teacher.get("params")),
+        meta=obj.get("meta"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadResult:
+  """Records read from a file, plus what was not read and why."""
+  records: Tuple[TeacherRecord, ...]
+  problems: Tuple[Problem, ...]  # warnings always; errors only when strict=False
+  skipped_lines: int  # lines that gave no record: bad (strict=False), blank, truncated tail
+  truncated_last_line: bool
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _opt_float(value: Any) -> Optional[float]:
+  return None if value is None else float(value)
+
+
+def _type_name(value: Any) -> str:
+  return {dict: "object", list: "array", str: "string", bool: "bool", type(None): "null",
+          int: "number", float: "number"}.get(type(value), type(value).__name__)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _join(prefix: str, name: str) -> str:
+  return f"{prefix}.{name}" if prefix else name
+
+
+def _problem(kind: str, field: str, message: str, severity: str = ERROR) -> Problem:
+  return Problem(path="", line=0, field=field, message=message, kind=kind, severity=severity)
+
+
+def _check_keys(obj: Mapping[str, Any], required: Sequence[str], optional: Sequence[str],
+                prefix: str, out: List[Problem]) -> None:
+  allowed = tuple(required) + tuple(optional)
+  for name in required:
+    if name not in obj:
+      out.append(_problem("missing_field", _join(prefix, name),
+                          f"missing required field {name!r}; add it (see the schema in "
+                          "specialize_jax/data/teacher_data.py)"))
+  for name in obj:
+    if name not in allowed:
+      close = difflib.get_close_matches(str(name), allowed, n=1)
+      hint = f"did you mean {close[0]!r}? " if close else ""
+      out.append(_problem("unknown_field", _join(prefix, str(name)),
+                          f"unknown field {name!r} in {SCHEMA}; {hint}allowed: "
+                          f"{', '.join(allowed)}; put free-form data under 'meta'"))
+
+
+def _check_value(obj: Mapping[str, Any], name: str, prefix: str, out: List[Problem], ok,
+                 expected: str) -> bool:
+  """Appends a type problem when ``obj[name]`` is present and ``ok`` rejects it."""
+  if name not in obj or ok(obj[name]):
+    return name in obj
+  out.append(_problem("type", _join(prefix, name),
+                      f"expected {expected}, got {_type_name(obj[name])} {_short(obj[name])}"))
+  return False
+
+
+def _short(value: Any) -> str:
+  text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+  return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_list(values: Sequence[Any], field: str, ok, expected: str, out: List[Problem]) -> None:
+  """Reports the first bad element of a list (and how many more), not one problem per element."""
+  bad = [i for i, v in enumerate(values) if not ok(v)]
+  if bad:
+    more = f" ({len(bad) - 1} more bad entries)" if len(bad) > 1 else ""
+    out.append(_problem("type", f"{field}[{bad[0]}]", f"expected {expected}, got "
+                        f"{_type_name(values[bad[0]])} {_short(values[bad[0]])}{more}"))
+
+
+def _is_top_logprob_position(pos: Any) -> bool:
+  return (isinstance(pos, list) and len(pos) <= MAX_TOP_LOGPROBS and
+          all(isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and
+              _is_number(pair[1]) and pair[1] <= 0 for pair in pos))
+
+
+def _record_problems(obj: Any) -> List[Problem]:
+  """Every schema problem of one parsed line (paths relative to the record, line left 0)."""
+  out: List[Problem] = []
+  if not isinstance(obj, dict):
+    return [_problem("type", "", f"a record must be a JSON object, got {_type_name(obj)}")]
+  if "schema" not in obj:
+    return [_problem("missing_field", "schema",
+                     f"missing field 'schema'; add \"schema\": \"{SCHEMA}\" to every line")]
+  if obj["schema"] != SCHEMA:
+    return [_problem("schema_version", "schema",
+                     f"schema {_short(obj['schema'])} is not supported; this reader supports only "
+                     f"{SCHEMA!r}: convert the file, or read it with the version that wrote it")]
+  _check_keys(obj, _RECORD_REQUIRED, _RECORD_OPTIONAL, "", out)
+  nonempty_str = lambda v: isinstance(v, str) and bool(v)
+  for name in ("id", "source", "split"):
+    _check_value(obj, name, "", out, nonempty_str, "a non-empty string")
+  for name in ("question", "gold_answer"):
+    _check_value(obj, name, "", out, lambda v: isinstance(v, str), "a string")
+  _check_value(obj, "gold_number", "", out, lambda v: v is None or _is_number(v),
+               "a finite number or null")
+  _check_value(obj, "meta", "", out, lambda v: isinstance(v, dict), "an object")
+  if _check_value(obj, "teacher", "", out, lambda v: isinstance(v, dict), "an object"):
+    teacher = obj["teacher"]
+    _check_keys(teacher, _TEACHER_REQUIRED, _TEACHER_OPTIONAL, "teacher", out)
+    _check_value(teacher, "name", "teacher", out, nonempty_str, "a non-empty string")
+    _check_value(teacher, "api", "teacher", out, lambda v: isinstance(v, str), "a string")
+    _check_value(teacher, "params", "teacher", out, lambda v: isinstance(v, dict), "an object")
+  gold = obj.get("gold_number") if _is_number(obj.get("gold_number")) else None
+  if _check_value(obj, "samples", "", out, lambda v: isinstance(v, list), "an array"):
+    for i, sample in enumerate(obj["samples"]):
+      _sample_problems(sample, f"samples[{i}]", gold, out)
+  return out
+
+
+def _sample_problems(sample: Any, p: str, gold: Optional[float], out: List[Problem]) -> None:
+  if not isinstance(sample, dict):
+    out.append(_problem("type", p, f"a sample must be a JSON object, got {_type_name(sample)}"))
+    return
+  _check_keys(sample, _SAMPLE_REQUIRED, _SAMPLE_OPTIONAL, p, out)
+  has_text = _check_value(sample, "text", p, out, lambda v: isinstance(v, str), "a string")
+  text = sample["text"] if has_text else None
+  _check_value(sample, "answer", p, out, lambda v: v is None or _is_number(v),
+               "a finite number or null")
+  _check_value(sample, "correct", p, out, lambda v: v is None or isinstance(v, bool),
+               "true, false or null")
+  _check_value(sample, "finish_reason", p, out, lambda v: isinstance(v, str), "a string")
+  _check_value(sample, "meta", p, out, lambda v: isinstance(v, dict), "an object")
+  answer, correct = sample.get("answer"), sample.get("correct")
+  if gold is not None and _is_number(answer) and isinstance(correct, bool):
+    if correct != _is_correct(answer, gold):
+      out.append(_problem("answer_mismatch", f"{p}.correct",
+                          f"correct={json.dumps(correct)} but answer {answer} vs gold_number "
+                          f"{gold}; recompute 'correct' or check the scoring rule", WARNING))
+  is_list = lambda v: isinstance(v, list)
+  lists = {}
+  for name, ok, expected in (
+      ("tokens", lambda v: isinstance(v, str), "a string"),
+      ("logprobs", lambda v: _is_number(v) and v <= 0, "a finite number <= 0"),
+      ("top_logprobs", _is_top_logprob_position,
+       f"an array of at most {MAX_TOP_LOGPROBS} [token, logprob <= 0] pairs"),
+      ("offsets", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+       "an int >= 0")):
+    if _check_value(sample, name, p, out, is_list, "an array"):
+      _check_list(sample[name], f"{p}.{name}", ok, expected, out)
+      lists[name] = sample[name]
+  tokens = lists.get("tokens")
+  for name in _PER_TOKEN_FIELDS:
+    if name not in lists:
+      continue
+    if tokens is None and "tokens" not in sample:
+      out.append(_problem("missing_field", f"{p}.tokens",
+                          f"{p}.{name} is per token but {p}.tokens is missing; add the tokens"))
+    elif tokens is not None and len(lists[name]) != len(tokens):
+      out.append(_problem("length_mismatch", f"{p}.{name}",
+                          f"has {len(lists[name])} entries but {p}.tokens has {len(tokens)}; "
+                          "per-token fields need exactly one entry per token"))
+  if text is None or tokens is None or not all(isinstance(t, str) for t in tokens):
+    return
+  joined = "".join(tokens)
+  if joined != text:
+    at = next((i for i, (a, b) in enumerate(zip(joined, text)) if a != b),
+              min(len(joined), len(text)))
+    out.append(_problem("tokens_text_mismatch", f"{p}.tokens",
+                        f"tokens join to {len(joined)} chars but text has {len(text)}; first "
+                        f"difference at char {at}: {joined[at:at + 12]!r} vs {text[at:at + 12]!r}",
+                        WARNING))
+  offsets = lists.get("offsets")
+  if offsets is not None and len(offsets) == len(tokens) and all(
+      isinstance(o, int) for o in offsets):
+    if any(b < a for a, b in zip(offsets, offsets[1:])) or any(o > len(text) for o in offsets):
+      out.append(_problem("value", f"{p}.offsets",
+                          f"offsets must be non-decreasing and <= len(text)={len(text)}"))
+    else:
+      bad = [j for j, (o, t) in enumerate(zip(offsets, tokens)) if text[o:o + len(t)] != t]
+      if bad:
+        out.append(_problem("tokens_text_mismatch", f"{p}.offsets[{bad[0]}]",
+                            f"text at offset {offsets[bad[0]]} is not token "
+                            f"{tokens[bad[0]]!r} ({len(bad)} such tokens)", WARNING))
+
+
+def _reject_constant(name: str) -> Any:
+  raise ValueError(f"non-finite number {name}; JSON has no NaN/Infinity, write null or a "
+                   "finite value")
+
+
+def _scan(path: pathlib.Path) -> Iterator[Tuple[int, Optional[Dict[str, Any]], List[Problem]]]:
+  """Yields (line number, parsed record or None, problems with file and line filled in)."""
+  first_line_of_id: Dict[str, int] = {}
+  where = str(path)
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      locate = lambda p: dataclasses.replace(p, path=where, line=lineno)
+      complete = raw.endswith(b"\n")
+      body = raw.rstrip(b"\r\n")
+      if not body.strip():
+        yield lineno, None, [locate(_problem("blank_line", "", "blank line ignored", WARNING))]
+        continue
+      try:
+        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+      except (UnicodeDecodeError, ValueError) as e:
+        if not complete:  # Only the last line can lack "\n": a crash cut the final append short.
+          problem = _problem("truncated_last_line", "",
+                             f"last line is cut short ({len(body)} bytes, no newline; {e}), as "
+                             "after a crash mid-append; ignored (append_record removes it)",
+                             WARNING)
+        else:
+          problem = _problem("bad_json", "", f"not valid JSON: {e}; fix or delete this line")
+        yield lineno, None, [locate(problem)]
+        continue
+      problems = [locate(p) for p in _record_problems(obj)]
+      record_id = obj.get("id") if isinstance(obj, dict) else None
+      if isinstance(record_id, str):
+        if record_id in first_line_of_id:
+          problems.append(locate(_problem(
+              "duplicate_id", "id", f"duplicate id {record_id!r} (first on line "
+              f"{first_line_of_id[record_id]}); ids must be unique in a file: drop or rename one")))
+        else:
+          first_line_of_id[record_id] = lineno
+      yield lineno, obj, problems
+
+
+def _format_problems(where: str, problems: Sequence[Problem],
+                     num_lines: Optional[int] = None) -> str:
+  """One message for many problems: totals, counts per kind, then the first few, one per line."""
+  counts = collections.Counter(p.kind for p in problems)
+  kinds = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items()))
+  if num_lines is None:  # One in-memory record.
+    head = (f"{where}: {len(problems)} schema errors ({kinds}); fix the record (schema "
+            f"{SCHEMA} is documented in specialize_jax/data/teacher_data.py).")
+  else:
+    head = (f"{where}: {len(problems)} schema errors on {len({p.line for p in problems})} of "
+            f"{num_lines} lines ({kinds}); fix them, or read with strict=False to skip bad "
+            f"lines. Schema {SCHEMA} is documented in specialize_jax/data/teacher_data.py.")
+  shown = [f"  {p}" for p in problems[:MAX_REPORTED_PROBLEMS]]
+  if len(problems) > MAX_REPORTED_PROBLEMS:
+    shown.append(f"  ... and {len(problems) - MAX_REPORTED_PROBLEMS} more")
+  return "\n".join([head] + shown)
+
+
+def validate_file(path) -> List[Problem]:
+  """Every problem in a teacher-data file (errors and warnings), in line order."""
+  path = _existing(path)
+  problems: List[Problem] = []
+  for _, _, line_problems in _scan(path):
+    problems.extend(line_problems)
+  return problems
+
+
+def _existing(path) -> pathlib.Path:
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"Teacher-data file {path} does not exist; check the path (write one "
+                            "with write_records or a records_from_* builder).")
+  return path
+
+
+def read_records(path, strict: bool = True) -> ReadResult:
+  """Reads a file. strict: raise ``TeacherDataError`` listing all errors; else skip bad lines."""
+  path = _existing(path)
+  records: List[TeacherRecord] = []
+  kept: List[Problem] = []
+  errors: List[Problem] = []
+  skipped = 0
+  truncated = False
+  num_lines = 0
+  for num_lines, obj, problems in _scan(path):
+    line_errors = [p for p in problems if p.severity == ERROR]
+    errors.extend(line_errors)
+    kept.extend(p for p in problems if p.severity == WARNING or not strict)
+    truncated = truncated or any(p.kind == "truncated_last_line" for p in problems)
+    if obj is None or line_errors:
+      skipped += 1
+    elif not (strict and errors):  # Strict mode stops building records at the first error.
+      records.append(TeacherRecord._from_valid_json(obj))  # pylint: disable=protected-access
+  if strict and errors:
+    raise TeacherDataError(_format_problems(str(path), errors, num_lines), errors)
+  if kept:
+    logging.getLogger(__name__).warning("%s: %d problems, %d lines skipped, first: %s", path,
+                                        len(kept), skipped, kept[0])
+  return ReadResult(records=tuple(records), problems=tuple(kept), skipped_lines=skipped,
+                    truncated_last_line=truncated)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _record_line(record: TeacherRecord, where: str) -> str:
+  obj = record.to_json()
+  errors = [dataclasses.replace(p, path=where) for p in _record_problems(obj)
+            if p.severity == ERROR]
+  if errors:
+    raise TeacherDataError(_format_problems(where, errors), errors)
+  return json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_records(path, records: Iterable[TeacherRecord]) -> int:
+  """Writes all records atomically (temp file + ``os.replace``); returns how many were written.
+
+  If validation or the ``records`` iterator fails, the temp file is removed and ``path`` keeps its
+  old content (or stays absent).
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  count = 0
+  seen: Dict[str, int] = {}
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+      for count, record in enumerate(records, 1):
+        where = f"{path} (record {count}, id {record.id!r})"
+        if record.id in seen:
+          raise TeacherDataError(f"{where}: duplicate id, already record {seen[record.id]}; ids "
+                                 "must be unique in a file")
+        seen[record.id] = count
+        f.write(_record_line(record, where))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp_name, path)
+  except BaseException:
+    if os.path.exists(tmp_name):
+      os.remove(tmp_name)
+    raise
+  return count
+
+
+def append_record(path, record: TeacherRecord) -> None:
+  """Appends one record durably (flush + fsync), first removing a crash-truncated last line.
+
+  Does not check id uniqueness (that would re-read the file each time): a resumable writer reads
+  the file once with ``read_records(path, strict=False)`` and skips ids it already has.
+  """
+  path = pathlib.Path(path)
+  line = _record_line(record, f"{path} (appending id {record.id!r})").encode("utf-8")
+  created = not path.exists()
+  with open(path, "ab") as f:
+    _drop_unterminated_tail(path, f)
+    f.write(line)
+    f.flush()
+    os.fsync(f.fileno())
+  if created:
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+      os.fsync(dir_fd)
+    finally:
+      os.close(dir_fd)
+
+
+def _drop_unterminated_tail(path: pathlib.Path, f) -> None:
+  """Makes the file end in a newline: terminates a complete last record, truncates a partial one."""
+  size = f.seek(0, os.SEEK_END)
+  if size == 0:
+    return
+  with open(path, "rb") as reader:
+    reader.seek(max(0, size - 1))
+    if reader.read(1) == b"\n":
+      return
+    # Find the start of the unterminated tail, reading backwards in blocks.
+    start, block = size, 1 << 16
+    while start > 0:
+      lo = max(0, start - block)
+      reader.seek(lo)
+      chunk = reader.read(start - lo)
+      cut = chunk.rfind(b"\n")
+      if cut >= 0:
+        start = lo + cut + 1
+        break
+      start = lo
+    reader.seek(start)
+    tail = reader.read()
+  try:
+    json.loads(tail.decode("utf-8"), parse_constant=_reject_constant)
+    f.write(b"\n")
+  except (UnicodeDecodeError, ValueError):
+    logging.getLogger(__name__).warning(
+        "%s: removing a truncated last line (%d bytes) left by an interrupted append", path,
+        len(tail))
+    f.truncate(start)
+
+
+# ----------------------------------------------------------------------------- answers
+
+def _is_correct(answer: Optional[float], gold: Optional[float]) -> Optional[bool]:
+  """The project's answer comparison (answers.answers_match); None when there is no gold number."""
+  return None if gold is None else answers.answers_match(answer, gold)
+
+
+_ARITHMETIC_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+                   ast.Div: operator.truediv}
+
+
+def _evaluate_arithmetic(expression: str) -> Optional[float]:
+  """Value of an expression of numbers, + - * / and parentheses; None for anything else.
+
+  Parsed with ``ast`` and walked by hand: nothing is executed (never ``eval``).
+  """
+  if len(expression) > 1000:
+    return None
+  try:
+    tree = ast.parse(expression.strip(), mode="eval")
+  except (SyntaxError, ValueError, RecursionError, MemoryError):
+    return None
+
+  def walk(node) -> Optional[float]:
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+      return float(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+      value = walk(node.operand)
+      return None if value is None else (-value if isinstance(node.op, ast.USub) else value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC_OPS:
+      left, right = walk(node.left), walk(node.right)
+      if left is None or right is None or (isinstance(node.op, ast.Div) and right == 0):
+        return None
+      return _ARITHMETIC_OPS[type(node.op)](left, right)
+    return None
+
+  try:
+    value = walk(tree.body)
+  except RecursionError:
+    return None
+  return value if value is not None and math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------- builders
+
+def _read_jsonl(path: pathlib.Path, required: Sequence[str]) -> List[Dict[str, Any]]:
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      try:
+        row = json.loads(line)
+      except ValueError as e:
+        raise TeacherDataError(f"{path}:{lineno}: not valid JSON ({e}); re-download the file")
+      missing = [k for k in required if not isinstance(row, dict) or k not in row]
+      if missing:
+        raise TeacherDataError(f"{path}:{lineno}: missing field(s) {missing}; expected "
+                               f"{list(required)}")
+      rows.append(row)
+  return rows
+
+
+def _gsm8k_gold_parts(answer: str, where: str) -> Tuple[str, str]:
+  """(rationale without calculator notes, final answer as written) from a GSM8K ``answer``."""
+  parts = answer.split("####")
+  if len(parts) != 2:
+    raise TeacherDataError(f"{where}: field 'answer' must hold exactly one '####' before the final "
+                           f"answer, found {len(parts) - 1}")
+  # Same rationale form as readers.read_gsm8k, so formats.cot_target gives this very text.
+  return readers.strip_calculator_annotations(parts[0]).strip() + "\n", parts[1].strip()
+
+
+def records_from_gsm8k_gold(train_jsonl_path, split: str = "train") -> List[TeacherRecord]:
+  """GSM8K questions with their gold rationale as the one sample, in the ``{cot}`` form.
+
+  The sample text is the rationale (text before ``####``, ``<<...>>`` calculator notes removed,
+  ending in one newline) followed by ``The answer is N`` with N as GSM8K writes it (e.g.
+  ``1,200``): METHOD.md §2's ``{cot}``, equal to ``formats.cot_target`` of the same question. Ids
+  match ``readers.read_gsm8k`` (``gsm8k/train/17``).
+  """
+  path = pathlib.Path(train_jsonl_path)
+  records = []
+  for i, row in enumerate(_read_jsonl(path, ("question", "answer"))):
+    rationale, final = _gsm8k_gold_parts(row["answer"], f"{path}:{i + 1}")
+    gold = answers.parse_gold(final)
+    text = f"{rationale}The answer is {final}"
+    answer = answers.extract_answer(text)
+    records.append(TeacherRecord(
+        id=f"gsm8k/{split}/{i}", source="gsm8k", split=split, question=row["question"].strip(),
+        gold_answer=final, gold_number=gold,
+        samples=(TeacherSample(text=text, answer=answer, correct=_is_correct(answer, gold)),)))
+  return records
+
+
+_PALM_ANSWER = re.compile(r"The answer is (.*)")
+
+
+def _palm_answer(text: str) -> Optional[float]:
+  """The last "The answer is <expr>" evaluated safely; the last number only if no such phrase."""
+  found = _PALM_ANSWER.findall(text)
+  if not found:
+    return answers.extract_answer(text)
+  return _evaluate_arithmetic(found[-1].strip().rstrip("."))
+
+
+def records_from_palm_svamp(directory) -> List[TeacherRecord]:
+  """PaLM-540B CoT rationales for the distilling-step-by-step SVAMP split (train, then test).
+
+  Completions are cut at the first ``"\\n\\nQ:"`` (PaLM goes on with a new question). Gold is the
+  ``label`` equation evaluated safely; the answer is the last ``The answer is (<expr>)`` evaluated
+  the same way (None if the expression is not plain arithmetic, e.g. ``(2 * x)``), falling back to
+  the last number only when the phrase is absent.
+  """
+  directory = pathlib.Path(directory)
+  teacher = TeacherInfo(name="palm-540b", api="distilling-step-by-step release",
+                        params={"prompt": "few-shot chain of thought"})
+  records = []
+  for split in ("train", "test"):
+    rows_path = directory / f"svamp_{split}.jsonl"
+    rows = _read_jsonl(rows_path, ("input", "label"))
+    numbered = {}
+    for name in glob.glob(str(directory / f"llm_{split}_CoT_*.json")):
+      match = re.search(r"_CoT_(\d+)\.json$", name)
+      if match:
+        numbered[int(match.group(1))] = name
+    completion_paths = [numbered[k] for k in sorted(numbered)]  # _10 after _2, not before.
+    completions: List[str] = []
+    for completion_path in completion_paths:
+      with open(completion_path, encoding="utf-8") as f:
+        chunk = json.load(f)
+      if not isinstance(chunk, list) or not all(isinstance(c, str) for c in chunk):
+        raise TeacherDataError(f"{completion_path}: expected a JSON list of completion strings")
+      completions.extend(chunk)
+    if len(completions) != len(rows):
+      raise TeacherDataError(
+          f"{rows_path} has {len(rows)} rows but {[os.path.basename(p) for p in completion_paths]} "
+          f"hold {len(completions)} completions; they must align one to one, in order")
+    for i, (row, completion) in enumerate(zip(rows, completions)):
+      gold = _evaluate_arithmetic(row["label"])
+      if gold is None:
+        raise TeacherDataError(f"{rows_path}:{i + 1}: label {row['label']!r} is not an arithmetic "
+                               "expression of numbers, + - * / and parentheses")
+      text = completion.split("\n\nQ:")[0]
+      answer = _palm_answer(text)
+      records.append(TeacherRecord(
+          id=f"svamp-dsbs/{split}/{i}", source="svamp", split=split, question=row["input"],
+          gold_answer=row["label"], gold_number=gold, teacher=teacher,
+          samples=(TeacherSample(text=text, answer=answer, correct=_is_correct(answer, gold)),)))
+  return records
+
+
+def _logprob(prob: float) -> float:
+  return math.log(prob) if prob > 0 else ROUNDED_ZERO_LOGPROB
+
+
+def records_from_fu2023_codex(json_path) -> List[TeacherRecord]:
+  """The paper's code-davinci-002 samples with per-token top-5, one record per GSM8K question.
+
+  The whole step list is kept: the first two steps (``" step"``, ``"\\n"``, the end of the trigger
+  "Let's think step by step\\n") and the trailing newlines are part of the API output, so text is
+  the concatenation of all step tokens. The alignment stage drops them, as the paper's
+  ``per_step_prob[2:-2]`` did. Probabilities are printed to 4 decimals; 0.0 becomes
+  ``ROUNDED_ZERO_LOGPROB``.
+  """
+  path = pathlib.Path(json_path)
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  teacher = TeacherInfo(name="code-davinci-002", api="openai.completions",
+                        params={"temperature": 0.5, "max_tokens": 256, "logprobs": 5,
+                                "prompt": "prompt_complex.txt + Question: {q}\\nLet's think "
+                                          "step by step"})
+  if not isinstance(data, dict) or not isinstance(data.get("samples"), list):
+    raise TeacherDataError(f"{path}: expected a JSON object with a 'samples' list (the layout in "
+                           "shared data SOURCES.md §4a)")
+  grouped: Dict[Tuple[str, int], Dict[str, Any]] = {}
+  for n, raw in enumerate(data["samples"]):
+    where = f"{path}: samples[{n}]"
+    context = {k: raw.get(k, data.get(k)) for k in ("gsm8k_split", "gsm8k_index", "question",
+                                                     "gold_answer")}
+    missing = [k for k, v in context.items() if v is None] + [
+        k for k in ("text", "steps") if k not in raw]
+    if missing:
+      raise TeacherDataError(f"{where}: missing {missing} (neither in the sample nor top level)")
+    steps = raw["steps"]
+    bad = [j for j, step in enumerate(steps) if not (
+        isinstance(step, dict) and isinstance(step.get("token"), str) and
+        _is_number(step.get("prob")) and isinstance(step.get("top5"), list))]
+    if bad:
+      raise TeacherDataError(f"{where}.steps[{bad[0]}]: expected {{token: str, prob: number, "
+                             f"top5: [[token, prob], ...]}} ({len(bad)} bad steps)")
+    tokens = tuple(step["token"] for step in steps)
+    if "".join(tokens) != raw["text"]:
+      raise TeacherDataError(f"{where}.text is not the concatenation of its step tokens")
+    offsets, at = [], 0
+    for token in tokens:
+      offsets.append(at)
+      at += len(token)
+    gold_answer = _gsm8k_gold_parts(context["gold_answer"], f"{where}.gold_answer")[1]
+    gold = answers.parse_gold(gold_answer)
+    answer = answers.extract_answer(raw["text"])
+    meta = {"sample_index": raw.get("sample_index")}
+    if "notebook_cell" in raw:
+      meta["notebook_cell"] = raw["notebook_cell"]
+    sample = TeacherSample(
+        text=raw["text"], answer=answer, correct=_is_correct(answer, gold), tokens=tokens,
+        logprobs=tuple(_logprob(step["prob"]) for step in steps),
+        top_logprobs=tuple(tuple((tok, _logprob(p)) for tok, p in step["top5"])
+                           for step in steps),
+        offsets=tuple(offsets), meta=meta)
+    key = (context["gsm8k_split"], int(context["gsm8k_index"]))
+    entry = grouped.setdefault(key, {"context": context, "gold_answer": gold_answer,
+                                     "gold": gold, "samples": []})
+    entry["samples"].append(sample)
+  return [TeacherRecord(
+      id=f"gsm8k/{split}/{index}", source="gsm8k", split=split,
+      question=entry["context"]["question"], gold_answer=entry["gold_answer"],
+      gold_number=entry["gold"], samples=tuple(entry["samples"]), teacher=teacher,
+      meta={"origin": f"FranxYao/FlanT5-CoT-Specialization notebooks via {path.name}",
+            "probability_decimals": 4})
+      for (split, index), entry in grouped.items()]
+
+
+# ----------------------------------------------------------------------------- summary
+
+def summarize(records: Iterable[TeacherRecord]) -> Dict[str, Any]:
+  """Counts and accuracies; majority vote over each question's extracted answers (ties: first)."""
+  questions = samples = scored = correct = per_token = top = with_correct = 0
+  votable = majority_correct = 0
+  for record in records:
+    questions += 1
+    samples += len(record.samples)
+    scored += sum(s.correct is not None for s in record.samples)
+    num_correct = sum(s.correct is True for s in record.samples)
+    correct += num_correct
+    with_correct += num_correct > 0
+    per_token += sum(s.tokens is not None and s.logprobs is not None for s in record.samples)
+    top += sum(s.top_logprobs is not None for s in record.samples)
+    if record.gold_number is not None:
+      votable += 1
+      votes = collections.Counter(round(s.answer, 6) for s in record.samples
+                                  if s.answer is not None)
+      if votes:
+        majority_correct += bool(_is_correct(votes.most_common(1)[0][0], record.gold_number))
+  return {
+      "questions": questions, "samples": samples, "scored_samples": scored,
+      "correct_samples": correct,
+      "per_sample_accuracy": correct / scored if scored else None,
+      "majority_vote_accuracy": majority_correct / votable if votable else None,
+      "questions_with_a_correct_sample": with_correct,
+      "samples_with_per_token_data": per_token, "samples_with_top_logprobs": top,
+  }

@@ -1,0 +1,1 @@
+"""Evaluation layer: scoring predictions against SeqIO eval tasks, decoding loops, sweeps, reports."""

@@ -1,0 +1,82 @@
+"""`specialize score`: real GPT-3 GSM8K solutions scored through the registered task, bad files."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import seqio
+
+from shared_data import shared_data_dir
+from specialize_jax.evaluation import scoring
+
+# is_correct rates of the four GPT-3 models in example_model_solutions.jsonl (SOURCES.md §1).
+GPT3_ACCURACY = {"6b_finetuning": 21.68, "6b_verification": 39.04, "175b_finetuning": 34.72,
+                 "175b_verification": 56.25}
+
+
+@pytest.fixture(scope="module")
+def gsm8k_task():
+  data = shared_data_dir()
+  os.environ["SPECIALIZE_DATA_DIR"] = str(data)
+  os.environ["SPECIALIZE_VOCAB_PATH"] = str(data / "tokenizer" / "t5_spiece.model")
+  import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  return seqio.get_mixture_or_task("gsm8k_test_zs_cot")
+
+
+@pytest.mark.parametrize("model", sorted(GPT3_ACCURACY))
+def test_gpt3_solutions_reproduce_labels(gsm8k_task, model):
+  path = shared_data_dir() / "gsm8k" / "example_model_solutions.jsonl"
+  result = scoring.score(gsm8k_task, str(path), prediction_field=f"{model}.solution")
+  assert result.n == 1319 and result.unparsable == 0
+  assert result.accuracy == pytest.approx(GPT3_ACCURACY[model], abs=0.005)
+
+
+def test_paper_mode_and_explicit_indices(gsm8k_task, tmp_path):
+  path = tmp_path / "p.jsonl"
+  # Gold of test[0] is 18, of test[1] is 3. A thousands separator defeats the paper rule only.
+  path.write_text(json.dumps({"index": 1, "prediction": "The answer is 3."}) + "\n" +
+                  json.dumps({"index": 0, "prediction": "So 1,018 - 1,000 = 18"}) + "\n")
+  default = scoring.score(gsm8k_task, str(path))
+  assert (default.n, default.accuracy) == (2, 100.0)
+  paper = scoring.score(gsm8k_task, str(path), metric_mode="paper")
+  assert paper.accuracy == 100.0  # last \d*\.?\d+ is "18" here
+  path.write_text(json.dumps({"index": 0, "prediction": "It is 18,000 / 1,000 = 18"}) + "\n")
+  assert scoring.score(gsm8k_task, str(path)).accuracy == 100.0
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"prediction": "1"}\n{"prediction": 1}\n', r"p.jsonl:2: field 'prediction' is int"),
+    ('{"prediction": "1"}\nnot json\n', r"p.jsonl:2: not valid JSON"),
+    ('{"index": 0, "prediction": "1"}\n{"prediction": "2"}\n', r"p.jsonl:2: lacks an 'index'"),
+    ('{"index": 5000, "prediction": "1"}\n', r"p.jsonl:1: index 5000 is not an integer in \[0, 1319\)"),
+    ('{"index": 3, "prediction": "1"}\n{"index": 3, "prediction": "1"}\n', r"p.jsonl:2: duplicate"),
+    ('{"prediction": "1"}\n', r"1 predictions without 'index' fields, but the task has 1319"),
+    ('{"text": "1"}\n', r"p.jsonl:1: no field 'prediction'"),
+])
+def test_malformed_predictions_name_file_and_line(gsm8k_task, tmp_path, content, message):
+  path = tmp_path / "p.jsonl"
+  path.write_text(content)
+  with pytest.raises(scoring.PredictionsError, match=message):
+    scoring.score(gsm8k_task, str(path))
+
+
+def test_cli_prints_one_json_object(tmp_path):
+  data = shared_data_dir()
+  env = {**os.environ, "SPECIALIZE_DATA_DIR": str(data),
+         "SPECIALIZE_VOCAB_PATH": str(data / "tokenizer" / "t5_spiece.model")}
+  predictions = tmp_path / "p.jsonl"
+  predictions.write_text("".join(json.dumps({"prediction": f"The answer is {i}"}) + "\n"
+                                 for i in range(400)))
+  cmd = [sys.executable, "-m", "specialize_jax.cli", "score", "--task", "multiarith_test_zs_cot",
+         "--predictions", str(predictions)]
+  done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result["task"] == "multiarith_test_zs_cot" and result["n"] == 400
+  assert 0 <= result["accuracy"] < 5 and result["unparsable"] == 0
+  bad = subprocess.run(cmd[:-1] + [str(tmp_path / "missing.jsonl")], env=env, capture_output=True,
+                       text=True)
+  assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
+  typo = subprocess.run(cmd[:5] + ["multiarith_tset_zs_cot"] + cmd[6:], env=env,
+                        capture_output=True, text=True)
+  assert typo.returncode != 0 and "Did you mean multiarith_test_zs_cot" in typo.stderr

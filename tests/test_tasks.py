@@ -1,0 +1,98 @@
+"""Every registered SeqIO task and mixture builds and yields correct examples on the shared data."""
+import os
+
+import numpy as np
+import pytest
+import seqio
+
+from shared_data import shared_data_dir
+
+
+@pytest.fixture(scope="module")
+def registry():
+  data = shared_data_dir()
+  os.environ["SPECIALIZE_DATA_DIR"] = str(data)
+  os.environ["SPECIALIZE_VOCAB_PATH"] = str(data / "tokenizer" / "t5_spiece.model")
+  import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  return seqio.TaskRegistry
+
+
+REQUIRED = ([f"{d}_{f}" for d in ("gsm8k_test", "gsm8k_dev", "multiarith_dev", "multiarith_test",
+                                   "asdiv_test", "svamp_test")
+             for f in ("icl_cot", "zs_cot", "icl_ao", "zs_ao")] +
+            ["bbh_date_understanding_cot", "bbh_date_understanding_ao", "gsm8k_distill_icl_cot"])
+# Math inputs need up to 610 tokens, BBH 3-shot CoT prompts up to 1,970 (measured on the data).
+LENGTHS = {"inputs": 2048, "targets": 256}
+
+
+def test_required_names_registered(registry):
+  names = set(registry.names())
+  assert not set(REQUIRED) - names
+  assert sum(n.startswith("bbh_") for n in names) == 54
+  assert {"bbh_cot", "bbh_ao", "gsm8k_distill"} <= set(seqio.MixtureRegistry.names())
+
+
+def _first(task_name, split):
+  task = seqio.get_mixture_or_task(task_name)
+  dataset = task.get_dataset(LENGTHS, split=split, shuffle=False)
+  return next(dataset.as_numpy_iterator())
+
+
+def test_every_task_iterates(registry, tmp_path):
+  """Walks every registered task: first example tokenized, non-empty, within the feature lengths.
+  (The TFDS-backed tasks are covered by tests/test_tfds_gsm8k.py, which prepares the dataset.)"""
+  vocab = seqio.get_mixture_or_task("gsm8k_test_zs_cot").output_features["inputs"].vocabulary
+  walked = 0
+  for name in sorted(registry.names()):
+    if name.startswith("gsm8k_tfds_"):
+      continue
+    task = registry.get(name)
+    split = "train" if name.startswith("gsm8k_distill") else "test"
+    example = _first(name, split)
+    assert 0 < len(example["inputs"]) <= LENGTHS["inputs"], name
+    assert example["inputs"][-1] == 1 and example["targets"][-1] == 1, name  # EOS
+    # The tokens are the whole pretokenized text: nothing was truncated away.
+    assert example["inputs"].tolist() == vocab.encode(
+        example["inputs_pretokenized"].decode()) + [1], name
+    assert task.postprocess_fn(None, example=example, is_target=True), name
+    walked += 1
+  assert walked == len(registry.names()) - 4
+
+
+def test_math_eval_task_sizes_and_golds(registry):
+  def golds(name):
+    task = seqio.get_mixture_or_task(name)
+    return [task.postprocess_fn(None, example=e, is_target=True)
+            for e in task.source.get_dataset("test", shuffle=False).as_numpy_iterator()]
+  assert len(golds("gsm8k_test_icl_cot")) == 1319
+  assert len(golds("gsm8k_dev_zs_cot")) == 200
+  assert len(golds("multiarith_test_zs_cot")) == 400
+  assert golds("asdiv_test_zs_ao")[0] == "9 (apples)"
+  assert len(golds("svamp_test_icl_ao")) == 1000
+
+
+def test_distillation_mixture_rates_and_held_out_questions(registry):
+  mixture = seqio.get_mixture_or_task("gsm8k_distill")
+  rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
+  assert rates["gsm8k_distill_icl_cot"] == pytest.approx(0.79)
+  assert rates["gsm8k_distill_zs_cot"] == pytest.approx(0.20)
+  from tasks import distillation  # pylint: disable=g-import-not-at-top
+  held_out = distillation.held_out_questions()
+  task = seqio.get_mixture_or_task("gsm8k_distill_zs_ao")
+  questions = [e["inputs_pretokenized"].decode()[3:-3]
+               for e in task.get_dataset(LENGTHS, split="train", shuffle=False).as_numpy_iterator()]
+  assert len(questions) == 7473 - 200
+  assert not set(questions) & held_out
+
+
+def test_input_budget_is_checked_before_training(registry):
+  task = seqio.get_mixture_or_task("gsm8k_distill_icl_cot")
+  with pytest.raises(ValueError, match=r"TASK_FEATURE_LENGTHS\['inputs'\]=512.*1024"):
+    task.get_dataset({"inputs": 512, "targets": 256}, split="train", shuffle=False)
+
+
+def test_in_context_inputs_fit_their_budget(registry):
+  task = seqio.get_mixture_or_task("gsm8k_distill_icl_cot")
+  lengths = [len(e["inputs"]) for e in task.get_dataset(
+      {"inputs": 1024, "targets": 256}, split="train", shuffle=False).take(200).as_numpy_iterator()]
+  assert max(lengths) <= 1024 and np.mean(lengths) > 400  # 4 exemplars present.
