@@ -22,6 +22,7 @@ from specialize_jax.data import formats
 from specialize_jax.data import readers
 from specialize_jax.data import splits
 from specialize_jax.data import teacher_data
+from specialize_jax.data import teacher_sources
 from specialize_jax.data import vocabulary
 from tasks import common
 
@@ -39,7 +40,7 @@ def load_teacher_records(teacher_data_path: Optional[str] = None) -> list:
   path = teacher_data_path or os.environ.get(TEACHER_DATA_ENV)
   if path:
     return list(teacher_data.read_records(path).records)
-  return teacher_data.records_from_gsm8k_gold(data_dir.data_path(readers.GSM8K_FILES["train"]))
+  return teacher_sources.records_from_gsm8k_gold(data_dir.data_path(readers.GSM8K_FILES["train"]))
 
 
 def held_out_questions() -> frozenset:

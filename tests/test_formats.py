@@ -6,6 +6,7 @@ from specialize_jax.data import formats
 from specialize_jax.data import readers
 from specialize_jax.data import splits
 from specialize_jax.data import teacher_data
+from specialize_jax.data import teacher_sources
 from specialize_jax.data.records import MathExample
 
 
@@ -17,7 +18,7 @@ def _pool(n=10):
 
 def test_training_formats_golden(data_dir, vocab_path):
   train = splits.math_split("gsm8k", "train")
-  records = teacher_data.records_from_gsm8k_gold(data_dir / "gsm8k" / "train.jsonl")[:1]
+  records = teacher_sources.records_from_gsm8k_gold(data_dir / "gsm8k" / "train.jsonl")[:1]
   sampler = formats.ExemplarSampler(train, seed=0)
   count = formats.SentencePieceCounter(str(vocab_path))
   sections = []

@@ -7,6 +7,7 @@ import pytest
 
 import shared_data
 from specialize_jax.data import teacher_data as td
+from specialize_jax.data import teacher_sources
 
 PALM_DIR = "teacher_outputs/distilling_step_by_step_palm_svamp"
 CODEX_DIR = "teacher_outputs/fu2023_codex_notebook"
@@ -254,7 +255,7 @@ def test_missing_file_is_actionable(tmp_path):
 
 
 def test_safe_arithmetic_never_executes():
-  evaluate = td._evaluate_arithmetic  # pylint: disable=protected-access
+  evaluate = teacher_sources._evaluate_arithmetic  # pylint: disable=protected-access
   assert evaluate("( 84.0 / 2.0 )") == 42.0
   assert evaluate("((28 - 13) + -(2))") == 13.0
   for text in ("__import__('os').system('true')", "2 ** 10", "(2 * x)", "1 / 0", "(9 + 6",
@@ -286,7 +287,7 @@ def test_summarize_counts_and_majority_vote():
 
 @pytest.fixture(scope="module")
 def gsm8k_gold_records():
-  return td.records_from_gsm8k_gold(shared_data.shared_file("gsm8k/train.jsonl"))
+  return teacher_sources.records_from_gsm8k_gold(shared_data.shared_file("gsm8k/train.jsonl"))
 
 
 def test_gsm8k_gold_builder(gsm8k_gold_records, tmp_path):
@@ -308,7 +309,7 @@ def test_gsm8k_gold_builder(gsm8k_gold_records, tmp_path):
 
 
 def test_palm_svamp_builder_reproduces_reported_accuracy():
-  records = td.records_from_palm_svamp(shared_data.shared_file(PALM_DIR))
+  records = teacher_sources.records_from_palm_svamp(shared_data.shared_file(PALM_DIR))
   by_split = {split: [r for r in records if r.split == split] for split in ("train", "test")}
   assert [len(by_split["train"]), len(by_split["test"])] == [800, 200]
   train, test = td.summarize(by_split["train"]), td.summarize(by_split["test"])
@@ -324,7 +325,7 @@ def test_palm_svamp_builder_reproduces_reported_accuracy():
 
 
 def test_codex_builder_keeps_per_token_data(tmp_path):
-  records = td.records_from_fu2023_codex(
+  records = teacher_sources.records_from_fu2023_codex(
       shared_data.shared_file(f"{CODEX_DIR}/codex_gsm8k_train0_50samples_top5.json"))
   assert [r.id for r in records] == ["gsm8k/train/0"]
   record = records[0]
@@ -342,7 +343,7 @@ def test_codex_builder_keeps_per_token_data(tmp_path):
   assert summary["samples_with_per_token_data"] == 50
   assert summary["per_sample_accuracy"] == 1.0
   path = tmp_path / "codex.jsonl"
-  extra = td.records_from_fu2023_codex(
+  extra = teacher_sources.records_from_fu2023_codex(
       shared_data.shared_file(f"{CODEX_DIR}/codex_gsm8k_train_extra_samples_top5.json"))
   assert [(r.id, len(r.samples)) for r in extra] == [("gsm8k/train/1", 1), ("gsm8k/train/32", 1)]
   td.write_records(path, records + extra)

@@ -10,7 +10,6 @@ score means exactly what the task's metric means in training-time evaluation.
 """
 import dataclasses
 import json
-import pathlib
 from typing import Dict, List, Optional
 
 import seqio
