@@ -2,7 +2,8 @@
 
 Every teacher source (the GSM8K gold rationales, PaLM's SVAMP rationales, the paper's
 code-davinci-002 samples, and later our own teacher client) is turned into this one format, so
-filtering, formatting and tokenizer alignment read a single, checked layout.
+filtering, formatting and tokenizer alignment read a single, checked layout. The builders for existing
+sources live in `teacher_sources`.
 
 Schema ``specialize_jax.teacher/1``
 -----------------------------------
