@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     # tensorflow-datasets 4.9.10 imports it while preparing a dataset without declaring it.
     "importlib_resources",
     "gin-config==0.5.0",
+    # TensorBoard event files (tf.summary needs the tensorboard package; tensorflow does not pull it).
+    "tensorboard==2.21.0",
     "sentencepiece==0.2.3",
     "numpy==2.4.6",
     "msgpack",

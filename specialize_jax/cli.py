@@ -5,15 +5,20 @@
   specialize tasks [--filter SUBSTRING]
   specialize prepare_tfds --tfds_data_dir DIR [--source_dir DIR]
   specialize convert --from {hf,t5x,auto} SRC --to {hf,orbax} DST
+  specialize train|eval|infer --gin_file=F [--gin_file=F2] [--gin.X=Y ...] [--gin_search_paths=P,...]
+  specialize demo [--output_dir runs/demo]
 
 This module is the only place that reads argv and imports `tasks` (which registers SeqIO tasks).
 """
 import argparse
 import json
+import logging
 import os
 import sys
 import time
 from typing import List, Optional
+
+from specialize_jax import gin_config
 
 
 def _quiet_tensorflow() -> None:
@@ -93,6 +98,37 @@ def _cmd_convert(args) -> int:
   return 0
 
 
+GIN_JOBS = {"train": "train", "eval": "evaluate", "infer": "infer"}
+REPO_GIN_DIR = gin_config.REPO_GIN_DIR
+
+
+def _cmd_gin_job(args, extra: List[str]) -> int:
+  import gin  # pylint: disable=g-import-not-at-top
+  import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
+  from specialize_jax import runs  # pylint: disable=g-import-not-at-top
+  if not args.gin_file:
+    raise SystemExit(f"specialize {args.command}: give at least one --gin_file "
+                     f"(e.g. gin/experiments/demo_cpu.gin).")
+  search_paths = [p for p in args.gin_search_paths.split(",") if p]
+  gin_config.parse_gin(args.gin_file, gin_config.gin_bindings(extra), search_paths)
+  gin_config.write_config(gin_config.macro("MODEL_DIR") if args.command == "train" else None)
+  job = gin.get_configurable(getattr(runs, GIN_JOBS[args.command]))
+  result = job()
+  if isinstance(result, dict):
+    print(json.dumps(result, default=str))
+  return 0
+
+
+def _cmd_demo(args, extra: List[str]) -> int:
+  import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the demo tasks)
+  from specialize_jax import demo  # pylint: disable=g-import-not-at-top
+  from tasks import demo as demo_tasks  # pylint: disable=g-import-not-at-top
+  if extra:
+    raise SystemExit(f"specialize demo: unrecognized arguments {extra}.")
+  return demo.run_demo(args.output_dir, str(demo_tasks.default_demo_dir()),
+                       only_data=args.only_data, train_steps=args.train_steps)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="specialize", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -129,12 +165,36 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--to", dest="dst_format", choices=("hf", "orbax"), required=True)
   p.add_argument("dst")
   p.set_defaults(fn=_cmd_convert)
+
+  for job, help_text in (("train", "train with gin configs (T5X-style flags)"),
+                         ("eval", "evaluate a checkpoint or every checkpoint of a run"),
+                         ("infer", "write predictions JSONL for a task or a text file")):
+    p = sub.add_parser(job, help=help_text)
+    p.add_argument("--gin_file", action="append", default=[],
+                   help="gin file (repeatable; later files override earlier)")
+    p.add_argument("--gin_search_paths", default="", help="comma-separated gin include paths")
+    p.set_defaults(fn=_cmd_gin_job, takes_extra=True)
+
+  p = sub.add_parser("demo", help="train a CoT and an answer-only tiny student on generated "
+                     "arithmetic problems and compare them (no download)")
+  p.add_argument("--output_dir", default="runs/demo")
+  p.add_argument("--only_data", action="store_true", help="write the demo data and stop")
+  p.add_argument("--train_steps", type=int, default=None, help="override TRAIN_STEPS")
+  p.set_defaults(fn=_cmd_demo, takes_extra=True)
   return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
   _quiet_tensorflow()
-  args = build_parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  # Orbax and absl log every save at INFO; keep the console for the run's own progress.
+  for name in ("absl", "orbax", "jax._src.xla_bridge"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+  args, extra = build_parser().parse_known_args(argv)
+  if getattr(args, "takes_extra", False):
+    return args.fn(args, extra)
+  if extra:
+    raise SystemExit(f"specialize {args.command}: unrecognized arguments {extra}.")
   return args.fn(args)
 
 

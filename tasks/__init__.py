@@ -5,11 +5,14 @@ kept out of the library: `specialize_jax` never imports `tasks`). Names are list
   addsub_test,singleeq_test,gsm8k_tfds_test}_{zs_ao,zs_cot,icl_ao,icl_cot}`
 - `tasks.bbh`: `bbh_{task}_{cot,ao}` for the 27 BBH tasks, mixtures `bbh_cot`, `bbh_ao`
 - `tasks.distillation`: `gsm8k_distill_{format}` and the mixture `gsm8k_distill`
+- `tasks.demo`: `demo_train_{cot,ao}`, `demo_{id,ood,long}_{cot,ao}` (the generated CPU demo)
 """
 from tasks import bbh
+from tasks import demo
 from tasks import distillation
 from tasks import math_eval
 
 math_eval.register()
 bbh.register()
 distillation.register()
+demo.register()

@@ -1,0 +1,373 @@
+"""Decoding SeqIO eval tasks and scoring them, in the training loop and over saved checkpoints.
+
+Terms:
+  eval task: a registered SeqIO task with prediction metrics; its examples are its 'test' split
+    (our eval tasks have that one split). A mixture name stands for all of its tasks.
+  eval data: per task, built once: the first `max_examples` examples through
+    `seqio.EncDecFeatureConverter(pack=False)` at fixed `feature_lengths`, in fixed-size batches
+    (see `inference.py`), so decoding compiles once per shape and is reused across evaluations and
+    checkpoints. An input longer than `feature_lengths['inputs']` is an error, not truncated.
+  prediction: the decoded text (up to EOS) after the task's `postprocess_fn(text, example=...,
+    is_target=False)`; target: `postprocess_fn(None, example=..., is_target=True)` (our tasks'
+    gold answer, see `tasks/common.py`). The metrics are the task's `predict_metric_fns` merged.
+  eval output: `output_dir/{task}/metrics_step{step}.json` (`{"task", "step", "num_examples",
+    "metrics", "timing"}`) and `output_dir/{task}/predictions_step{step}.jsonl` (every example:
+    `index`, `input`, `target`, `prediction`, and `correct` when a metric reports `accuracy`), each
+    written atomically by process 0. The JSONL is the file `specialize score` reads, so
+    re-scoring it gives the metrics file's values (for tasks whose postprocessor keeps the text).
+  timing: returned with the metrics as `timing/seconds` (decode, postprocess, metrics) and
+    `timing/examples_per_second`.
+
+Sharding: params may be sharded (the trainer's) or host arrays (replicated onto `mesh` once per
+call); with a mesh, batches are split over its 'data' axis. Activation constraints are left to XLA's
+propagation (no axis-rules context): simple and correct, if not the fastest layout.
+"""
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import re
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+from jax.sharding import Mesh
+import numpy as np
+import seqio
+
+from specialize_jax.evaluation import inference
+from specialize_jax.model import checkpoints
+from specialize_jax.model import models
+
+Metrics = Dict[str, float]
+FeatureLengths = Union[Tuple[Tuple[str, int], ...], Mapping[str, int]]
+
+METRICS_FILE = 'metrics_step{step}.json'
+PREDICTIONS_FILE = 'predictions_step{step}.jsonl'
+EVAL_SUBDIR = 'eval'
+# Step directories of a run: T5X's `checkpoint_<N>` and orbax CheckpointManager's `<N>` (orbax's
+# in-progress `<N>.orbax-checkpoint-tmp-*` directories do not match).
+_STEP_DIR_RE = re.compile(r'(?:checkpoint_)?(\d+)')
+_ACCURACY = 'accuracy'
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What to evaluate and at which fixed shapes.
+
+  Attributes:
+    task_names: registered eval tasks or mixtures (mixtures expand to their tasks).
+    feature_lengths: {'inputs': N, 'targets': M} (a dict or a tuple of pairs): the fixed padded
+      lengths; inputs longer than N are refused.
+    batch_size: rows per decode batch (the last batch is padded).
+    max_examples: evaluate only the first examples of each task (None: all).
+    decode_method: 'greedy', 'sample' or 'beam' (one decode per input).
+    max_decode_length: tokens generated at most.
+    num_prediction_samples_to_write: predictions logged per task (the JSONL holds all of them).
+  """
+  task_names: Tuple[str, ...] = ()
+  feature_lengths: FeatureLengths = (('inputs', 1024), ('targets', 256))
+  batch_size: int = 32
+  max_examples: Optional[int] = None
+  decode_method: str = 'greedy'
+  max_decode_length: int = 256
+  num_prediction_samples_to_write: int = 10
+
+  def __post_init__(self):
+    # gin hands over lists and dicts; tuples keep the config hashable.
+    names = (self.task_names,) if isinstance(self.task_names, str) else tuple(self.task_names)
+    object.__setattr__(self, 'task_names', names)
+    lengths = self.feature_lengths
+    lengths = lengths.items() if isinstance(lengths, Mapping) else lengths
+    object.__setattr__(self, 'feature_lengths', tuple(sorted((str(k), int(v)) for k, v in lengths)))
+    if set(self.lengths) != {'inputs', 'targets'}:
+      raise ValueError(f'EvalConfig.feature_lengths={self.lengths} must give exactly "inputs" and '
+                       '"targets" (e.g. --gin.EVAL_FEATURE_LENGTHS="{\'inputs\': 1024, '
+                       '\'targets\': 256}").')
+    for name, length in self.feature_lengths:
+      if length < 1:
+        raise ValueError(f'EvalConfig.feature_lengths[{name!r}]={length} must be >= 1.')
+    if self.batch_size < 1:
+      raise ValueError(f'EvalConfig.batch_size={self.batch_size} must be >= 1 '
+                       '(--gin.EVAL_BATCH_SIZE).')
+    if self.max_examples is not None and self.max_examples < 1:
+      raise ValueError(f'EvalConfig.max_examples={self.max_examples} must be >= 1, or None for '
+                       'every example (--gin.EVAL_MAX_EXAMPLES).')
+    if self.decode_method not in models.DECODE_METHODS:
+      raise ValueError(f'EvalConfig.decode_method={self.decode_method!r}; use one of '
+                       f'{models.DECODE_METHODS}.')
+    if self.max_decode_length < 1:
+      raise ValueError(f'EvalConfig.max_decode_length={self.max_decode_length} must be >= 1.')
+
+  @property
+  def lengths(self) -> Dict[str, int]:
+    """`feature_lengths` as a dict."""
+    return dict(self.feature_lengths)
+
+
+def expand_task_names(names: Sequence[str]) -> List[str]:
+  """Task names in order, mixtures replaced by their tasks, duplicates dropped; unknown names raise
+  listing the closest registered ones."""
+  registered = list(seqio.TaskRegistry.names()) + list(seqio.MixtureRegistry.names())
+  result: List[str] = []
+  for name in names:
+    if name in seqio.MixtureRegistry.names():
+      members = [t.name for t in seqio.get_mixture_or_task(name).tasks]
+    elif name in seqio.TaskRegistry.names():
+      members = [name]
+    else:
+      close = difflib.get_close_matches(name, registered, n=5, cutoff=0.5)
+      raise ValueError(f'Unknown eval task or mixture {name!r} in EvalConfig.task_names '
+                       f'(--gin.EVAL_TASKS); closest registered names: {close}. `specialize tasks` '
+                       'lists them.')
+    result.extend(m for m in members if m not in result)
+  return result
+
+
+def metrics_path(output_dir: str, task_name: str, step: int) -> str:
+  return os.path.join(output_dir, task_name, METRICS_FILE.format(step=step))
+
+
+def predictions_path(output_dir: str, task_name: str, step: int) -> str:
+  return os.path.join(output_dir, task_name, PREDICTIONS_FILE.format(step=step))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TaskData:
+  """One task's eval data, built once."""
+  task: seqio.Task
+  vocabulary: seqio.Vocabulary
+  examples: List[Dict[str, Any]]  # the preprocessed examples (for postprocess_fn and the inputs)
+  features: Dict[str, np.ndarray]  # converted features, each [num_examples, length]
+  targets: List[Any]  # postprocessed golds
+
+
+def _build_task_data(task: seqio.Task, config: EvalConfig,
+                     vocabulary: seqio.Vocabulary) -> _TaskData:
+  lengths = config.lengths
+  examples = inference.task_examples(task, inference.EVAL_SPLIT, config.max_examples)
+  for index, example in enumerate(examples):
+    if len(example['inputs']) > lengths['inputs']:
+      raise ValueError(
+          f'Task {task.name} example {index} has {len(example["inputs"])} input tokens, more than '
+          f'EvalConfig.feature_lengths["inputs"]={lengths["inputs"]}; raise it (e.g. '
+          f'--gin.EVAL_FEATURE_LENGTHS="{{\'inputs\': {_round_up(len(example["inputs"]), 128)}, '
+          f'\'targets\': {lengths["targets"]}}}") rather than cut the prompt.')
+  # Only the gold text is scored, so targets longer than their length are cut (with EOS kept) to
+  # fit the converter; the inputs were checked above.
+  rows = [{'inputs': e['inputs'], 'targets': _fit(e['targets'], lengths['targets'])}
+          for e in examples]
+  dataset = seqio.EncDecFeatureConverter(pack=False)(
+      _as_dataset(rows), {'inputs': lengths['inputs'], 'targets': lengths['targets']})
+  converted = list(dataset.as_numpy_iterator())
+  features = {name: np.stack([c[name] for c in converted]).astype(np.int32)
+              for name in converted[0]}  # each [num_examples, length]
+  targets = [inference.gold_target(task, e) for e in examples]
+  return _TaskData(task, vocabulary, examples, features, targets)
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def _fit(tokens: np.ndarray, length: int) -> np.ndarray:
+  if len(tokens) <= length:
+    return tokens
+  return np.concatenate([tokens[:length - 1], tokens[-1:]])
+
+
+def _as_dataset(rows: List[Dict[str, np.ndarray]]):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.data.Dataset.from_generator(
+      lambda: iter(rows),
+      output_signature={name: tf.TensorSpec([None], tf.int32) for name in ('inputs', 'targets')})
+
+
+def _merged_metrics(task: seqio.Task, targets: Sequence[Any],
+                    predictions: Sequence[Any]) -> Metrics:
+  results: Metrics = {}
+  for fn in task.predict_metric_fns:
+    for name, value in fn(list(targets), list(predictions)).items():
+      results[name] = float(getattr(value, 'value', value))  # seqio.metrics.Scalar or a number
+  return results
+
+
+def _is_correct(task: seqio.Task, target: Any, prediction: Any) -> Optional[bool]:
+  """Whether one example scores 100 on the first metric that reports `accuracy` (None if none)."""
+  for fn in task.predict_metric_fns:
+    result = fn([target], [prediction])
+    if _ACCURACY in result:
+      return float(result[_ACCURACY]) == 100.0
+  return None
+
+
+class Evaluator:
+  """Decodes and scores `config.task_names`; eval data and compiled decoding are reused.
+
+  Args:
+    model: the model whose `predict_batch` decodes.
+    config: tasks, lengths, batch size and decoding.
+    vocabulary_for_task: `task -> vocabulary` that decodes predictions (default: the task's
+      targets vocabulary).
+    mesh: with a mesh, batches are split over its 'data' axis (batch_size must divide it).
+  """
+
+  def __init__(self, model: models.EncoderDecoderModel, config: EvalConfig,
+               vocabulary_for_task: Optional[Callable[[seqio.Task], seqio.Vocabulary]] = None,
+               mesh: Optional[Mesh] = None):
+    if not config.task_names:
+      raise ValueError('EvalConfig.task_names is empty; name the eval tasks (e.g. '
+                       '--gin.EVAL_TASKS="(\'gsm8k_dev_zs_cot\',)").')
+    inference.check_batch_size(config.batch_size, mesh, 'EvalConfig.batch_size')
+    self.model = model
+    self.config = config
+    self.mesh = mesh
+    self._data: Dict[str, _TaskData] = {}
+    for name in expand_task_names(config.task_names):
+      task = seqio.get_mixture_or_task(name)
+      if not task.predict_metric_fns:
+        raise ValueError(f'Task {name} has no prediction metrics, so it cannot be an eval task; '
+                         'remove it from EvalConfig.task_names (--gin.EVAL_TASKS).')
+      vocabulary = (vocabulary_for_task(task) if vocabulary_for_task is not None
+                    else task.output_features['targets'].vocabulary)
+      start = time.perf_counter()
+      self._data[name] = _build_task_data(task, config, vocabulary)
+      logging.info('Eval task %s: %d examples built in %.1f s.', name,
+                   len(self._data[name].examples), time.perf_counter() - start)
+
+  @property
+  def task_names(self) -> List[str]:
+    """The tasks evaluated, mixtures expanded."""
+    return list(self._data)
+
+  def num_examples(self, task_name: str) -> int:
+    return len(self._data[task_name].examples)
+
+  def evaluate(self, params: Any, step: int, output_dir: Optional[str] = None, *,
+               task_names: Optional[Sequence[str]] = None,
+               rng: Optional[jax.Array] = None) -> Dict[str, Metrics]:
+    """{task: metrics + timing} for `params` at `step`; with `output_dir`, also writes the eval
+    output. `task_names` restricts to some of the tasks; `rng` (sampling only) defaults to
+    `fold_in(key(0), step)`."""
+    names = list(self._data) if task_names is None else list(task_names)
+    unknown = [n for n in names if n not in self._data]
+    if unknown:
+      raise ValueError(f'Tasks {unknown} are not in this evaluator ({self.task_names}).')
+    if self.config.decode_method == 'sample' and rng is None:
+      rng = jax.random.fold_in(jax.random.key(0), step)
+    params = inference.place_params(params, self.mesh)
+    results: Dict[str, Metrics] = {}
+    for name in names:
+      results[name] = self._evaluate_task(self._data[name], params, step, output_dir, rng)
+    return results
+
+  def _evaluate_task(self, data: _TaskData, params: Any, step: int, output_dir: Optional[str],
+                     rng: Optional[jax.Array]) -> Metrics:
+    task, config = data.task, self.config
+    start = time.perf_counter()
+    outputs = inference.predict_tokens(
+        self.model, params, data.features, config.batch_size, config.max_decode_length,
+        mesh=self.mesh, rng=rng, decode_method=config.decode_method)
+    texts = [inference.decode_ids(data.vocabulary, ids) for ids in outputs]
+    predictions = [task.postprocess_fn(t, example=e, is_target=False)
+                   for t, e in zip(texts, data.examples, strict=True)]
+    metrics = _merged_metrics(task, data.targets, predictions)
+    seconds = time.perf_counter() - start
+    num_examples = len(predictions)
+    timing = {'seconds': seconds, 'examples_per_second': num_examples / max(seconds, 1e-9)}
+    logging.info('Eval %s step %d: %s (%d examples, %.1f s, %.1f examples/s)', task.name, step,
+                 ', '.join(f'{k}={v:.4g}' for k, v in sorted(metrics.items())), num_examples,
+                 seconds, timing['examples_per_second'])
+    for index in range(min(config.num_prediction_samples_to_write, num_examples)):
+      logging.info('  %s [%d] target=%r prediction=%r', task.name, index, data.targets[index],
+                   texts[index])
+    if output_dir is not None and jax.process_index() == 0:
+      rows = []
+      for index, (example, text, target, prediction) in enumerate(
+          zip(data.examples, texts, data.targets, predictions, strict=True)):
+        row = {'index': index, 'input': inference.text(example['inputs_pretokenized']),
+               'target': target, 'prediction': text}
+        correct = _is_correct(task, target, prediction)
+        if correct is not None:
+          row['correct'] = correct
+        rows.append(row)
+      inference.write_jsonl(predictions_path(output_dir, task.name, step), rows)
+      inference.write_json(metrics_path(output_dir, task.name, step), {
+          'task': task.name, 'step': int(step), 'num_examples': num_examples,
+          'metrics': metrics, 'timing': timing})
+    return {**metrics, **{f'timing/{k}': v for k, v in timing.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint sweeps
+
+
+def list_checkpoint_steps(directory: str) -> List[Tuple[int, str]]:
+  """(step, path) of the step directories (`checkpoint_<N>` or `<N>`) in `directory`, by step.
+
+  Listed here rather than by the checkpoint layer, which resolves only the latest step.
+  """
+  if not os.path.isdir(directory):
+    return []
+  steps = []
+  for name in os.listdir(directory):
+    match = _STEP_DIR_RE.fullmatch(name)
+    if match and os.path.isdir(os.path.join(directory, name)):
+      steps.append((int(match.group(1)), os.path.join(directory, name)))
+  return sorted(steps)
+
+
+def _read_metrics_file(path: str) -> Metrics:
+  with open(path, encoding='utf-8') as f:
+    record = json.load(f)
+  return {**record['metrics'], **{f'timing/{k}': v for k, v in record.get('timing', {}).items()}}
+
+
+def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
+                         model_config: Any = None, output_dir: Optional[str] = None,
+                         mesh: Optional[Mesh] = None) -> Dict[int, Dict[str, Metrics]]:
+  """{step: {task: metrics}} for every checkpoint of a run directory, or for one checkpoint.
+
+  A directory holding step directories (`checkpoint_<N>` or `<N>`) is swept step by step; any
+  other path is one checkpoint (any format `load_checkpoint` reads), at the step its directory
+  name gives (0 if none). Results go to `output_dir`, by default `eval/` beside the step
+  directories (or inside a standalone checkpoint's directory). A (step, task) pair whose metrics
+  file exists is not evaluated again: its metrics are read back, and a step whose tasks are all
+  done is not even loaded. `model_config` (T5Config, preset name or dict) replaces the
+  architecture the checkpoint describes or implies.
+  """
+  path = os.path.abspath(os.fspath(model_dir_or_checkpoint))
+  steps = list_checkpoint_steps(path)
+  if steps:
+    run_dir = path
+  else:
+    match = _STEP_DIR_RE.fullmatch(os.path.basename(path))
+    checkpoints.resolve_checkpoint(path)  # fails early, naming what it expected
+    steps = [(int(match.group(1)) if match else 0, path)]
+    run_dir = os.path.dirname(path) if match else path
+  output_dir = output_dir or os.path.join(run_dir, EVAL_SUBDIR)
+  task_names = expand_task_names(config.task_names)
+  if not task_names:
+    raise ValueError('EvalConfig.task_names is empty; name the eval tasks (--gin.EVAL_TASKS).')
+
+  results: Dict[int, Dict[str, Metrics]] = {}
+  evaluator: Optional[Evaluator] = None
+  for step, step_path in steps:
+    results[step] = {}
+    pending = []
+    for name in task_names:
+      done = metrics_path(output_dir, name, step)
+      if os.path.exists(done):
+        results[step][name] = _read_metrics_file(done)
+      else:
+        pending.append(name)
+    if not pending:
+      logging.info('Step %d: every task already evaluated in %s; skipped.', step, output_dir)
+      continue
+    checkpoint_config, params = checkpoints.load_checkpoint(step_path, config=model_config)
+    if evaluator is None or evaluator.model.config != checkpoint_config:
+      evaluator = Evaluator(models.EncoderDecoderModel(checkpoint_config), config, mesh=mesh)
+    logging.info('Evaluating %s (step %d) on %s.', step_path, step, pending)
+    results[step].update(evaluator.evaluate(params, step, output_dir, task_names=pending))
+  return results

@@ -1,0 +1,59 @@
+"""Gin for the `specialize` jobs, with T5X's flag semantics.
+
+`--gin_file` files parse in order (later override earlier), then `--gin.X=Y` bindings; include paths
+are `--gin_search_paths`, then this repository's `gin/` folder, then the working directory. The
+configuration of a run is logged and written to `MODEL_DIR/config.gin`.
+"""
+import logging
+import os
+from typing import List, Optional
+
+# The shipped configs (found this way in a source checkout / editable install).
+REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+def gin_bindings(extra_args: List[str]) -> List[str]:
+  """`--gin.X=Y` flags (T5X's syntax) as gin bindings `X = Y`; anything else is an error."""
+  bindings = []
+  for arg in extra_args:
+    if not arg.startswith("--gin.") or "=" not in arg:
+      raise SystemExit(f"specialize: unrecognized argument {arg!r}; gin overrides look like "
+                       "--gin.TRAIN_STEPS=2000 or --gin.MODEL_DIR=\\\"runs/x\\\".")
+    name, value = arg[len("--gin."):].split("=", 1)
+    bindings.append(f"{name} = {value}")
+  return bindings
+
+
+def parse_gin(gin_files: List[str], bindings: List[str], search_paths: List[str]) -> None:
+  """T5X's flag semantics: search paths first, then files in order (later override earlier), then
+  bindings. Unknown parameters and `%gin.REQUIRED` macros left unset fail here, before any
+  compilation, naming the binding."""
+  import gin  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  for path in [*search_paths, REPO_GIN_DIR, "."]:
+    gin.add_config_file_search_path(path)
+  try:
+    gin.parse_config_files_and_bindings(gin_files, bindings)
+  except (ValueError, IOError) as e:
+    raise SystemExit(f"specialize: gin configuration error: {e}") from e
+
+
+def write_config(model_dir: Optional[str]) -> None:
+  import gin  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  text = gin.config_str()
+  logging.info("Gin config:\n%s", text)
+  if model_dir and jax.process_index() == 0:
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, "config.gin")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def macro(name: str):
+  import gin  # pylint: disable=g-import-not-at-top
+  try:
+    return gin.query_parameter(f"%{name}")
+  except ValueError:
+    return None

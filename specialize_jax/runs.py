@@ -1,0 +1,67 @@
+"""The jobs the `specialize` command runs, as functions gin configures (like T5X's `train.py`):
+`train` (with evaluation in the loop), `evaluate` (one checkpoint or a whole run directory) and
+`infer`. They only assemble the layers below; the CLI parses gin and calls them.
+"""
+import logging
+from typing import Dict, Optional
+
+from specialize_jax.evaluation import evaluator as evaluator_lib
+from specialize_jax.evaluation import inference
+from specialize_jax.model import models
+from specialize_jax.training import checkpointing
+from specialize_jax.training import input_pipeline
+from specialize_jax.training import optimizers
+from specialize_jax.training import partitioning
+from specialize_jax.training import trainer
+
+
+def _flatten(results: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+  return {f"{task}/{name}": value for task, metrics in results.items()
+          for name, value in metrics.items()}
+
+
+def train(model_dir: str,
+          model: models.EncoderDecoderModel,
+          dataset: input_pipeline.DatasetConfig,
+          num_train_steps: int,
+          optimizer: optimizers.OptimizerConfig = optimizers.OptimizerConfig(),
+          partitioner: partitioning.PartitioningConfig = partitioning.PartitioningConfig(),
+          checkpoint: checkpointing.CheckpointConfig = checkpointing.CheckpointConfig(),
+          num_microbatches: int = 1,
+          seed: int = 0,
+          initial_checkpoint_path: Optional[str] = None,
+          log_period: int = 10,
+          eval_period: int = 0,
+          eval_config: Optional[evaluator_lib.EvalConfig] = None) -> Dict[str, float]:
+  """Trains, evaluating `eval_config.task_names` every `eval_period` steps (greedy decoding);
+  per-task metrics and predictions go to `model_dir/eval/`."""
+  eval_fn = None
+  if eval_config is not None and eval_config.task_names and eval_period:
+    evaluator = evaluator_lib.Evaluator(model, eval_config)
+    eval_dir = f"{model_dir}/eval"
+
+    def eval_fn(params, step):
+      return _flatten(evaluator.evaluate(params, step, output_dir=eval_dir))
+  return trainer.train(model_dir, model, dataset, num_train_steps, optimizer=optimizer,
+                       partitioner=partitioner, checkpoint=checkpoint,
+                       num_microbatches=num_microbatches, seed=seed,
+                       initial_checkpoint_path=initial_checkpoint_path, log_period=log_period,
+                       eval_period=eval_period, eval_fn=eval_fn)
+
+
+def evaluate(checkpoint_path: str, eval_config: evaluator_lib.EvalConfig,
+             model: Optional[models.EncoderDecoderModel] = None):
+  """Evaluates one checkpoint, or every checkpoint of a run directory (resumable)."""
+  results = evaluator_lib.evaluate_checkpoints(
+      checkpoint_path, eval_config, model_config=None if model is None else model.config)
+  logging.info("Evaluation results: %s", results)
+  return results
+
+
+def infer(checkpoint_path: str, output_path: str, inputs: str, vocabulary_path: Optional[str] = None,
+          batch_size: int = 32, max_decode_length: int = 256, decode_method: str = "greedy"):
+  """Writes predictions JSONL for a registered task name or a plain text file of inputs."""
+  return inference.infer_from_checkpoint(checkpoint_path, inputs, output_path,
+                                         vocabulary_path=vocabulary_path, batch_size=batch_size,
+                                         max_decode_length=max_decode_length,
+                                         decode_method=decode_method)

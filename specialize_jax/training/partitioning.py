@@ -1,0 +1,264 @@
+"""The device mesh, logical-axis rules and the shardings of parameters and batches.
+
+Terms:
+  mesh: the devices arranged as a 2-D grid with axes `('data', 'model')`; `model` has
+    `num_partitions` devices (tensor parallelism), `data` the rest (data parallelism, and with the
+    FSDP rules parameter sharding too). Axis types are Auto, so XLA propagates shardings through
+    T5X-style layers (NOTES.md: Explicit axes break them).
+  logical axis: a name the model gives an array dimension (`batch`, `length`, `embed`, `mlp`,
+    `heads`, `kv`, `joined_kv`, `vocab`, `relpos_buckets`); models never name mesh axes.
+  logical axis rules: an ordered table `((logical_name, mesh_axis_or_None), ...)`. Each dimension
+    takes the first rule naming it whose mesh axis is not yet used by another dimension of the same
+    array (flax's resolution, as T5X); unnamed or unmatched dimensions are replicated.
+  FSDP rules: T5X's `parameter_partitioning_dims=2`: `embed` maps to `data` as well, so parameters
+    shard over both mesh axes while activations, whose `batch` dimension claims `data` first, keep
+    `embed` unsharded.
+  partitioning context: the logical rules plus the mesh, which flax's `nn.with_logical_constraint`
+    needs *while tracing* to turn the model's activation annotations into sharding constraints;
+    without both it silently does nothing.
+
+Multi-host: every process runs the same program; `initialize_distributed` connects them and
+`global_batch` assembles each process's rows into one global array.
+"""
+import contextlib
+import dataclasses
+from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
+
+LogicalAxisRules = Tuple[Tuple[str, Any], ...]
+
+MESH_AXES = ('data', 'model')
+
+# Logical axes that are never sharded whatever the plan (T5X's common replicated rules).
+_REPLICATED_RULES = (
+    ('relpos_buckets', None),
+    ('abspos_buckets', None),
+    ('length', None),
+    ('layers', None),
+    ('stack', None),
+    ('mlp_activations', None),
+)
+
+
+def standard_logical_axis_rules(activation_partitioning_dims: int = 1,
+                                parameter_partitioning_dims: int = 1) -> LogicalAxisRules:
+  """T5X's standard rules table for the `('data', 'model')` mesh.
+
+  Args:
+    activation_partitioning_dims: 2 also shards activations' `embed` on `model`.
+    parameter_partitioning_dims: 2 also shards parameters' `embed` on `data` (FSDP / ZeRO-3).
+  """
+  rules = [('batch', 'data'), ('vocab', 'model'), ('mlp', 'model'), ('heads', 'model'),
+           ('kv', None), ('joined_kv', 'model')]
+  dims = (activation_partitioning_dims, parameter_partitioning_dims)
+  if dims == (1, 1):
+    rules.append(('embed', None))
+  elif dims == (2, 1):
+    rules.append(('embed', 'model'))
+  elif dims == (1, 2):
+    rules.append(('embed', 'data'))
+  elif dims == (2, 2):
+    rules += [('embed', 'model'), ('embed', 'data')]
+  else:
+    raise ValueError(f'activation_partitioning_dims={activation_partitioning_dims}, '
+                     f'parameter_partitioning_dims={parameter_partitioning_dims} is not supported; '
+                     'each must be 1 or 2.')
+  return tuple(rules) + _REPLICATED_RULES
+
+
+STANDARD_LOGICAL_AXIS_RULES = standard_logical_axis_rules()
+
+
+def fsdp_logical_axis_rules() -> LogicalAxisRules:
+  """Standard rules with parameters' `embed` sharded on `data` (T5X's
+  `parameter_partitioning_dims=2`): each parameter is split over all devices."""
+  return standard_logical_axis_rules(parameter_partitioning_dims=2)
+
+
+def _normalize_rules(rules: Sequence[Sequence[Any]]) -> LogicalAxisRules:
+  """Rules as a hashable tuple of pairs (gin and json hand over lists), checked."""
+  normalized = []
+  for rule in rules:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f'Logical axis rule {rule!r} must be a pair (logical_name, mesh_axis); '
+                       'check PartitioningConfig.logical_axis_rules.')
+    name, mesh_axes = rule
+    if isinstance(mesh_axes, list):
+      mesh_axes = tuple(mesh_axes)
+    for axis in (mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)):
+      if axis is not None and axis not in MESH_AXES:
+        raise ValueError(f'Logical axis rule {rule!r} names mesh axis {axis!r}; the mesh has '
+                         f'{MESH_AXES} (or None for replicated). Fix '
+                         'PartitioningConfig.logical_axis_rules.')
+    normalized.append((name, mesh_axes))
+  return tuple(normalized)
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitioningConfig:
+  """How the devices are split and the model's logical axes mapped onto them.
+
+  Attributes:
+    num_partitions: devices on the `model` mesh axis; the `data` axis gets
+      `num_devices // num_partitions`.
+    logical_axis_rules: the rules table (see the module docstring).
+  """
+  num_partitions: int = 1
+  logical_axis_rules: LogicalAxisRules = STANDARD_LOGICAL_AXIS_RULES
+
+  def __post_init__(self):
+    if self.num_partitions < 1:
+      raise ValueError(f'PartitioningConfig.num_partitions={self.num_partitions} must be >= 1.')
+    object.__setattr__(self, 'logical_axis_rules', _normalize_rules(self.logical_axis_rules))
+
+
+def make_mesh(config: PartitioningConfig,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A `('data', 'model')` mesh with Auto axis types over `devices` (default: all devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  num_devices = len(devices)
+  if num_devices % config.num_partitions:
+    raise ValueError(f'PartitioningConfig.num_partitions={config.num_partitions} does not divide '
+                     f'the {num_devices} devices; set --gin.PartitioningConfig.num_partitions to a '
+                     f'divisor of {num_devices}.')
+  shape = (num_devices // config.num_partitions, config.num_partitions)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def _is_logical_leaf(x: Any) -> bool:
+  """A logical spec: a PartitionSpec or a tuple of names/None (as `network.logical_axes` gives).
+
+  Exactly `tuple`: optax states are NamedTuples, and an empty one (EmptyState) is no spec.
+  """
+  is_plain_tuple = type(x) is tuple  # pylint: disable=unidiomatic-typecheck
+  return isinstance(x, PartitionSpec) or (
+      is_plain_tuple and all(a is None or isinstance(a, str) for a in x))
+
+
+def as_logical_specs(logical_axes_tree: Any) -> Any:
+  """The tree with every tuple of logical names turned into a (logical) `PartitionSpec` leaf."""
+  return jax.tree_util.tree_map(lambda x: PartitionSpec(*x), logical_axes_tree,
+                                is_leaf=_is_logical_leaf)
+
+
+def logical_to_mesh_specs(logical_axes_tree: Any, rules: LogicalAxisRules) -> Any:
+  """Mesh `PartitionSpec`s for a tree of logical specs."""
+  return nn.logical_to_mesh(as_logical_specs(logical_axes_tree), rules)
+
+
+def param_shardings(logical_axes_tree: Any, mesh: Mesh, rules: LogicalAxisRules) -> Any:
+  """`NamedSharding`s for a tree of logical specs (tuples of names or PartitionSpecs)."""
+  return nn.logical_to_mesh_sharding(as_logical_specs(logical_axes_tree), mesh, rules)
+
+
+def check_shardable(shapes: Any, shardings: Any, what: str = 'parameter') -> None:
+  """Raises before compiling when a sharded dimension does not divide its mesh axes.
+
+  Args:
+    shapes: a tree of arrays or `ShapeDtypeStruct`s.
+    shardings: the matching tree of `NamedSharding`s.
+    what: the kind of array, for the message.
+  """
+  flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  flat_shardings = jax.tree_util.tree_leaves(shardings)
+  for (path, leaf), sharding in zip(flat_shapes, flat_shardings):
+    for dim, axes in enumerate(sharding.spec):
+      if axes is None:
+        continue
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      size = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+      if leaf.shape[dim] % size:
+        raise ValueError(
+            f'{what} {jax.tree_util.keystr(path)} of shape {tuple(leaf.shape)} has dimension {dim} '
+            f'of size {leaf.shape[dim]}, sharded on mesh axes {axes} of {size} devices, which do '
+            f'not divide it; choose --gin.PartitioningConfig.num_partitions dividing the model '
+            'dimensions, or change the logical_axis_rules.')
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over `data`, the rest replicated; valid for any rank >= 1."""
+  return NamedSharding(mesh, PartitionSpec('data'))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (scalars, keys, metrics)."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, num_microbatches: int = 1) -> None:
+  """Raises unless `batch_size` splits evenly over the data axis (per micro-batch)."""
+  data_size = mesh.shape['data']
+  if batch_size % data_size:
+    raise ValueError(f'BATCH_SIZE={batch_size} is not divisible by the data axis ({data_size} '
+                     f'devices); set --gin.BATCH_SIZE to a multiple of {data_size}.')
+  if num_microbatches < 1:
+    raise ValueError(f'num_microbatches={num_microbatches} must be >= 1.')
+  if batch_size % (data_size * num_microbatches):
+    multiple = data_size * num_microbatches
+    raise ValueError(f'BATCH_SIZE={batch_size} does not split into {num_microbatches} '
+                     f'micro-batches that each divide the data axis ({data_size} devices); set '
+                     f'--gin.BATCH_SIZE to a multiple of {multiple} or change num_microbatches.')
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+  """One global `jax.Array` per feature, batch-sharded, from this process's rows.
+
+  Each process passes its own equally sized share of the global batch (its rows only); on a single
+  process that is the whole batch.
+  """
+  sharding = batch_sharding(mesh)
+  result = {}
+  for name, value in local_batch.items():
+    value = np.asarray(value)
+    if value.ndim == 0:
+      raise ValueError(f'Batch feature {name!r} is a scalar; every feature needs a leading batch '
+                       'dimension.')
+    check_batch_divisible(value.shape[0] * jax.process_count(), mesh)
+    result[name] = jax.make_array_from_process_local_data(sharding, value)
+  return result
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> bool:
+  """Connects the processes of a multi-host job; a no-op (returns False) when not configured.
+
+  Call once at program start, before any other JAX call. On CPU hosts the caller must first set
+  `jax.config.update('jax_cpu_collectives_implementation', 'gloo')` (a global flag, so it belongs in
+  `main()`, not here); NOTES.md has the verified two-process recipe.
+  """
+  if coordinator_address is None and num_processes is None and process_id is None:
+    return False
+  if coordinator_address is None or num_processes is None or process_id is None:
+    raise ValueError(
+        f'Multi-process runs need all of coordinator_address ({coordinator_address!r}), '
+        f'num_processes ({num_processes!r}) and process_id ({process_id!r}); set the missing ones '
+        'or none.')
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f'process_id={process_id} must be in [0, num_processes={num_processes}).')
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+  return True
+
+
+@contextlib.contextmanager
+def axis_rules(rules: LogicalAxisRules) -> Iterator[None]:
+  """Makes `rules` the active logical axis rules (flax's `nn.logical_axis_rules`)."""
+  with nn.logical_axis_rules(rules):
+    yield
+
+
+@contextlib.contextmanager
+def partitioning_context(mesh: Mesh, rules: LogicalAxisRules) -> Iterator[None]:
+  """Rules plus the mesh, so the model's `nn.with_logical_constraint` calls take effect.
+
+  Enter it *inside* the function given to `jax.jit` (it is read at trace time). It sets the
+  abstract mesh, which is allowed while tracing; `jax.set_mesh` is not (it raises inside jit).
+  """
+  with axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    yield

@@ -1,0 +1,136 @@
+"""The training loop: one function, `train`, with every-N-steps hooks (log, evaluate, checkpoint).
+
+Order of events, written down because users debug by it:
+1. mesh from the partitioning config; optimizer and schedule; the abstract (sharded) train state;
+2. restore: the latest checkpoint in `model_dir` (resume), else `initial_checkpoint_path` (params
+   only, any format `specialize_jax.model.checkpoints` reads), else scratch — the choice is logged;
+3. the input iterator, fast-forwarded to the checkpoint's data position;
+4. the compiled train step (first call timed and logged separately);
+5. the loop: step; every `log_period` fetch metrics (stop on a non-finite loss naming the steps),
+   write them and a progress line; every `eval_period` call `eval_fn`; every checkpoint period save
+   (with the latest eval metrics, for best-N retention);
+6. a final checkpoint, then wait for asynchronous saves.
+"""
+import logging
+import os
+import time
+from typing import Callable, Dict, Mapping, Optional
+
+import jax
+import numpy as np
+
+from specialize_jax.model import checkpoints as model_checkpoints
+from specialize_jax.model import models
+from specialize_jax.training import checkpointing
+from specialize_jax.training import input_pipeline
+from specialize_jax.training import metric_writers
+from specialize_jax.training import optimizers
+from specialize_jax.training import partitioning
+from specialize_jax.training import train_state
+from specialize_jax.training import train_step
+
+EvalFn = Callable[[object, int], Mapping[str, float]]
+
+
+def _mean_metrics(history) -> Dict[str, float]:
+  fetched = jax.device_get(history)
+  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def train(model_dir: str,
+          model: models.EncoderDecoderModel,
+          dataset: input_pipeline.DatasetConfig,
+          num_train_steps: int,
+          optimizer: optimizers.OptimizerConfig = optimizers.OptimizerConfig(),
+          partitioner: partitioning.PartitioningConfig = partitioning.PartitioningConfig(),
+          checkpoint: checkpointing.CheckpointConfig = checkpointing.CheckpointConfig(),
+          num_microbatches: int = 1,
+          seed: int = 0,
+          initial_checkpoint_path: Optional[str] = None,
+          log_period: int = 10,
+          eval_period: int = 0,
+          eval_fn: Optional[EvalFn] = None,
+          log: Callable[[str], None] = logging.info) -> Dict[str, float]:
+  """Trains `model` to `num_train_steps` (absolute: a resumed run continues to the same end).
+
+  Returns the last logged train metrics plus the last eval metrics.
+  """
+  if num_train_steps < 1:
+    raise ValueError(f"TRAIN_STEPS={num_train_steps} must be >= 1; set --gin.TRAIN_STEPS.")
+  if dataset.batch_size % num_microbatches:
+    raise ValueError(f"BATCH_SIZE={dataset.batch_size} is not divisible by num_microbatches="
+                     f"{num_microbatches}; change --gin.train.num_microbatches.")
+  os.makedirs(model_dir, exist_ok=True)
+  mesh = partitioning.make_mesh(partitioner)
+  partitioning.check_batch_divisible(dataset.batch_size, mesh)
+  rules = partitioner.logical_axis_rules
+  tx = optimizers.make_optimizer(optimizer, num_train_steps)
+  rng = jax.random.PRNGKey(seed)
+  init_rng, step_rng = jax.random.split(rng)
+  abstract_state, state_shardings = train_state.abstract_train_state(model, tx, mesh, rules)
+
+  def init_from_scratch():
+    return train_state.create_train_state(model, tx, mesh, rules, init_rng)[0]
+
+  def init_from_params(params):
+    return train_state.create_train_state(model, tx, mesh, rules, init_rng,
+                                          init_params_fn=lambda: params)[0]
+
+  def load_params(path):
+    return model_checkpoints.load_checkpoint(path, config=model.config)[1]
+
+  checkpointer = checkpointing.TrainCheckpointer(model_dir, checkpoint)
+  state, data_position, source = checkpointing.restore_or_initialize(
+      checkpointer, abstract_state, init_from_scratch,
+      initial_checkpoint_path=initial_checkpoint_path, load_params_fn=load_params, log=log,
+      init_from_params_fn=init_from_params)
+  start_step = int(jax.device_get(state.step))
+  log(f"Starting at step {start_step} from {source}; training to step {num_train_steps}.")
+
+  batches = input_pipeline.TrainIterator(dataset, position=data_position)
+  step_fn = train_step.make_train_step(model, tx, state_shardings, mesh, num_microbatches,
+                                       rules=rules)
+  writer = metric_writers.MetricWriter(model_dir)
+  progress = metric_writers.ProgressLogger(num_train_steps, start_step, log=log)
+
+  history, last_train, last_eval = [], {}, {}
+  last_logged_step = start_step
+  for step in range(start_step, num_train_steps):
+    batch = partitioning.global_batch(next(batches), mesh)
+    if step == start_step:
+      compile_start = time.perf_counter()
+      state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
+      jax.block_until_ready(metrics)
+      log(f"First step (compilation included) took {time.perf_counter() - compile_start:.1f} s.")
+    else:
+      state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
+    history.append(metrics)
+    done = step + 1
+
+    if done % log_period == 0 or done == num_train_steps:
+      last_train = _mean_metrics(history)
+      history = []
+      if not np.isfinite(last_train["loss"]):
+        raise FloatingPointError(
+            f"Non-finite loss ({last_train['loss']}) between steps {last_logged_step + 1} and "
+            f"{done}; lower the learning rate or check the data (the last good checkpoint is "
+            f"{checkpointer.latest_step()}).")
+      last_train.update(progress.log(done, last_train))
+      writer.write(done, "train", last_train)
+      last_logged_step = done
+
+    eval_now = eval_fn is not None and eval_period and (done % eval_period == 0 or
+                                                        done == num_train_steps)
+    if eval_now:
+      eval_start = time.perf_counter()
+      last_eval = dict(eval_fn(state.params, done))
+      writer.write(done, "eval", last_eval)
+      log(f"Evaluation at step {done} took {time.perf_counter() - eval_start:.1f} s: " +
+          ", ".join(f"{k}={v:.4g}" for k, v in sorted(last_eval.items())))
+    checkpointer.save(done, state, batches.position(), metrics=last_eval if eval_now else None,
+                      force=done == num_train_steps)
+
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  writer.close()
+  return {**last_train, **{f"eval/{k}": v for k, v in last_eval.items()}}

@@ -1,0 +1,152 @@
+"""Training throughput (target tokens/s): our trainer's jitted step beside Hugging Face
+`transformers` + PyTorch on the same model size, batch and lengths, AdamW, in one run.
+
+  python tools/bench_train.py [--preset small --batch 8 --inputs 512 --targets 256 --steps 5]
+  python tools/bench_train.py --preset base --dtype bfloat16 --batch 64 --skip_peer   # accelerator
+
+Prints one JSON object: both rates, their ratio, our first-step (compile) time, peak host memory
+(ru_maxrss) after our part and after the peer's, and, on an accelerator, model FLOPs utilisation
+(6 x params x tokens per step, encoder params on input tokens, the rest on target tokens). Run it on
+an otherwise idle machine.
+"""
+import argparse
+import json
+import os
+import resource
+import time
+
+PEAK_TFLOPS = {  # dense bf16 peak per chip, for MFU
+    "H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+}
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _random_batch(np, batch, inputs, targets, vocab, seed=0):
+  rng = np.random.default_rng(seed)
+  encoder = rng.integers(2, vocab, size=(batch, inputs), dtype=np.int32)
+  target = rng.integers(2, vocab, size=(batch, targets), dtype=np.int32)
+  target[:, -1] = 1
+  decoder_input = np.concatenate([np.zeros((batch, 1), np.int32), target[:, :-1]], axis=1)
+  return {"encoder_input_tokens": encoder, "decoder_input_tokens": decoder_input,
+          "decoder_target_tokens": target,
+          "decoder_loss_weights": np.ones((batch, targets), np.float32)}
+
+
+def _ours(args, np_batch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
+  from specialize_jax.model import models  # pylint: disable=g-import-not-at-top
+  from specialize_jax.model import network  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import optimizers  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import train_state  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import train_step  # pylint: disable=g-import-not-at-top
+
+  config = model_config.get_config(args.preset, dtype=args.dtype, dropout_rate=0.0)
+  model = models.EncoderDecoderModel(config)
+  tx = optimizers.make_optimizer(optimizers.OptimizerConfig(learning_rate=1e-4,
+                                                            schedule="constant", warmup_steps=0),
+                                 num_train_steps=1000)
+  partitioner = partitioning.PartitioningConfig()
+  mesh = partitioning.make_mesh(partitioner)
+  rules = partitioner.logical_axis_rules
+  state, shardings = train_state.create_train_state(model, tx, mesh, rules, jax.random.PRNGKey(0))
+  step_fn = train_step.make_train_step(model, tx, shardings, mesh, rules=rules)
+  batch = partitioning.global_batch(np_batch, mesh)
+  rng = jax.random.PRNGKey(1)
+  start = time.perf_counter()
+  state, metrics = step_fn(state, batch, rng)
+  jax.block_until_ready(metrics)
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    state, metrics = step_fn(state, batch, rng)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  params = network.num_params(config)
+  encoder_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params["encoder"]))
+  return {"seconds_per_step": sorted(times)[len(times) // 2], "first_step_s": first,
+          "loss": float(metrics["loss"]), "params": params, "encoder_params": encoder_params,
+          "device": jax.devices()[0].device_kind, "backend": jax.default_backend()}
+
+
+def _peer(args, np_batch):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
+  from specialize_jax.model import hf_conversion  # pylint: disable=g-import-not-at-top
+  config = model_config.get_config(args.preset, dropout_rate=0.0)
+  hf_config = transformers.T5Config(**hf_conversion.config_to_hf(config))
+  hf_config.dropout_rate = 0.0
+  model = transformers.T5ForConditionalGeneration(hf_config)
+  model.train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+  inputs = {
+      "input_ids": torch.from_numpy(np_batch["encoder_input_tokens"]).long(),
+      "decoder_input_ids": torch.from_numpy(np_batch["decoder_input_tokens"]).long(),
+      "labels": torch.from_numpy(np_batch["decoder_target_tokens"]).long()}
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    optimizer.step()
+    return float(loss)
+
+  step()
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return {"seconds_per_step": sorted(times)[len(times) // 2], "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--preset", default="small")
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--inputs", type=int, default=512)
+  parser.add_argument("--targets", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=5, help="timed steps per side (median)")
+  parser.add_argument("--skip_peer", action="store_true", help="ours only (e.g. on a GPU)")
+  args = parser.parse_args()
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
+  vocab = model_config.get_config(args.preset).vocab_size
+  np_batch = _random_batch(np, args.batch, args.inputs, args.targets, vocab)
+  target_tokens = args.batch * args.targets
+  ours = _ours(args, np_batch)
+  result = {"preset": args.preset, "dtype": args.dtype, "batch": args.batch,
+            "inputs": args.inputs, "targets": args.targets, "backend": ours["backend"],
+            "device": ours["device"],
+            "ours_target_tokens_per_s": round(target_tokens / ours["seconds_per_step"], 1),
+            "ours_first_step_s": round(ours["first_step_s"], 2),
+            "peak_rss_mb_after_ours": round(_peak_rss_mb())}
+  if ours["backend"] != "cpu":
+    decoder_params = ours["params"] - ours["encoder_params"]
+    flops = 6 * (ours["encoder_params"] * args.batch * args.inputs +
+                 decoder_params * args.batch * args.targets)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in ours["device"].lower()), None)
+    achieved = flops / ours["seconds_per_step"] / 1e12
+    result.update({"model_tflops_per_s": round(achieved, 1),
+                   "mfu_percent": round(100 * achieved / peak, 1) if peak else None})
+  if not args.skip_peer:
+    peer = _peer(args, np_batch)
+    result.update({
+        "transformers_target_tokens_per_s": round(target_tokens / peer["seconds_per_step"], 1),
+        "torch_threads": peer["threads"],
+        "ours_over_transformers": round(peer["seconds_per_step"] / ours["seconds_per_step"], 3),
+        "peak_rss_mb_after_peer": round(_peak_rss_mb())})
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
