@@ -209,6 +209,19 @@ def test_accumulation_equals_full_batch(factor):
     assert abs(float(plain_mean) - float(full_metrics['loss'])) > 1e-3
 
 
+def test_microbatch_without_targets_adds_nothing():
+  """Rows 0, 2, 4, 6 (micro-batch 0 of 2) have no real targets: its 0/0 loss must not leak."""
+  model = LinearModel(TINY, loss_normalizing_factor='NUM_REAL_TARGET_TOKENS')
+  batch = make_batch(target_lengths=(0, 5, 0, 3, 0, 4, 0, 2))
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  results, _ = _linear_steps(model, batch, (1, 2))
+  (full_state, full_metrics), (state, metrics) = results[1], results[2]
+  assert np.isfinite(metrics['loss'])
+  np.testing.assert_allclose(metrics['loss'], full_metrics['loss'], **TOL)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), state.params,
+                         full_state.params)
+
+
 def test_dropout_key_folds_in_the_step():
   """Same batch, params and key: equal at equal steps, different masks at another step."""
   model = LinearModel(TINY)

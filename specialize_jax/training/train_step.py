@@ -91,13 +91,16 @@ def _accumulate_gradients(model: Any, params: Any, batch: Batch, dropout_rng: ja
   def body(carry, index):
     weight_sum, grad_sum, metric_sum = carry
     weight, grads, metrics = one(index)
-    grad_sum = constrain(jax.tree_util.tree_map(lambda a, g: a + weight * g, grad_sum, grads))
+    # A micro-batch without real targets divides 0 by 0 in the model's loss; it weighs nothing
+    # in the full batch, so its NaNs are dropped rather than poisoning the sums.
+    weighted = lambda x: jnp.where(weight > 0, weight * x, 0.0)
+    grad_sum = constrain(jax.tree_util.tree_map(lambda a, g: a + weighted(g), grad_sum, grads))
     new_metric_sum = {}
     for name, value in metrics.items():
       if name == 'accuracy':
         value = value * metrics['num_tokens']
       elif name not in _SUMMED_METRICS:
-        value = value * weight
+        value = weighted(value)
       new_metric_sum[name] = metric_sum[name] + value.astype(jnp.float32)
     return (weight_sum + weight, grad_sum, new_metric_sum), None
 
