@@ -48,15 +48,14 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import pathlib
 import string
-import tempfile
 from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
 from specialize_jax.data import answers
+from specialize_jax.data import atomic_files
 from specialize_jax.data import formats
 from specialize_jax.data import teacher_data
 
@@ -339,17 +338,8 @@ def _sha256(path: pathlib.Path) -> str:
 
 
 def _write_bytes_atomically(path: pathlib.Path, data: bytes) -> None:
-  fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_name, path)
-  except BaseException:
-    if os.path.exists(tmp_name):
-      os.remove(tmp_name)
-    raise
+  with atomic_files.atomic_write(path, "wb") as f:
+    f.write(data)
 
 
 def demo_paths(directory) -> Dict[str, pathlib.Path]:

@@ -69,10 +69,10 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from specialize_jax.data import answers
+from specialize_jax.data import atomic_files
 
 SCHEMA = "specialize_jax.teacher/1"
 MAX_TOP_LOGPROBS = 20
@@ -528,26 +528,16 @@ def write_records(path, records: Iterable[TeacherRecord]) -> int:
   old content (or stays absent).
   """
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   count = 0
   seen: Dict[str, int] = {}
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-      for count, record in enumerate(records, 1):
-        where = f"{path} (record {count}, id {record.id!r})"
-        if record.id in seen:
-          raise TeacherDataError(f"{where}: duplicate id, already record {seen[record.id]}; ids "
-                                 "must be unique in a file")
-        seen[record.id] = count
-        f.write(_record_line(record, where))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_name, path)
-  except BaseException:
-    if os.path.exists(tmp_name):
-      os.remove(tmp_name)
-    raise
+  with atomic_files.atomic_write(path) as f:
+    for count, record in enumerate(records, 1):
+      where = f"{path} (record {count}, id {record.id!r})"
+      if record.id in seen:
+        raise TeacherDataError(f"{where}: duplicate id, already record {seen[record.id]}; ids "
+                               "must be unique in a file")
+      seen[record.id] = count
+      f.write(_record_line(record, where))
   return count
 
 

@@ -19,7 +19,6 @@ import difflib
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
@@ -27,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 import seqio
 
+from specialize_jax.data import atomic_files
 from specialize_jax.data import vocabulary as vocabulary_lib
 from specialize_jax.model import checkpoints
 from specialize_jax.model import models
@@ -172,37 +172,19 @@ def decode_ids(vocabulary: seqio.Vocabulary, ids: Sequence[int]) -> str:
 
 def write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> int:
   """Writes `rows` as JSON lines atomically (temp file beside `path`, then `os.replace`)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
   count = 0
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False, default=str) + '\n')
-        count += 1
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_files.atomic_write(path) as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False, default=str) + '\n')
+      count += 1
   return count
 
 
 def write_json(path: str, value: Any) -> None:
   """Writes one JSON document atomically."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      json.dump(value, f, indent=2, sort_keys=True, ensure_ascii=False, default=str)
-      f.write('\n')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_files.atomic_write(path) as f:
+    json.dump(value, f, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+    f.write('\n')
 
 
 def read_inputs_file(path: os.PathLike) -> List[str]:

@@ -1,8 +1,16 @@
 """Training batches from a SeqIO task or mixture, deterministic and resumable.
 
 Terms:
-- global batch: `batch_size` examples per step over all processes; each process reads
-  `batch_size / process_count` of them (its SeqIO shard: `ShardInfo(process_index, process_count)`).
+- global batch: `batch_size` examples per step over all processes; process p of P holds
+  `L = batch_size / P` of them, which `partitioning.global_batch` places on p's devices. Two ways
+  to get them (`DatasetConfig.shard_by_process`):
+  * True (default, T5X's way): each process reads only its SeqIO shard
+    (`ShardInfo(p, P)`) and batches `L` rows: input work is split across hosts, but what global
+    batch k holds depends on P (each host draws from its own 1/P of the data).
+  * False: every process reads the same global stream and keeps rows `[p*L, (p+1)*L)` of each
+    global batch, so batch k holds the same examples whatever P: a run gives the same losses and
+    parameters on one host or many and may resume on another number of hosts, at the price of
+    every process tokenizing every example (fine at moderate batch sizes).
 - position: `{'batches_consumed': N, 'seed': S, ...}`, saved with every checkpoint. The order of
   batches is a function of the seed alone, so a resumed run skips the first N batches and sees
   exactly the batches the uninterrupted run would have seen. (Skipping re-reads those N batches'
@@ -30,6 +38,7 @@ class DatasetConfig:
   pack: bool = False
   use_cached: bool = False
   teacher_k: Optional[int] = None
+  shard_by_process: bool = True
 
 
 def local_batch_size(config: DatasetConfig, process_count: int) -> int:
@@ -56,13 +65,29 @@ def _dataset(config: DatasetConfig, process_index: int, process_count: int):
                      "(`specialize tasks` lists them).")
   converter = feature_converters.TeacherEncDecFeatureConverter(pack=config.pack,
                                                                teacher_k=config.teacher_k)
+  local_rows = local_batch_size(config, process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, {process_count}) (the number "
+                     "of processes).")
+  if config.shard_by_process and process_count > 1:
+    dataset = seqio.get_dataset(
+        config.mixture_or_task_name, task_feature_lengths=dict(config.task_feature_lengths),
+        dataset_split=config.split, shuffle=config.shuffle, num_epochs=None,
+        feature_converter=converter,
+        shard_info=seqio.ShardInfo(index=process_index, num_shards=process_count),
+        seed=config.seed, use_cached=config.use_cached)
+    return dataset.batch(local_rows, drop_remainder=True)
+  # The same global stream on every process: see "global batch" above.
   dataset = seqio.get_dataset(
       config.mixture_or_task_name, task_feature_lengths=dict(config.task_feature_lengths),
       dataset_split=config.split, shuffle=config.shuffle, num_epochs=None,
-      feature_converter=converter,
-      shard_info=seqio.ShardInfo(index=process_index, num_shards=process_count),
-      seed=config.seed, use_cached=config.use_cached)
-  return dataset.batch(local_batch_size(config, process_count), drop_remainder=True)
+      feature_converter=converter, seed=config.seed, use_cached=config.use_cached)
+  dataset = dataset.batch(config.batch_size, drop_remainder=True)
+  if process_count == 1:
+    return dataset
+  start = process_index * local_rows
+  return dataset.map(lambda batch: {name: value[start:start + local_rows]  # [L, ...]
+                                    for name, value in batch.items()})
 
 
 class TrainIterator:

@@ -62,7 +62,7 @@ def train(model_dir: str,
                      f"{num_microbatches}; change --gin.train.num_microbatches.")
   os.makedirs(model_dir, exist_ok=True)
   mesh = partitioning.make_mesh(partitioner)
-  partitioning.check_batch_divisible(dataset.batch_size, mesh)
+  partitioning.check_batch_divisible(dataset.batch_size, mesh, num_microbatches)
   rules = partitioner.logical_axis_rules
   tx = optimizers.make_optimizer(optimizer, num_train_steps)
   rng = jax.random.PRNGKey(seed)
@@ -93,44 +93,50 @@ def train(model_dir: str,
   writer = metric_writers.MetricWriter(model_dir)
   progress = metric_writers.ProgressLogger(num_train_steps, start_step, log=log)
 
-  history, last_train, last_eval = [], {}, {}
-  last_logged_step = start_step
-  for step in range(start_step, num_train_steps):
-    batch = partitioning.global_batch(next(batches), mesh)
-    if step == start_step:
-      compile_start = time.perf_counter()
-      state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
-      jax.block_until_ready(metrics)
-      log(f"First step (compilation included) took {time.perf_counter() - compile_start:.1f} s.")
-    else:
-      state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
-    history.append(metrics)
-    done = step + 1
+  try:
+    history, last_train, last_eval = [], {}, {}
+    last_logged_step = start_step
+    for step in range(start_step, num_train_steps):
+      batch = partitioning.global_batch(next(batches), mesh)
+      if step == start_step:
+        compile_start = time.perf_counter()
+        state, metrics = step_fn(state, batch, step_rng)
+        jax.block_until_ready(metrics)
+        log(f"First step (compilation included) took {time.perf_counter() - compile_start:.1f} s.")
+        # Rates from here on exclude input start-up and compilation.
+        progress = metric_writers.ProgressLogger(num_train_steps, step + 1, log=log)
+      else:
+        # The step folds its own step number into the key: one key serves every step.
+        state, metrics = step_fn(state, batch, step_rng)
+      history.append(metrics)
+      done = step + 1
 
-    if done % log_period == 0 or done == num_train_steps:
-      last_train = _mean_metrics(history)
-      history = []
-      if not np.isfinite(last_train["loss"]):
-        raise FloatingPointError(
-            f"Non-finite loss ({last_train['loss']}) between steps {last_logged_step + 1} and "
-            f"{done}; lower the learning rate or check the data (the last good checkpoint is "
-            f"{checkpointer.latest_step()}).")
-      last_train.update(progress.log(done, last_train))
-      writer.write(done, "train", last_train)
-      last_logged_step = done
+      if done % log_period == 0 or done == num_train_steps:
+        last_train = _mean_metrics(history)
+        history = []
+        if not np.isfinite(last_train["loss"]):
+          raise FloatingPointError(
+              f"Non-finite loss ({last_train['loss']}) between steps {last_logged_step + 1} and "
+              f"{done}; lower the learning rate or check the data (the last good checkpoint is "
+              f"{checkpointer.latest_step()}).")
+        last_train.update(progress.log(done, last_train))
+        writer.write(done, "train", last_train)
+        last_logged_step = done
 
-    eval_now = eval_fn is not None and eval_period and (done % eval_period == 0 or
-                                                        done == num_train_steps)
-    if eval_now:
-      eval_start = time.perf_counter()
-      last_eval = dict(eval_fn(state.params, done))
-      writer.write(done, "eval", last_eval)
-      log(f"Evaluation at step {done} took {time.perf_counter() - eval_start:.1f} s: " +
-          ", ".join(f"{k}={v:.4g}" for k, v in sorted(last_eval.items())))
-    checkpointer.save(done, state, batches.position(), metrics=last_eval if eval_now else None,
-                      force=done == num_train_steps)
+      eval_now = eval_fn is not None and eval_period and (done % eval_period == 0 or
+                                                          done == num_train_steps)
+      if eval_now:
+        eval_start = time.perf_counter()
+        last_eval = dict(eval_fn(state.params, done))
+        writer.write(done, "eval", last_eval)
+        log(f"Evaluation at step {done} took {time.perf_counter() - eval_start:.1f} s: " +
+            ", ".join(f"{k}={v:.4g}" for k, v in sorted(last_eval.items())))
+      checkpointer.save(done, state, batches.position(), metrics=last_eval if eval_now else None,
+                        force=done == num_train_steps)
 
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  writer.close()
+    checkpointer.wait_until_finished()
+  finally:
+    # Also on errors (a non-finite loss, an interrupt): finish pending saves, stop orbax's threads.
+    checkpointer.close()
+    writer.close()
   return {**last_train, **{f"eval/{k}": v for k, v in last_eval.items()}}

@@ -1,0 +1,337 @@
+"""The training loop end to end on the generated demo data (`specialize_jax.training.trainer`).
+
+Every run trains a tiny T5 (1+1 layers, width 32, the demo's 256-piece vocabulary) at batch 8 on
+`demo_train_cot`, so a run is seconds, most of it compilation. Runs with the same model, optimizer
+and mesh compile the same programs: a persistent compilation cache, scoped to this module, lets the
+restarts load them instead of compiling again (a restart on a new machine would compile; what the
+tests check does not depend on it).
+
+Terms:
+  run A: the reference run, 20 uninterrupted steps on the default 8-device data-parallel mesh,
+    checkpoints every 10 steps (module fixture `run_a`).
+"""
+import base64
+import glob
+import json
+import logging
+import os
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from specialize_jax import cli
+from specialize_jax.data import synthetic
+from specialize_jax.evaluation import evaluator as evaluator_lib
+from specialize_jax.evaluation import scoring
+from specialize_jax.model import checkpoints as model_checkpoints
+from specialize_jax.model import hf_conversion
+from specialize_jax.model import models
+from specialize_jax.model import network
+from specialize_jax.model.config import T5Config
+from specialize_jax.training import checkpointing
+from specialize_jax.training import input_pipeline
+from specialize_jax.training import optimizers
+from specialize_jax.training import partitioning
+from specialize_jax.training import trainer
+
+NUM_TRAIN, NUM_EVAL = 2000, 32
+TINY = T5Config(vocab_size=256, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=1,
+                num_decoder_layers=1, mlp_dim=64, dropout_rate=0.0)
+LENGTHS = {'inputs': 128, 'targets': 64}
+BATCH_SIZE = 8
+# Constant 3e-3 after 5 warm-up steps; the first update's rate is 0 (optimizers' docstring).
+OPTIMIZER = optimizers.OptimizerConfig(learning_rate=3e-3, warmup_steps=5)
+RUN_A_STEPS = 20
+CHECKPOINTS = checkpointing.CheckpointConfig(period=10, keep_last=3)
+
+# After the corrupted checkpoint fails to read, orbax's pending TensorStore reads finish on an
+# event loop that has closed; Python reports that later, in whichever test is running.
+pytestmark = pytest.mark.filterwarnings(
+    r'ignore:(?s)Exception ignored in.*Event loop is closed'
+    r':pytest.PytestUnraisableExceptionWarning')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache_dir(tmp_path_factory):
+  """A persistent compilation cache for this module only (restored afterwards)."""
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  old = {name: getattr(jax.config, name) for name in names}
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  compilation_cache.reset_cache()
+  yield
+  for name, value in old.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope='module')
+def demo_dir(tmp_path_factory):
+  """The demo data at tiny sizes, with the demo tasks registered over it (and the data dir set, so
+  the CLI's `import tasks` finds it too)."""
+  data = tmp_path_factory.mktemp('data')
+  directory = data / 'demo'
+  synthetic.write_demo_data(directory, num_train=NUM_TRAIN, num_eval=NUM_EVAL, seed=0)
+  old = os.environ.get('SPECIALIZE_DATA_DIR')
+  os.environ['SPECIALIZE_DATA_DIR'] = str(data)
+  # Importing `tasks` registers every task (the demo's over the default directory) ...
+  from tasks import demo  # pylint: disable=g-import-not-at-top
+  # ... then the demo's move to this directory.
+  demo.register_demo_tasks(str(directory))
+  yield directory
+  if old is None:
+    os.environ.pop('SPECIALIZE_DATA_DIR', None)
+  else:
+    os.environ['SPECIALIZE_DATA_DIR'] = old
+  demo.register_demo_tasks()  # Back to the default directory for later tests.
+
+
+@pytest.fixture(scope='module')
+def model():
+  return models.EncoderDecoderModel(TINY, z_loss=1e-4)
+
+
+def _dataset():
+  return input_pipeline.DatasetConfig('demo_train_cot', LENGTHS, batch_size=BATCH_SIZE)
+
+
+def _train(model_dir, model, num_train_steps, **kwargs):
+  kwargs = {'optimizer': OPTIMIZER, 'checkpoint': CHECKPOINTS, 'log_period': 5, **kwargs}
+  return trainer.train(str(model_dir), model, _dataset(), num_train_steps, **kwargs)
+
+
+def _params(step_dir):
+  """{'encoder/layers_0/...': float32 array} of a checkpoint step directory."""
+  _, params = model_checkpoints.load_checkpoint(str(step_dir), config=TINY)
+  return hf_conversion.flatten_params(params)
+
+
+def _records(model_dir, split):
+  with open(os.path.join(model_dir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [r for r in map(json.loads, f) if r['split'] == split]
+
+
+def _step_dirs(model_dir):
+  return sorted((p for p in os.listdir(model_dir) if p.startswith('checkpoint_')),
+                key=lambda p: int(p.split('_')[1]))
+
+
+def _assert_params_equal(actual, expected, atol=0.0):
+  assert actual.keys() == expected.keys()
+  worst = max((float(np.max(np.abs(actual[k] - expected[k]))), k) for k in expected)
+  assert worst[0] <= atol, f'largest difference {worst[0]} in {worst[1]} (allowed {atol})'
+
+
+@pytest.fixture(scope='module')
+def run_a(demo_dir, model, tmp_path_factory):
+  """Run A: 20 uninterrupted steps; returns its MODEL_DIR."""
+  model_dir = tmp_path_factory.mktemp('run_a')
+  _train(model_dir, model, RUN_A_STEPS)
+  assert _step_dirs(model_dir) == ['checkpoint_10', 'checkpoint_20']
+  return model_dir
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume.
+
+
+def _corrupt_arrays(step_dir):
+  """Deletes the array data files (OCDBT `d/` files) of the step's train state."""
+  removed = 0
+  for root, _, files in os.walk(os.path.join(step_dir, checkpointing.STATE_ITEM)):
+    if os.path.basename(root) == 'd':
+      for name in files:
+        os.remove(os.path.join(root, name))
+        removed += 1
+  assert removed
+
+
+def test_resumed_run_ends_identical_to_uninterrupted_run(run_a, model, tmp_path, caplog):
+  """Run B stops at step 10, a new `train` call continues it to 20: it must match run A bit for
+  bit, which needs the saved data position as well as the state."""
+  model_dir = tmp_path / 'run_b'
+  _train(model_dir, model, 10)
+  assert _step_dirs(model_dir) == ['checkpoint_10']
+
+  lines = []
+  _train(model_dir, model, RUN_A_STEPS, log=lines.append)
+  assert any('Resuming from step 10' in line for line in lines), lines
+  assert any(line.startswith('Starting at step 10 from resume') for line in lines), lines
+  expected = _params(run_a / 'checkpoint_20')
+  # Bitwise: the same batches in the same order (the saved data position) and the same updates.
+  _assert_params_equal(_params(model_dir / 'checkpoint_20'), expected)
+  losses_a = {r['step']: r['loss'] for r in _records(run_a, 'train')}
+  losses_b = {r['step']: r['loss'] for r in _records(model_dir, 'train')}
+  assert losses_b == losses_a
+
+  # A corrupted latest checkpoint: the next run falls back to step 10, warns, and redoes 11-20.
+  _corrupt_arrays(model_dir / 'checkpoint_20')
+  lines = []
+  with caplog.at_level(logging.WARNING):
+    _train(model_dir, model, RUN_A_STEPS, log=lines.append)
+  warnings = '\n'.join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+  assert 'Checkpoint step 20' in warnings and 'is bad' in warnings, warnings
+  assert 'Restored step 10' in warnings, warnings
+  assert any(line.startswith('Starting at step 10 from resume') for line in lines), lines
+  assert _step_dirs(model_dir) == ['checkpoint_10', 'checkpoint_20']
+  _assert_params_equal(_params(model_dir / 'checkpoint_20'), expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# INITIAL_CHECKPOINT_PATH.
+
+
+def test_initial_checkpoint_params_start_the_run(demo_dir, model, tmp_path):
+  """A run with INITIAL_CHECKPOINT_PATH (an orbax export) starts from exactly those params."""
+  params = jax.device_get(network.init_params(TINY, jax.random.PRNGKey(42)))
+  initial = model_checkpoints.save_orbax(params, TINY, tmp_path / 'initial')
+  lines = []
+  # One update, at the warm-up's rate 0: the final params are the starting params, unchanged
+  # (a run that ignored them would end with its own random init).
+  _train(tmp_path / 'run', model, 1, initial_checkpoint_path=initial, log_period=1,
+         log=lines.append)
+  assert any(line.startswith('Starting at step 0 from initial_checkpoint') for line in lines)
+  assert _records(tmp_path / 'run', 'train')[0]['learning_rate'] == 0.0
+  _assert_params_equal(_params(tmp_path / 'run' / 'checkpoint_1'),
+                       hf_conversion.flatten_params(params))
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite loss.
+
+
+def test_non_finite_loss_stops_the_run_naming_the_steps(demo_dir, model, tmp_path):
+  """A diverging run stops at the first log period whose loss is not finite, naming its steps."""
+  # Rates 0, 5e29, then 1e30: steps 1-2 see the initial params, the update of step 2 blows them up.
+  optimizer = optimizers.OptimizerConfig(learning_rate=1e30, warmup_steps=2)
+  with pytest.raises(FloatingPointError, match=r'between steps 3 and 4'):
+    _train(tmp_path, model, 10, optimizer=optimizer, log_period=2)
+  train = _records(tmp_path, 'train')
+  assert [r['step'] for r in train] == [2] and np.isfinite(train[0]['loss'])
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharding.
+
+
+def _saved_partition_specs(step_dir):
+  """{'params/encoder/...': (mesh shape, partition spec)} from orbax's `_sharding` file."""
+  path = os.path.join(step_dir, checkpointing.STATE_ITEM, '_sharding')
+  with open(path, encoding='utf-8') as f:
+    raw = json.load(f)
+  specs = {}
+  for key, value in raw.items():
+    name = base64.urlsafe_b64decode(key + '=' * (-len(key) % 4)).decode().replace('.', '/')
+    value = json.loads(value) if isinstance(value, str) else value
+    specs[name] = (tuple(value['shape']), tuple(value['partition_spec']))
+  return specs
+
+
+def test_model_parallel_loop_matches_data_parallel(run_a, model, tmp_path):
+  """The loop on a 4x2 (data x model) mesh gives run A's losses and params (8x1) within 1e-5."""
+  partitioner = partitioning.PartitioningConfig(num_partitions=2)
+  _train(tmp_path, model, RUN_A_STEPS, partitioner=partitioner)
+  specs = _saved_partition_specs(tmp_path / 'checkpoint_20')
+  # The run really was 4x2 with tensor-parallel parameters.
+  assert specs['params/encoder/layers_0/mlp/wi_0/kernel'] == ((4, 2), (None, 'model'))
+  assert specs['params/encoder/layers_0/attention/out/kernel'] == ((4, 2), ('model', None))
+  assert _saved_partition_specs(run_a / 'checkpoint_20')[
+      'params/encoder/layers_0/mlp/wi_0/kernel'][0] == (8, 1)
+
+  _assert_params_equal(_params(tmp_path / 'checkpoint_20'), _params(run_a / 'checkpoint_20'),
+                       atol=1e-5)
+  losses_a = [r['loss'] for r in _records(run_a, 'train')]
+  losses = [r['loss'] for r in _records(tmp_path, 'train')]
+  np.testing.assert_allclose(losses, losses_a, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end through the CLI and gin.
+
+
+def _tensorboard_scalars(directory):
+  """{(tag, step): value} of the event files in `directory`."""
+  values = {}
+  for path in glob.glob(os.path.join(directory, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        values[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+def test_cli_run_trains_saves_evaluates_and_writes_metrics(demo_dir, tmp_path, capsys):
+  """`specialize train` with the demo experiment's gin file, shrunk by `--gin.` overrides: every
+  output a user reads is present and consistent with the others."""
+  model_dir = tmp_path / 'run'
+  overrides = {
+      'MODEL_DIR': f"'{model_dir}'", 'TRAIN_STEPS': 30, 'BATCH_SIZE': BATCH_SIZE,
+      'LEARNING_RATE': 3e-3, 'LR_SCHEDULE': "'constant'", 'WARMUP_STEPS': 5, 'LOG_PERIOD': 5,
+      'CHECKPOINT_PERIOD': 10, 'KEEP_LAST_CHECKPOINTS': 2, 'EVAL_PERIOD': 15,
+      'EVAL_TASKS': "('demo_id_cot',)", 'EVAL_MAX_EXAMPLES': 16, 'EVAL_BATCH_SIZE': 16,
+      'EVAL_MAX_DECODE_LENGTH': 48,
+      **{f'model_config.T5Config.{name}': getattr(TINY, name)
+         for name in ('emb_dim', 'num_heads', 'head_dim', 'num_encoder_layers',
+                      'num_decoder_layers', 'mlp_dim')}}
+  argv = ['train', '--gin_file=experiments/demo_cpu.gin'] + [
+      f'--gin.{name}={value}' for name, value in overrides.items()]
+  assert cli.main(argv) == 0
+  returned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+  # The configuration as run, with the overrides applied.
+  config_text = (model_dir / 'config.gin').read_text()
+  assert 'TRAIN_STEPS = 30' in config_text and 'emb_dim = 32' in config_text
+
+  # Train records every LOG_PERIOD steps, with the documented keys and values.
+  train = _records(model_dir, 'train')
+  assert [r['step'] for r in train] == [5, 10, 15, 20, 25, 30]
+  for record in train:
+    assert {'loss', 'cross_ent_loss', 'z_loss', 'accuracy', 'learning_rate', 'grad_norm',
+            'num_target_tokens', 'num_examples', 'steps_per_s', 'target_tokens_per_s',
+            'time'} <= record.keys()
+    assert record['num_examples'] == BATCH_SIZE
+  # Updates 0-4 warm up at 0, 0.6, ..., 2.4e-3 (mean 1.2e-3); then 3e-3.
+  assert train[0]['learning_rate'] == pytest.approx(1.2e-3, rel=1e-5)
+  assert all(r['learning_rate'] == pytest.approx(3e-3, rel=1e-5) for r in train[1:])
+  assert train[-1]['loss'] < 0.8 * train[0]['loss'], [r['loss'] for r in train]
+  assert returned['loss'] == train[-1]['loss']
+
+  # Checkpoints every 10 steps, the last 2 kept; the data position saved with each.
+  assert _step_dirs(model_dir) == ['checkpoint_20', 'checkpoint_30']
+  meta = json.loads((model_dir / 'checkpoint_30' / 'meta' / 'metadata').read_text())
+  assert meta['step'] == 30 and meta['data_position']['batches_consumed'] == 30
+
+  # Eval records at EVAL_PERIOD and at the end, mirrored by the per-task files.
+  evals = _records(model_dir, 'eval')
+  assert [r['step'] for r in evals] == [15, 30]
+  task = 'demo_id_cot'
+  gold = [json.loads(line)['gold_answer']
+          for line in (demo_dir / 'test_id.jsonl').read_text().splitlines()]
+  for record in evals:
+    step = record['step']
+    summary_file = evaluator_lib.metrics_path(str(model_dir / 'eval'), task, step)
+    with open(summary_file, encoding='utf-8') as f:
+      summary = json.load(f)
+    assert summary['step'] == step and summary['num_examples'] == 16
+    accuracy = summary['metrics']['accuracy']
+    assert record[f'{task}/accuracy'] == accuracy
+    predictions_file = evaluator_lib.predictions_path(str(model_dir / 'eval'), task, step)
+    with open(predictions_file, encoding='utf-8') as f:
+      rows = [json.loads(line) for line in f]
+    assert [r['index'] for r in rows] == list(range(16))
+    assert [r['target'] for r in rows] == gold[:16]  # Aligned with the eval data.
+    assert all(r['prediction'] for r in rows)
+    rescored = scoring.score(seqio.get_mixture_or_task(task), predictions_file)
+    assert rescored.n == 16 and rescored.accuracy == accuracy
+    assert sum(r['correct'] for r in rows) == round(accuracy * 16 / 100)
+
+  # TensorBoard holds the same numbers as metrics.jsonl.
+  scalars = _tensorboard_scalars(model_dir / 'tensorboard' / 'train')
+  assert scalars[('loss', 30)] == pytest.approx(train[-1]['loss'], rel=1e-6)
+  eval_scalars = _tensorboard_scalars(model_dir / 'tensorboard' / 'eval')
+  assert eval_scalars[(f'{task}/accuracy', 15)] == pytest.approx(evals[0][f'{task}/accuracy'])
