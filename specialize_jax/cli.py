@@ -102,6 +102,23 @@ GIN_JOBS = {"train": "train", "eval": "evaluate", "infer": "infer"}
 REPO_GIN_DIR = gin_config.REPO_GIN_DIR
 
 
+def _initialize_distributed(args) -> None:
+  """Multi-host jobs: `--multihost` on TPU VMs / managed clusters (JAX finds its peers), or the
+  explicit `--coordinator_address --num_processes --process_id` (e.g. GPU hosts, CPU with gloo)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+  explicit = (args.coordinator_address, args.num_processes, args.process_id)
+  if any(v is not None for v in explicit):
+    if os.environ.get("JAX_PLATFORMS") == "cpu":  # CPU clusters need a collectives backend.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    partitioning.initialize_distributed(*explicit)
+  elif args.multihost:
+    jax.distributed.initialize()
+  if jax.process_count() > 1:
+    logging.info("Process %d of %d; %d local / %d global devices.", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
 def _cmd_gin_job(args, extra: List[str]) -> int:
   import gin  # pylint: disable=g-import-not-at-top
   import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
@@ -173,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gin_file", action="append", default=[],
                    help="gin file (repeatable; later files override earlier)")
     p.add_argument("--gin_search_paths", default="", help="comma-separated gin include paths")
+    p.add_argument("--multihost", action="store_true",
+                   help="join a multi-host job (jax.distributed.initialize() auto-detection)")
+    p.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    p.add_argument("--num_processes", type=int, default=None)
+    p.add_argument("--process_id", type=int, default=None)
     p.set_defaults(fn=_cmd_gin_job, takes_extra=True)
 
   p = sub.add_parser("demo", help="train a CoT and an answer-only tiny student on generated "

@@ -12,6 +12,13 @@ import pytest  # noqa: E402
 
 import shared_data  # noqa: E402
 
+# Task registration reads the vocabulary path at `import tasks`, whichever test imports it first:
+# fix it for the whole session to the shared T5 vocabulary (when the shared data is there).
+_SHARED_VOCAB = os.path.join(os.environ.get(shared_data.SHARED_DATA_ENV, str(
+    shared_data.REPO_ROOT.parent / "shared" / "data")), "tokenizer", "t5_spiece.model")
+if os.path.exists(_SHARED_VOCAB):
+  os.environ.setdefault("SPECIALIZE_VOCAB_PATH", _SHARED_VOCAB)
+
 
 @pytest.fixture
 def data_dir(monkeypatch):

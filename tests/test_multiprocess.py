@@ -22,8 +22,9 @@ import jax
 import numpy as np
 import pytest
 
+import demo_data
+
 import multiprocess_worker
-from specialize_jax.data import synthetic
 from specialize_jax.model import checkpoints as model_checkpoints
 from specialize_jax.model import hf_conversion
 from specialize_jax.training import input_pipeline
@@ -36,21 +37,9 @@ TIMEOUT_S = 120
 
 @pytest.fixture(scope='module')
 def demo_dir(tmp_path_factory):
-  data = tmp_path_factory.mktemp('data')
-  directory = data / 'demo'
-  synthetic.write_demo_data(directory, num_train=2000, num_eval=32, seed=0)
-  old = os.environ.get('SPECIALIZE_DATA_DIR')
-  os.environ['SPECIALIZE_DATA_DIR'] = str(data)
-  # Importing `tasks` registers every task (the demo's over the default directory) ...
-  from tasks import demo  # pylint: disable=g-import-not-at-top
-  # ... then the demo's move to this directory.
-  demo.register_demo_tasks(str(directory))
-  yield directory
-  if old is None:
-    os.environ.pop('SPECIALIZE_DATA_DIR', None)
-  else:
-    os.environ['SPECIALIZE_DATA_DIR'] = old
-  demo.register_demo_tasks()  # Back to the default directory for later tests.
+  """The demo data at tiny sizes, with the demo tasks registered over it."""
+  with demo_data.tiny_demo_data(tmp_path_factory) as directory:
+    yield directory
 
 
 def test_processes_read_their_rows_of_the_same_global_batches(demo_dir):

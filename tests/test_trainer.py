@@ -20,11 +20,12 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
+
+import demo_data
 import seqio
 import tensorflow as tf
 
 from specialize_jax import cli
-from specialize_jax.data import synthetic
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import scoring
 from specialize_jax.model import checkpoints as model_checkpoints
@@ -73,23 +74,9 @@ def compilation_cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def demo_dir(tmp_path_factory):
-  """The demo data at tiny sizes, with the demo tasks registered over it (and the data dir set, so
-  the CLI's `import tasks` finds it too)."""
-  data = tmp_path_factory.mktemp('data')
-  directory = data / 'demo'
-  synthetic.write_demo_data(directory, num_train=NUM_TRAIN, num_eval=NUM_EVAL, seed=0)
-  old = os.environ.get('SPECIALIZE_DATA_DIR')
-  os.environ['SPECIALIZE_DATA_DIR'] = str(data)
-  # Importing `tasks` registers every task (the demo's over the default directory) ...
-  from tasks import demo  # pylint: disable=g-import-not-at-top
-  # ... then the demo's move to this directory.
-  demo.register_demo_tasks(str(directory))
-  yield directory
-  if old is None:
-    os.environ.pop('SPECIALIZE_DATA_DIR', None)
-  else:
-    os.environ['SPECIALIZE_DATA_DIR'] = old
-  demo.register_demo_tasks()  # Back to the default directory for later tests.
+  """The demo data at tiny sizes, with the demo tasks registered over it."""
+  with demo_data.tiny_demo_data(tmp_path_factory, NUM_TRAIN, NUM_EVAL) as directory:
+    yield directory
 
 
 @pytest.fixture(scope='module')
