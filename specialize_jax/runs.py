@@ -39,9 +39,7 @@ def train(model_dir: str,
   if eval_config is not None and eval_config.task_names and eval_period:
     evaluator = evaluator_lib.Evaluator(model, eval_config)
     eval_dir = f"{model_dir}/eval"
-
-    def eval_fn(params, step):
-      return _flatten(evaluator.evaluate(params, step, output_dir=eval_dir))
+    eval_fn = lambda params, step: _flatten(evaluator.evaluate(params, step, output_dir=eval_dir))
   return trainer.train(model_dir, model, dataset, num_train_steps, optimizer=optimizer,
                        partitioner=partitioner, checkpoint=checkpoint,
                        num_microbatches=num_microbatches, seed=seed,
