@@ -22,7 +22,11 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",
     "numpy==2.4.6",
     "msgpack",
+    # Teacher sampling (`specialize teacher`); imported only by that command.
+    "openai==3.57.0",
     "safetensors",
+    # Sweep reports and comparison plots (`specialize sweep`, `specialize compare`, the demo).
+    "matplotlib==3.11.2",
 ]
 
 EXTRAS_REQUIRE = {

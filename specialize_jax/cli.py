@@ -7,6 +7,12 @@
   specialize convert --from {hf,t5x,auto} SRC --to {hf,orbax} DST
   specialize train|eval|infer --gin_file=F [--gin_file=F2] [--gin.X=Y ...] [--gin_search_paths=P,...]
   specialize demo [--output_dir runs/demo]
+  specialize sweep MODEL_DIR [--tasks T ...] [--bbh_tasks B ...] [--max_examples N] [--include_start CKPT]
+  specialize compare RUN_A RUN_B ... [--labels A B ...] --output DIR
+  specialize align --input TEACHER.jsonl --output ALIGNED.jsonl --vocab SPM_MODEL [--mode {default,paper}]
+  specialize teacher --base_url URL --model NAME --api {completions,chat} --output FILE.jsonl [...]
+  specialize teacher_import --from fu2023_pickle SRC --output FILE.jsonl
+  specialize teacher_filter --input FILE.jsonl --output FILTERED.jsonl
 
 This module is the only place that reads argv and imports `tasks` (which registers SeqIO tasks).
 """
@@ -98,6 +104,82 @@ def _cmd_convert(args) -> int:
   return 0
 
 
+def _cmd_teacher(args) -> int:
+  from specialize_jax.data import teacher_client  # pylint: disable=g-import-not-at-top
+  logging.getLogger("httpx").setLevel(logging.WARNING)  # One line per request otherwise.
+  logging.getLogger("httpx2").setLevel(logging.WARNING)
+  sampling = teacher_client.SamplingConfig(
+      model=args.model, api=args.api, num_samples=args.num_samples, temperature=args.temperature,
+      max_tokens=args.max_tokens, top_logprobs=args.top_logprobs,
+      stop=(teacher_client.SamplingConfig.stop if args.stop is None else
+            tuple(s.replace("\\n", "\n") for s in args.stop if s)),
+      samples_per_request=args.samples_per_request, prompt_file=args.prompt_file)
+  run = teacher_client.RunConfig(
+      base_url=args.base_url, concurrency=args.concurrency,
+      requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
+      timeout_s=args.timeout_s, max_attempts=args.max_attempts,
+      initial_backoff_s=args.initial_backoff_s, max_backoff_s=args.max_backoff_s,
+      progress_period_s=args.progress_period_s)
+  try:
+    sampling.check()
+    prompt = teacher_client.load_few_shot_prompt(args.prompt_file)
+    examples = teacher_client.split_examples(args.split)[:args.limit]
+    if args.dry_run:
+      todo = teacher_client.pending(examples, args.output, sampling.teacher_info())
+      print(json.dumps(dict(teacher_client.dry_run_estimate(
+          todo, sampling, prompt, args.price_per_1k_input, args.price_per_1k_output),
+          skipped_already_done=len(examples) - len(todo))))
+      return 0
+    summary = teacher_client.run_teacher(examples, args.output, sampling, run, prompt,
+                                         teacher_client.read_api_key(),
+                                         write_filtered=args.filter, seed=args.seed)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"specialize teacher: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(summary))
+  return 1 if summary["questions"]["failed"] else 0
+
+
+def _cmd_teacher_import(args) -> int:
+  from specialize_jax.data import readers  # pylint: disable=g-import-not-at-top
+  from specialize_jax.data import splits  # pylint: disable=g-import-not-at-top
+  from specialize_jax.data import teacher_data  # pylint: disable=g-import-not-at-top
+  from specialize_jax.data import teacher_sources  # pylint: disable=g-import-not-at-top
+  try:
+    train = readers.read_gsm8k("train")
+    if args.src_format == "fu2023_codex":
+      records = teacher_sources.records_from_fu2023_codex(args.src)
+    else:
+      records = teacher_sources.records_from_fu2023_pickle(
+          args.src, {e.question: e.id for e in train})
+    # The paper sampled all of GSM8K train; our dev questions must not become training data.
+    dev_ids = {train[i].id for i in splits.gsm8k_dev_indices(len(train))}
+    kept = [r for r in records if r.id not in dev_ids]
+    count = teacher_data.write_records(args.output, kept)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"specialize teacher_import: {e}", file=sys.stderr)
+    return 2
+  stats = teacher_data.summarize(kept)
+  print(json.dumps({"output": args.output, "records": count, "samples": stats["samples"],
+                    "excluded_dev_questions": len(records) - len(kept),
+                    "per_sample_accuracy": stats["per_sample_accuracy"]}))
+  return 0
+
+
+def _cmd_teacher_filter(args) -> int:
+  from specialize_jax.data import teacher_data  # pylint: disable=g-import-not-at-top
+  from specialize_jax.data import teacher_filter  # pylint: disable=g-import-not-at-top
+  try:
+    kept, report = teacher_filter.filter_records(
+        teacher_data.read_records(args.input, strict=True).records)
+    teacher_data.write_records(args.output, kept)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"specialize teacher_filter: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(dict(report.to_json(), output=args.output)))
+  return 0
+
+
 GIN_JOBS = {"train": "train", "eval": "evaluate", "infer": "infer"}
 REPO_GIN_DIR = gin_config.REPO_GIN_DIR
 
@@ -117,6 +199,19 @@ def _initialize_distributed(args) -> None:
   if jax.process_count() > 1:
     logging.info("Process %d of %d; %d local / %d global devices.", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _cmd_align(args) -> int:
+  from specialize_jax.data import alignment  # pylint: disable=g-import-not-at-top
+  from specialize_jax.data import teacher_data  # pylint: disable=g-import-not-at-top
+  try:
+    summary = alignment.align_file(args.input, args.output, args.vocab, mode=args.mode,
+                                   workers=args.workers or alignment.default_workers())
+  except (FileNotFoundError, ValueError, teacher_data.TeacherDataError) as e:
+    print(f"specialize align: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(summary))
+  return 0
 
 
 def _cmd_gin_job(args, extra: List[str]) -> int:
@@ -144,6 +239,75 @@ def _cmd_demo(args, extra: List[str]) -> int:
     raise SystemExit(f"specialize demo: unrecognized arguments {extra}.")
   return demo.run_demo(args.output_dir, str(demo_tasks.default_demo_dir()),
                        only_data=args.only_data, train_steps=args.train_steps)
+
+
+def _selection_rule(args):
+  from specialize_jax.evaluation import selection  # pylint: disable=g-import-not-at-top
+  return selection.make_rule(args.rule, args.rule_tasks)
+
+
+def _cmd_sweep(args) -> int:
+  import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
+  from specialize_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  from specialize_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  from specialize_jax.evaluation import selection  # pylint: disable=g-import-not-at-top
+  from specialize_jax.evaluation import sweep  # pylint: disable=g-import-not-at-top
+  try:
+    rule = _selection_rule(args)
+    config = evaluator.EvalConfig(
+        task_names=(tuple(sweep.DEFAULT_MATH_TASKS if args.tasks is None else args.tasks) +
+                    tuple(sweep.bbh_task_names(sweep.DEFAULT_BBH_SUBTASKS if args.bbh_tasks is None
+                                               else args.bbh_tasks))),
+        feature_lengths={"inputs": args.input_length, "targets": args.target_length},
+        batch_size=args.batch_size, max_examples=args.max_examples,
+        max_decode_length=args.max_decode_length)
+    result = sweep.sweep(args.model_dir, config, start_checkpoint=args.include_start)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"specialize sweep: {e}", file=sys.stderr)
+    return 2
+  model_dir = os.path.abspath(args.model_dir)
+  written = report.write_run_report(
+      model_dir, result.accuracy_table(), rule=rule, checkpoint_paths=result.checkpoints,
+      start_step=result.start_step, timing=result.timing)
+  chosen = written.chosen
+  if chosen.step is not None:
+    selection.write_best(model_dir, chosen, result.checkpoints[chosen.step])
+  else:
+    selection.remove_stale_best(model_dir)
+  print(json.dumps({"report": os.path.join(model_dir, report.REPORT_SUBDIR),
+                    "selected_step": chosen.step, "rule": rule.name, "score": chosen.score,
+                    "in_distribution_pick": written.alternative.step,
+                    "decoded_pairs": len(result.decoded), "reused_pairs": result.reused,
+                    "timing": {k: round(v, 3) for k, v in result.timing.items()}}))
+  return 0
+
+
+def _cmd_compare(args) -> int:
+  from specialize_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  from specialize_jax.evaluation import sweep  # pylint: disable=g-import-not-at-top
+  labels = args.labels or [os.path.basename(os.path.normpath(r)) for r in args.runs]
+  if len(labels) != len(args.runs):
+    print(f"specialize compare: {len(labels)} --labels for {len(args.runs)} runs; give one per run.",
+          file=sys.stderr)
+    return 2
+  try:
+    runs = [(label, os.path.abspath(run), sweep.read_accuracy_table(run))
+            for label, run in zip(labels, args.runs)]
+    files = report.write_comparison(runs, args.output, rule=_selection_rule(args),
+                                    start_step=None if args.no_start else sweep.START_STEP)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"specialize compare: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(files))
+  return 0
+
+
+def _add_rule_flags(p) -> None:
+  p.add_argument("--rule", default="ood_dev", choices=("ood_dev", "id_dev"),
+                 help="ood_dev: mean of multiarith_dev_{icl,zs}_cot (default); id_dev: the same "
+                 "over gsm8k_dev")
+  p.add_argument("--rule_tasks", nargs="+", default=None,
+                 help="custom rule: mean accuracy over these dev tasks (test splits are refused)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +367,97 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--only_data", action="store_true", help="write the demo data and stop")
   p.add_argument("--train_steps", type=int, default=None, help="override TRAIN_STEPS")
   p.set_defaults(fn=_cmd_demo, takes_extra=True)
+
+  p = sub.add_parser("sweep", help="evaluate every checkpoint of a run (resumable), select one "
+                     "by OOD dev accuracy, write MODEL_DIR/report/ and MODEL_DIR/BEST")
+  p.add_argument("model_dir")
+  p.add_argument("--tasks", nargs="*", default=None,
+                 help="eval tasks or mixtures (default: GSM8K and MultiArith dev+test, ASDiv, "
+                 "SVAMP, in icl_cot and zs_cot)")
+  p.add_argument("--bbh_tasks", nargs="*", default=None,
+                 help="BBH task names, each evaluated in cot and ao (default: boolean_expressions "
+                 "date_understanding logical_deduction_three_objects "
+                 "tracking_shuffled_objects_three_objects; the flag alone: no BBH)")
+  p.add_argument("--max_examples", type=int, default=None, help="first N examples of each task")
+  p.add_argument("--include_start", default=None, metavar="CHECKPOINT",
+                 help="also evaluate the start checkpoint (e.g. FlanT5) as step 0")
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--input_length", type=int, default=1024, help="padded input tokens")
+  p.add_argument("--target_length", type=int, default=256, help="padded target tokens")
+  p.add_argument("--max_decode_length", type=int, default=256)
+  _add_rule_flags(p)
+  p.set_defaults(fn=_cmd_sweep)
+
+  p = sub.add_parser("compare", help="one table and plot comparing runs at their selected "
+                     "(or last) checkpoints, from their eval results")
+  p.add_argument("runs", nargs="+", metavar="RUN")
+  p.add_argument("--labels", nargs="+", default=None)
+  p.add_argument("--output", required=True)
+  p.add_argument("--no_start", action="store_true",
+                 help="step 0 is a real checkpoint of the runs, not a start checkpoint")
+  _add_rule_flags(p)
+  p.set_defaults(fn=_cmd_compare)
+
+  p = sub.add_parser("teacher", help="sample teacher chains of thought from an OpenAI-compatible "
+                     "server (key from $OPENAI_API_KEY); resumable; writes X.jsonl, "
+                     "X.filtered.jsonl and, on failures, X.failures.jsonl")
+  p.add_argument("--base_url", default=None, help="e.g. http://localhost:8000/v1 (default: OpenAI)")
+  p.add_argument("--model", required=True)
+  p.add_argument("--api", choices=("completions", "chat"), default="completions")
+  p.add_argument("--split", default="gsm8k_train", help="training split to sample (gsm8k_train)")
+  p.add_argument("--num_samples", type=int, default=40, help="samples per question")
+  p.add_argument("--temperature", type=float, default=0.5)
+  p.add_argument("--top_logprobs", type=int, default=5,
+                 help="per-token alternatives: completions up to 5, chat up to 20; 0 for none")
+  p.add_argument("--max_tokens", type=int, default=256)
+  p.add_argument("--stop", action="append", default=None,
+                 help="stop sequence, backslash escapes allowed (repeatable; default \\nQuestion:)")
+  p.add_argument("--prompt_file", default="prompt_complex",
+                 help="name in prompts/fu2023_lib_prompt/ or a path to a .txt file")
+  p.add_argument("--output", required=True, help="records JSONL (appended to; reruns resume)")
+  p.add_argument("--limit", type=int, default=None, help="only the first Q questions of the split")
+  p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+  p.add_argument("--samples_per_request", type=int, default=None,
+                 help="split a question's samples over requests of this n (default: one request)")
+  p.add_argument("--requests_per_minute", type=float, default=None)
+  p.add_argument("--tokens_per_minute", type=float, default=None,
+                 help="limit on estimated tokens (prompt chars/4 + max_tokens x n per request)")
+  p.add_argument("--timeout_s", type=float, default=120.0, help="per request")
+  p.add_argument("--max_attempts", type=int, default=8, help="per request, then the question "
+                 "is recorded as failed")
+  p.add_argument("--initial_backoff_s", type=float, default=1.0)
+  p.add_argument("--max_backoff_s", type=float, default=60.0)
+  p.add_argument("--progress_period_s", type=float, default=10.0)
+  p.add_argument("--seed", type=int, default=None, help="seed of the backoff jitter")
+  p.add_argument("--dry_run", action="store_true",
+                 help="print estimated tokens and cost of what is left to do; send nothing")
+  p.add_argument("--price_per_1k_input", type=float, default=0.0, help="for --dry_run's cost")
+  p.add_argument("--price_per_1k_output", type=float, default=0.0, help="for --dry_run's cost")
+  p.add_argument("--filter", action=argparse.BooleanOptionalAction, default=True,
+                 help="write X.filtered.jsonl: correct samples cut after the answer line")
+  p.set_defaults(fn=_cmd_teacher)
+
+  p = sub.add_parser("teacher_import", help="convert released teacher data into our schema")
+  p.add_argument("--from", dest="src_format", choices=("fu2023_pickle", "fu2023_codex"),
+                 required=True, help="fu2023_pickle: the paper's processed_data/*.pkl (loaded "
+                 "with a restricted unpickler); fu2023_codex: its notebook JSON samples")
+  p.add_argument("src")
+  p.add_argument("--output", required=True)
+  p.set_defaults(fn=_cmd_teacher_import)
+
+  p = sub.add_parser("teacher_filter",
+                     help="keep correct teacher samples, cut after the answer line")
+  p.add_argument("--input", required=True)
+  p.add_argument("--output", required=True)
+  p.set_defaults(fn=_cmd_teacher_filter)
+
+  p = sub.add_parser("align", help="move teacher top-k onto student SentencePiece pieces (DTW)")
+  p.add_argument("--input", required=True, help="teacher data JSONL (specialize_jax.teacher/1)")
+  p.add_argument("--output", required=True, help="aligned JSONL (specialize_jax.aligned/1)")
+  p.add_argument("--vocab", required=True, help="student SentencePiece model file")
+  p.add_argument("--mode", choices=("default", "paper"), default="default")
+  p.add_argument("--workers", type=int, default=None, help="processes (default: usable CPUs)")
+  p.set_defaults(fn=_cmd_align)
   return parser
 
 

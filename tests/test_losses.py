@@ -146,8 +146,8 @@ def test_loss_fn_matches_numpy_reference(params):
 
 
 def test_extra_losses_are_added(params):
-  def mean_logit(logits, batch):
-    del batch
+  def mean_logit(logits, batch, weights, loss_normalizing_factor):
+    del batch, weights, loss_normalizing_factor
     value = jnp.mean(logits)
     return value, {'mean_logit': value}
 
@@ -159,7 +159,7 @@ def test_extra_losses_are_added(params):
       loss, metrics['cross_ent_loss'] + metrics['z_loss'] + metrics['mean_logit'], rtol=1e-6)
   assert float(metrics['mean_logit']) != 0.0
 
-  clash = lambda logits, batch: (jnp.zeros(()), {'accuracy': jnp.zeros(())})
+  clash = lambda logits, batch, **_: (jnp.zeros(()), {'accuracy': jnp.zeros(())})
   with pytest.raises(ValueError, match='accuracy'):
     jax.eval_shape(models.EncoderDecoderModel(TINY, extra_losses=(clash,)).loss_fn, params,
                    batch, None)

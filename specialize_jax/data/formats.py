@@ -59,6 +59,24 @@ def cut_after_answer_line(text: str) -> Optional[str]:
   return text[:match.end()].strip() if match else None
 
 
+def trigger_tail_length(text: str) -> int:
+  """Characters to skip at the start of a teacher completion: a first line that only finishes the
+  CoT trigger (the paper's Codex samples begin `" step\\n"`, their prompt ending in "Let's think"),
+  with its newline; 0 when the completion starts with the chain itself."""
+  newline = text.find("\n")
+  if newline < 0:
+    return 0
+  words = text[:newline].split()
+  trigger = COT_TRIGGER.split()
+  return newline + 1 if words and trigger[-len(words):] == words else 0
+
+
+def teacher_cot_target(text: str) -> Optional[str]:
+  """The CoT training target of a teacher completion: its trigger tail skipped
+  (`trigger_tail_length`), then cut after its answer line; None when it has no answer line."""
+  return cut_after_answer_line(text[trigger_tail_length(text):]) or None
+
+
 def cot_exemplar(example: MathExample) -> str:
   return f"Q: {example.question}\n{COT_TRIGGER}\n{cot_target(example)}\n\n"
 
@@ -180,7 +198,7 @@ def distillation_examples(records: Sequence, format_name: str, sampler: Exemplar
   """Training examples of one format from teacher records (`teacher_data.TeacherRecord`).
 
   Answer-only formats give one example per question (target from the gold answer); CoT formats give
-  one per correct teacher sample (target = the sample cut after its answer line). Questions in
+  one per correct teacher sample (target = `teacher_cot_target` of the sample). Questions in
   `exclude_questions` (the dev and test splits) are skipped. Yields dicts with `id`, `inputs`,
   `targets`, `answer`, `sample_index` (-1 for answer-only). `stats`, when given, counts what was
   skipped and why.
@@ -211,7 +229,7 @@ def distillation_examples(records: Sequence, format_name: str, sampler: Exemplar
       if not sample.correct:
         stats["incorrect_samples"] += 1
         continue
-      target = cut_after_answer_line(sample.text)
+      target = teacher_cot_target(sample.text)
       if target is None:
         stats["malformed_samples"] += 1
         continue

@@ -4,6 +4,8 @@
   always right; the default training data until real teacher samples exist).
 - `records_from_palm_svamp`: PaLM-540B few-shot CoT rationales on SVAMP (distilling step-by-step).
 - `records_from_fu2023_codex`: the paper's code-davinci-002 samples with per-token top-5.
+- `records_from_fu2023_pickle`: the paper's released processed data (``processed_data/*.pkl``),
+  read with a restricted unpickler that builds plain Python values only.
 
 The schema, validator and writers live in `teacher_data`.
 """
@@ -14,8 +16,9 @@ import math
 import operator
 import os
 import pathlib
+import pickle
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from specialize_jax.data import answers
 from specialize_jax.data import readers
@@ -246,3 +249,138 @@ def records_from_fu2023_codex(json_path) -> List[TeacherRecord]:
 def _is_finite_number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
+
+# ----------------------------------------------------------------------------- the paper's pickles
+
+FU2023_PICKLE_KEYS = ("question", "answer", "answer_gold", "answer_label", "type")
+_PICKLE_LAST_QUESTION = re.compile(
+    r"(?:^|\n)(?:Q|Question):\s*(?P<q>(?:(?!\n(?:Q|Question):).)*)\Z", re.DOTALL)
+_PICKLE_QUESTION_TAILS = ("Let's think step by step", "A:")  # The CoT and answer-only endings.
+
+
+class UnsafePickleError(TeacherDataError):
+  """A pickle that references a class or function: refused before anything in it runs."""
+
+
+class _PlainValuesUnpickler(pickle.Unpickler):
+  """Builds only what pickle opcodes make directly (dict, list, tuple, str, bytes, int, float,
+  bool, None); any global (a class, a function such as ``os.system``) is refused by name."""
+
+  def __init__(self, file, where: str):
+    super().__init__(file)
+    self._where = where
+
+  def find_class(self, module, name):
+    raise UnsafePickleError(
+        f"{self._where}: refused to load {module}.{name}: this reader accepts plain Python "
+        "values only (dict, list, tuple, str, int, float, bool, None); the file is not the "
+        "paper's processed data or was tampered with. Nothing in it was executed.")
+
+  def persistent_load(self, pid):
+    raise UnsafePickleError(f"{self._where}: refused a persistent id; plain values only.")
+
+
+def load_plain_pickle(path) -> Any:
+  """The value in a pickle file, built by ``_PlainValuesUnpickler`` (never runs code from it)."""
+  path = pathlib.Path(path)
+  with open(path, "rb") as f:
+    try:
+      return _PlainValuesUnpickler(f, str(path)).load()
+    except UnsafePickleError:
+      raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
+            AttributeError, MemoryError) as e:
+      raise TeacherDataError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
+
+
+def _pickle_bare_question(student_input: str, where: str) -> str:
+  """The target question of a record's student input (its last ``Q:`` block, trigger removed)."""
+  match = _PICKLE_LAST_QUESTION.search(student_input.rstrip())
+  if match is None:
+    raise TeacherDataError(f"{where}.question: no 'Q: ...' block in {student_input[-80:]!r}")
+  question = match.group("q").strip()
+  for tail in _PICKLE_QUESTION_TAILS:
+    if question.endswith(tail):
+      return question[:-len(tail)].rstrip()
+  return question
+
+
+def _pickle_per_step_probs(value: Any, where: str) -> Optional[List[List[List[Any]]]]:
+  """``per_step_probs`` as JSON lists: one list of [piece, prob] pairs per student piece."""
+  if value is None:
+    return None
+  ok = isinstance(value, (list, tuple)) and all(
+      isinstance(step, (list, tuple)) and all(
+          isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str) and
+          _is_finite_number(pair[1]) for pair in step) for step in value)
+  if not ok:
+    raise TeacherDataError(f"{where}.per_step_probs: expected a list of [[piece, prob], ...] "
+                           "lists with finite probabilities")
+  return [[[piece, float(prob)] for piece, prob in step] for step in value]
+
+
+def records_from_fu2023_pickle(path, question_ids: Optional[Mapping[str, str]] = None
+                               ) -> List[TeacherRecord]:
+  """The paper's processed data: one pickle record per correct chain, grouped by question.
+
+  Each pickle record is a dict with ``question`` (the student's whole input: exemplars, then
+  ``Q: {q}\nLet's think step by step``), ``answer`` (the teacher chain, already cut after the
+  answer line), ``answer_gold`` (``Answer: <GSM8K solution> #### N``), ``per_step_probs`` (the
+  original's DTW output: per FlanT5 piece of ``answer``, ``[piece, prob]`` pairs), ``answer_label``
+  (1: correct) and ``type`` (the format, e.g. ``in_context_chain_of_thought``).
+
+  Each becomes one sample: text = ``answer``; answer and correct recomputed with the project's
+  rule; ``meta`` keeps ``type``, ``answer_label`` and ``per_step_probs`` (under that name: they
+  are on STUDENT pieces, already aligned by the paper's rule, so they are not the schema's
+  teacher-token fields). Records are keyed by the bare question; ``question_ids`` maps it to a
+  dataset id (``gsm8k/train/17``), and every question must be found there. Without it, ids are
+  ``fu2023-pkl/train/<k>`` in order of first appearance. A pickle holding several formats of the
+  same chain gives one sample per format (``meta.type`` tells them apart).
+  """
+  path = pathlib.Path(path)
+  data = load_plain_pickle(path)
+  if not isinstance(data, list):
+    raise TeacherDataError(f"{path}: expected a pickled list of dicts, got {type(data).__name__}")
+  teacher = TeacherInfo(name="code-davinci-002", api="openai.completions",
+                        params={"temperature": 0.5, "max_tokens": 256, "logprobs": 5,
+                                "prompt": "prompt_complex.txt + Question: {q}\\nLet's think "
+                                          "step by step"})
+  grouped: Dict[str, Dict[str, Any]] = {}
+  for n, row in enumerate(data):
+    where = f"{path}: record {n}"
+    if not isinstance(row, dict):
+      raise TeacherDataError(f"{where}: expected a dict, got {type(row).__name__}")
+    missing = [k for k in FU2023_PICKLE_KEYS if k not in row]
+    bad = [k for k in ("question", "answer", "answer_gold", "type")
+           if k in row and not isinstance(row[k], str)]
+    if missing or bad:
+      raise TeacherDataError(f"{where}: missing {missing} / not strings {bad}; expected keys "
+                             f"{list(FU2023_PICKLE_KEYS) + ['per_step_probs']}")
+    question = _pickle_bare_question(row["question"], where)
+    gold_answer = _gsm8k_gold_parts(row["answer_gold"], f"{where}.answer_gold")[1]
+    gold = answers.parse_gold(gold_answer)
+    answer = answers.extract_answer(row["answer"])
+    meta = {"type": row["type"], "answer_label": row["answer_label"]}
+    per_step_probs = _pickle_per_step_probs(row.get("per_step_probs"), where)
+    if per_step_probs is not None:
+      meta["per_step_probs"] = per_step_probs
+    entry = grouped.setdefault(question, {"gold_answer": gold_answer, "gold": gold,
+                                          "samples": []})
+    entry["samples"].append(TeacherSample(text=row["answer"], answer=answer,
+                                          correct=is_correct(answer, gold), meta=meta))
+  records = []
+  for k, (question, entry) in enumerate(grouped.items()):
+    if question_ids is None:
+      record_id = f"fu2023-pkl/train/{k}"
+    elif question in question_ids:
+      record_id = question_ids[question]
+    else:
+      raise TeacherDataError(f"{path}: question {question[:80]!r} is not among the "
+                             f"{len(question_ids)} known questions; check the dataset, or import "
+                             "without ids")
+    records.append(TeacherRecord(
+        id=record_id, source="gsm8k", split="train", question=question,
+        gold_answer=entry["gold_answer"], gold_number=entry["gold"],
+        samples=tuple(entry["samples"]), teacher=teacher,
+        meta={"origin": f"FranxYao/FlanT5-CoT-Specialization processed data via {path.name}"}))
+  return records

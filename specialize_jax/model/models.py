@@ -9,8 +9,11 @@ Terms:
     `decoder_target_tokens`, `decoder_loss_weights`, and when packed `{encoder,decoder}_segment_ids`
     and `{encoder,decoder}_positions`; other features (e.g. teacher top-k) pass through untouched
     to the extra losses.
-  extra loss: a callable `(logits [batch, length, vocab] float32, batch) -> (scalar loss,
-    metrics dict)` added to the cross-entropy; the teacher KL of distillation plugs in here.
+  extra loss: a callable `(logits [batch, length, vocab] float32, batch, weights,
+    loss_normalizing_factor) -> (scalar loss, metrics dict)` added to the cross-entropy, given the
+    resolved token weights and normalizing factor so it is normalized like the cross-entropy.
+  loss type: `sample` (cross-entropy on the target text) or `distribution` (the teacher KL of
+    `distillation_loss`, mixed with cross-entropy by `distribution_ce_weight`).
   metrics: a flat dict of scalar arrays (no clu objects): `loss` (total), `cross_ent_loss`,
     `z_loss`, `accuracy` (fraction of weighted target tokens whose argmax is right),
     `num_tokens` (sum of token weights), `num_examples`, plus whatever extra losses report.
@@ -21,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from specialize_jax.model import decoding
+from specialize_jax.model import distillation_loss
 from specialize_jax.model import losses
 from specialize_jax.model import network
 from specialize_jax.model.config import T5Config
@@ -28,7 +32,7 @@ from specialize_jax.model.config import T5Config
 Array = jax.Array
 Batch = Mapping[str, Array]
 Params = Any
-ExtraLoss = Callable[[Array, Batch], Tuple[Array, Mapping[str, Array]]]
+ExtraLoss = Callable[..., Tuple[Array, Mapping[str, Array]]]
 
 DECODE_METHODS = ('greedy', 'sample', 'beam')
 _OPTIONAL_FEATURES = ('encoder_segment_ids', 'decoder_segment_ids', 'encoder_positions',
@@ -43,14 +47,20 @@ class EncoderDecoderModel:
     z_loss: coefficient of the z-loss term of the training loss.
     label_smoothing: label smoothing of the cross-entropy.
     loss_normalizing_factor: see `losses`; None sums the token losses (T5X's default).
-    extra_losses: callables `(logits, batch) -> (loss, metrics)` added to the loss.
+    extra_losses: callables `(logits, batch, weights, loss_normalizing_factor) -> (loss,
+      metrics)` added to the loss.
     eos_id: the id that ends a decode.
+    loss_type: 'sample' or 'distribution' (see `distillation_loss`).
+    distribution_ce_weight: with 'distribution', the cross-entropy's share of the loss.
+    renormalize_teacher: with 'distribution', renormalize the teacher's top-k mass to one.
   """
 
   def __init__(self, module: Union[network.Transformer, T5Config], *, z_loss: float = 1e-4,
                label_smoothing: float = 0.0,
                loss_normalizing_factor: losses.LossNormalizingFactor = None,
-               extra_losses: Sequence[ExtraLoss] = (), eos_id: int = decoding.EOS_ID):
+               extra_losses: Sequence[ExtraLoss] = (), eos_id: int = decoding.EOS_ID,
+               loss_type: str = 'sample', distribution_ce_weight: float = 0.0,
+               renormalize_teacher: bool = False):
     if isinstance(module, T5Config):
       module = network.Transformer(module)
     if not isinstance(module, network.Transformer):
@@ -62,7 +72,10 @@ class EncoderDecoderModel:
     self.z_loss = z_loss
     self.label_smoothing = label_smoothing
     self.loss_normalizing_factor = loss_normalizing_factor
-    self.extra_losses = tuple(extra_losses)
+    self.loss_type = loss_type
+    self.cross_entropy_weight, teacher_losses = distillation_loss.loss_terms(
+        loss_type, distribution_ce_weight, renormalize_teacher)
+    self.extra_losses = tuple(teacher_losses) + tuple(extra_losses)
     self.eos_id = eos_id
     # One compiled decoder per static option set; the bound method closes over `self`.
     self._decode_jit = jax.jit(self._decode_impl, static_argnames=(
@@ -106,7 +119,10 @@ class EncoderDecoderModel:
 
   def loss_fn(self, params: Params, batch: Batch,
               dropout_rng: Optional[Array]) -> Tuple[Array, Mapping[str, Array]]:
-    """Cross-entropy (with z-loss, smoothing, normalization) plus the extra losses."""
+    """Weighted cross-entropy (with z-loss, smoothing, normalization) plus the extra losses.
+
+    The z-loss always has weight one; `cross_entropy_weight` scales only the cross-entropy.
+    """
     logits = self.compute_logits(params, batch, dropout_rng)
     targets = batch['decoder_target_tokens']
     factor, weights = losses.get_loss_normalizing_factor_and_weights(
@@ -114,20 +130,23 @@ class EncoderDecoderModel:
     loss, z_loss, _ = losses.compute_weighted_cross_entropy(
         logits, targets, weights, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
         loss_normalizing_factor=factor)
+    cross_ent = loss - z_loss
+    loss = self.cross_entropy_weight * cross_ent + z_loss
     token_weights = batch.get('decoder_loss_weights')
     if token_weights is None:
       token_weights = (targets > 0).astype(jnp.float32)
     num_tokens = jnp.sum(token_weights)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     metrics = {
-        'cross_ent_loss': loss - z_loss,
+        'cross_ent_loss': cross_ent,
         'z_loss': z_loss,
         'accuracy': jnp.sum(correct * token_weights) / jnp.maximum(num_tokens, 1e-8),
         'num_tokens': num_tokens,
         'num_examples': jnp.asarray(targets.shape[0], jnp.float32),
     }
     for extra_loss in self.extra_losses:
-      value, extra_metrics = extra_loss(logits, batch)
+      value, extra_metrics = extra_loss(logits, batch, weights=weights,
+                                        loss_normalizing_factor=factor)
       loss = loss + value
       for name, metric in extra_metrics.items():
         if name in metrics:

@@ -1,0 +1,134 @@
+"""Top-k distillation tasks: teacher features from a real aligned file, joined to the same examples
+as the sample-loss tasks, with one-hot rows where there is no teacher distribution."""
+import json
+
+import numpy as np
+import pytest
+import seqio
+
+from specialize_jax.data import aligned_data
+from specialize_jax.data import alignment
+from specialize_jax.data import feature_converters as fc
+from specialize_jax.data import teacher_data
+from specialize_jax.data import teacher_features
+from specialize_jax.data import teacher_sources
+import shared_data
+
+K = 5
+CODEX = "teacher_outputs/fu2023_codex_notebook/codex_gsm8k_train0_50samples_top5.json"
+
+
+@pytest.fixture(scope="module")
+def aligned_files(tmp_path_factory):
+  """A teacher file (the real code-davinci-002 samples of GSM8K train[0]) and its aligned file."""
+  root = tmp_path_factory.mktemp("topk")
+  records = teacher_sources.records_from_fu2023_codex(shared_data.shared_file(CODEX))[:1]
+  teacher_path = root / "teacher.jsonl"
+  teacher_data.write_records(teacher_path, records)
+  aligned_path = root / "aligned.jsonl"
+  lines, _ = alignment.align_records(records, shared_data.shared_file("tokenizer/t5_spiece.model"))
+  aligned_path.write_text("".join(lines), encoding="utf-8")
+  return teacher_path, aligned_path, records
+
+
+def _register(prefix, teacher_path, aligned_path, k=K):
+  from tasks import distillation  # pylint: disable=g-import-not-at-top
+  for name in [f"{prefix}_{f}" for f in ("zs_ao", "zs_cot", "icl_ao", "icl_cot")]:
+    seqio.TaskRegistry.remove(name)
+  seqio.MixtureRegistry.remove(prefix)
+  return distillation.register_distillation_tasks(prefix, str(teacher_path), teacher_k=k,
+                                                   aligned_data_path=str(aligned_path))
+
+
+def _examples(task_name, targets_length=512):
+  task = seqio.get_mixture_or_task(task_name)
+  ds = task.get_dataset({"inputs": 2048, "targets": targets_length}, split="train", shuffle=False)
+  return list(ds.as_numpy_iterator())
+
+
+def test_cot_examples_carry_the_aligned_rows(data_dir, aligned_files):
+  teacher_path, aligned_path, records = aligned_files
+  _register("topk_test", teacher_path, aligned_path)
+  rows = {(r.id, r.sample_index): r for r in aligned_data.read_aligned(aligned_path)}
+  examples = _examples("topk_test_zs_cot")
+  correct = [i for i, s in enumerate(records[0].samples) if s.correct]
+  assert len(examples) == len(correct) == len(rows) > 10
+  kept_total = 0
+  for example, sample_index in zip(examples, correct):
+    row = rows[(records[0].id, sample_index)]
+    targets = example["targets"]
+    ids, logprobs = example[fc.TEACHER_TOPK_IDS], example[fc.TEACHER_TOPK_LOGPROBS]
+    n = len(row.target_ids)
+    assert ids.shape == logprobs.shape == (len(targets), K) and len(targets) == n + 1
+    np.testing.assert_array_equal(targets[:n], row.target_ids)
+    assert targets[-1] == 1  # EOS, one-hot
+    np.testing.assert_array_equal(ids[-1], [1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(logprobs[-1, 1:], fc.TEACHER_PAD_LOGPROB)
+    for t in range(n):
+      width = min(len(row.topk_ids[t]), K)
+      order = np.arange(width)  # rows within k keep their order; longer ones their k most probable
+      if len(row.topk_ids[t]) > K:
+        order = np.argsort(-np.asarray(row.topk_logprobs[t]), kind="stable")[:K]
+      np.testing.assert_array_equal(ids[t, :width], np.asarray(row.topk_ids[t])[order])
+      np.testing.assert_allclose(logprobs[t, :width],
+                                 np.asarray(row.topk_logprobs[t])[order], rtol=1e-6)
+      assert np.all(logprobs[t, width:] == fc.TEACHER_PAD_LOGPROB)
+    kept_total += row.kept
+    assert teacher_features.TEACHER_TARGET_IDS not in example
+  assert kept_total > 0.9 * sum(len(r.target_ids) for r in rows.values())
+
+
+def test_answer_only_and_unaligned_examples_are_one_hot(data_dir, aligned_files, tmp_path):
+  teacher_path, aligned_path, _ = aligned_files
+  empty = tmp_path / "empty_aligned.jsonl"
+  empty.write_text("", encoding="utf-8")
+  for prefix, path, task in (("topk_ao", aligned_path, "topk_ao_zs_ao"),
+                             ("topk_none", empty, "topk_none_zs_cot")):
+    _register(prefix, teacher_path, path)
+    for example in _examples(task):
+      targets = example["targets"]
+      np.testing.assert_array_equal(example[fc.TEACHER_TOPK_IDS][:, 0], targets)
+      assert np.all(example[fc.TEACHER_TOPK_LOGPROBS][:, 0] == 0.0)
+      assert np.all(example[fc.TEACHER_TOPK_LOGPROBS][:, 1:] == fc.TEACHER_PAD_LOGPROB)
+
+
+def test_trimmed_targets_end_in_a_one_hot_eos_row(data_dir, aligned_files):
+  teacher_path, aligned_path, _ = aligned_files
+  _register("topk_trim", teacher_path, aligned_path)
+  example = _examples("topk_trim_zs_cot", targets_length=8)[0]
+  assert len(example["targets"]) == 8 and example["targets"][-1] == 1
+  assert example[fc.TEACHER_TOPK_IDS].shape == (8, K)
+  np.testing.assert_array_equal(example[fc.TEACHER_TOPK_IDS][-1], [1, 0, 0, 0, 0])
+
+
+def test_aligned_file_from_another_vocabulary_fails_loudly(data_dir, aligned_files, tmp_path):
+  teacher_path, aligned_path, _ = aligned_files
+  lines = aligned_path.read_text(encoding="utf-8").splitlines()
+  row = json.loads(lines[0])
+  row["target_ids"][0] += 1  # as if tokenized by another vocabulary
+  row["topk_ids"][0] = [row["target_ids"][0]]
+  row["topk_logprobs"][0] = [0.0]
+  bad = tmp_path / "other_vocab.jsonl"
+  bad.write_text(json.dumps(row) + "\n", encoding="utf-8")
+  _register("topk_bad", teacher_path, bad)
+  with pytest.raises(Exception, match="another vocabulary"):
+    _examples("topk_bad_zs_cot")
+
+
+def test_aligned_file_from_another_teacher_file_names_the_sample(data_dir, aligned_files,
+                                                                 tmp_path):
+  teacher_path, aligned_path, records = aligned_files
+  row = json.loads(aligned_path.read_text(encoding="utf-8").splitlines()[0])
+  row["target"] = row["target"] + " extra"
+  stale = tmp_path / "stale.jsonl"
+  stale.write_text(json.dumps(row) + "\n", encoding="utf-8")
+  _register("topk_stale", teacher_path, stale)
+  with pytest.raises(Exception, match=f"{records[0].id} sample {row['sample_index']}.*specialize "
+                                      "align"):
+    _examples("topk_stale_zs_cot")
+
+
+def test_dense_rows_keep_the_k_most_probable():
+  ids, logprobs = teacher_features.dense_rows([[7, 8, 9], [4]], [[-3.0, -0.1, -1.0], [0.0]], 2)
+  np.testing.assert_array_equal(ids, [[8, 9], [4, fc.TEACHER_PAD_ID]])
+  np.testing.assert_allclose(logprobs, [[-0.1, -1.0], [0.0, fc.TEACHER_PAD_LOGPROB]])
