@@ -96,4 +96,22 @@ def run_demo(output_dir: str, demo_dir: str, only_data: bool = False,
   os.replace(os.path.join(output_dir, "demo_results.json.tmp"),
              os.path.join(output_dir, "demo_results.json"))
   print(table)
+  _write_reports(output_dir, results)
   return 0
+
+
+def _write_reports(output_dir: str, results: Dict[str, Dict]) -> None:
+  """`<run>/report/` per student and `<output_dir>/comparison/` (CoT vs answer-only), from the eval
+  files training wrote: no decoding. The demo sets are test sets, so no checkpoint is selected and
+  the comparison takes each run's last evaluated step; `specialize sweep` adds earlier steps."""
+  from specialize_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  from specialize_jax.evaluation import sweep  # pylint: disable=g-import-not-at-top
+  runs = []
+  for target, label, _ in STUDENTS:
+    model_dir = results[target]["model_dir"]
+    table = sweep.read_accuracy_table(model_dir)
+    report.write_run_report(model_dir, table)
+    runs.append((label, model_dir, table))
+  files = report.write_comparison(runs, os.path.join(output_dir, "comparison"))
+  print(f"Reports: {', '.join(os.path.join(r[1], report.REPORT_SUBDIR) for r in runs)}; "
+        f"comparison: {files['comparison.md']}")

@@ -1,0 +1,310 @@
+"""Evaluating every checkpoint of a run on a task set, once per (checkpoint, task) pair.
+
+Terms:
+  run directory (MODEL_DIR): the trainer's output, `MODEL_DIR/checkpoint_<N>/` per saved step.
+  committed checkpoint: a step directory the trainer finished writing (orbax's commit marker or
+    commit timestamp; step directories of other writers, e.g. `save_orbax`, count as committed).
+  start checkpoint: optionally, the checkpoint training started from (e.g. FlanT5), evaluated as
+    step 0 (`START_STEP`) so reports can show what specialization gained and lost.
+  pair: one (step, task); its eval output is `MODEL_DIR/eval/<task>/metrics_step<N>.json` (the
+    evaluator's files, see `evaluator.py`) plus the key `eval_settings` the sweep adds.
+  eval settings: what changes a pair's result: `max_examples`, `feature_lengths`,
+    `max_decode_length`, `decode_method` (not the batch size). A pair is reused when its file
+    records the same settings. Files without them (written by the trainer's in-loop evaluation or
+    `specialize eval`, which reuse any existing file) are reused when their `num_examples` is the
+    number this sweep would evaluate; their lengths cannot be checked. Any other file is evaluated
+    again and overwritten, so a `--max_examples 20` smoke sweep never stands in for a full one.
+  timing: `total_seconds` of the sweep, `decode_seconds` (evaluator calls), `compile_seconds`
+    (JAX's compile events during the sweep: tracing, lowering, XLA compilation) and their share.
+
+Speed: one `Evaluator` (eval data built once, decoding compiled once per shape) serves every
+checkpoint; only the params change. Every task shares `feature_lengths` and the batch size, so a
+whole sweep compiles the decoder once.
+"""
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from jax import monitoring
+from jax.sharding import Mesh
+import seqio
+
+from specialize_jax.evaluation import evaluator as evaluator_lib
+from specialize_jax.evaluation import inference
+from specialize_jax.model import checkpoints
+from specialize_jax.model import models
+
+START_STEP = 0
+SETTINGS_KEY = 'eval_settings'
+MATH_SPLITS = (('gsm8k', 'dev'), ('gsm8k', 'test'), ('multiarith', 'dev'), ('multiarith', 'test'),
+               ('asdiv', 'test'), ('svamp', 'test'))
+MATH_FORMATS = ('icl_cot', 'zs_cot')
+DEFAULT_MATH_TASKS = tuple(f'{dataset}_{split}_{fmt}' for dataset, split in MATH_SPLITS
+                           for fmt in MATH_FORMATS)
+# A cheap, varied BBH subset (algorithmic, language, multi-choice); `--bbh_tasks` changes it and
+# the 27 task names are `readers.BBH_TASKS` / `specialize tasks --filter bbh_`.
+DEFAULT_BBH_SUBTASKS = ('boolean_expressions', 'date_understanding',
+                        'logical_deduction_three_objects', 'tracking_shuffled_objects_three_objects')
+BBH_FORMATS = ('cot', 'ao')
+_COMPILE_EVENT_PREFIX = '/jax/core/compile/'
+# orbax CheckpointManager files (see training/checkpointing.py); read here, not imported, because
+# the sweep needs only "is this step finished", not the trainer's checkpointer.
+_COMMIT_MARKER = 'commit_success.txt'
+_STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
+
+
+def bbh_task_names(subtasks: Sequence[str], formats: Sequence[str] = BBH_FORMATS) -> List[str]:
+  return [f'bbh_{subtask}_{fmt}' for subtask in subtasks for fmt in formats]
+
+
+def eval_settings(config: evaluator_lib.EvalConfig) -> Dict[str, Any]:
+  """The settings that change a pair's result (JSON-ready)."""
+  return {'max_examples': config.max_examples, 'feature_lengths': config.lengths,
+          'max_decode_length': config.max_decode_length, 'decode_method': config.decode_method}
+
+
+def is_committed(step_dir: str) -> bool:
+  """Whether a step directory is finished: orbax's commit marker or commit timestamp, or a step
+  directory no CheckpointManager wrote (no `_CHECKPOINT_METADATA`, e.g. `save_orbax`)."""
+  if os.path.exists(os.path.join(step_dir, _COMMIT_MARKER)):
+    return True
+  metadata = os.path.join(step_dir, _STEP_METADATA_FILE)
+  if not os.path.exists(metadata):
+    return True
+  try:
+    with open(metadata, encoding='utf-8') as f:
+      return bool(json.load(f).get('commit_timestamp_nsecs'))
+  except ValueError:
+    return False
+
+
+def committed_checkpoints(model_dir: str) -> List[Tuple[int, str]]:
+  """(step, path) of the committed step directories of a run, by step."""
+  found = evaluator_lib.list_checkpoint_steps(model_dir)
+  skipped = [path for _, path in found if not is_committed(path)]
+  if skipped:
+    logging.warning('Skipping uncommitted step directories (saves in flight or cut short): %s',
+                    skipped)
+  return [(step, path) for step, path in found if is_committed(path)]
+
+
+@dataclasses.dataclass
+class SweepResult:
+  """What a sweep found and did.
+
+  Attributes:
+    checkpoints: {step: checkpoint path}, the start checkpoint (if any) at START_STEP.
+    metrics: {step: {task: metrics}} read back or computed.
+    decoded: the (step, task) pairs decoded by this call.
+    reused: how many pairs were read from their files.
+    timing: total_seconds, decode_seconds, load_seconds, compile_seconds, compile_share.
+    start_step: START_STEP when a start checkpoint was included, else None.
+  """
+  checkpoints: Dict[int, str]
+  metrics: Dict[int, Dict[str, Dict[str, float]]]
+  decoded: List[Tuple[int, str]]
+  reused: int
+  timing: Dict[str, float]
+  start_step: Optional[int] = None
+
+  def accuracy_table(self) -> Dict[int, Dict[str, Optional[float]]]:
+    """{step: {task: accuracy %}} (the selection and report input)."""
+    return {step: {task: m.get('accuracy') for task, m in tasks.items()}
+            for step, tasks in self.metrics.items()}
+
+
+class _Progress:
+  """'pairs done/total, ETA' lines; the ETA extrapolates the pairs decoded after the first (the
+  first includes compilation)."""
+
+  def __init__(self, total: int, write: Callable[[str], None]):
+    self.total, self.write, self.done = total, write, 0
+    self.seconds: List[float] = []
+
+  def update(self, step: int, task: str, seconds: float, accuracy: Optional[float]) -> None:
+    self.done += 1
+    self.seconds.append(seconds)
+    steady = self.seconds[1:] or self.seconds
+    eta = sum(steady) / len(steady) * (self.total - self.done)
+    shown = '-' if accuracy is None else f'{accuracy:.1f}%'
+    self.write(f'sweep: {self.done}/{self.total} pairs decoded; step {step} {task} = {shown} '
+               f'({seconds:.1f} s); ETA {_duration(eta)}')
+
+
+def _duration(seconds: float) -> str:
+  minutes, secs = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}h{minutes:02d}m{secs:02d}s' if hours else f'{minutes}m{secs:02d}s'
+
+
+def _stderr(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
+
+
+class _ExampleCounts:
+  """Examples a task would evaluate under `max_examples`, counted on demand and cached."""
+
+  def __init__(self, max_examples: Optional[int]):
+    self.max_examples = max_examples
+    self._counts: Dict[str, int] = {}
+
+  def __call__(self, task_name: str) -> int:
+    if task_name not in self._counts:
+      task = seqio.get_mixture_or_task(task_name)
+      self._counts[task_name] = len(inference.task_examples(task, max_examples=self.max_examples))
+    return self._counts[task_name]
+
+
+def _reusable(path: str, settings: Dict[str, Any], counts: _ExampleCounts, task: str
+              ) -> Optional[Dict[str, float]]:
+  """The metrics of a reusable eval output file, or None (absent or other settings)."""
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    record = json.load(f)
+  recorded = record.get(SETTINGS_KEY)
+  if recorded is not None:
+    if recorded != settings:
+      logging.info('%s was computed with %s, not %s: evaluating again.', path, recorded, settings)
+      return None
+  else:
+    num = record.get('num_examples')
+    expected_max = counts.max_examples
+    # A file of max_examples examples is right whatever the task's size; otherwise count.
+    if not (expected_max is not None and num == expected_max) and num != counts(task):
+      logging.info('%s holds %s examples, not the %d this sweep evaluates: evaluating again.',
+                   path, num, counts(task))
+      return None
+  return {**record['metrics'], **{f'timing/{k}': v for k, v in record.get('timing', {}).items()}}
+
+
+def _record_settings(path: str, settings: Dict[str, Any]) -> None:
+  with open(path, encoding='utf-8') as f:
+    record = json.load(f)
+  record[SETTINGS_KEY] = settings
+  inference.write_json(path, record)
+
+
+def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
+          start_checkpoint: Optional[str] = None, model_config: Any = None,
+          mesh: Optional[Mesh] = None,
+          progress: Callable[[str], None] = _stderr) -> SweepResult:
+  """Evaluates every committed checkpoint of `model_dir` (and `start_checkpoint` as step 0) on
+  `config.task_names`, decoding only the pairs without a reusable eval output.
+
+  Args:
+    model_dir: the run directory.
+    config: tasks, shapes and decoding (shared by every checkpoint).
+    start_checkpoint: a checkpoint (any format `load_checkpoint` reads) evaluated as START_STEP.
+    model_config: architecture overriding what each checkpoint implies (T5Config, preset, dict).
+    mesh: split decode batches over its 'data' axis.
+    progress: receives one line per decoded pair (default: stderr).
+  """
+  start_time = time.perf_counter()
+  model_dir = os.path.abspath(os.fspath(model_dir))
+  steps = committed_checkpoints(model_dir)
+  if start_checkpoint is not None:
+    if any(step == START_STEP for step, _ in steps):
+      raise ValueError(f'{model_dir} has a checkpoint at step {START_STEP}, where the start '
+                       f'checkpoint {start_checkpoint} would be evaluated; drop --include_start '
+                       '(that checkpoint is the start).')
+    checkpoints.resolve_checkpoint(start_checkpoint)  # fails early, naming what it expected
+    steps = [(START_STEP, os.path.abspath(start_checkpoint))] + steps
+  if not steps:
+    raise ValueError(f'No committed checkpoint_<N> directories in {model_dir}; point at a run '
+                     'directory (MODEL_DIR) the trainer has saved to.')
+  task_names = evaluator_lib.expand_task_names(config.task_names)
+  if not task_names:
+    raise ValueError('No eval tasks; give --tasks and/or --bbh_tasks.')
+  output_dir = os.path.join(model_dir, evaluator_lib.EVAL_SUBDIR)
+  settings = eval_settings(config)
+  counts = _ExampleCounts(config.max_examples)
+
+  metrics: Dict[int, Dict[str, Dict[str, float]]] = {}
+  pending: Dict[int, List[str]] = {}
+  for step, _ in steps:
+    metrics[step] = {}
+    for name in task_names:
+      found = _reusable(evaluator_lib.metrics_path(output_dir, name, step), settings, counts, name)
+      if found is None:
+        pending.setdefault(step, []).append(name)
+      else:
+        metrics[step][name] = found
+  num_pending = sum(len(v) for v in pending.values())
+  reused = len(steps) * len(task_names) - num_pending
+  progress(f'sweep: {len(steps)} checkpoints x {len(task_names)} tasks; {reused} pairs done '
+           f'before, {num_pending} to decode.')
+
+  compile_seconds = [0.0]
+
+  def on_duration(event: str, duration: float, **kwargs) -> None:  # pylint: disable=unused-argument
+    if event.startswith(_COMPILE_EVENT_PREFIX):
+      compile_seconds[0] += duration
+
+  decoded: List[Tuple[int, str]] = []
+  decode_seconds = load_seconds = 0.0
+  tracker = _Progress(num_pending, progress)
+  evaluator: Optional[evaluator_lib.Evaluator] = None
+  monitoring.register_event_duration_secs_listener(on_duration)
+  try:
+    for step, path in steps:
+      if step not in pending:
+        continue
+      load_start = time.perf_counter()
+      checkpoint_config, params = checkpoints.load_checkpoint(path, config=model_config)
+      params = inference.place_params(params, mesh)  # once per checkpoint, not once per task
+      load_seconds += time.perf_counter() - load_start
+      if evaluator is None or evaluator.model.config != checkpoint_config:
+        # Eval data and the compiled decoder are per evaluator: built once for the whole sweep
+        # unless a checkpoint has another architecture.
+        evaluator = evaluator_lib.Evaluator(models.EncoderDecoderModel(checkpoint_config), config,
+                                            mesh=mesh)
+      for name in pending[step]:
+        pair_start = time.perf_counter()
+        result = evaluator.evaluate(params, step, output_dir, task_names=[name])[name]
+        seconds = time.perf_counter() - pair_start
+        decode_seconds += seconds
+        _record_settings(evaluator_lib.metrics_path(output_dir, name, step), settings)
+        metrics[step][name] = result
+        decoded.append((step, name))
+        tracker.update(step, name, seconds, result.get('accuracy'))
+      del params
+  finally:
+    monitoring.unregister_event_duration_listener(on_duration)
+  total = time.perf_counter() - start_time
+  timing = {'total_seconds': total, 'decode_seconds': decode_seconds,
+            'load_seconds': load_seconds, 'compile_seconds': compile_seconds[0],
+            'compile_share': compile_seconds[0] / total if total > 0 else 0.0}
+  progress(f'sweep: done in {total:.1f} s ({len(decoded)} pairs decoded, {reused} reused; '
+           f'compilation {compile_seconds[0]:.1f} s = {100 * timing["compile_share"]:.0f}%).')
+  return SweepResult(dict(steps), metrics, decoded, reused, timing,
+                     START_STEP if start_checkpoint is not None else None)
+
+
+_METRICS_FILE_RE = re.compile(r'metrics_step(\d+)\.json')
+
+
+def read_accuracy_table(model_dir: str) -> Dict[int, Dict[str, Optional[float]]]:
+  """{step: {task: accuracy %}} from every eval output under `MODEL_DIR/eval/` (no decoding):
+  what the trainer's in-loop evaluation, `specialize eval` and sweeps wrote."""
+  eval_dir = os.path.join(model_dir, evaluator_lib.EVAL_SUBDIR)
+  table: Dict[int, Dict[str, Optional[float]]] = {}
+  if not os.path.isdir(eval_dir):
+    return table
+  for task in sorted(os.listdir(eval_dir)):
+    task_dir = os.path.join(eval_dir, task)
+    if not os.path.isdir(task_dir):
+      continue
+    for name in os.listdir(task_dir):
+      match = _METRICS_FILE_RE.fullmatch(name)
+      if not match:
+        continue
+      with open(os.path.join(task_dir, name), encoding='utf-8') as f:
+        record = json.load(f)
+      table.setdefault(int(match.group(1)), {})[task] = record['metrics'].get('accuracy')
+  return dict(sorted(table.items()))

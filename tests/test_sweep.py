@@ -1,0 +1,181 @@
+"""`specialize sweep` on a real tiny run: each (checkpoint, task) pair is decoded once, a second sweep
+decodes nothing, an interrupted sweep resumes, other eval settings are evaluated again.
+
+The run: a tiny T5 (1+1 layers, width 32, the demo's 256-piece vocabulary) trained 6 steps on
+`demo_train_cot` with a checkpoint every 2 steps (checkpoints 2, 4, 6); eval on 4 examples of two
+demo tasks with 8 decoded tokens, so decoding is cheap and the test is mostly one compilation.
+"""
+import json
+import os
+
+import pytest
+
+import demo_data
+from specialize_jax import cli
+from specialize_jax.evaluation import evaluator as evaluator_lib
+from specialize_jax.evaluation import sweep as sweep_lib
+from specialize_jax.model import models
+from specialize_jax.model.config import T5Config
+from specialize_jax.training import checkpointing
+from specialize_jax.training import input_pipeline
+from specialize_jax.training import optimizers
+from specialize_jax.training import trainer
+
+TINY = T5Config(vocab_size=256, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=1,
+                num_decoder_layers=1, mlp_dim=64, dropout_rate=0.0)
+STEPS = (2, 4, 6)
+TASKS = ('demo_id_cot', 'demo_ood_cot')
+CONFIG = evaluator_lib.EvalConfig(task_names=TASKS, feature_lengths={'inputs': 256, 'targets': 80},
+                                  batch_size=4, max_examples=4, max_decode_length=8)
+
+
+@pytest.fixture(scope='module')
+def demo_dir(tmp_path_factory):
+  with demo_data.tiny_demo_data(tmp_path_factory, 200, 8) as directory:
+    yield directory
+
+
+@pytest.fixture(scope='module')
+def trained_run(demo_dir, tmp_path_factory):  # pylint: disable=unused-argument
+  """A run directory with committed checkpoints at STEPS (train it once, copy per test)."""
+  model_dir = tmp_path_factory.mktemp('run')
+  dataset = input_pipeline.DatasetConfig('demo_train_cot', {'inputs': 128, 'targets': 64},
+                                         batch_size=8)
+  trainer.train(str(model_dir), models.EncoderDecoderModel(TINY), dataset, STEPS[-1],
+                optimizer=optimizers.OptimizerConfig(learning_rate=3e-3, warmup_steps=1),
+                checkpoint=checkpointing.CheckpointConfig(period=2, keep_last=5), log_period=2)
+  assert [s for s, _ in sweep_lib.committed_checkpoints(str(model_dir))] == list(STEPS)
+  return model_dir
+
+
+@pytest.fixture
+def run_dir(trained_run, tmp_path):
+  """A fresh copy of the trained run (checkpoints only: no eval outputs yet)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  target = tmp_path / 'run'
+  shutil.copytree(trained_run, target, ignore=shutil.ignore_patterns('eval', 'report', 'BEST'))
+  return str(target)
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+  """Every (step, task) the evaluator decodes, in order."""
+  calls = []
+  original = evaluator_lib.Evaluator.evaluate
+
+  def counting(self, params, step, output_dir=None, *, task_names=None, rng=None):
+    calls.extend((step, name) for name in (task_names or self.task_names))
+    return original(self, params, step, output_dir, task_names=task_names, rng=rng)
+  monkeypatch.setattr(evaluator_lib.Evaluator, 'evaluate', counting)
+  return calls
+
+
+def _quiet(_line):
+  pass
+
+
+def test_each_pair_decoded_once_and_second_sweep_decodes_nothing(run_dir, decodes):
+  lines = []
+  first = sweep_lib.sweep(run_dir, CONFIG, progress=lines.append)
+  pairs = [(s, t) for s in STEPS for t in TASKS]
+  assert sorted(decodes) == pairs and sorted(first.decoded) == pairs and first.reused == 0
+  assert sum('ETA' in line for line in lines) == len(pairs)
+  for step, task in pairs:
+    with open(evaluator_lib.metrics_path(os.path.join(run_dir, 'eval'), task, step),
+              encoding='utf-8') as f:
+      record = json.load(f)
+    assert record[sweep_lib.SETTINGS_KEY] == sweep_lib.eval_settings(CONFIG)
+    assert record['num_examples'] == 4
+    assert first.accuracy_table()[step][task] == record['metrics']['accuracy']
+  assert 0 < first.timing['compile_seconds'] < first.timing['total_seconds']
+
+  decodes.clear()
+  second = sweep_lib.sweep(run_dir, CONFIG, progress=_quiet)
+  assert decodes == [] and second.decoded == [] and second.reused == len(pairs)
+  assert second.accuracy_table() == first.accuracy_table()
+
+
+def test_interrupted_sweep_resumes(run_dir, decodes, monkeypatch):
+  original = evaluator_lib.Evaluator.evaluate  # the counting wrapper
+
+  def fail_after_first_checkpoint(self, params, step, *args, **kwargs):
+    if step > STEPS[0]:
+      raise KeyboardInterrupt('simulated interruption')
+    return original(self, params, step, *args, **kwargs)
+  monkeypatch.setattr(evaluator_lib.Evaluator, 'evaluate', fail_after_first_checkpoint)
+  with pytest.raises(KeyboardInterrupt):
+    sweep_lib.sweep(run_dir, CONFIG, progress=_quiet)
+  assert decodes == [(STEPS[0], t) for t in TASKS]
+
+  monkeypatch.setattr(evaluator_lib.Evaluator, 'evaluate', original)
+  decodes.clear()
+  resumed = sweep_lib.sweep(run_dir, CONFIG, progress=_quiet)
+  assert sorted(decodes) == [(s, t) for s in STEPS[1:] for t in TASKS]
+  assert resumed.reused == len(TASKS) and sorted(resumed.metrics) == list(STEPS)
+
+
+def test_other_settings_are_evaluated_again_and_legacy_files_checked(run_dir, decodes):
+  sweep_lib.sweep(run_dir, CONFIG, progress=_quiet)
+  decodes.clear()
+  fewer = evaluator_lib.EvalConfig(**{**CONFIG.__dict__, 'max_examples': 2})
+  result = sweep_lib.sweep(run_dir, fewer, progress=_quiet)
+  assert len(decodes) == len(STEPS) * len(TASKS)
+  assert all(m['accuracy'] in (0.0, 50.0, 100.0) for row in result.metrics.values()
+             for m in row.values())  # 2 examples each
+
+  # A file without settings (e.g. the trainer's in-loop eval) is reused when its example count is
+  # what the sweep evaluates, and evaluated again when not.
+  eval_dir = os.path.join(run_dir, 'eval')
+  for step in STEPS:
+    for task in TASKS:
+      path = evaluator_lib.metrics_path(eval_dir, task, step)
+      with open(path, encoding='utf-8') as f:
+        record = json.load(f)
+      del record[sweep_lib.SETTINGS_KEY]
+      with open(path, 'w', encoding='utf-8') as f:
+        json.dump(record, f)
+  decodes.clear()
+  sweep_lib.sweep(run_dir, fewer, progress=_quiet)
+  assert decodes == []
+  sweep_lib.sweep(run_dir, CONFIG, progress=_quiet)  # 4 examples wanted, files hold 2
+  assert len(decodes) == len(STEPS) * len(TASKS)
+
+
+def test_uncommitted_step_is_skipped(run_dir):
+  os.remove(os.path.join(run_dir, f'checkpoint_{STEPS[-1]}', checkpointing.COMMIT_MARKER))
+  metadata = os.path.join(run_dir, f'checkpoint_{STEPS[-1]}', checkpointing.STEP_METADATA_FILE)
+  with open(metadata, encoding='utf-8') as f:
+    record = json.load(f)
+  record.pop('commit_timestamp_nsecs', None)
+  with open(metadata, 'w', encoding='utf-8') as f:
+    json.dump(record, f)
+  assert [s for s, _ in sweep_lib.committed_checkpoints(run_dir)] == list(STEPS[:-1])
+
+
+def test_cli_sweep_with_start_checkpoint_writes_report(run_dir, decodes, capsys):
+  args = ['sweep', run_dir, '--tasks', *TASKS, '--bbh_tasks', '--max_examples', '4',
+          '--batch_size', '4', '--input_length', '256', '--target_length', '80',
+          '--max_decode_length', '8', '--include_start', os.path.join(run_dir, 'checkpoint_2')]
+  assert cli.main(args) == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary['decoded_pairs'] == (len(STEPS) + 1) * len(TASKS)
+  assert sorted({s for s, _ in decodes}) == [0, *STEPS]
+  # The demo sets are test sets: no rule may select on them, so nothing is selected.
+  assert summary['selected_step'] is None
+  assert not os.path.exists(os.path.join(run_dir, 'BEST'))
+  report_dir = os.path.join(run_dir, 'report')
+  assert {'report.md', 'results.csv', 'results.json', 'accuracy_vs_step.png',
+          'formats.png'} <= set(os.listdir(report_dir))
+  with open(os.path.join(report_dir, 'results.json'), encoding='utf-8') as f:
+    results = json.load(f)
+  assert results['start_step'] == 0
+  # Step 0 is the start checkpoint, a copy of checkpoint_2: same decodes, same accuracies.
+  assert results['accuracy']['0'] == results['accuracy']['2']
+
+  decodes.clear()
+  assert cli.main(args) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['decoded_pairs'] == 0
+  assert decodes == []
+  # A rule on a test split is refused before anything is loaded.
+  assert cli.main(['sweep', run_dir, '--rule_tasks', 'multiarith_test_icl_cot']) == 2
+  assert 'test tasks' in capsys.readouterr().err
