@@ -25,6 +25,7 @@ import time
 from typing import List, Optional
 
 from specialize_jax import gin_config
+from specialize_jax import xla_cpu_flags
 
 
 def _quiet_tensorflow() -> None:
@@ -463,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
   _quiet_tensorflow()
+  xla_cpu_flags.apply()  # Before anything starts JAX; a no-op once a backend is running.
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   # Orbax and absl log every save at INFO; keep the console for the run's own progress.
   for name in ("absl", "orbax", "jax._src.xla_bridge"):

@@ -54,9 +54,9 @@ def test_header_on_every_gin_file():
     assert text.startswith("#") and "Required:" in text and "Commonly overridden:" in text, path
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small", "base", "large", "xl", "xxl"])
+@pytest.mark.parametrize("preset", ["tiny", "demo", "small", "base", "large", "xl", "xxl"])
 def test_model_gin_files_equal_presets(preset):
-  name = "tiny" if preset == "tiny" else f"flan_t5_{preset}"
+  name = {"tiny": "tiny", "demo": "demo_tiny"}.get(preset, f"flan_t5_{preset}")
   gin.clear_config()
   gin.add_config_file_search_path(str(GIN_DIR))
   gin.parse_config_files_and_bindings([f"models/{name}.gin"], ["MODEL_DTYPE = 'float32'"])

@@ -118,6 +118,8 @@ def main() -> None:
   parser.add_argument("--skip_peer", action="store_true", help="ours only (e.g. on a GPU)")
   args = parser.parse_args()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  from specialize_jax import xla_cpu_flags  # pylint: disable=g-import-not-at-top
+  xla_cpu_flags.apply()  # As `specialize` runs.
   import numpy as np  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
   vocab = model_config.get_config(args.preset).vocab_size
