@@ -282,6 +282,17 @@ def dtw_align(teacher: Sequence[str], student: Sequence[str], mode: str = "defau
   return _align_batch([(list(teacher), list(student))], mode)[0]
 
 
+def reference_edit_distance(x: str, y: str) -> int:
+  """Levenshtein distance, one plain-Python row at a time: the oracle for `edit_distances`."""
+  row = list(range(len(y) + 1))
+  for i, cx in enumerate(x, 1):
+    new = [i]
+    for j, cy in enumerate(y, 1):
+      new.append(min(row[j] + 1, new[j - 1] + 1, row[j - 1] + (cx != cy)))
+    row = new
+  return row[-1]
+
+
 def reference_dtw(teacher: Sequence[str], student: Sequence[str], mode: str = "default"
                   ) -> List[List[int]]:
   """Straightforward pure-Python DTW (the original's loops); the oracle for tests and the bench."""
@@ -289,15 +300,7 @@ def reference_dtw(teacher: Sequence[str], student: Sequence[str], mode: str = "d
   norm_a, norm_b = _normalizers(mode)
   a = [norm_a(t) for t in teacher]
   b = [norm_b(p) for p in student]
-
-  def lev(x: str, y: str) -> int:
-    row = list(range(len(y) + 1))
-    for i, cx in enumerate(x, 1):
-      new = [i]
-      for j, cy in enumerate(y, 1):
-        new.append(min(row[j] + 1, new[j - 1] + 1, row[j - 1] + (cx != cy)))
-      row = new
-    return row[-1]
+  lev = reference_edit_distance
 
   n, m = len(a), len(b)
   full = [[math.inf] * (m + 1) for _ in range(n + 1)]
