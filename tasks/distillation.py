@@ -27,7 +27,6 @@ from typing import Mapping, Optional
 import seqio
 import tensorflow as tf
 
-from specialize_jax.data import aligned_data
 from specialize_jax.data import data_dir
 from specialize_jax.data import formats
 from specialize_jax.data import readers
@@ -62,9 +61,16 @@ def held_out_questions() -> frozenset:
   return frozenset(e.question for split in ("dev", "test") for e in splits.math_split("gsm8k", split))
 
 
-def load_aligned_rows(aligned_data_path: Optional[str] = None) -> dict:
-  """`{(id, sample_index): aligned row}` from `aligned_data_path`, else `$SPECIALIZE_ALIGNED_DATA`;
-  empty (every row one-hot, with a warning) when neither is set."""
+@functools.lru_cache(maxsize=2)
+def _dense_rows_cached(path: str, k: int, mtime_ns: int, size: int) -> dict:
+  del mtime_ns, size  # Part of the cache key only: a rewritten file is read again.
+  return teacher_features.load_dense_rows(path, k)
+
+
+def load_aligned_rows(aligned_data_path: Optional[str], k: int) -> dict:
+  """`{(id, sample_index): teacher_features.DenseAlignedRow}` from `aligned_data_path`, else
+  `$SPECIALIZE_ALIGNED_DATA`; empty (every row one-hot, with a warning) when neither is set. The CoT
+  tasks of one mixture share one in-memory copy."""
   path = aligned_data_path or os.environ.get(ALIGNED_DATA_ENV)
   if not path:
     logging.warning(
@@ -72,7 +78,12 @@ def load_aligned_rows(aligned_data_path: Optional[str] = None) -> dict:
         "the distribution loss equals cross-entropy. Run `specialize align` and set $%s.",
         ALIGNED_DATA_ENV, ALIGNED_DATA_ENV)
     return {}
-  return {(row.id, row.sample_index): row for row in aligned_data.read_aligned(path)}
+  try:
+    stat = os.stat(path)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"${ALIGNED_DATA_ENV} / aligned_data_path names {path}, which does "
+                            "not exist; write it with `specialize align`.") from None
+  return _dense_rows_cached(path, k, stat.st_mtime_ns, stat.st_size)
 
 
 def distillation_source(format_name: str, teacher_data_path: Optional[str], max_input_tokens: int,
@@ -82,7 +93,9 @@ def distillation_source(format_name: str, teacher_data_path: Optional[str], max_
   teacher features (`teacher_features.example_rows`) when `teacher_k` is set."""
   def dataset_fn(split, shuffle_files, seed=None):  # pylint: disable=unused-argument
     records = load_teacher_records(teacher_data_path)
-    aligned = load_aligned_rows(aligned_data_path) if teacher_k else {}
+    # Answer-only targets never use the aligned rows (they are one-hot).
+    aligned = (load_aligned_rows(aligned_data_path, teacher_k)
+               if teacher_k and formats.is_chain_of_thought(format_name) else {})
     sampler = formats.ExemplarSampler(splits.math_split("gsm8k", "train"), num_exemplars,
                                        exemplar_seed)
     count_tokens = formats.SentencePieceCounter(vocabulary.vocabulary_path())

@@ -1,6 +1,7 @@
 """Cross-tokenizer alignment: DTW, the paper and default mapping rules, the aligned file, the CLI."""
 import json
 import math
+import subprocess
 import sys
 
 import numpy as np
@@ -264,13 +265,29 @@ def test_cli_align_writes_file_and_prints_summary(tmp_path, capsys, codex_record
   assert code == 2 and "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("jax_loaded", [False, True])
-def test_two_workers_give_the_same_lines(codex_records, spm_path, monkeypatch, jax_loaded):
+_FORKED_WORKERS = """
+import sys
+from specialize_jax.data import alignment, teacher_sources
+assert "jax" not in sys.modules
+records = tuple(teacher_sources.records_from_fu2023_codex(sys.argv[1]) * 2)
+one, _ = alignment.align_records(records, sys.argv[2], workers=1, records_per_chunk=1)
+two, stats = alignment.align_records(records, sys.argv[2], workers=2, records_per_chunk=1)
+assert one == two and stats.written == 100, (len(one), len(two), stats.written)
+print("ok")
+"""
+
+
+def test_two_forked_workers_give_the_same_lines(spm_path):
+  # Forking is only safe without JAX's threads, so this runs in a fresh interpreter.
+  codex = shared_data.shared_file(f"{CODEX_DIR}/codex_gsm8k_train0_50samples_top5.json")
+  done = subprocess.run([sys.executable, "-c", _FORKED_WORKERS, str(codex), spm_path],
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_two_spawned_workers_give_the_same_lines(codex_records, spm_path, monkeypatch):
   # With JAX loaded (e.g. called from a training process) workers are spawned, not forked.
-  if jax_loaded:
-    monkeypatch.setitem(sys.modules, "jax", sys.modules.get("jax", object()))
-  else:
-    monkeypatch.delitem(sys.modules, "jax", raising=False)
+  monkeypatch.setitem(sys.modules, "jax", sys.modules.get("jax", object()))
   records = tuple(codex_records * 2)  # read_records gives a tuple
   one, _ = alignment.align_records(records, spm_path, workers=1, records_per_chunk=1)
   two, stats = alignment.align_records(records, spm_path, workers=2, records_per_chunk=1)

@@ -132,3 +132,18 @@ def test_dense_rows_keep_the_k_most_probable():
   ids, logprobs = teacher_features.dense_rows([[7, 8, 9], [4]], [[-3.0, -0.1, -1.0], [0.0]], 2)
   np.testing.assert_array_equal(ids, [[8, 9], [4, fc.TEACHER_PAD_ID]])
   np.testing.assert_allclose(logprobs, [[-0.1, -1.0], [0.0, fc.TEACHER_PAD_LOGPROB]])
+
+
+def test_aligned_rows_are_loaded_once_per_file_version(data_dir, aligned_files, tmp_path):
+  from tasks import distillation  # pylint: disable=g-import-not-at-top
+  _, aligned_path, _ = aligned_files
+  copy = tmp_path / "aligned.jsonl"
+  copy.write_bytes(aligned_path.read_bytes())
+  first = distillation.load_aligned_rows(str(copy), K)
+  assert distillation.load_aligned_rows(str(copy), K) is first  # shared by the CoT tasks
+  row = next(iter(first.values()))
+  assert row.topk_ids.dtype == np.int32 and row.topk_ids.shape[1] == K
+  copy.write_text(copy.read_text(encoding="utf-8").splitlines(keepends=True)[0], encoding="utf-8")
+  assert len(distillation.load_aligned_rows(str(copy), K)) == 1  # a rewritten file is read again
+  with pytest.raises(FileNotFoundError, match="specialize align"):
+    distillation.load_aligned_rows(str(tmp_path / "missing.jsonl"), K)

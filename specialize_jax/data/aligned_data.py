@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import pathlib
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from specialize_jax.data import atomic_files
 
@@ -74,10 +74,14 @@ def write_aligned(path, rows: Iterable[AlignedRow]) -> int:
 
 def read_aligned(path) -> List[AlignedRow]:
   """Reads and validates an aligned file; a bad line raises naming ``file:line: field``."""
+  return list(iter_aligned(path))
+
+
+def iter_aligned(path) -> Iterator[AlignedRow]:
+  """`read_aligned` one row at a time, so a large file can be converted while it is read."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"aligned file {path} does not exist; write it with `specialize align`")
-  rows = []
   with open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
       try:
@@ -88,13 +92,12 @@ def read_aligned(path) -> List[AlignedRow]:
       problem = _row_problem(obj)
       if problem:
         raise AlignedDataError(f"{path}:{lineno}: {problem[0]}: {problem[1]}")
-      rows.append(AlignedRow(
+      yield AlignedRow(
           id=obj["id"], sample_index=obj["sample_index"], question=obj["question"],
           gold_answer=obj["gold_answer"], target=obj["target"],
           target_ids=tuple(obj["target_ids"]), topk_ids=tuple(tuple(r) for r in obj["topk_ids"]),
           topk_logprobs=tuple(tuple(float(x) for x in r) for r in obj["topk_logprobs"]),
-          kept=obj["kept"], meta=obj.get("meta")))
-  return rows
+          kept=obj["kept"], meta=obj.get("meta"))
 
 
 def _reject_constant(name: str):
