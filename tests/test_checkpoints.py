@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 
 from flax import serialization
 import jax
@@ -158,6 +159,25 @@ def test_orbax_checkpoint_manager_layout(params, tmp_path):
   config, restored = checkpoints.load_checkpoint(tmp_path / 'model')
   assert config == CONFIG
   _assert_same(params, restored)
+
+
+def test_model_dir_resolves_to_the_latest_committed_step(params, tmp_path, caplog):
+  """A save cut short (step metadata without a commit marker or timestamp) is skipped."""
+  manager = ocp.CheckpointManager(tmp_path / 'model')
+  manager.save(4, args=ocp.args.StandardSave({'params': params}))
+  manager.wait_until_finished()
+  torn = tmp_path / 'model' / '8'
+  shutil.copytree(tmp_path / 'model' / '4', torn)
+  (torn / checkpoints.ORBAX_COMMIT_MARKER).unlink(missing_ok=True)
+  metadata = torn / checkpoints.ORBAX_STEP_METADATA_FILE
+  metadata.write_text(json.dumps({k: v for k, v in json.loads(metadata.read_text()).items()
+                                  if k != 'commit_timestamp_nsecs'}))
+  assert not checkpoints.is_committed_step_dir(torn)
+  assert checkpoints.is_committed_step_dir(tmp_path / 'model' / '4')
+  with caplog.at_level('WARNING'):
+    assert checkpoints.resolve_checkpoint(tmp_path / 'model') == (
+        'orbax', tmp_path / 'model' / '4' / 'default')
+  assert 'did not finish' in caplog.text and str(torn) in caplog.text
 
 
 def test_hf_roundtrip_without_torch(params, tmp_path):

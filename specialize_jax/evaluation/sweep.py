@@ -52,10 +52,6 @@ DEFAULT_BBH_SUBTASKS = ('boolean_expressions', 'date_understanding',
                         'logical_deduction_three_objects', 'tracking_shuffled_objects_three_objects')
 BBH_FORMATS = ('cot', 'ao')
 _COMPILE_EVENT_PREFIX = '/jax/core/compile/'
-# orbax CheckpointManager files (see training/checkpointing.py); read here, not imported, because
-# the sweep needs only "is this step finished", not the trainer's checkpointer.
-_COMMIT_MARKER = 'commit_success.txt'
-_STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
 
 
 def bbh_task_names(subtasks: Sequence[str], formats: Sequence[str] = BBH_FORMATS) -> List[str]:
@@ -69,18 +65,8 @@ def eval_settings(config: evaluator_lib.EvalConfig) -> Dict[str, Any]:
 
 
 def is_committed(step_dir: str) -> bool:
-  """Whether a step directory is finished: orbax's commit marker or commit timestamp, or a step
-  directory no CheckpointManager wrote (no `_CHECKPOINT_METADATA`, e.g. `save_orbax`)."""
-  if os.path.exists(os.path.join(step_dir, _COMMIT_MARKER)):
-    return True
-  metadata = os.path.join(step_dir, _STEP_METADATA_FILE)
-  if not os.path.exists(metadata):
-    return True
-  try:
-    with open(metadata, encoding='utf-8') as f:
-      return bool(json.load(f).get('commit_timestamp_nsecs'))
-  except ValueError:
-    return False
+  """Whether a step directory is finished (`checkpoints.is_committed_step_dir`)."""
+  return checkpoints.is_committed_step_dir(step_dir)
 
 
 def committed_checkpoints(model_dir: str) -> List[Tuple[int, str]]:

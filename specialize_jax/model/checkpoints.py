@@ -110,14 +110,41 @@ def check_shapes(found: Mapping[str, Tuple[int, ...]], expected: Mapping[str, Tu
 # Format detection
 
 
+# An orbax CheckpointManager finishes a step by writing this marker (or, on some file systems, a
+# commit timestamp in the step metadata); a step without either was cut short.
+ORBAX_COMMIT_MARKER = 'commit_success.txt'
+ORBAX_STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
+
+
+def is_committed_step_dir(step_dir: os.PathLike) -> bool:
+  """Whether a step directory is finished: orbax's commit marker or commit timestamp, or a step
+  directory no CheckpointManager wrote (no `_CHECKPOINT_METADATA`: T5X, `save_orbax`)."""
+  step_dir = epath.Path(step_dir)
+  if (step_dir / ORBAX_COMMIT_MARKER).exists():
+    return True
+  metadata = step_dir / ORBAX_STEP_METADATA_FILE
+  if not metadata.exists():
+    return True
+  try:
+    return bool(json.loads(metadata.read_text()).get('commit_timestamp_nsecs'))
+  except ValueError:
+    return False
+
+
 def _latest_step_dir(path: epath.Path) -> Optional[epath.Path]:
-  """`checkpoint_<N>` (T5X) or `<N>` (orbax CheckpointManager) child with the largest N."""
+  """The committed `checkpoint_<N>` (T5X) or `<N>` (orbax CheckpointManager) child with the
+  largest N; uncommitted ones (a save cut short) are skipped with a warning."""
   steps = []
   for child in path.iterdir():
     match = re.fullmatch(r'(?:checkpoint_)?(\d+)', child.name)
     if match and child.is_dir():
       steps.append((int(match.group(1)), child))
-  return max(steps, key=lambda s: s[0])[1] if steps else None
+  for _, step_dir in sorted(steps, key=lambda s: s[0], reverse=True):
+    if is_committed_step_dir(step_dir):
+      return step_dir
+    logging.warning('Skipping %s: the save did not finish (no %s and no commit timestamp).',
+                    step_dir, ORBAX_COMMIT_MARKER)
+  return None
 
 
 def _is_orbax_dir(path: epath.Path) -> bool:
