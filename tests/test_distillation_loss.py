@@ -81,8 +81,11 @@ def test_kl_matches_numpy(params, renormalize, factor):
   assert float(metrics['cross_ent_loss']) > float(metrics['kl'])  # CE is reported, not trained
 
 
-def test_one_hot_teacher_is_cross_entropy(params):
+@pytest.mark.parametrize('with_weights', [True, False])
+def test_one_hot_teacher_is_cross_entropy(params, with_weights):
   batch = dict(_model_batch())
+  if not with_weights:  # then both losses count every position, padding included
+    del batch['decoder_loss_weights']
   targets = np.asarray(batch['decoder_target_tokens'])
   one_hot = feature_converters.one_hot_teacher_features(targets, K)
   batch.update({k: jnp.asarray(np.asarray(v)) for k, v in one_hot.items()})

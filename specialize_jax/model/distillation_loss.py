@@ -89,12 +89,13 @@ class TeacherKL:
           f'{sorted(batch)}. Train on a task with teacher features (an aligned teacher file, see '
           "`specialize align`) and set the dataset's teacher_k, or use loss_type='sample'.")
     kl = token_kl(logits, batch[TEACHER_TOPK_IDS], batch[TEACHER_TOPK_LOGPROBS], self.renormalize)
-    if weights is None:
-      weights = (batch['decoder_target_tokens'] > 0).astype(jnp.float32)
+    # Exactly as `losses.compute_weighted_cross_entropy`: no weights means every position counts.
+    kl = jnp.sum(kl if weights is None else kl * weights)
     mass = jnp.sum(jnp.exp(batch[TEACHER_TOPK_LOGPROBS].astype(jnp.float32)), axis=-1)
-    token_weights = batch.get('decoder_loss_weights', weights)
+    token_weights = batch.get('decoder_loss_weights')
+    if token_weights is None:
+      token_weights = (batch['decoder_target_tokens'] > 0).astype(jnp.float32)
     num_tokens = jnp.maximum(jnp.sum(token_weights), 1e-8)
-    kl = jnp.sum(kl * weights)
     if loss_normalizing_factor is not None:
       kl = kl / loss_normalizing_factor
     metrics = {'kl': kl, 'teacher_mass': jnp.sum(mass * token_weights) / num_tokens}
