@@ -1,15 +1,28 @@
 """Pieces shared by the task registrations: output features and the SeqIO postprocessors."""
 import seqio
+import tensorflow as tf
 
+from specialize_jax.data import feature_converters
 from specialize_jax.data import vocabulary
 
 
-def output_features() -> dict:
+def output_features(with_teacher: bool = False) -> dict:
+  """`inputs` and `targets` in the T5 vocabulary; `with_teacher` adds the teacher top-k features.
+
+  The teacher features must be output features: a SeqIO Mixture keeps only its tasks' output
+  features, so without them a top-k mixture would silently drop the teacher distributions.
+  """
   vocab = vocabulary.get_vocabulary()
-  return {
+  features = {
       "inputs": seqio.Feature(vocabulary=vocab, add_eos=True, required=True),
       "targets": seqio.Feature(vocabulary=vocab, add_eos=True),
   }
+  if with_teacher:
+    for name, dtype in ((feature_converters.TEACHER_TOPK_IDS, tf.int32),
+                        (feature_converters.TEACHER_TOPK_LOGPROBS, tf.float32)):
+      features[name] = seqio.Feature(vocabulary=seqio.PassThroughVocabulary(size=0),
+                                     add_eos=False, required=False, dtype=dtype, rank=2)
+  return features
 
 
 def _text(value) -> str:

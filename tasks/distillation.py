@@ -144,7 +144,8 @@ def register_distillation_tasks(prefix: str = DEFAULT_PREFIX,
                                 num_exemplars: int = formats.NUM_EXEMPLARS,
                                 exemplar_seed: int = 0, teacher_k: Optional[int] = None,
                                 aligned_data_path: Optional[str] = None) -> str:
-  """Registers `{prefix}_{format}` for the four formats and the mixture `{prefix}`; returns its name.
+  """Registers `{prefix}_{format}` for the four formats and the mixture `{prefix}` (replacing an
+  earlier registration of `prefix`); returns the mixture's name.
 
   With `teacher_k`, the tasks also carry top-`teacher_k` teacher features from `aligned_data_path`
   (else `$SPECIALIZE_ALIGNED_DATA`); train them with the `distribution` loss and TEACHER_K = k.
@@ -152,6 +153,10 @@ def register_distillation_tasks(prefix: str = DEFAULT_PREFIX,
   unknown = set(rates) - set(formats.FORMATS)
   if unknown:
     raise ValueError(f"Unknown formats in rates: {sorted(unknown)}; expected {formats.FORMATS}.")
+  # Registering a prefix again replaces it (gin files call this when a run builds its dataset).
+  seqio.MixtureRegistry.remove(prefix)
+  for format_name in formats.FORMATS:
+    seqio.TaskRegistry.remove(f"{prefix}_{format_name}")
   for format_name in formats.FORMATS:
     preprocessors = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
     if teacher_k:
@@ -164,7 +169,7 @@ def register_distillation_tasks(prefix: str = DEFAULT_PREFIX,
         source=distillation_source(format_name, teacher_data_path, max_input_tokens,
                                    num_exemplars, exemplar_seed, teacher_k, aligned_data_path),
         preprocessors=preprocessors,
-        output_features=common.output_features(),
+        output_features=common.output_features(with_teacher=bool(teacher_k)),
         postprocess_fn=common.gold_answer_postprocessor,
         shuffle_buffer_size=10_000,
     )

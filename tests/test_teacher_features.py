@@ -33,9 +33,6 @@ def aligned_files(tmp_path_factory):
 
 def _register(prefix, teacher_path, aligned_path, k=K):
   from tasks import distillation  # pylint: disable=g-import-not-at-top
-  for name in [f"{prefix}_{f}" for f in ("zs_ao", "zs_cot", "icl_ao", "icl_cot")]:
-    seqio.TaskRegistry.remove(name)
-  seqio.MixtureRegistry.remove(prefix)
   return distillation.register_distillation_tasks(prefix, str(teacher_path), teacher_k=k,
                                                    aligned_data_path=str(aligned_path))
 
@@ -76,6 +73,25 @@ def test_cot_examples_carry_the_aligned_rows(data_dir, aligned_files):
     kept_total += row.kept
     assert teacher_features.TEACHER_TARGET_IDS not in example
   assert kept_total > 0.9 * sum(len(r.target_ids) for r in rows.values())
+
+
+def test_mixture_keeps_the_teacher_features_through_the_converter(data_dir, aligned_files):
+  """A SeqIO Mixture keeps only its tasks' output features: the teacher features must be among
+  them, or the top-k mixture would reach the model without its teacher distributions."""
+  teacher_path, aligned_path, _ = aligned_files
+  mixture = _register("topk_mix", teacher_path, aligned_path)
+  from tasks import distillation  # pylint: disable=g-import-not-at-top
+  assert distillation.register_distillation_tasks(  # registering again replaces
+      "topk_mix", str(teacher_path), teacher_k=K, aligned_data_path=str(aligned_path),
+      rates={"zs_cot": 1.0}) == mixture
+  lengths = {"inputs": 256, "targets": 128}
+  batch = next(seqio.get_dataset(
+      mixture, task_feature_lengths=lengths, dataset_split="train", shuffle=False, num_epochs=1,
+      feature_converter=fc.TeacherEncDecFeatureConverter(pack=True)).as_numpy_iterator())
+  assert batch[fc.TEACHER_TOPK_IDS].shape == batch[fc.TEACHER_TOPK_LOGPROBS].shape == (128, K)
+  real = batch["decoder_target_tokens"] > 0
+  mass = np.exp(batch[fc.TEACHER_TOPK_LOGPROBS]).sum(-1)[real]
+  assert 0.5 < mass.mean() < 1.0  # top-k teacher rows, not only one-hot rows (mass 1)
 
 
 def test_answer_only_and_unaligned_examples_are_one_hot(data_dir, aligned_files, tmp_path):
