@@ -4,7 +4,7 @@
   specialize score --task TASK --predictions FILE.jsonl [--metric_mode {default,paper}]
   specialize tasks [--filter SUBSTRING]
   specialize prepare_tfds --tfds_data_dir DIR [--source_dir DIR]
-  specialize convert --from {hf,t5x,auto} SRC --to {hf,orbax} DST
+  specialize convert --from {hf,t5x,auto} SRC --to {hf,orbax,t5x} DST
   specialize train|eval|infer --gin_file=F [--gin_file=F2] [--gin.X=Y ...] [--gin_search_paths=P,...]
   specialize demo [--output_dir runs/demo]
   specialize sweep MODEL_DIR [--tasks T ...] [--bbh_tasks B ...] [--max_examples N] [--include_start CKPT]
@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("convert", help="convert a checkpoint between HF, T5X and orbax formats")
   p.add_argument("--from", dest="src_format", choices=("hf", "t5x", "auto"), default="auto")
   p.add_argument("src")
-  p.add_argument("--to", dest="dst_format", choices=("hf", "orbax"), required=True)
+  p.add_argument("--to", dest="dst_format", choices=("hf", "orbax", "t5x"), required=True,
+                 help="t5x: T5X's legacy layout; name DST checkpoint_<step>")
   p.add_argument("dst")
   p.set_defaults(fn=_cmd_convert)
 

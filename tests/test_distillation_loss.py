@@ -82,12 +82,18 @@ def test_kl_matches_numpy(params, renormalize, factor):
 
 
 @pytest.mark.parametrize('with_weights', [True, False])
-def test_one_hot_teacher_is_cross_entropy(params, with_weights):
+@pytest.mark.parametrize('rows', ['converter', 'one_hot_teacher'])
+def test_one_hot_teacher_is_cross_entropy(params, with_weights, rows):
+  """One-hot rows from the feature converter (k slots) or `one_hot_teacher` (k = 1, used by the
+  T5X bridge's training eval) turn the KL into the cross-entropy."""
   batch = dict(_model_batch())
   if not with_weights:  # then both losses count every position, padding included
     del batch['decoder_loss_weights']
   targets = np.asarray(batch['decoder_target_tokens'])
-  one_hot = feature_converters.one_hot_teacher_features(targets, K)
+  if rows == 'converter':
+    one_hot = feature_converters.one_hot_teacher_features(targets, K)
+  else:
+    one_hot = distillation_loss.one_hot_teacher(jnp.asarray(targets))
   batch.update({k: jnp.asarray(np.asarray(v)) for k, v in one_hot.items()})
   sample = models.EncoderDecoderModel(TINY, z_loss=1e-3, loss_normalizing_factor=3.0)
   distribution = models.EncoderDecoderModel(TINY, z_loss=1e-3, loss_normalizing_factor=3.0,

@@ -102,6 +102,13 @@ class TeacherKL:
     return (1.0 - self.ce_weight) * kl, metrics
 
 
+def one_hot_teacher(targets: Array) -> Mapping[str, Array]:
+  """Teacher features (k = 1) that put all mass on `targets [batch, length]`: the KL is then the
+  cross-entropy. For evaluating a distribution-loss model on tasks without teacher features."""
+  return {TEACHER_TOPK_IDS: targets.astype(jnp.int32)[..., None],
+          TEACHER_TOPK_LOGPROBS: jnp.zeros(targets.shape + (1,), jnp.float32)}
+
+
 def loss_terms(loss_type: str = 'sample', ce_weight: float = 0.0,
                renormalize: bool = False) -> Tuple[float, Tuple[TeacherKL, ...]]:
   """`(cross_entropy_weight, extra_losses)` for `EncoderDecoderModel` from a loss type.

@@ -1,0 +1,311 @@
+"""The T5X bridge (gin/t5x/, specialize_jax/t5x_bridge.py).
+
+Without T5X (CI): every name the gin files import, include, bind or reference exists in our package
+or among the T5X names they rely on, and `import specialize_jax` never imports T5X. With T5X
+installed (it is not on PyPI; install it from its repository to run these): a real
+`python -m t5x.train` run of gin/t5x/tiny_cpu.gin with the distribution loss, and a checkpoint
+round trip between `specialize train` and T5X.
+"""
+import ast
+import importlib
+import inspect
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gin import config_parser
+import specialize_jax
+from specialize_jax import cli
+from specialize_jax.data import alignment
+from specialize_jax.data import teacher_data
+from specialize_jax.data import teacher_sources
+from specialize_jax.model import checkpoints
+from specialize_jax.model import hf_conversion
+import shared_data
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+GIN_DIR = ROOT / "gin"
+T5X_GIN_FILES = sorted((GIN_DIR / "t5x").glob("*.gin"))
+BRIDGE_MODULE = "specialize_jax.t5x_bridge"
+CODEX = "teacher_outputs/fu2023_codex_notebook/codex_gsm8k_train0_50samples_top5.json"
+# The T5X names the gin files use: their modules and the attributes bound or referenced, and the
+# T5X config files they include. Checked against T5X itself when it is installed.
+T5X_NAMES = {
+    "t5x.decoding": {"temperature_sample"},
+    "t5x.optimizers": {"adamw"},
+    "t5x.partitioning": {"PjitPartitioner"},
+    "t5x.trainer": {"Trainer"},
+    "t5x.utils": {"create_learning_rate_scheduler", "RestoreCheckpointConfig",
+                  "SaveCheckpointConfig", "DatasetConfig"},
+    "t5x.examples.t5.network": {"Transformer", "T5Config"},
+}
+T5X_GIN_INCLUDES = {"t5x/configs/runs/finetune.gin"} | {
+    f"t5x/examples/t5/t5_1_1/{size}.gin" for size in ("tiny", "small", "base", "large", "xl",
+                                                      "xxl")}
+# Macros the included T5X files define (t5_1_1/base.gin and finetune.gin).
+T5X_MACROS = {"Z_LOSS", "LABEL_SMOOTHING", "LOSS_NORMALIZING_FACTOR", "OPTIMIZER", "MODEL_DIR",
+              "TRAIN_STEPS", "BATCH_SIZE", "EVAL_STEPS", "RANDOM_SEED"}
+
+
+def _has_t5x() -> bool:
+  try:
+    importlib.import_module("t5x")
+    return True
+  except ImportError:
+    return False
+
+
+class _References(config_parser.ParserDelegate):
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    return ("@", scoped_configurable_name.split("/")[-1])
+
+  def macro(self, macro_name):
+    return ("%", macro_name)
+
+
+def _refs(value):
+  if isinstance(value, tuple) and len(value) == 2 and value[0] in ("@", "%"):
+    yield value
+  elif isinstance(value, (tuple, list)):
+    for item in value:
+      yield from _refs(item)
+  elif isinstance(value, dict):
+    for item in value.values():
+      yield from _refs(item)
+
+
+def _statements(path):
+  with open(path, encoding="utf-8") as f:
+    return list(config_parser.ConfigParser(f, _References()))
+
+
+def _resolve(module_name: str, attribute: str):
+  """The object `module.attribute`; None (after checking the name) for modules that need T5X
+  when it is absent: T5X's own and our bridge, whose top-level names are read from its source."""
+  if module_name.split(".")[0] == "t5x":
+    assert attribute in T5X_NAMES.get(module_name, ()), (
+        f"{module_name}.{attribute} is not among the T5X names this test knows; add it to "
+        "T5X_NAMES after checking it in T5X")
+    if not _has_t5x():
+      return None
+  if module_name == BRIDGE_MODULE and not _has_t5x():
+    tree = ast.parse((ROOT / "specialize_jax" / "t5x_bridge.py").read_text(encoding="utf-8"))
+    names = {node.name for node in tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
+    assert attribute in names, f"{module_name} has no {attribute}"
+    return None
+  return getattr(importlib.import_module(module_name), attribute)
+
+
+def _accepts(target, parameter: str) -> bool:
+  target = target.__init__ if inspect.isclass(target) else target
+  parameters = inspect.signature(target).parameters
+  return parameter in parameters or any(
+      p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+@pytest.mark.parametrize("path", T5X_GIN_FILES, ids=lambda p: p.name)
+def test_gin_files_reference_only_existing_names(path):
+  modules, macros_defined, macros_used, selectors = {}, set(), set(), []
+  for statement in _statements(path):
+    where = f"{path.name}:{statement.location.line_num}"
+    if isinstance(statement, config_parser.ImportStatement):
+      if statement.module.startswith("__gin__"):
+        continue
+      alias = statement.alias or statement.module.split(".")[-1]
+      modules[alias] = statement.module
+      if statement.module == BRIDGE_MODULE:
+        assert (ROOT / "specialize_jax" / "t5x_bridge.py").is_file()
+      elif statement.module.split(".")[0] in ("specialize_jax", "tasks", "seqio", "optax"):
+        importlib.import_module(statement.module)
+      else:
+        assert statement.module in T5X_NAMES, f"{where}: unknown module {statement.module}"
+    elif isinstance(statement, config_parser.IncludeStatement):
+      ours = GIN_DIR / statement.filename
+      assert ours.is_file() or statement.filename in T5X_GIN_INCLUDES, (
+          f"{where}: include {statement.filename!r} is neither in gin/ nor a T5X config file")
+    elif isinstance(statement, config_parser.BindingStatement):
+      if "." not in statement.selector:  # a macro
+        macros_defined.add(statement.selector)
+      else:
+        selectors.append((where, statement.selector, statement.arg_name))
+      for kind, name in _refs(statement.value):
+        if kind == "%":
+          macros_used.add(name)
+        else:
+          selectors.append((where, name, None))
+  for where, selector, arg_name in selectors:
+    alias, _, attribute = selector.rpartition(".")
+    assert alias in modules, f"{where}: {selector} uses {alias!r}, which the file does not import"
+    target = _resolve(modules[alias], attribute)
+    if target is not None and arg_name:
+      assert _accepts(target, arg_name), f"{where}: {selector} has no parameter {arg_name!r}"
+  included_macros = set()
+  for statement in _statements(path):
+    if isinstance(statement, config_parser.IncludeStatement) and (
+        GIN_DIR / statement.filename).is_file():
+      included_macros |= {s.selector for s in _statements(GIN_DIR / statement.filename)
+                          if isinstance(s, config_parser.BindingStatement) and "." not in
+                          s.selector}
+  undefined = macros_used - macros_defined - included_macros - T5X_MACROS
+  assert not undefined, f"{path.name} uses macros nobody defines: {sorted(undefined)}"
+
+
+def test_every_flan_t5_size_has_a_t5x_config():
+  names = {p.name for p in T5X_GIN_FILES}
+  assert {f"flan_t5_{s}.gin" for s in ("small", "base", "large", "xl", "xxl")} <= names
+  assert "tiny_cpu.gin" in names
+
+
+def test_importing_the_package_never_imports_t5x():
+  code = ("import sys, specialize_jax, specialize_jax.cli, specialize_jax.model.models; "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] == 't5x' or "
+          "m == 'specialize_jax.t5x_bridge'))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
+
+
+def test_convert_to_t5x_writes_the_legacy_layout_at_the_named_step(tmp_path):
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  import test_network  # pylint: disable=g-import-not-at-top
+  params = test_network.random_params(test_network.TINY, seed=3)
+  source = checkpoints.save_orbax(params, test_network.TINY, tmp_path / "ours")
+  assert cli.main(["convert", source, "--to", "t5x", str(tmp_path / "out")]) == 2  # no step
+  assert not (tmp_path / "out").exists()
+  step_dir = tmp_path / "for_t5x" / "checkpoint_1234"
+  assert cli.main(["convert", source, "--to", "t5x", str(step_dir)]) == 0
+  state = serialization.msgpack_restore((step_dir / "checkpoint").read_bytes())
+  assert int(state["optimizer"]["state"]["step"]) == 1234
+  assert "param_states" not in state["optimizer"]["state"]  # no invented optimizer state
+  _, loaded = checkpoints.load_checkpoint(step_dir, fmt="t5x")
+  expected, got = hf_conversion.flatten_params(params), hf_conversion.flatten_params(loaded)
+  assert set(expected) == set(got)
+  for name, value in expected.items():
+    np.testing.assert_array_equal(got[name], np.asarray(value), err_msg=name)
+
+
+# -- with T5X installed ---------------------------------------------------------------------------
+
+needs_t5x = pytest.mark.skipif(not _has_t5x(), reason=(
+    "T5X is not installed (it is not on PyPI): install it from github.com/google-research/t5x "
+    "to run the T5X bridge end to end"))
+
+TINY_DIMS = {"emb_dim": 8, "num_heads": 4, "head_dim": 3, "mlp_dim": 16}  # T5X's t5_1_1/tiny.gin
+
+
+@pytest.fixture(scope="module")
+def teacher_files(tmp_path_factory):
+  """The paper's code-davinci-002 samples of GSM8K train[0] and their aligned top-5 file."""
+  root = tmp_path_factory.mktemp("t5x_teacher")
+  records = teacher_sources.records_from_fu2023_codex(shared_data.shared_file(CODEX))[:1]
+  teacher_path = root / "teacher.jsonl"
+  teacher_data.write_records(teacher_path, records)
+  lines, _ = alignment.align_records(records, shared_data.shared_file("tokenizer/t5_spiece.model"))
+  aligned_path = root / "aligned.jsonl"
+  aligned_path.write_text("".join(lines), encoding="utf-8")
+  return teacher_path, aligned_path
+
+
+def _t5x_train(model_dir, *bindings, timeout=300):
+  """Runs `python -m t5x.train` with gin/t5x/tiny_cpu.gin; returns its log."""
+  args = [sys.executable, "-m", "t5x.train", f"--gin_search_paths={GIN_DIR}",
+          "--gin_file=t5x/tiny_cpu.gin", f'--gin.MODEL_DIR="{model_dir}"', *bindings]
+  # One CPU device: T5X lays 8 fake CPU devices out as a model-parallel mesh the tiny model's
+  # 12-wide projections do not divide.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # T5X can hang at exit after an error (tf.data teardown), hence the timeout.
+  run = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+  assert run.returncode == 0, run.stderr[-6000:]
+  return run.stderr
+
+
+def _scalars(event_dir):
+  """{tag: {step: value}} from the TensorBoard event files T5X wrote in `event_dir`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  values = {}
+  for path in sorted(pathlib.Path(event_dir).glob("events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        array = tf.make_ndarray(value.tensor) if value.HasField("tensor") else None
+        if array is not None and array.dtype.kind == "f":  # scalars, not the gin text summary
+          values.setdefault(value.tag, {})[event.step] = float(array)
+  return values
+
+
+@needs_t5x
+def test_tiny_t5x_run_trains_with_the_distribution_loss(data_dir, teacher_files, tmp_path):
+  teacher_path, aligned_path = teacher_files
+  model_dir = tmp_path / "t5x_run"
+  _t5x_train(model_dir, "--gin.LOSS_TYPE='distribution'", "--gin.TEACHER_K=5",
+             f"--gin.TEACHER_DATA='{teacher_path}'", f"--gin.ALIGNED_DATA='{aligned_path}'")
+  train = _scalars(model_dir / "train")
+  assert sorted(train["loss"]) == [2, 4]
+  for step in (2, 4):
+    # ce_weight 0: the loss is the teacher KL plus the z-loss; the real top-5 rows hold < 1 mass.
+    assert train["loss"][step] == pytest.approx(train["kl"][step] + train["z_loss"][step],
+                                                rel=1e-5)
+    assert 0.5 < train["teacher_mass"][step] < 0.999
+    assert train["kl"][step] < train["cross_ent_loss"][step]
+  # Training eval on a task without teacher features: the one-hot teacher, KL = cross-entropy.
+  train_eval = _scalars(model_dir / "training_eval" / "gsm8k_dev_zs_cot")
+  assert train_eval["kl"][4] == pytest.approx(train_eval["cross_ent_loss"][4], rel=1e-5)
+  assert train_eval["teacher_mass"][4] == pytest.approx(1.0)
+  # Inference eval with our metrics, on 8 examples.
+  with open(model_dir / "inference_eval" / "gsm8k_dev_zs_cot-metrics.jsonl",
+            encoding="utf-8") as f:
+    metrics = [json.loads(line) for line in f]
+  assert [m["step"] for m in metrics] == [2, 4]
+  assert {"accuracy", "accuracy_paper"} <= set(metrics[-1])
+  with open(model_dir / "inference_eval" / "gsm8k_dev_zs_cot-000004.jsonl",
+            encoding="utf-8") as f:
+    assert len(f.readlines()) == 8
+  assert (model_dir / "checkpoint_4").is_dir()
+
+
+@needs_t5x
+def test_checkpoints_round_trip_between_specialize_and_t5x(data_dir, tmp_path):
+  """specialize train -> convert --to t5x -> T5X restores, trains, saves -> our loader reads T5X's
+  copy of the restored step identically; and our network reproduces T5X's logits on it."""
+  ours = tmp_path / "ours"
+  overrides = {"MODEL_DIR": f"'{ours}'", "MIXTURE_OR_TASK_NAME": "'gsm8k_distill_zs_cot'",
+               "TASK_FEATURE_LENGTHS": "{'inputs': 256, 'targets': 128}", "TRAIN_STEPS": 2,
+               "BATCH_SIZE": 8, "CHECKPOINT_PERIOD": 2,
+               **{f"model_config.T5Config.{k}": v for k, v in TINY_DIMS.items()}}
+  assert cli.main(["train", "--gin_file=runs/specialize.gin", "--gin_file=models/tiny.gin"] +
+                  [f"--gin.{k}={v}" for k, v in overrides.items()]) == 0
+  handed = tmp_path / "to_t5x" / "checkpoint_2"
+  assert cli.main(["convert", str(ours), "--to", "t5x", str(handed)]) == 0
+  t5x_dir = tmp_path / "t5x_run"
+  _t5x_train(t5x_dir, f"--gin.INITIAL_CHECKPOINT_PATH='{handed}'", "--gin.TRAIN_STEPS=4")
+  # T5X continued from step 2 (a scratch start would write checkpoint_0).
+  assert sorted(p.name for p in t5x_dir.glob("checkpoint_*")) == ["checkpoint_2", "checkpoint_4"]
+  _, original = checkpoints.load_checkpoint(ours / "checkpoint_2")
+  _, restored = checkpoints.load_checkpoint(t5x_dir / "checkpoint_2")
+  _, trained = checkpoints.load_checkpoint(t5x_dir / "checkpoint_4")
+  original, restored, trained = map(hf_conversion.flatten_params, (original, restored, trained))
+  assert set(original) == set(restored) == set(trained)
+  for name in original:
+    np.testing.assert_array_equal(restored[name], original[name], err_msg=name)
+  assert any(not np.allclose(trained[n], original[n]) for n in original)
+
+  # T5X's network and ours give the same logits from the checkpoint T5X trained.
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from t5x.examples.t5 import network as t5x_network  # pylint: disable=g-import-not-at-top
+  model = specialize_jax.load_pretrained(t5x_dir / "checkpoint_4")
+  rng = np.random.default_rng(0)
+  encoder = rng.integers(2, 32000, size=(2, 12)).astype(np.int32)
+  targets = rng.integers(2, 32000, size=(2, 7)).astype(np.int32)
+  decoder = np.pad(targets[:, :-1], ((0, 0), (1, 0)))  # shifted right, BOS 0
+  config = t5x_network.T5Config(vocab_size=32128, dtype="float32", num_encoder_layers=2,
+                                num_decoder_layers=2, mlp_activations=("gelu", "linear"),
+                                dropout_rate=0.0, logits_via_embedding=False, **TINY_DIMS)
+  t5x_logits = t5x_network.Transformer(config).apply(
+      {"params": jax.tree.map(jnp.asarray, hf_conversion.unflatten_params(trained))},
+      encoder, decoder, targets, enable_dropout=False)
+  np.testing.assert_allclose(model.logits(encoder, decoder, targets), np.asarray(t5x_logits),
+                             atol=1e-5)
