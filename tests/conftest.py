@@ -33,3 +33,21 @@ def data_dir(monkeypatch):
 @pytest.fixture
 def vocab_path():
   return shared_data.shared_file("tokenizer/t5_spiece.model")
+
+
+@pytest.fixture(scope="session")
+def codex_aligned_files(tmp_path_factory):
+  """The paper's code-davinci-002 samples of GSM8K train[0] (top-5 logprobs) as a teacher file, and
+  its aligned file: `(teacher_path, aligned_path, records)`."""
+  from specialize_jax.data import alignment  # pylint: disable=g-import-not-at-top
+  from specialize_jax.data import teacher_data  # pylint: disable=g-import-not-at-top
+  from specialize_jax.data import teacher_sources  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("codex_teacher")
+  records = teacher_sources.records_from_fu2023_codex(shared_data.shared_file(
+      "teacher_outputs/fu2023_codex_notebook/codex_gsm8k_train0_50samples_top5.json"))[:1]
+  teacher_path = root / "teacher.jsonl"
+  teacher_data.write_records(teacher_path, records)
+  lines, _ = alignment.align_records(records, shared_data.shared_file("tokenizer/t5_spiece.model"))
+  aligned_path = root / "aligned.jsonl"
+  aligned_path.write_text("".join(lines), encoding="utf-8")
+  return teacher_path, aligned_path, records

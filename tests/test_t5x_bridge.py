@@ -21,18 +21,13 @@ import pytest
 from gin import config_parser
 import specialize_jax
 from specialize_jax import cli
-from specialize_jax.data import alignment
-from specialize_jax.data import teacher_data
-from specialize_jax.data import teacher_sources
 from specialize_jax.model import checkpoints
 from specialize_jax.model import hf_conversion
-import shared_data
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GIN_DIR = ROOT / "gin"
 T5X_GIN_FILES = sorted((GIN_DIR / "t5x").glob("*.gin"))
 BRIDGE_MODULE = "specialize_jax.t5x_bridge"
-CODEX = "teacher_outputs/fu2023_codex_notebook/codex_gsm8k_train0_50samples_top5.json"
 # The T5X names the gin files use: their modules and the attributes bound or referenced, and the
 # T5X config files they include. Checked against T5X itself when it is installed.
 T5X_NAMES = {
@@ -197,19 +192,6 @@ needs_t5x = pytest.mark.skipif(not _has_t5x(), reason=(
 TINY_DIMS = {"emb_dim": 8, "num_heads": 4, "head_dim": 3, "mlp_dim": 16}  # T5X's t5_1_1/tiny.gin
 
 
-@pytest.fixture(scope="module")
-def teacher_files(tmp_path_factory):
-  """The paper's code-davinci-002 samples of GSM8K train[0] and their aligned top-5 file."""
-  root = tmp_path_factory.mktemp("t5x_teacher")
-  records = teacher_sources.records_from_fu2023_codex(shared_data.shared_file(CODEX))[:1]
-  teacher_path = root / "teacher.jsonl"
-  teacher_data.write_records(teacher_path, records)
-  lines, _ = alignment.align_records(records, shared_data.shared_file("tokenizer/t5_spiece.model"))
-  aligned_path = root / "aligned.jsonl"
-  aligned_path.write_text("".join(lines), encoding="utf-8")
-  return teacher_path, aligned_path
-
-
 def _t5x_train(model_dir, *bindings, timeout=300):
   """Runs `python -m t5x.train` with gin/t5x/tiny_cpu.gin; returns its log."""
   args = [sys.executable, "-m", "t5x.train", f"--gin_search_paths={GIN_DIR}",
@@ -237,8 +219,9 @@ def _scalars(event_dir):
 
 
 @needs_t5x
-def test_tiny_t5x_run_trains_with_the_distribution_loss(data_dir, teacher_files, tmp_path):
-  teacher_path, aligned_path = teacher_files
+def test_tiny_t5x_run_trains_with_the_distribution_loss(data_dir, codex_aligned_files,
+                                                        tmp_path):
+  teacher_path, aligned_path, _ = codex_aligned_files
   model_dir = tmp_path / "t5x_run"
   _t5x_train(model_dir, "--gin.LOSS_TYPE='distribution'", "--gin.TEACHER_K=5",
              f"--gin.TEACHER_DATA='{teacher_path}'", f"--gin.ALIGNED_DATA='{aligned_path}'")

@@ -7,28 +7,10 @@ import pytest
 import seqio
 
 from specialize_jax.data import aligned_data
-from specialize_jax.data import alignment
 from specialize_jax.data import feature_converters as fc
-from specialize_jax.data import teacher_data
 from specialize_jax.data import teacher_features
-from specialize_jax.data import teacher_sources
-import shared_data
 
 K = 5
-CODEX = "teacher_outputs/fu2023_codex_notebook/codex_gsm8k_train0_50samples_top5.json"
-
-
-@pytest.fixture(scope="module")
-def aligned_files(tmp_path_factory):
-  """A teacher file (the real code-davinci-002 samples of GSM8K train[0]) and its aligned file."""
-  root = tmp_path_factory.mktemp("topk")
-  records = teacher_sources.records_from_fu2023_codex(shared_data.shared_file(CODEX))[:1]
-  teacher_path = root / "teacher.jsonl"
-  teacher_data.write_records(teacher_path, records)
-  aligned_path = root / "aligned.jsonl"
-  lines, _ = alignment.align_records(records, shared_data.shared_file("tokenizer/t5_spiece.model"))
-  aligned_path.write_text("".join(lines), encoding="utf-8")
-  return teacher_path, aligned_path, records
 
 
 def _register(prefix, teacher_path, aligned_path, k=K):
@@ -43,8 +25,8 @@ def _examples(task_name, targets_length=512):
   return list(ds.as_numpy_iterator())
 
 
-def test_cot_examples_carry_the_aligned_rows(data_dir, aligned_files):
-  teacher_path, aligned_path, records = aligned_files
+def test_cot_examples_carry_the_aligned_rows(data_dir, codex_aligned_files):
+  teacher_path, aligned_path, records = codex_aligned_files
   _register("topk_test", teacher_path, aligned_path)
   rows = {(r.id, r.sample_index): r for r in aligned_data.read_aligned(aligned_path)}
   examples = _examples("topk_test_zs_cot")
@@ -75,10 +57,10 @@ def test_cot_examples_carry_the_aligned_rows(data_dir, aligned_files):
   assert kept_total > 0.9 * sum(len(r.target_ids) for r in rows.values())
 
 
-def test_mixture_keeps_the_teacher_features_through_the_converter(data_dir, aligned_files):
+def test_mixture_keeps_the_teacher_features_through_the_converter(data_dir, codex_aligned_files):
   """A SeqIO Mixture keeps only its tasks' output features: the teacher features must be among
   them, or the top-k mixture would reach the model without its teacher distributions."""
-  teacher_path, aligned_path, _ = aligned_files
+  teacher_path, aligned_path, _ = codex_aligned_files
   mixture = _register("topk_mix", teacher_path, aligned_path)
   from tasks import distillation  # pylint: disable=g-import-not-at-top
   assert distillation.register_distillation_tasks(  # registering again replaces
@@ -94,8 +76,8 @@ def test_mixture_keeps_the_teacher_features_through_the_converter(data_dir, alig
   assert 0.5 < mass.mean() < 1.0  # top-k teacher rows, not only one-hot rows (mass 1)
 
 
-def test_answer_only_and_unaligned_examples_are_one_hot(data_dir, aligned_files, tmp_path):
-  teacher_path, aligned_path, _ = aligned_files
+def test_answer_only_and_unaligned_examples_are_one_hot(data_dir, codex_aligned_files, tmp_path):
+  teacher_path, aligned_path, _ = codex_aligned_files
   empty = tmp_path / "empty_aligned.jsonl"
   empty.write_text("", encoding="utf-8")
   for prefix, path, task in (("topk_ao", aligned_path, "topk_ao_zs_ao"),
@@ -108,8 +90,8 @@ def test_answer_only_and_unaligned_examples_are_one_hot(data_dir, aligned_files,
       assert np.all(example[fc.TEACHER_TOPK_LOGPROBS][:, 1:] == fc.TEACHER_PAD_LOGPROB)
 
 
-def test_trimmed_targets_end_in_a_one_hot_eos_row(data_dir, aligned_files):
-  teacher_path, aligned_path, _ = aligned_files
+def test_trimmed_targets_end_in_a_one_hot_eos_row(data_dir, codex_aligned_files):
+  teacher_path, aligned_path, _ = codex_aligned_files
   _register("topk_trim", teacher_path, aligned_path)
   example = _examples("topk_trim_zs_cot", targets_length=8)[0]
   assert len(example["targets"]) == 8 and example["targets"][-1] == 1
@@ -117,8 +99,8 @@ def test_trimmed_targets_end_in_a_one_hot_eos_row(data_dir, aligned_files):
   np.testing.assert_array_equal(example[fc.TEACHER_TOPK_IDS][-1], [1, 0, 0, 0, 0])
 
 
-def test_aligned_file_from_another_vocabulary_fails_loudly(data_dir, aligned_files, tmp_path):
-  teacher_path, aligned_path, _ = aligned_files
+def test_aligned_file_from_another_vocabulary_fails_loudly(data_dir, codex_aligned_files, tmp_path):
+  teacher_path, aligned_path, _ = codex_aligned_files
   lines = aligned_path.read_text(encoding="utf-8").splitlines()
   row = json.loads(lines[0])
   row["target_ids"][0] += 1  # as if tokenized by another vocabulary
@@ -131,9 +113,9 @@ def test_aligned_file_from_another_vocabulary_fails_loudly(data_dir, aligned_fil
     _examples("topk_bad_zs_cot")
 
 
-def test_aligned_file_from_another_teacher_file_names_the_sample(data_dir, aligned_files,
+def test_aligned_file_from_another_teacher_file_names_the_sample(data_dir, codex_aligned_files,
                                                                  tmp_path):
-  teacher_path, aligned_path, records = aligned_files
+  teacher_path, aligned_path, records = codex_aligned_files
   row = json.loads(aligned_path.read_text(encoding="utf-8").splitlines()[0])
   row["target"] = row["target"] + " extra"
   stale = tmp_path / "stale.jsonl"
@@ -150,9 +132,9 @@ def test_dense_rows_keep_the_k_most_probable():
   np.testing.assert_allclose(logprobs, [[-0.1, -1.0], [0.0, fc.TEACHER_PAD_LOGPROB]])
 
 
-def test_aligned_rows_are_loaded_once_per_file_version(data_dir, aligned_files, tmp_path):
+def test_aligned_rows_are_loaded_once_per_file_version(data_dir, codex_aligned_files, tmp_path):
   from tasks import distillation  # pylint: disable=g-import-not-at-top
-  _, aligned_path, _ = aligned_files
+  _, aligned_path, _ = codex_aligned_files
   copy = tmp_path / "aligned.jsonl"
   copy.write_bytes(aligned_path.read_bytes())
   first = distillation.load_aligned_rows(str(copy), K)
