@@ -192,6 +192,22 @@ needs_t5x = pytest.mark.skipif(not _has_t5x(), reason=(
 TINY_DIMS = {"emb_dim": 8, "num_heads": 4, "head_dim": 3, "mlp_dim": 16}  # T5X's t5_1_1/tiny.gin
 
 
+@needs_t5x
+def test_the_t5x_names_the_check_relies_on_exist_in_t5x():
+  """T5X_NAMES, T5X_GIN_INCLUDES and T5X_MACROS (used above without T5X) against T5X itself."""
+  import t5x  # pylint: disable=g-import-not-at-top
+  for module, attributes in T5X_NAMES.items():
+    for attribute in attributes:
+      assert hasattr(importlib.import_module(module), attribute), f"{module}.{attribute}"
+  t5x_root = pathlib.Path(t5x.__file__).resolve().parent.parent
+  defined = set()
+  for include in T5X_GIN_INCLUDES:
+    assert (t5x_root / include).is_file(), include
+    defined |= {s.selector for s in _statements(t5x_root / include)
+                if isinstance(s, config_parser.BindingStatement) and "." not in s.selector}
+  assert T5X_MACROS <= defined, sorted(T5X_MACROS - defined)
+
+
 def _t5x_train(model_dir, *bindings, timeout=300):
   """Runs `python -m t5x.train` with gin/t5x/tiny_cpu.gin; returns its log."""
   args = [sys.executable, "-m", "t5x.train", f"--gin_search_paths={GIN_DIR}",
