@@ -64,19 +64,18 @@ def eval_settings(config: evaluator_lib.EvalConfig) -> Dict[str, Any]:
           'max_decode_length': config.max_decode_length, 'decode_method': config.decode_method}
 
 
-def is_committed(step_dir: str) -> bool:
-  """Whether a step directory is finished (`checkpoints.is_committed_step_dir`)."""
-  return checkpoints.is_committed_step_dir(step_dir)
-
-
 def committed_checkpoints(model_dir: str) -> List[Tuple[int, str]]:
   """(step, path) of the committed step directories of a run, by step."""
-  found = evaluator_lib.list_checkpoint_steps(model_dir)
-  skipped = [path for _, path in found if not is_committed(path)]
+  committed, skipped = [], []
+  for step, path in evaluator_lib.list_checkpoint_steps(model_dir):
+    if checkpoints.is_committed_step_dir(path):
+      committed.append((step, path))
+    else:
+      skipped.append(path)
   if skipped:
     logging.warning('Skipping uncommitted step directories (saves in flight or cut short): %s',
                     skipped)
-  return [(step, path) for step, path in found if is_committed(path)]
+  return committed
 
 
 @dataclasses.dataclass
