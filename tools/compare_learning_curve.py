@@ -86,7 +86,7 @@ def main() -> None:
                labels=labels)
     out.loss.backward()
     peer_optimizer.step()
-    theirs.append(float(out.loss))
+    theirs.append(out.loss.item())
   every = sorted(set(range(0, args.steps, 10)) | {args.steps - 1})
   print(json.dumps({"steps": args.steps, "lr": args.lr, "batch": args.batch,
                     "peer_init": "transformers" if args.hf_init else "ours",
