@@ -1,7 +1,7 @@
 """`specialize demo`: the paper's claim in miniature, on a laptop, with no download.
 
 It writes the generated demo data (`synthetic.write_demo_data`: seeded multi-step arithmetic word
-problems as teacher data, plus a 256-piece BPE vocabulary), trains two tiny students from scratch
+problems as teacher data, plus a 384-piece BPE vocabulary), trains two tiny students from scratch
 with the real trainer and gin configs — one on chain-of-thought targets
 (`gin/experiments/demo_cpu.gin`), one on answer-only targets
 (`gin/experiments/demo_cpu_answer_only.gin`) — evaluates both with the real evaluator, and prints

@@ -31,7 +31,7 @@ def train(model_dir: str, log=print) -> dict:
   from specialize_jax.training import optimizers
   from specialize_jax.training import trainer
   # pylint: enable=g-import-not-at-top
-  config = T5Config(vocab_size=256, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=1,
+  config = T5Config(vocab_size=384, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=1,
                     num_decoder_layers=1, mlp_dim=64, dropout_rate=0.0)
   dataset = input_pipeline.DatasetConfig('demo_train_cot', {'inputs': 128, 'targets': 64},
                                          batch_size=BATCH_SIZE, shuffle=False,

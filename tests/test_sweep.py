@@ -1,7 +1,7 @@
 """`specialize sweep` on a real tiny run: each (checkpoint, task) pair is decoded once, a second sweep
 decodes nothing, an interrupted sweep resumes, other eval settings are evaluated again.
 
-The run: a tiny T5 (1+1 layers, width 32, the demo's 256-piece vocabulary) trained 6 steps on
+The run: a tiny T5 (1+1 layers, width 32, the demo's 384-piece vocabulary) trained 6 steps on
 `demo_train_cot` with a checkpoint every 2 steps (checkpoints 2, 4, 6); eval on 4 examples of two
 demo tasks with 8 decoded tokens, so decoding is cheap and the test is mostly one compilation.
 """
@@ -21,7 +21,7 @@ from specialize_jax.training import input_pipeline
 from specialize_jax.training import optimizers
 from specialize_jax.training import trainer
 
-TINY = T5Config(vocab_size=256, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=1,
+TINY = T5Config(vocab_size=384, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=1,
                 num_decoder_layers=1, mlp_dim=64, dropout_rate=0.0)
 STEPS = (2, 4, 6)
 TASKS = ('demo_id_cot', 'demo_ood_cot')

@@ -6,8 +6,7 @@ chain-of-thought targets beats one trained on answer-only targets. This module m
 Terms:
   problem: a person starts with some objects and 1-4 *steps* (add, subtract, multiply, divide
     evenly) change how many they hold; the question asks how many they have at the end. Every
-    intermediate and final value lies in [1, MAX_VALUE], so a tiny model can learn the arithmetic
-    digit by digit.
+    intermediate and final value lies in [1, MAX_VALUE], and each is one token of the vocabulary.
   gold chain of thought (CoT): one line per step with the operation written out, ending exactly in
     `The answer is N` (the project's CoT target form, see `formats`)::
 
@@ -29,16 +28,19 @@ Terms:
     (parameters and sha256 of every file, so a second call with the same parameters reuses them).
     Every record's `meta` holds `{"num_steps": k}`.
 
-Vocabulary: a SentencePiece BPE model of VOCAB_SIZE=256 pieces trained in-process on the training
+Vocabulary: a SentencePiece BPE model of VOCAB_SIZE=384 pieces trained in-process on the training
 texts as the model sees them (`vocabulary_text`: both input formats and the CoT targets; under a
-second). Digits are split (`split_digits`) and `▁0`..`▁9` are user-defined pieces, so every number
-is one token per digit (the reference run behind the demo measured that such a BPE vocabulary needs
-half the tokens of a unigram one). Ids follow T5: pad 0, eos 1, unk 2, no bos, no byte fallback.
-Every ASCII letter, digit and common punctuation mark is a required character, so OOD names never
-map to unk; the merges are learned from in-distribution text only, so OOD words split into short
-pieces (part of the shift). Newlines follow the T5 vocabulary's convention: there is no newline
-piece and a newline encodes like a space (the default `nmt_nfkc` normalizer), so a decoded CoT comes
-back on one line and answer extraction still finds `The answer is N` at its end.
+second). Every value a problem can hold is one piece: `▁0`..`▁99` are user-defined pieces and digits
+are not split, so `17 + 8 = 25.` is five tokens and each sits at a fixed offset from the result.
+Measured here (600 steps of the demo's CoT student, same problems): whole-number pieces reached
+49.3 % in-distribution where split digits (one token per digit, 256 pieces) reached 33.0 %; the
+split-digit student got the units digit of 55 % of its own sums and differences wrong. Ids follow
+T5: pad 0, eos 1, unk 2, no bos, no byte fallback. Every ASCII letter, digit and common punctuation
+mark is a required character, so OOD names never map to unk; the merges are learned from
+in-distribution text only, so OOD words split into short pieces (part of the shift). Newlines follow
+the T5 vocabulary's convention: there is no newline piece and a newline encodes like a space (the
+default `nmt_nfkc` normalizer), so a decoded CoT comes back on one line and answer extraction still
+finds `The answer is N` at its end.
 
 Randomness: each split draws from its own `numpy.random.default_rng([seed, split number])`, one
 block of uniforms per problem, so the same seed gives the same problems on every platform.
@@ -60,12 +62,15 @@ from specialize_jax.data import formats
 from specialize_jax.data import teacher_data
 
 SOURCE = "demo"
-# Every value in a problem has at most two digits: a 2+2-layer student trained for five minutes on
-# CPU learns two-digit arithmetic digit by digit, while three-digit values (generator version 1)
-# left it at 12 % in-distribution (README "Measured").
+# Difficulty is set so that a 2+2-layer student trained for five minutes on CPU learns one step
+# well; the CoT-vs-answer-only gap then shows on the multi-step problems. Every value has at most two
+# digits (three-digit values, generator version 1, left the CoT student at 12 % in-distribution) and
+# added or removed amounts have one digit: with amounts up to 20 (version 2) the CoT student got
+# 45 % of its additions right and reached 49.3 % in-distribution, with amounts up to 9 65.0 % (600
+# steps each, measured here, README "Measured").
 MAX_VALUE = 99
 MIN_START, MAX_START = 2, 20
-MIN_AMOUNT, MAX_AMOUNT = 2, 20  # Added or removed objects; removals also leave at least 1.
+MIN_AMOUNT, MAX_AMOUNT = 2, 9  # Added or removed objects; removals also leave at least 1.
 FACTORS = (2, 3, 4, 5)  # Multipliers and divisors.
 # Only values up to this are multiplied (products <= 95): one-digit-times-two-digit arithmetic.
 MAX_MULTIPLICAND = 19
@@ -73,18 +78,20 @@ MAX_STEPS = 4
 TRAIN_STEPS = (1, 2, 3)
 LONG_STEPS = (4,)
 
-VOCAB_SIZE = 256
+VOCAB_SIZE = 384
+# One piece per value: no problem holds a number above MAX_VALUE.
+NUMBER_PIECES = tuple(f"\u2581{n}" for n in range(MAX_VALUE + 1))
 VOCAB_FILE = "spm.model"
 # Characters the vocabulary always has, so text in other wording (OOD names) never maps to unk. Not
-# all of string.punctuation: each required character takes one of the 256 pieces from the merges.
+# all of string.punctuation: each required character takes one of the pieces from the merges.
 REQUIRED_CHARS = string.ascii_letters + string.digits + ".,;:!?'+-*/="
 MANIFEST_FILE = "manifest.json"
 SPLIT_FILES = {"train": "train.jsonl", "test_id": "test_id.jsonl", "test_ood": "test_ood.jsonl",
                "test_long": "test_long.jsonl"}
 EVAL_SPLITS = ("test_id", "test_ood", "test_long")
 # Bumped whenever generation or vocabulary training changes, so old demo directories are rebuilt.
-GENERATOR_VERSION = 2
-# Text lines the vocabulary trains on: more adds nothing to 256 pieces and costs time.
+GENERATOR_VERSION = 3
+# Text lines the vocabulary trains on: more adds nothing to VOCAB_SIZE pieces and costs time.
 VOCAB_TRAINING_PROBLEMS = 20_000
 
 OPERATIONS = ("add", "subtract", "multiply", "divide")
@@ -320,8 +327,8 @@ def train_vocabulary(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> byte
   model = io.BytesIO()
   sentencepiece.SentencePieceTrainer.train(
       sentence_iterator=iter(texts), model_writer=model, model_type="bpe",
-      vocab_size=vocab_size, character_coverage=1.0, split_digits=True,
-      user_defined_symbols=[f"\u2581{d}" for d in range(10)],
+      vocab_size=vocab_size, character_coverage=1.0, split_digits=False,
+      user_defined_symbols=list(NUMBER_PIECES),
       required_chars=REQUIRED_CHARS,
       pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=False,
       num_threads=1, minloglevel=2)

@@ -62,8 +62,8 @@ PRESETS = {
     # A 2+2 layer model of width 16 for CPU tests.
     'tiny': T5Config(emb_dim=16, num_heads=2, num_encoder_layers=2, num_decoder_layers=2,
                      head_dim=8, mlp_dim=32),
-    # The embedded demo's student (gin/models/demo_tiny.gin) over its 256-piece vocabulary.
-    'demo': T5Config(vocab_size=256, emb_dim=128, num_heads=4, num_encoder_layers=2,
+    # The embedded demo's student (gin/models/demo_tiny.gin) over its 384-piece vocabulary.
+    'demo': T5Config(vocab_size=384, emb_dim=128, num_heads=4, num_encoder_layers=2,
                      num_decoder_layers=2, head_dim=32, mlp_dim=512, dropout_rate=0.0),
     'small': T5Config(emb_dim=512, num_heads=6, num_encoder_layers=8, num_decoder_layers=8,
                       head_dim=64, mlp_dim=1024),

@@ -54,7 +54,8 @@ def model_feature_lengths(config: DatasetConfig) -> Dict[str, int]:
   return dict(converter.get_model_feature_lengths(dict(config.task_feature_lengths)))
 
 
-def _dataset(config: DatasetConfig, process_index: int, process_count: int):
+def _mixture_or_task(config: DatasetConfig):
+  """The registered task or mixture, or an error that suggests close names."""
   if config.mixture_or_task_name not in seqio.MixtureRegistry.names() and \
       config.mixture_or_task_name not in seqio.TaskRegistry.names():
     import difflib  # pylint: disable=g-import-not-at-top
@@ -63,6 +64,28 @@ def _dataset(config: DatasetConfig, process_index: int, process_count: int):
     raise ValueError(f"MIXTURE_OR_TASK_NAME={config.mixture_or_task_name!r} is not registered"
                      f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} "
                      "(`specialize tasks` lists them).")
+  return seqio.get_mixture_or_task(config.mixture_or_task_name)
+
+
+def check_vocabulary_fits(config: DatasetConfig, model_vocab_size: int) -> None:
+  """Raises unless every token id the data can hold is below the model's `vocab_size`.
+
+  An embedding lookup past the table's end is clamped silently under jit, so a vocabulary larger
+  than the model's would train on wrong embeddings without an error.
+  """
+  task = _mixture_or_task(config)
+  for name in ("inputs", "targets"):
+    vocabulary = task.output_features[name].vocabulary
+    if vocabulary.vocab_size > model_vocab_size:
+      raise ValueError(
+          f"MIXTURE_OR_TASK_NAME={config.mixture_or_task_name!r}: its {name!r} vocabulary has "
+          f"{vocabulary.vocab_size} ids but the model's vocab_size is {model_vocab_size}, so "
+          "larger ids would be clamped to the last embedding. Use a model gin file whose "
+          f"`T5Config.vocab_size` is at least {vocabulary.vocab_size}.")
+
+
+def _dataset(config: DatasetConfig, process_index: int, process_count: int):
+  _mixture_or_task(config)
   converter = feature_converters.TeacherEncDecFeatureConverter(pack=config.pack,
                                                                teacher_k=config.teacher_k)
   local_rows = local_batch_size(config, process_count)

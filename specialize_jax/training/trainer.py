@@ -60,6 +60,7 @@ def train(model_dir: str,
   if dataset.batch_size % num_microbatches:
     raise ValueError(f"BATCH_SIZE={dataset.batch_size} is not divisible by num_microbatches="
                      f"{num_microbatches}; change --gin.train.num_microbatches.")
+  input_pipeline.check_vocabulary_fits(dataset, model.config.vocab_size)
   os.makedirs(model_dir, exist_ok=True)
   mesh = partitioning.make_mesh(partitioner)
   partitioning.check_batch_divisible(dataset.batch_size, mesh, num_microbatches)
