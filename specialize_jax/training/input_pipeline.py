@@ -70,8 +70,8 @@ def _mixture_or_task(config: DatasetConfig):
 def check_vocabulary_fits(config: DatasetConfig, model_vocab_size: int) -> None:
   """Raises unless every token id the data can hold is below the model's `vocab_size`.
 
-  An embedding lookup past the table's end is clamped silently under jit, so a vocabulary larger
-  than the model's would train on wrong embeddings without an error.
+  The embedding lookup (`jnp.take`) fills ids past the table's end with NaN, so a vocabulary larger
+  than the model's would only show up steps later as a non-finite loss that names no cause.
   """
   task = _mixture_or_task(config)
   for name in ("inputs", "targets"):
@@ -80,7 +80,7 @@ def check_vocabulary_fits(config: DatasetConfig, model_vocab_size: int) -> None:
       raise ValueError(
           f"MIXTURE_OR_TASK_NAME={config.mixture_or_task_name!r}: its {name!r} vocabulary has "
           f"{vocabulary.vocab_size} ids but the model's vocab_size is {model_vocab_size}, so "
-          "larger ids would be clamped to the last embedding. Use a model gin file whose "
+          "larger ids would have no embedding. Use a model gin file whose "
           f"`T5Config.vocab_size` is at least {vocabulary.vocab_size}.")
 
 
