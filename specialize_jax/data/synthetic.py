@@ -34,13 +34,13 @@ second). Every value a problem can hold is one piece: `▁0`..`▁99` are user-d
 are not split, so `17 + 8 = 25.` is five tokens and each sits at a fixed offset from the result.
 Measured here (600 steps of the demo's CoT student, same problems): whole-number pieces reached
 49.3 % in-distribution where split digits (one token per digit, 256 pieces) reached 33.0 %; the
-split-digit student got the units digit of 55 % of its own sums and differences wrong. Ids follow
-T5: pad 0, eos 1, unk 2, no bos, no byte fallback. Every ASCII letter, digit and common punctuation
-mark is a required character, so OOD names never map to unk; the merges are learned from
-in-distribution text only, so OOD words split into short pieces (part of the shift). Newlines follow
-the T5 vocabulary's convention: there is no newline piece and a newline encodes like a space (the
-default `nmt_nfkc` normalizer), so a decoded CoT comes back on one line and answer extraction still
-finds `The answer is N` at its end.
+split-digit student's own arithmetic was wrong in 55 % of its lines, mostly in the units digit.
+Ids follow T5: pad 0, eos 1, unk 2, no bos, no byte fallback. Every ASCII letter, digit and common
+punctuation mark is a required character, so OOD names never map to unk; the merges are learned
+from in-distribution text only, so OOD words split into short pieces (part of the shift). Newlines
+follow the T5 vocabulary's convention: there is no newline piece and a newline encodes like a space
+(the default `nmt_nfkc` normalizer), so a decoded CoT comes back on one line and answer extraction
+still finds `The answer is N` at its end.
 
 Randomness: each split draws from its own `numpy.random.default_rng([seed, split number])`, one
 block of uniforms per problem, so the same seed gives the same problems on every platform.
@@ -65,9 +65,9 @@ SOURCE = "demo"
 # Difficulty is set so that a 2+2-layer student trained for five minutes on CPU learns one step
 # well; the CoT-vs-answer-only gap then shows on the multi-step problems. Every value has at most two
 # digits (three-digit values, generator version 1, left the CoT student at 12 % in-distribution) and
-# added or removed amounts have one digit: with amounts up to 20 (version 2) the CoT student got
-# 45 % of its additions right and reached 49.3 % in-distribution, with amounts up to 9 65.0 % (600
-# steps each, measured here, README "Measured").
+# added or removed amounts have one digit: with amounts up to 20 (and one piece per number) the CoT
+# student got 37 % of its additions right and reached 49.3 % in-distribution, with amounts up to 9
+# 58 % and 65.0 % (600 steps each, measured here, README "Measured").
 MAX_VALUE = 99
 MIN_START, MAX_START = 2, 20
 MIN_AMOUNT, MAX_AMOUNT = 2, 9  # Added or removed objects; removals also leave at least 1.
