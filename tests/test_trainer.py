@@ -204,7 +204,6 @@ def test_non_finite_loss_stops_the_run_naming_the_steps(demo_dir, model, tmp_pat
   assert [r['step'] for r in train] == [2] and np.isfinite(train[0]['loss'])
 
 
-
 def test_a_vocabulary_larger_than_the_model_fails_before_anything_is_written(demo_dir, tmp_path):
   """Ids past the embedding table would read NaN rows (`jnp.take`): the run refuses to start."""
   small = models.EncoderDecoderModel(dataclasses.replace(TINY, vocab_size=256))
@@ -212,6 +211,17 @@ def test_a_vocabulary_larger_than_the_model_fails_before_anything_is_written(dem
                                        r"vocab_size is 256.*at least 384"):
     _train(tmp_path / 'run', small, 2)
   assert not (tmp_path / 'run').exists()
+
+
+def test_an_unknown_task_name_fails_before_anything_is_written_with_suggestions(demo_dir, model,
+                                                                              tmp_path):
+  del demo_dir  # Registers the demo tasks the error suggests.
+  dataset = input_pipeline.DatasetConfig('demo_train_cott', LENGTHS, batch_size=BATCH_SIZE)
+  with pytest.raises(ValueError, match=r"MIXTURE_OR_TASK_NAME='demo_train_cott' is not registered; "
+                                       r"did you mean demo_train_cot"):
+    trainer.train(str(tmp_path / 'run'), model, dataset, 2)
+  assert not (tmp_path / 'run').exists()
+
 
 # ------------------------------------------------------------------------------------------------
 # Sharding.

@@ -75,6 +75,8 @@ def check_vocabulary_fits(config: DatasetConfig, model_vocab_size: int) -> None:
   """
   task = _mixture_or_task(config)
   for name in ("inputs", "targets"):
+    if name not in task.output_features:
+      continue
     vocabulary = task.output_features[name].vocabulary
     if vocabulary.vocab_size > model_vocab_size:
       raise ValueError(
@@ -85,7 +87,7 @@ def check_vocabulary_fits(config: DatasetConfig, model_vocab_size: int) -> None:
 
 
 def _dataset(config: DatasetConfig, process_index: int, process_count: int):
-  _mixture_or_task(config)
+  _mixture_or_task(config)  # An unknown name fails here, with suggestions.
   converter = feature_converters.TeacherEncDecFeatureConverter(pack=config.pack,
                                                                teacher_k=config.teacher_k)
   local_rows = local_batch_size(config, process_count)
