@@ -5,6 +5,7 @@ once and is reused by later evaluations; the padded last batch adds no predictio
 predictions score 100 %; a checkpoint sweep evaluates every step and a rerun skips them; `infer`
 writes one line per input, identical to the evaluator's decodes of the same inputs.
 """
+import dataclasses
 import json
 import os
 
@@ -261,12 +262,17 @@ def test_config_checks_fail_before_decoding(registry):
   config = evaluator_lib.EvalConfig(task_names=[TASK], feature_lengths={'targets': 8, 'inputs': 16})
   assert config.feature_lengths == (('inputs', 16), ('targets', 8)) and config.task_names == (TASK,)
   with pytest.raises(ValueError, match=r'example 0 has \d+ input tokens.*EVAL_FEATURE_LENGTHS'):
-    evaluator_lib.Evaluator(None, config)
+    evaluator_lib.Evaluator(models.EncoderDecoderModel(T5_CONFIG), config)
   with pytest.raises(ValueError, match="closest registered names: .*'multiarith_dev_zs_ao'"):
     evaluator_lib.expand_task_names(['multiarith_dev_zs_a0'])
   assert len(evaluator_lib.expand_task_names(['bbh_cot'])) == 27
   with pytest.raises(ValueError, match='decode_method'):
     evaluator_lib.EvalConfig(decode_method='nucleus')
+  # A model with a smaller vocabulary than the task's would embed NaN and decode nothing.
+  small = models.EncoderDecoderModel(dataclasses.replace(T5_CONFIG, vocab_size=1000))
+  with pytest.raises(ValueError, match=f"Task '{TASK}': its 'inputs' vocabulary has 32100 ids but "
+                                       "the model's vocab_size is 1000"):
+    evaluator_lib.Evaluator(small, evaluator_lib.EvalConfig(task_names=(TASK,)))
 
 
 def test_mesh_evaluation_matches_single_device(evaluator, params_pair, tmp_path):
@@ -287,5 +293,6 @@ def test_mesh_evaluation_matches_single_device(evaluator, params_pair, tmp_path)
   assert predictions(str(tmp_path / 'mesh')) == predictions(str(tmp_path / 'single'))
 
   with pytest.raises(ValueError, match='EvalConfig.batch_size=6 is not divisible by the data axis'):
-    evaluator_lib.Evaluator(None, evaluator_lib.EvalConfig(task_names=(TASK,), batch_size=6),
+    evaluator_lib.Evaluator(models.EncoderDecoderModel(T5_CONFIG),
+                            evaluator_lib.EvalConfig(task_names=(TASK,), batch_size=6),
                             mesh=mesh)

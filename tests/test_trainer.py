@@ -207,8 +207,8 @@ def test_non_finite_loss_stops_the_run_naming_the_steps(demo_dir, model, tmp_pat
 def test_a_vocabulary_larger_than_the_model_fails_before_anything_is_written(demo_dir, tmp_path):
   """Ids past the embedding table would read NaN rows (`jnp.take`): the run refuses to start."""
   small = models.EncoderDecoderModel(dataclasses.replace(TINY, vocab_size=256))
-  with pytest.raises(ValueError, match=r"'demo_train_cot'.*'inputs' vocabulary has 384 ids.*"
-                                       r"vocab_size is 256.*at least 384"):
+  with pytest.raises(ValueError, match=r"Task 'demo_train_cot': its 'inputs' vocabulary has 384 "
+                                       r"ids but the model's vocab_size is 256.*at least 384"):
     _train(tmp_path / 'run', small, 2)
   assert not (tmp_path / 'run').exists()
 

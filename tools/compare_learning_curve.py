@@ -34,6 +34,7 @@ def main() -> None:
   import torch
   import transformers
   import tasks  # pylint: disable=unused-import  (registers the demo tasks)
+  from specialize_jax.data import feature_converters
   from specialize_jax.model import config as model_config
   from specialize_jax.model import hf_conversion
   from specialize_jax.model import models
@@ -44,6 +45,7 @@ def main() -> None:
   model = models.EncoderDecoderModel(config, z_loss=0.0)
   data = input_pipeline.DatasetConfig("demo_train_cot", {"inputs": 128, "targets": 64},
                                       args.batch, pack=False, seed=0)
+  feature_converters.check_vocabulary_fits(input_pipeline.mixture_or_task(data), config.vocab_size)
   iterator = input_pipeline.TrainIterator(data, process_index=0, process_count=1)
   batches = [next(iterator) for _ in range(args.steps)]
   shapes = {"encoder_input_tokens": (2, 8), "decoder_input_tokens": (2, 8)}

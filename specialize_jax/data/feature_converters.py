@@ -40,7 +40,7 @@ Teacher features may be longer than ``targets`` only when ``targets`` has exactl
 length, i.e. a SeqIO Task trimmed ``targets`` (``trim_output_features``) but not the teacher
 features; they are then cut to the same prefix. Any other length difference is an error.
 """
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Union
 
 import seqio
 import tensorflow as tf
@@ -61,6 +61,24 @@ TEACHER_MODEL_FEATURES = {
 # Per-example lengths carried through padded_batch while packing (not model features).
 _INPUTS_LENGTH = "_inputs_length"
 _TARGETS_LENGTH = "_targets_length"
+
+
+def check_vocabulary_fits(task: Union[seqio.Task, seqio.Mixture], model_vocab_size: int) -> None:
+  """Raises unless every token id `task` can hold is below the model's `vocab_size`.
+
+  The network's embedding lookup (`jnp.take`) fills ids past the table's end with NaN, so a
+  vocabulary larger than the model's would only show up later, as a non-finite training loss or
+  empty predictions, naming no cause.
+  """
+  for name in ("inputs", "targets"):
+    if name not in task.output_features:
+      continue
+    size = task.output_features[name].vocabulary.vocab_size
+    if size > model_vocab_size:
+      raise ValueError(
+          f"Task {task.name!r}: its {name!r} vocabulary has {size} ids but the model's "
+          f"vocab_size is {model_vocab_size}, so larger ids would have no embedding. Use a model "
+          f"(gin file or checkpoint) whose `T5Config.vocab_size` is at least {size}.")
 
 
 def one_hot_teacher_features(targets: tf.Tensor, k: int) -> Dict[str, tf.Tensor]:

@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 import numpy as np
 import seqio
 
+from specialize_jax.data import feature_converters
 from specialize_jax.evaluation import inference
 from specialize_jax.model import checkpoints
 from specialize_jax.model import models
@@ -226,6 +227,7 @@ class Evaluator:
     self._data: Dict[str, _TaskData] = {}
     for name in expand_task_names(config.task_names):
       task = seqio.get_mixture_or_task(name)
+      feature_converters.check_vocabulary_fits(task, model.config.vocab_size)
       if not task.predict_metric_fns:
         raise ValueError(f'Task {name} has no prediction metrics, so it cannot be an eval task; '
                          'remove it from EvalConfig.task_names (--gin.EVAL_TASKS).')

@@ -54,7 +54,7 @@ def model_feature_lengths(config: DatasetConfig) -> Dict[str, int]:
   return dict(converter.get_model_feature_lengths(dict(config.task_feature_lengths)))
 
 
-def _mixture_or_task(config: DatasetConfig):
+def mixture_or_task(config: DatasetConfig):
   """The registered task or mixture, or an error that suggests close names."""
   if config.mixture_or_task_name not in seqio.MixtureRegistry.names() and \
       config.mixture_or_task_name not in seqio.TaskRegistry.names():
@@ -67,27 +67,8 @@ def _mixture_or_task(config: DatasetConfig):
   return seqio.get_mixture_or_task(config.mixture_or_task_name)
 
 
-def check_vocabulary_fits(config: DatasetConfig, model_vocab_size: int) -> None:
-  """Raises unless every token id the data can hold is below the model's `vocab_size`.
-
-  The embedding lookup (`jnp.take`) fills ids past the table's end with NaN, so a vocabulary larger
-  than the model's would only show up steps later as a non-finite loss that names no cause.
-  """
-  task = _mixture_or_task(config)
-  for name in ("inputs", "targets"):
-    if name not in task.output_features:
-      continue
-    vocabulary = task.output_features[name].vocabulary
-    if vocabulary.vocab_size > model_vocab_size:
-      raise ValueError(
-          f"MIXTURE_OR_TASK_NAME={config.mixture_or_task_name!r}: its {name!r} vocabulary has "
-          f"{vocabulary.vocab_size} ids but the model's vocab_size is {model_vocab_size}, so "
-          "larger ids would have no embedding. Use a model gin file whose "
-          f"`T5Config.vocab_size` is at least {vocabulary.vocab_size}.")
-
-
 def _dataset(config: DatasetConfig, process_index: int, process_count: int):
-  _mixture_or_task(config)  # An unknown name fails here, with suggestions.
+  mixture_or_task(config)  # An unknown name fails here, with suggestions.
   converter = feature_converters.TeacherEncDecFeatureConverter(pack=config.pack,
                                                                teacher_k=config.teacher_k)
   local_rows = local_batch_size(config, process_count)

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Mapping, Optional
 import jax
 import numpy as np
 
+from specialize_jax.data import feature_converters
 from specialize_jax.model import checkpoints as model_checkpoints
 from specialize_jax.model import models
 from specialize_jax.training import checkpointing
@@ -60,7 +61,8 @@ def train(model_dir: str,
   if dataset.batch_size % num_microbatches:
     raise ValueError(f"BATCH_SIZE={dataset.batch_size} is not divisible by num_microbatches="
                      f"{num_microbatches}; change --gin.train.num_microbatches.")
-  input_pipeline.check_vocabulary_fits(dataset, model.config.vocab_size)
+  feature_converters.check_vocabulary_fits(input_pipeline.mixture_or_task(dataset),
+                                             model.config.vocab_size)
   os.makedirs(model_dir, exist_ok=True)
   mesh = partitioning.make_mesh(partitioner)
   partitioning.check_batch_divisible(dataset.batch_size, mesh, num_microbatches)
