@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 
+from specialize_jax import xla_cpu_flags
 from specialize_jax.model import decoding
 from specialize_jax.model import distillation_loss
 from specialize_jax.model import losses
@@ -77,9 +78,17 @@ class EncoderDecoderModel:
         loss_type, distribution_ce_weight, renormalize_teacher)
     self.extra_losses = tuple(teacher_losses) + tuple(extra_losses)
     self.eos_id = eos_id
-    # One compiled decoder per static option set; the bound method closes over `self`.
-    self._decode_jit = jax.jit(self._decode_impl, static_argnames=(
-        'num_decodes', 'decode_method', 'max_decode_length', 'topk', 'topp', 'alpha'))
+    self._decode_jit = None  # built at the first decode, once the backend is known
+
+  def _decoder(self):
+    """The jitted `_decode_impl`: one compilation per static option set, with the backend's
+    decoder compiler options (`xla_cpu_flags.decode_compiler_options`)."""
+    if self._decode_jit is None:
+      self._decode_jit = jax.jit(
+          self._decode_impl, static_argnames=('num_decodes', 'decode_method',
+                                              'max_decode_length', 'topk', 'topp', 'alpha'),
+          compiler_options=xla_cpu_flags.decode_compiler_options(jax.default_backend()))
+    return self._decode_jit
 
   # -- variables -------------------------------------------------------------------------------
 
@@ -261,7 +270,7 @@ class EncoderDecoderModel:
     if rng is None:
       rng = jax.random.key(0)
     temperature = jnp.asarray(options.pop('temperature'), jnp.float32)
-    sequences, scores = self._decode_jit(
+    sequences, scores = self._decoder()(
         params, batch['encoder_input_tokens'], rng, temperature,
         num_decodes=int(options['num_decodes']), decode_method=method,
         max_decode_length=int(options['max_decode_length']), topk=int(options['topk']),
