@@ -7,8 +7,8 @@ The default model is t5-small-sized T5 v1.1 (the `small` preset: 8+8 layers, wid
 gated MLP 1024, vocabulary 32,128), float32. Every row generates exactly `--new_tokens` tokens:
 our decoder gets an EOS id that never occurs (-1) and `generate` gets `min_new_tokens`, so neither
 stops early. Our first call (compile + one decode) and the compile time alone are reported apart
-from the steady-state rate. The timed runs alternate between the two sides. Run it on an otherwise
-idle machine; it prints one JSON object.
+from the steady-state rate. The sides take turns (`side_by_side.py`: two runs per turn, the second
+timed). Run it on an otherwise idle machine; it prints one JSON object.
 """
 import argparse
 import dataclasses
@@ -17,10 +17,7 @@ import os
 import tempfile
 import time
 
-
-def _median(values):
-  values = sorted(values)
-  return values[len(values) // 2]
+import side_by_side  # tools/, beside this script
 
 
 def main() -> None:
@@ -29,7 +26,7 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--new_tokens', type=int, default=128)
   parser.add_argument('--input_length', type=int, default=64)
-  parser.add_argument('--repeats', type=int, default=5, help='timed runs per side (median)')
+  parser.add_argument('--repeats', type=int, default=3, help='turns: timed runs per side (median)')
   parser.add_argument('--torch_threads', type=int, default=0, help='0: torch default')
   args = parser.parse_args()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -83,18 +80,11 @@ def main() -> None:
           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
           use_cache=config.num_encoder_layers == config.num_decoder_layers)
 
-  theirs(2)  # warm-up
-  # Alternate the two sides so that a drift in the machine's speed hits both alike.
-  ours_times, hf_times = [], []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    ours()
-    ours_times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    hf_tokens = theirs(args.new_tokens).numpy()
-    hf_times.append(time.perf_counter() - start)
-  ours_s = _median(ours_times)
-  hf_s = _median(hf_times)
+  hf_tokens = theirs(args.new_tokens).numpy()
+  times = side_by_side.time_in_turns({'ours': ours, 'theirs': lambda: theirs(args.new_tokens)},
+                                     args.repeats)
+  ours_s = side_by_side.median(times['ours'])
+  hf_s = side_by_side.median(times['theirs'])
   if hf_tokens.shape[1] != args.new_tokens + 1:
     raise RuntimeError(f'transformers generated {hf_tokens.shape[1] - 1} tokens, not '
                        f'{args.new_tokens}; the comparison would be unfair.')
@@ -108,7 +98,7 @@ def main() -> None:
       'ours_tokens_per_s': round(ours_rate, 1),
       'transformers_tokens_per_s': round(hf_rate, 1),
       'ours_over_transformers': round(ours_rate / hf_rate, 3),
-      'ratio_per_repeat': [round(h / o, 3) for o, h in zip(ours_times, hf_times)],
+      'ratio_per_turn': [round(h / o, 3) for o, h in zip(times['ours'], times['theirs'])],
       'ours_first_call_s': round(first_call_s, 2),
       'ours_compile_s': round(max(first_call_s - ours_s, 0.0), 2),
       # Greedy tokens should agree until min_new_tokens suppresses an EOS transformers would

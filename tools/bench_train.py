@@ -6,14 +6,17 @@
 
 Prints one JSON object: both rates, their ratio, our first-step (compile) time, peak host memory
 (ru_maxrss) after our part and after the peer's, and, on an accelerator, model FLOPs utilisation
-(6 x params x tokens per step, encoder params on input tokens, the rest on target tokens). Run it on
-an otherwise idle machine.
+(6 x params x tokens per step, encoder params on input tokens, the rest on target tokens). The sides
+take turns (`side_by_side.py`: two steps per turn, the second timed). Run it on an otherwise idle
+machine.
 """
 import argparse
 import json
 import os
 import resource
 import time
+
+import side_by_side  # tools/, beside this script
 
 PEAK_TFLOPS = {  # dense bf16 peak per chip, for MFU
     "H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5e": 197.0,
@@ -58,21 +61,19 @@ def _ours(args, np_batch):
   step_fn = train_step.make_train_step(model, tx, shardings, mesh, rules=rules)
   batch = partitioning.global_batch(np_batch, mesh)
   rng = jax.random.PRNGKey(1)
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = step_fn(holder["state"], batch, rng)
+    return float(jax.block_until_ready(metrics)["loss"])
+
   start = time.perf_counter()
-  state, metrics = step_fn(state, batch, rng)
-  jax.block_until_ready(metrics)
+  step()
   first = time.perf_counter() - start
-  times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch, rng)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
   params = network.num_params(config)
   encoder_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params["encoder"]))
-  return {"seconds_per_step": sorted(times)[len(times) // 2], "first_step_s": first,
-          "loss": float(metrics["loss"]), "params": params, "encoder_params": encoder_params,
-          "device": jax.devices()[0].device_kind, "backend": jax.default_backend()}
+  return step, {"first_step_s": first, "params": params, "encoder_params": encoder_params,
+                "device": jax.devices()[0].device_kind, "backend": jax.default_backend()}
 
 
 def _peer(args, np_batch):
@@ -98,13 +99,8 @@ def _peer(args, np_batch):
     optimizer.step()
     return float(loss)
 
-  step()
-  times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return {"seconds_per_step": sorted(times)[len(times) // 2], "threads": torch.get_num_threads()}
+  step()  # warm-up
+  return step, {"threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -114,7 +110,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--inputs", type=int, default=512)
   parser.add_argument("--targets", type=int, default=256)
-  parser.add_argument("--steps", type=int, default=5, help="timed steps per side (median)")
+  parser.add_argument("--steps", type=int, default=5, help="turns: timed steps per side (median)")
   parser.add_argument("--skip_peer", action="store_true", help="ours only (e.g. on a GPU)")
   args = parser.parse_args()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -125,27 +121,33 @@ def main() -> None:
   vocab = model_config.get_config(args.preset).vocab_size
   np_batch = _random_batch(np, args.batch, args.inputs, args.targets, vocab)
   target_tokens = args.batch * args.targets
-  ours = _ours(args, np_batch)
+  ours_step, ours = _ours(args, np_batch)
+  peak_after_ours = _peak_rss_mb()
+  peer_step, peer = (None, None) if args.skip_peer else _peer(args, np_batch)
+  sides = {"ours": ours_step} if peer_step is None else {"ours": ours_step, "peer": peer_step}
+  times = side_by_side.time_in_turns(sides, args.steps)
+  ours_s = side_by_side.median(times["ours"])
   result = {"preset": args.preset, "dtype": args.dtype, "batch": args.batch,
             "inputs": args.inputs, "targets": args.targets, "backend": ours["backend"],
             "device": ours["device"],
-            "ours_target_tokens_per_s": round(target_tokens / ours["seconds_per_step"], 1),
+            "ours_target_tokens_per_s": round(target_tokens / ours_s, 1),
             "ours_first_step_s": round(ours["first_step_s"], 2),
-            "peak_rss_mb_after_ours": round(_peak_rss_mb())}
+            "peak_rss_mb_after_ours": round(peak_after_ours)}
   if ours["backend"] != "cpu":
     decoder_params = ours["params"] - ours["encoder_params"]
     flops = 6 * (ours["encoder_params"] * args.batch * args.inputs +
                  decoder_params * args.batch * args.targets)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in ours["device"].lower()), None)
-    achieved = flops / ours["seconds_per_step"] / 1e12
+    achieved = flops / ours_s / 1e12
     result.update({"model_tflops_per_s": round(achieved, 1),
                    "mfu_percent": round(100 * achieved / peak, 1) if peak else None})
-  if not args.skip_peer:
-    peer = _peer(args, np_batch)
+  if peer_step is not None:
+    peer_s = side_by_side.median(times["peer"])
     result.update({
-        "transformers_target_tokens_per_s": round(target_tokens / peer["seconds_per_step"], 1),
+        "transformers_target_tokens_per_s": round(target_tokens / peer_s, 1),
         "torch_threads": peer["threads"],
-        "ours_over_transformers": round(peer["seconds_per_step"] / ours["seconds_per_step"], 3),
+        "ours_over_transformers": round(peer_s / ours_s, 3),
+        "ratio_per_turn": [round(p / o, 3) for o, p in zip(times["ours"], times["peer"])],
         "peak_rss_mb_after_peer": round(_peak_rss_mb())})
   print(json.dumps(result))
 
