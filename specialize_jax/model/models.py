@@ -78,11 +78,14 @@ class EncoderDecoderModel:
         loss_type, distribution_ce_weight, renormalize_teacher)
     self.extra_losses = tuple(teacher_losses) + tuple(extra_losses)
     self.eos_id = eos_id
-    self._decode_jit = None  # built at the first decode, once the backend is known
+    self._decode_jit = None  # see `_decoder`
 
   def _decoder(self):
-    """The jitted `_decode_impl`: one compilation per static option set, with the backend's
-    decoder compiler options (`xla_cpu_flags.decode_compiler_options`)."""
+    """The jitted `_decode_impl`, one compilation per static option set.
+
+    Built at the first decode, when the backend is known, with that backend's decoder compiler
+    options (`xla_cpu_flags.decode_compiler_options`: on CPU, XLA's own dots, not YNNPACK).
+    """
     if self._decode_jit is None:
       self._decode_jit = jax.jit(
           self._decode_impl, static_argnames=('num_decodes', 'decode_method',
