@@ -4,7 +4,7 @@ A benchmark that runs one side to the end and then the other is at the mercy of 
 drifting between the two phases (up to 40 % within minutes on the development VM). Alternating
 sides spreads the drift over both. But the first run after the other side has run is slower than a
 run that follows one of its own: measured here with the t5-small training step, 15.2 s right after
-a transformers step vs 12.8 s after one of ours (memory the other side freed and touched). So each
+a transformers step vs 12.8 s after one of ours (the cause is not pinned down). So each
 turn runs a side twice and times only the second run, as a user's back-to-back steps would be.
 """
 import time
