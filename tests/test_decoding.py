@@ -52,6 +52,19 @@ def test_bigram_greedy_and_beam():
   assert scores[0, 0] <= scores[0, 1]
 
 
+def test_first_argmax_equals_jnp_argmax_with_ties_nans_and_infinities():
+  rng = np.random.default_rng(0)
+  logits = rng.integers(-3, 3, size=(6, 50)).astype(np.float32)  # many ties
+  logits[1, [7, 20]] = np.nan
+  logits[2] = -np.inf
+  logits[3, 5] = np.inf
+  logits[4, 49] = 10.0  # the last index
+  logits[5] = 2.0  # all equal
+  got = jax.jit(decoding.first_argmax)(jnp.asarray(logits))
+  np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(logits), axis=-1))
+  np.testing.assert_array_equal(got, [np.argmax(logits[0]), 7, 0, 5, 49, 0])
+
+
 def test_brevity_penalty_formula():
   np.testing.assert_allclose(decoding.brevity_penalty(0.6, 7), ((5 + 7) / 6) ** 0.6, rtol=1e-6)
   assert float(decoding.brevity_penalty(0.0, 7)) == 1.0

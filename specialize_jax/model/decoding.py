@@ -63,6 +63,19 @@ def _filter_logits(logits: Array, topk: int, topp: float) -> Array:
   return logits
 
 
+def first_argmax(logits: Array) -> Array:
+  """`jnp.argmax(logits, axis=-1)` (the first maximal index; a NaN counts as the maximum).
+
+  Written as a max and a min over an index where the max is hit, two plain reductions that XLA's
+  CPU backend vectorizes, rather than `argmax`'s paired (value, index) reduction that it does not:
+  about 3 % of a t5-small greedy decode on CPU (README "Measured").
+  """
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  index = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  hit = (logits == top) | jnp.isnan(logits)
+  return jnp.min(jnp.where(hit, index, logits.shape[-1] - 1), axis=-1)
+
+
 def _check_sampling_args(topk: int, topp: float, max_decode_length: int):
   if topk < 0:
     raise ValueError(f'topk={topk} must be >= 0 (0 disables top-k).')
@@ -115,11 +128,8 @@ def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_
       scaled = _filter_logits(logits / jnp.maximum(temperature, 1e-6), topk, topp)
       return jax.random.categorical(jax.random.fold_in(rng, step), scaled).astype(jnp.int32)
 
-    def argmax(logits):
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
     # A real branch, not a select: greedy steps skip drawing a [rows, vocab] Gumbel sample.
-    next_token = lax.cond(temperature > 0.0, sample, argmax, logits)
+    next_token = lax.cond(temperature > 0.0, sample, first_argmax, logits)
     # log p(next) = logit - logsumexp(logits), without materializing a [rows, vocab] log-softmax.
     token_log_prob = (jnp.take_along_axis(logits, next_token[:, None], axis=-1)[:, 0] -
                       jax.nn.logsumexp(logits, axis=-1))
