@@ -25,6 +25,7 @@ import time
 from typing import List, Optional
 
 from specialize_jax import gin_config
+from specialize_jax import host_malloc
 from specialize_jax import xla_cpu_flags
 
 
@@ -464,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+  if argv is None:  # Run as a program, not called from Python: CPU step buffers stay for reuse.
+    host_malloc.reexec_with_tunables()
   _quiet_tensorflow()
   xla_cpu_flags.apply()  # Before anything starts JAX; a no-op once a backend is running.
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -30,7 +30,9 @@ def main() -> None:
   parser.add_argument('--torch_threads', type=int, default=0, help='0: torch default')
   args = parser.parse_args()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  from specialize_jax import host_malloc  # pylint: disable=g-import-not-at-top
   from specialize_jax import xla_cpu_flags  # pylint: disable=g-import-not-at-top
+  host_malloc.reexec_with_tunables()  # As `specialize` runs (both sides get the same allocator).
   xla_cpu_flags.apply()  # As `specialize` runs.
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -95,6 +97,7 @@ def main() -> None:
       'preset': args.preset, 'batch': args.batch, 'input_length': args.input_length,
       'new_tokens': args.new_tokens, 'jax_backend': jax.default_backend(),
       'torch_threads': torch.get_num_threads(),
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES'),
       'ours_tokens_per_s': round(ours_rate, 1),
       'transformers_tokens_per_s': round(hf_rate, 1),
       'ours_over_transformers': round(ours_rate / hf_rate, 3),

@@ -5,10 +5,13 @@
   python tools/bench_train.py --preset base --dtype bfloat16 --batch 64 --skip_peer   # accelerator
 
 Prints one JSON object: both rates, their ratio, our first-step (compile) time, peak host memory
-(ru_maxrss) after our part and after the peer's, and, on an accelerator, model FLOPs utilisation
-(6 x params x tokens per step, encoder params on input tokens, the rest on target tokens). The sides
-take turns (`side_by_side.py`: two steps per turn, the second timed). Run it on an otherwise idle
-machine.
+(ru_maxrss) after our part and after the peer's, and the model FLOPs rate: 6 x params x tokens per
+step, the encoder's params on input tokens, the decoder's (with the output projection) on target
+tokens; the token embedding is a lookup and attention scores are left out, as usual for MFU. On an
+accelerator that rate gives model FLOPs utilisation. On CPU, beside the peer, the script also times
+a 2048^3 float32 matrix product in both libraries, the rate a training step could at best approach,
+so a target ratio can be checked against what the machine does. The sides take turns
+(`side_by_side.py`: two steps per turn, the second timed). Run it on an otherwise idle machine.
 """
 import argparse
 import json
@@ -43,7 +46,6 @@ def _ours(args, np_batch):
   import jax  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import models  # pylint: disable=g-import-not-at-top
-  from specialize_jax.model import network  # pylint: disable=g-import-not-at-top
   from specialize_jax.training import optimizers  # pylint: disable=g-import-not-at-top
   from specialize_jax.training import partitioning  # pylint: disable=g-import-not-at-top
   from specialize_jax.training import train_state  # pylint: disable=g-import-not-at-top
@@ -70,10 +72,26 @@ def _ours(args, np_batch):
   start = time.perf_counter()
   step()
   first = time.perf_counter() - start
-  params = network.num_params(config)
-  encoder_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params["encoder"]))
-  return step, {"first_step_s": first, "params": params, "encoder_params": encoder_params,
+  count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
+  return step, {"first_step_s": first, "encoder_params": count(state.params["encoder"]),
+                "decoder_params": count(state.params["decoder"]),
                 "device": jax.devices()[0].device_kind, "backend": jax.default_backend()}
+
+
+def _matmul_rates(turns: int = 3, n: int = 2048, repeats: int = 5) -> dict:
+  """GFLOP/s of an `n`^3 float32 matrix product in JAX (as configured) and in PyTorch, in turns."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  a, b = (np.random.default_rng(i).random((n, n), np.float32) for i in (0, 1))
+  jax_a, jax_b = jax.device_put(a), jax.device_put(b)
+  torch_a, torch_b = torch.from_numpy(a), torch.from_numpy(b)
+  product = jax.jit(lambda x, y: x @ y)
+  sides = {"jax": lambda: [jax.block_until_ready(product(jax_a, jax_b)) for _ in range(repeats)],
+           "torch": lambda: [torch.mm(torch_a, torch_b) for _ in range(repeats)]}
+  times = side_by_side.time_in_turns(sides, turns)
+  return {name: round(repeats * 2 * n**3 / side_by_side.median(t) / 1e9, 1)
+          for name, t in times.items()}
 
 
 def _peer(args, np_batch):
@@ -114,7 +132,9 @@ def main() -> None:
   parser.add_argument("--skip_peer", action="store_true", help="ours only (e.g. on a GPU)")
   args = parser.parse_args()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  from specialize_jax import host_malloc  # pylint: disable=g-import-not-at-top
   from specialize_jax import xla_cpu_flags  # pylint: disable=g-import-not-at-top
+  host_malloc.reexec_with_tunables()  # As `specialize` runs (both sides get the same allocator).
   xla_cpu_flags.apply()  # As `specialize` runs.
   import numpy as np  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
@@ -132,11 +152,13 @@ def main() -> None:
             "device": ours["device"],
             "ours_target_tokens_per_s": round(target_tokens / ours_s, 1),
             "ours_first_step_s": round(ours["first_step_s"], 2),
-            "peak_rss_mb_after_ours": round(peak_after_ours)}
+            "peak_rss_mb_after_ours": round(peak_after_ours),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+  flops = 6 * (ours["encoder_params"] * args.batch * args.inputs +
+               ours["decoder_params"] * args.batch * args.targets)
+  result["model_gflop_per_step"] = round(flops / 1e9, 1)
+  result["ours_model_gflops_per_s"] = round(flops / ours_s / 1e9, 1)
   if ours["backend"] != "cpu":
-    decoder_params = ours["params"] - ours["encoder_params"]
-    flops = 6 * (ours["encoder_params"] * args.batch * args.inputs +
-                 decoder_params * args.batch * args.targets)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in ours["device"].lower()), None)
     achieved = flops / ours_s / 1e12
     result.update({"model_tflops_per_s": round(achieved, 1),
@@ -148,7 +170,10 @@ def main() -> None:
         "torch_threads": peer["threads"],
         "ours_over_transformers": round(peer_s / ours_s, 3),
         "ratio_per_turn": [round(p / o, 3) for o, p in zip(times["ours"], times["peer"])],
+        "transformers_model_gflops_per_s": round(flops / peer_s / 1e9, 1),
         "peak_rss_mb_after_peer": round(_peak_rss_mb())})
+    if ours["backend"] == "cpu":
+      result["matmul_2048_gflops_per_s"] = _matmul_rates()
   print(json.dumps(result))
 
 
