@@ -465,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-  if argv is None:  # Run as a program, not called from Python: CPU step buffers stay for reuse.
+  if argv is None and sys.argv[1:2] in (["train"], ["demo"]):
+    # Run as a training program (not called from Python): CPU step buffers stay for reuse.
     host_malloc.reexec_with_tunables()
   _quiet_tensorflow()
   xla_cpu_flags.apply()  # Before anything starts JAX; a no-op once a backend is running.

@@ -70,3 +70,22 @@ def test_reexecuted_process_reuses_freed_memory():
   tunables, faults = _second_round_faults({**environ, 'GLIBC_TUNABLES': ''})
   assert tunables == ''
   assert faults > 30000, faults
+
+
+@pytest.mark.skipif(platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc',
+                    reason='glibc malloc settings apply on Linux with glibc only')
+@pytest.mark.parametrize('command, restarted', [('train', True), ('demo', True), ('score', False)])
+def test_training_commands_restart_with_the_settings(command, restarted):
+  # Prints the environment's setting, then runs the command line `specialize COMMAND --help`; a
+  # restarted process prints a second line.
+  code = (f'import os, sys; sys.argv = ["specialize", "{command}", "--help"]; '
+          'print(repr(os.environ.get("GLIBC_TUNABLES")), flush=True); '
+          'from specialize_jax import cli; cli.main()')
+  environ = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  environ['JAX_PLATFORMS'] = 'cpu'
+  done = subprocess.run([sys.executable, '-c', code], env=environ, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 0, done.stderr
+  printed = [ast.literal_eval(line) for line in done.stdout.splitlines()
+             if line == 'None' or line.startswith("'glibc")]
+  assert printed == ([None, host_malloc.TUNABLES] if restarted else [None])

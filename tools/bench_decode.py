@@ -30,9 +30,7 @@ def main() -> None:
   parser.add_argument('--torch_threads', type=int, default=0, help='0: torch default')
   args = parser.parse_args()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  from specialize_jax import host_malloc  # pylint: disable=g-import-not-at-top
   from specialize_jax import xla_cpu_flags  # pylint: disable=g-import-not-at-top
-  host_malloc.reexec_with_tunables()  # As `specialize` runs (both sides get the same allocator).
   xla_cpu_flags.apply()  # As `specialize` runs.
 
   import jax  # pylint: disable=g-import-not-at-top

@@ -134,7 +134,7 @@ def main() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   from specialize_jax import host_malloc  # pylint: disable=g-import-not-at-top
   from specialize_jax import xla_cpu_flags  # pylint: disable=g-import-not-at-top
-  host_malloc.reexec_with_tunables()  # As `specialize` runs (both sides get the same allocator).
+  host_malloc.reexec_with_tunables()  # As `specialize train` runs; both sides share it.
   xla_cpu_flags.apply()  # As `specialize` runs.
   import numpy as np  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
