@@ -60,9 +60,9 @@ def reexec_with_tunables(argv: Optional[Sequence[str]] = None) -> None:
   module or script, arguments). Call it first thing in a command's `main`, never from a library
   function or a test (it replaces the running program).
   """
-  if not tunables_wanted(os.environ, platform.system(), platform.libc_ver()[0],
-                         _accelerator_installed()):
-    return
+  if not sys.executable or not tunables_wanted(os.environ, platform.system(),
+                                               platform.libc_ver()[0], _accelerator_installed()):
+    return  # (an embedded interpreter has no executable to restart)
   argv = list(sys.orig_argv if argv is None else argv)
   sys.stdout.flush()
   sys.stderr.flush()

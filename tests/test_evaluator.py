@@ -203,9 +203,19 @@ def test_evaluate_checkpoints_sweeps_every_step_and_resumes(evaluator, params_pa
 
   def fail(*args, **kwargs):
     raise AssertionError('an evaluated checkpoint was loaded again')
+  load = checkpoints.load_checkpoint
   monkeypatch.setattr(checkpoints, 'load_checkpoint', fail)
   again = evaluator_lib.evaluate_checkpoints(str(run), CONFIG)
   assert again == results  # read back from the metrics files (JSON floats round-trip)
+
+  # Other eval settings (a 2-example smoke run) are evaluated again, not read back.
+  monkeypatch.setattr(checkpoints, 'load_checkpoint', load)
+  fewer = dataclasses.replace(CONFIG, max_examples=2)
+  evaluator_lib.evaluate_checkpoints(str(run), fewer)
+  for step in (10, 20):
+    record = evaluator_lib.read_metrics_record(evaluator_lib.metrics_path(out, TASK, step))
+    assert record['num_examples'] == 2
+    assert record[evaluator_lib.SETTINGS_KEY] == evaluator_lib.eval_settings(fewer)
 
 
 def test_infer_matches_evaluator_decodes(evaluator, params_pair, tmp_path, monkeypatch):

@@ -84,7 +84,7 @@ def test_each_pair_decoded_once_and_second_sweep_decodes_nothing(run_dir, decode
     with open(evaluator_lib.metrics_path(os.path.join(run_dir, 'eval'), task, step),
               encoding='utf-8') as f:
       record = json.load(f)
-    assert record[sweep_lib.SETTINGS_KEY] == sweep_lib.eval_settings(CONFIG)
+    assert record[evaluator_lib.SETTINGS_KEY] == evaluator_lib.eval_settings(CONFIG)
     assert record['num_examples'] == 4
     assert first.accuracy_table()[step][task] == record['metrics']['accuracy']
   assert 0 < first.timing['compile_seconds'] < first.timing['total_seconds']
@@ -123,15 +123,15 @@ def test_other_settings_are_evaluated_again_and_legacy_files_checked(run_dir, de
   assert all(m['accuracy'] in (0.0, 50.0, 100.0) for row in result.metrics.values()
              for m in row.values())  # 2 examples each
 
-  # A file without settings (e.g. the trainer's in-loop eval) is reused when its example count is
-  # what the sweep evaluates, and evaluated again when not.
+  # A file without settings (written before the evaluator recorded them) is reused when its
+  # example count is what the sweep evaluates, and evaluated again when not.
   eval_dir = os.path.join(run_dir, 'eval')
   for step in STEPS:
     for task in TASKS:
       path = evaluator_lib.metrics_path(eval_dir, task, step)
       with open(path, encoding='utf-8') as f:
         record = json.load(f)
-      del record[sweep_lib.SETTINGS_KEY]
+      del record[evaluator_lib.SETTINGS_KEY]
       with open(path, 'w', encoding='utf-8') as f:
         json.dump(record, f)
   decodes.clear()

@@ -11,7 +11,7 @@ Terms:
     is_target=False)`; target: `postprocess_fn(None, example=..., is_target=True)` (our tasks'
     gold answer, see `tasks/common.py`). The metrics are the task's `predict_metric_fns` merged.
   eval output: `output_dir/{task}/metrics_step{step}.json` (`{"task", "step", "num_examples",
-    "metrics", "timing"}`) and `output_dir/{task}/predictions_step{step}.jsonl` (every example:
+    "metrics", "timing", "eval_settings"}`, the last from `eval_settings`) and `output_dir/{task}/predictions_step{step}.jsonl` (every example:
     `index`, `input`, `target`, `prediction`, and `correct` when a metric reports `accuracy`), each
     written atomically by process 0. The JSONL is the file `specialize score` reads, so
     re-scoring it gives the metrics file's values (for tasks whose postprocessor keeps the text).
@@ -45,6 +45,7 @@ Metrics = Dict[str, float]
 FeatureLengths = Union[Tuple[Tuple[str, int], ...], Mapping[str, int]]
 
 METRICS_FILE = 'metrics_step{step}.json'
+SETTINGS_KEY = 'eval_settings'
 PREDICTIONS_FILE = 'predictions_step{step}.jsonl'
 EVAL_SUBDIR = 'eval'
 # Step directories of a run: T5X's `checkpoint_<N>` and orbax CheckpointManager's `<N>` (orbax's
@@ -105,6 +106,12 @@ class EvalConfig:
   def lengths(self) -> Dict[str, int]:
     """`feature_lengths` as a dict."""
     return dict(self.feature_lengths)
+
+
+def eval_settings(config: EvalConfig) -> Dict[str, Any]:
+  """The settings that change an evaluation's result (JSON-ready; not the batch size)."""
+  return {'max_examples': config.max_examples, 'feature_lengths': config.lengths,
+          'max_decode_length': config.max_decode_length, 'decode_method': config.decode_method}
 
 
 def expand_task_names(names: Sequence[str]) -> List[str]:
@@ -297,7 +304,7 @@ class Evaluator:
       inference.write_jsonl(predictions_path(output_dir, task.name, step), rows)
       inference.write_json(metrics_path(output_dir, task.name, step), {
           'task': task.name, 'step': int(step), 'num_examples': num_examples,
-          'metrics': metrics, 'timing': timing})
+          'metrics': metrics, 'timing': timing, SETTINGS_KEY: eval_settings(config)})
     return {**metrics, **{f'timing/{k}': v for k, v in timing.items()}}
 
 
@@ -320,10 +327,34 @@ def list_checkpoint_steps(directory: str) -> List[Tuple[int, str]]:
   return sorted(steps)
 
 
-def _read_metrics_file(path: str) -> Metrics:
+def read_metrics_record(path: str) -> Optional[Dict[str, Any]]:
+  """The JSON of an eval metrics file, or None when there is none."""
+  if not os.path.exists(path):
+    return None
   with open(path, encoding='utf-8') as f:
-    record = json.load(f)
+    return json.load(f)
+
+
+def record_metrics(record: Mapping[str, Any]) -> Metrics:
+  """A metrics file's metrics and timing, as `Evaluator.evaluate` returns them."""
   return {**record['metrics'], **{f'timing/{k}': v for k, v in record.get('timing', {}).items()}}
+
+
+def reusable_metrics(path: str, config: EvalConfig) -> Optional[Metrics]:
+  """The metrics in `path` if it exists and records `config`'s eval settings, else None.
+
+  A file with other settings (a `max_examples=20` smoke run, other lengths or decoding) or none
+  (written before settings were recorded) is not reused: it is evaluated again and overwritten.
+  """
+  record = read_metrics_record(path)
+  if record is None:
+    return None
+  recorded, wanted = record.get(SETTINGS_KEY), eval_settings(config)
+  if recorded != wanted:
+    logging.info('%s was computed with eval settings %s, not %s: evaluating again.', path,
+                 recorded, wanted)
+    return None
+  return record_metrics(record)
 
 
 def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
@@ -335,8 +366,8 @@ def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
   other path is one checkpoint (any format `load_checkpoint` reads), at the step its directory
   name gives (0 if none). Results go to `output_dir`, by default `eval/` beside the step
   directories (or inside a standalone checkpoint's directory). A (step, task) pair whose metrics
-  file exists is not evaluated again: its metrics are read back, and a step whose tasks are all
-  done is not even loaded. `model_config` (T5Config, preset name or dict) replaces the
+  file records the same eval settings (`reusable_metrics`) is not evaluated again: its metrics are
+  read back, and a step whose tasks are all done is not even loaded. `model_config` (T5Config, preset name or dict) replaces the
   architecture the checkpoint describes or implies.
   """
   path = os.path.abspath(os.fspath(model_dir_or_checkpoint))
@@ -359,11 +390,11 @@ def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
     results[step] = {}
     pending = []
     for name in task_names:
-      done = metrics_path(output_dir, name, step)
-      if os.path.exists(done):
-        results[step][name] = _read_metrics_file(done)
-      else:
+      found = reusable_metrics(metrics_path(output_dir, name, step), config)
+      if found is None:
         pending.append(name)
+      else:
+        results[step][name] = found
     if not pending:
       logging.info('Step %d: every task already evaluated in %s; skipped.', step, output_dir)
       continue

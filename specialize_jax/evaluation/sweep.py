@@ -7,13 +7,14 @@ Terms:
   start checkpoint: optionally, the checkpoint training started from (e.g. FlanT5), evaluated as
     step 0 (`START_STEP`) so reports can show what specialization gained and lost.
   pair: one (step, task); its eval output is `MODEL_DIR/eval/<task>/metrics_step<N>.json` (the
-    evaluator's files, see `evaluator.py`) plus the key `eval_settings` the sweep adds.
-  eval settings: what changes a pair's result: `max_examples`, `feature_lengths`,
-    `max_decode_length`, `decode_method` (not the batch size). A pair is reused when its file
-    records the same settings. Files without them (written by the trainer's in-loop evaluation or
-    `specialize eval`, which reuse any existing file) are reused when their `num_examples` is the
-    number this sweep would evaluate; their lengths cannot be checked. Any other file is evaluated
-    again and overwritten, so a `--max_examples 20` smoke sweep never stands in for a full one.
+    evaluator's files, see `evaluator.py`), shared with the trainer's in-loop evaluation and
+    `specialize eval`.
+  eval settings: what changes a pair's result (`evaluator.eval_settings`: `max_examples`,
+    `feature_lengths`, `max_decode_length`, `decode_method`; not the batch size), recorded in each
+    file. A pair is reused when its file records the same settings. Files without them (written
+    before the evaluator recorded them) are reused when their `num_examples` is the number this
+    sweep would evaluate; their lengths cannot be checked. Any other file is evaluated again and
+    overwritten, so a `--max_examples 20` smoke sweep never stands in for a full one.
   timing: `total_seconds` of the sweep, `decode_seconds` (evaluator calls), `compile_seconds`
     (JAX's compile events during the sweep: tracing, lowering, XLA compilation) and their share.
 
@@ -40,7 +41,6 @@ from specialize_jax.model import checkpoints
 from specialize_jax.model import models
 
 START_STEP = 0
-SETTINGS_KEY = 'eval_settings'
 MATH_SPLITS = (('gsm8k', 'dev'), ('gsm8k', 'test'), ('multiarith', 'dev'), ('multiarith', 'test'),
                ('asdiv', 'test'), ('svamp', 'test'))
 MATH_FORMATS = ('icl_cot', 'zs_cot')
@@ -56,12 +56,6 @@ _COMPILE_EVENT_PREFIX = '/jax/core/compile/'
 
 def bbh_task_names(subtasks: Sequence[str], formats: Sequence[str] = BBH_FORMATS) -> List[str]:
   return [f'bbh_{subtask}_{fmt}' for subtask in subtasks for fmt in formats]
-
-
-def eval_settings(config: evaluator_lib.EvalConfig) -> Dict[str, Any]:
-  """The settings that change a pair's result (JSON-ready)."""
-  return {'max_examples': config.max_examples, 'feature_lengths': config.lengths,
-          'max_decode_length': config.max_decode_length, 'decode_method': config.decode_method}
 
 
 def committed_checkpoints(model_dir: str) -> List[Tuple[int, str]]:
@@ -145,34 +139,20 @@ class _ExampleCounts:
     return self._counts[task_name]
 
 
-def _reusable(path: str, settings: Dict[str, Any], counts: _ExampleCounts, task: str
+def _reusable(path: str, config: evaluator_lib.EvalConfig, counts: _ExampleCounts, task: str
               ) -> Optional[Dict[str, float]]:
   """The metrics of a reusable eval output file, or None (absent or other settings)."""
-  if not os.path.exists(path):
+  record = evaluator_lib.read_metrics_record(path)
+  if record is None or evaluator_lib.SETTINGS_KEY in record:
+    return evaluator_lib.reusable_metrics(path, config)
+  num = record.get('num_examples')
+  expected_max = counts.max_examples
+  # A file of max_examples examples is right whatever the task's size; otherwise count.
+  if not (expected_max is not None and num == expected_max) and num != counts(task):
+    logging.info('%s holds %s examples, not the %d this sweep evaluates: evaluating again.',
+                 path, num, counts(task))
     return None
-  with open(path, encoding='utf-8') as f:
-    record = json.load(f)
-  recorded = record.get(SETTINGS_KEY)
-  if recorded is not None:
-    if recorded != settings:
-      logging.info('%s was computed with %s, not %s: evaluating again.', path, recorded, settings)
-      return None
-  else:
-    num = record.get('num_examples')
-    expected_max = counts.max_examples
-    # A file of max_examples examples is right whatever the task's size; otherwise count.
-    if not (expected_max is not None and num == expected_max) and num != counts(task):
-      logging.info('%s holds %s examples, not the %d this sweep evaluates: evaluating again.',
-                   path, num, counts(task))
-      return None
-  return {**record['metrics'], **{f'timing/{k}': v for k, v in record.get('timing', {}).items()}}
-
-
-def _record_settings(path: str, settings: Dict[str, Any]) -> None:
-  with open(path, encoding='utf-8') as f:
-    record = json.load(f)
-  record[SETTINGS_KEY] = settings
-  inference.write_json(path, record)
+  return evaluator_lib.record_metrics(record)
 
 
 def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
@@ -207,7 +187,6 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
   if not task_names:
     raise ValueError('No eval tasks; give --tasks and/or --bbh_tasks.')
   output_dir = os.path.join(model_dir, evaluator_lib.EVAL_SUBDIR)
-  settings = eval_settings(config)
   counts = _ExampleCounts(config.max_examples)
 
   metrics: Dict[int, Dict[str, Dict[str, float]]] = {}
@@ -215,7 +194,7 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
   for step, _ in steps:
     metrics[step] = {}
     for name in task_names:
-      found = _reusable(evaluator_lib.metrics_path(output_dir, name, step), settings, counts, name)
+      found = _reusable(evaluator_lib.metrics_path(output_dir, name, step), config, counts, name)
       if found is None:
         pending.setdefault(step, []).append(name)
       else:
@@ -254,7 +233,6 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
         result = evaluator.evaluate(params, step, output_dir, task_names=[name])[name]
         seconds = time.perf_counter() - pair_start
         decode_seconds += seconds
-        _record_settings(evaluator_lib.metrics_path(output_dir, name, step), settings)
         metrics[step][name] = result
         decoded.append((step, name))
         tracker.update(step, name, seconds, result.get('accuracy'))
