@@ -11,8 +11,9 @@ Terms:
     is_target=False)`; target: `postprocess_fn(None, example=..., is_target=True)` (our tasks'
     gold answer, see `tasks/common.py`). The metrics are the task's `predict_metric_fns` merged.
   eval output: `output_dir/{task}/metrics_step{step}.json` (`{"task", "step", "num_examples",
-    "metrics", "timing", "eval_settings"}`, the last from `eval_settings`) and `output_dir/{task}/predictions_step{step}.jsonl` (every example:
-    `index`, `input`, `target`, `prediction`, and `correct` when a metric reports `accuracy`), each
+    "metrics", "timing", "eval_settings"}`, the last from `eval_settings`) and
+    `output_dir/{task}/predictions_step{step}.jsonl` (every example: `index`, `input`, `target`,
+    `prediction`, and `correct` when a metric reports `accuracy`), each
     written atomically by process 0. The JSONL is the file `specialize score` reads, so
     re-scoring it gives the metrics file's values (for tasks whose postprocessor keeps the text).
   timing: returned with the metrics as `timing/seconds` (decode, postprocess, metrics) and
@@ -367,8 +368,8 @@ def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
   name gives (0 if none). Results go to `output_dir`, by default `eval/` beside the step
   directories (or inside a standalone checkpoint's directory). A (step, task) pair whose metrics
   file records the same eval settings (`reusable_metrics`) is not evaluated again: its metrics are
-  read back, and a step whose tasks are all done is not even loaded. `model_config` (T5Config, preset name or dict) replaces the
-  architecture the checkpoint describes or implies.
+  read back, and a step whose tasks are all done is not even loaded. `model_config` (T5Config,
+  preset name or dict) replaces the architecture the checkpoint describes or implies.
   """
   path = os.path.abspath(os.fspath(model_dir_or_checkpoint))
   steps = list_checkpoint_steps(path)
