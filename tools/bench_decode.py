@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import tempfile
 import time
 
@@ -83,8 +84,8 @@ def main() -> None:
   hf_tokens = theirs(args.new_tokens).numpy()
   times = side_by_side.time_in_turns({'ours': ours, 'theirs': lambda: theirs(args.new_tokens)},
                                      args.repeats)
-  ours_s = side_by_side.median(times['ours'])
-  hf_s = side_by_side.median(times['theirs'])
+  ours_s = statistics.median(times['ours'])
+  hf_s = statistics.median(times['theirs'])
   if hf_tokens.shape[1] != args.new_tokens + 1:
     raise RuntimeError(f'transformers generated {hf_tokens.shape[1] - 1} tokens, not '
                        f'{args.new_tokens}; the comparison would be unfair.')

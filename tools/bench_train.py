@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import time
 
 import side_by_side  # tools/, beside this script
@@ -90,7 +91,7 @@ def _matmul_rates(turns: int = 3, n: int = 2048, repeats: int = 5) -> dict:
   sides = {"jax": lambda: [jax.block_until_ready(product(jax_a, jax_b)) for _ in range(repeats)],
            "torch": lambda: [torch.mm(torch_a, torch_b) for _ in range(repeats)]}
   times = side_by_side.time_in_turns(sides, turns)
-  return {name: round(repeats * 2 * n**3 / side_by_side.median(t) / 1e9, 1)
+  return {name: round(repeats * 2 * n**3 / statistics.median(t) / 1e9, 1)
           for name, t in times.items()}
 
 
@@ -146,7 +147,7 @@ def main() -> None:
   peer_step, peer = (None, None) if args.skip_peer else _peer(args, np_batch)
   sides = {"ours": ours_step} if peer_step is None else {"ours": ours_step, "peer": peer_step}
   times = side_by_side.time_in_turns(sides, args.steps)
-  ours_s = side_by_side.median(times["ours"])
+  ours_s = statistics.median(times["ours"])
   result = {"preset": args.preset, "dtype": args.dtype, "batch": args.batch,
             "inputs": args.inputs, "targets": args.targets, "backend": ours["backend"],
             "device": ours["device"],
@@ -164,7 +165,7 @@ def main() -> None:
     result.update({"model_tflops_per_s": round(achieved, 1),
                    "mfu_percent": round(100 * achieved / peak, 1) if peak else None})
   if peer_step is not None:
-    peer_s = side_by_side.median(times["peer"])
+    peer_s = statistics.median(times["peer"])
     result.update({
         "transformers_target_tokens_per_s": round(target_tokens / peer_s, 1),
         "torch_threads": peer["threads"],

@@ -23,8 +23,3 @@ def time_in_turns(sides: Mapping[str, Callable[[], object]], turns: int,
       run()
       times[name].append(time.perf_counter() - start)
   return times
-
-
-def median(values: List[float]) -> float:
-  values = sorted(values)
-  return values[len(values) // 2]

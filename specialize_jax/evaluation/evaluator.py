@@ -341,21 +341,25 @@ def record_metrics(record: Mapping[str, Any]) -> Metrics:
   return {**record['metrics'], **{f'timing/{k}': v for k, v in record.get('timing', {}).items()}}
 
 
-def reusable_metrics(path: str, config: EvalConfig) -> Optional[Metrics]:
-  """The metrics in `path` if it exists and records `config`'s eval settings, else None.
+def metrics_if_settings_match(record: Mapping[str, Any], config: EvalConfig,
+                              path: str) -> Optional[Metrics]:
+  """A metrics file's metrics if the file (read from `path`) records `config`'s eval settings.
 
   A file with other settings (a `max_examples=20` smoke run, other lengths or decoding) or none
   (written before settings were recorded) is not reused: it is evaluated again and overwritten.
   """
-  record = read_metrics_record(path)
-  if record is None:
-    return None
   recorded, wanted = record.get(SETTINGS_KEY), eval_settings(config)
   if recorded != wanted:
     logging.info('%s was computed with eval settings %s, not %s: evaluating again.', path,
                  recorded, wanted)
     return None
   return record_metrics(record)
+
+
+def reusable_metrics(path: str, config: EvalConfig) -> Optional[Metrics]:
+  """The metrics in `path` if it exists and records `config`'s eval settings, else None."""
+  record = read_metrics_record(path)
+  return None if record is None else metrics_if_settings_match(record, config, path)
 
 
 def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,

@@ -143,8 +143,10 @@ def _reusable(path: str, config: evaluator_lib.EvalConfig, counts: _ExampleCount
               ) -> Optional[Dict[str, float]]:
   """The metrics of a reusable eval output file, or None (absent or other settings)."""
   record = evaluator_lib.read_metrics_record(path)
-  if record is None or evaluator_lib.SETTINGS_KEY in record:
-    return evaluator_lib.reusable_metrics(path, config)
+  if record is None:
+    return None
+  if evaluator_lib.SETTINGS_KEY in record:
+    return evaluator_lib.metrics_if_settings_match(record, config, path)
   num = record.get('num_examples')
   expected_max = counts.max_examples
   # A file of max_examples examples is right whatever the task's size; otherwise count.
