@@ -74,7 +74,9 @@ def _ours(args, np_batch):
   step()
   first = time.perf_counter() - start
   count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
-  return step, {"first_step_s": first, "encoder_params": count(state.params["encoder"]),
+  stats = jax.devices()[0].memory_stats() or {}  # None on CPU
+  peak_gb = round(stats["peak_bytes_in_use"] / 2**30, 1) if "peak_bytes_in_use" in stats else None
+  return step, {"first_step_s": first, "device_peak_gb": peak_gb, "encoder_params": count(state.params["encoder"]),
                 "decoder_params": count(state.params["decoder"]),
                 "device": jax.devices()[0].device_kind, "backend": jax.default_backend()}
 
@@ -95,7 +97,9 @@ def _matmul_rates(turns: int = 3, n: int = 2048, repeats: int = 5) -> dict:
           for name, t in times.items()}
 
 
-def _peer(args, np_batch):
+def _peer(args, np_batch, on_accelerator: bool):
+  """PyTorch's step; on the GPU when ours runs on one (bf16 autocast when `--dtype bfloat16`)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
@@ -103,23 +107,28 @@ def _peer(args, np_batch):
   config = model_config.get_config(args.preset, dropout_rate=0.0)
   hf_config = transformers.T5Config(**hf_conversion.config_to_hf(config))
   hf_config.dropout_rate = 0.0
-  model = transformers.T5ForConditionalGeneration(hf_config)
+  device = "cuda" if on_accelerator and torch.cuda.is_available() else "cpu"
+  model = transformers.T5ForConditionalGeneration(hf_config).to(device)
   model.train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
   inputs = {
-      "input_ids": torch.from_numpy(np_batch["encoder_input_tokens"]).long(),
-      "decoder_input_ids": torch.from_numpy(np_batch["decoder_input_tokens"]).long(),
-      "labels": torch.from_numpy(np_batch["decoder_target_tokens"]).long()}
+      "input_ids": torch.from_numpy(np_batch["encoder_input_tokens"]).long().to(device),
+      "decoder_input_ids": torch.from_numpy(np_batch["decoder_input_tokens"]).long().to(device),
+      "labels": torch.from_numpy(np_batch["decoder_target_tokens"]).long().to(device)}
+  # f32 parameters, bf16 products: the same mixed precision as our `compute_dtype`.
+  autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if (
+      args.dtype == "bfloat16") else contextlib.nullcontext
 
   def step():
     optimizer.zero_grad(set_to_none=True)
-    loss = model(**inputs).loss
+    with autocast():
+      loss = model(**inputs).loss
     loss.backward()
     optimizer.step()
-    return float(loss)
+    return float(loss.detach())  # waits for the device
 
   step()  # warm-up
-  return step, {"threads": torch.get_num_threads()}
+  return step, {"threads": torch.get_num_threads(), "torch_device": device}
 
 
 def main() -> None:
@@ -133,6 +142,8 @@ def main() -> None:
   parser.add_argument("--skip_peer", action="store_true", help="ours only (e.g. on a GPU)")
   args = parser.parse_args()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if not args.skip_peer:  # On a GPU, leave PyTorch room beside JAX's pool (75 % by default).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
   from specialize_jax import host_malloc  # pylint: disable=g-import-not-at-top
   from specialize_jax import xla_cpu_flags  # pylint: disable=g-import-not-at-top
   host_malloc.reexec_with_tunables()  # As `specialize train` runs; both sides share it.
@@ -144,7 +155,8 @@ def main() -> None:
   target_tokens = args.batch * args.targets
   ours_step, ours = _ours(args, np_batch)
   peak_after_ours = _peak_rss_mb()
-  peer_step, peer = (None, None) if args.skip_peer else _peer(args, np_batch)
+  peer_step, peer = (None, None) if args.skip_peer else _peer(args, np_batch,
+                                                               ours["backend"] != "cpu")
   sides = {"ours": ours_step} if peer_step is None else {"ours": ours_step, "peer": peer_step}
   times = side_by_side.time_in_turns(sides, args.steps)
   ours_s = statistics.median(times["ours"])
@@ -159,19 +171,22 @@ def main() -> None:
                ours["decoder_params"] * args.batch * args.targets)
   result["model_gflop_per_step"] = round(flops / 1e9, 1)
   result["ours_model_gflops_per_s"] = round(flops / ours_s / 1e9, 1)
+  peak = None if ours["backend"] == "cpu" else next(
+      (v for k, v in PEAK_TFLOPS.items() if k.lower() in ours["device"].lower()), None)
   if ours["backend"] != "cpu":
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k.lower() in ours["device"].lower()), None)
     achieved = flops / ours_s / 1e12
     result.update({"model_tflops_per_s": round(achieved, 1),
-                   "mfu_percent": round(100 * achieved / peak, 1) if peak else None})
+                   "mfu_percent": round(100 * achieved / peak, 1) if peak else None,
+                   "device_peak_gb": ours["device_peak_gb"]})
   if peer_step is not None:
     peer_s = statistics.median(times["peer"])
     result.update({
         "transformers_target_tokens_per_s": round(target_tokens / peer_s, 1),
-        "torch_threads": peer["threads"],
+        "torch_threads": peer["threads"], "torch_device": peer["torch_device"],
         "ours_over_transformers": round(peer_s / ours_s, 3),
         "ratio_per_turn": [round(p / o, 3) for o, p in zip(times["ours"], times["peer"])],
         "transformers_model_gflops_per_s": round(flops / peer_s / 1e9, 1),
+        "transformers_mfu_percent": round(100 * flops / peer_s / 1e12 / peak, 1) if peak else None,
         "peak_rss_mb_after_peer": round(_peak_rss_mb())})
     if ours["backend"] == "cpu":
       result["matmul_2048_gflops_per_s"] = _matmul_rates()
