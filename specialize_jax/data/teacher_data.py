@@ -64,6 +64,7 @@ which the next ``append_record`` removes. A bad line anywhere else is corruption
 import collections
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import math
@@ -165,16 +166,21 @@ class TeacherSample:
   @classmethod
   def from_json(cls, obj: Mapping[str, Any]) -> "TeacherSample":
     """Builds a sample from an already validated dict (use ``TeacherRecord.from_json`` to check)."""
-    def opt_tuple(name, convert):
-      value = obj.get(name)
-      return None if value is None else tuple(convert(v) for v in value)
     return cls(
         text=obj["text"], answer=_opt_float(obj["answer"]), correct=obj["correct"],
-        tokens=opt_tuple("tokens", str), logprobs=opt_tuple("logprobs", float),
-        top_logprobs=opt_tuple("top_logprobs",
-                               lambda pos: tuple((str(t), float(lp)) for t, lp in pos)),
-        offsets=opt_tuple("offsets", int), finish_reason=obj.get("finish_reason"),
+        tokens=_opt_tuple(obj, "tokens", str), logprobs=_opt_tuple(obj, "logprobs", float),
+        top_logprobs=_opt_tuple(obj, "top_logprobs", _top_logprob_pairs),
+        offsets=_opt_tuple(obj, "offsets", int), finish_reason=obj.get("finish_reason"),
         meta=obj.get("meta"))
+
+
+def _opt_tuple(obj: Mapping[str, Any], name: str, convert) -> Optional[tuple]:
+  value = obj.get(name)
+  return None if value is None else tuple(map(convert, value))
+
+
+def _top_logprob_pairs(position: Sequence[Sequence[Any]]) -> Tuple[Tuple[str, float], ...]:
+  return tuple((str(token), float(logprob)) for token, logprob in position)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,9 +266,17 @@ def _problem(kind: str, field: str, message: str, severity: str = ERROR) -> Prob
   return Problem(path="", line=0, field=field, message=message, kind=kind, severity=severity)
 
 
-def _check_keys(obj: Mapping[str, Any], required: Sequence[str], optional: Sequence[str],
+@functools.lru_cache(maxsize=None)
+def _key_sets(required: Tuple[str, ...], optional: Tuple[str, ...]) -> Tuple[frozenset, frozenset]:
+  return frozenset(required), frozenset(required + optional)
+
+
+def _check_keys(obj: Mapping[str, Any], required: Tuple[str, ...], optional: Tuple[str, ...],
                 prefix: str, out: List[Problem]) -> None:
-  allowed = tuple(required) + tuple(optional)
+  required_set, allowed_set = _key_sets(required, optional)
+  if required_set <= obj.keys() <= allowed_set:  # The common case: nothing to report.
+    return
+  allowed = required + optional
   for name in required:
     if name not in obj:
       out.append(_problem("missing_field", _join(prefix, name),
@@ -307,6 +321,47 @@ def _is_top_logprob_position(pos: Any) -> bool:
               _is_number(pair[1]) and pair[1] <= 0 for pair in pos))
 
 
+def _is_str(value: Any) -> bool:
+  return isinstance(value, str)
+
+
+def _is_nonempty_str(value: Any) -> bool:
+  return isinstance(value, str) and bool(value)
+
+
+def _is_dict(value: Any) -> bool:
+  return isinstance(value, dict)
+
+
+def _is_list(value: Any) -> bool:
+  return isinstance(value, list)
+
+
+def _is_number_or_none(value: Any) -> bool:
+  return value is None or _is_number(value)
+
+
+def _is_bool_or_none(value: Any) -> bool:
+  return value is None or isinstance(value, bool)
+
+
+def _is_logprob(value: Any) -> bool:
+  return _is_number(value) and value <= 0
+
+
+def _is_offset(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# A sample's optional lists: (field, element check, what an element must be).
+_SAMPLE_LISTS = (
+    ("tokens", _is_str, "a string"),
+    ("logprobs", _is_logprob, "a finite number <= 0"),
+    ("top_logprobs", _is_top_logprob_position,
+     f"an array of at most {MAX_TOP_LOGPROBS} [token, logprob <= 0] pairs"),
+    ("offsets", _is_offset, "an int >= 0"))
+
+
 def _record_problems(obj: Any) -> List[Problem]:
   """Every schema problem of one parsed line (paths relative to the record, line left 0)."""
   out: List[Problem] = []
@@ -320,22 +375,20 @@ def _record_problems(obj: Any) -> List[Problem]:
                      f"schema {_short(obj['schema'])} is not supported; this reader supports only "
                      f"{SCHEMA!r}: convert the file, or read it with the version that wrote it")]
   _check_keys(obj, _RECORD_REQUIRED, _RECORD_OPTIONAL, "", out)
-  nonempty_str = lambda v: isinstance(v, str) and bool(v)
   for name in ("id", "source", "split"):
-    _check_value(obj, name, "", out, nonempty_str, "a non-empty string")
+    _check_value(obj, name, "", out, _is_nonempty_str, "a non-empty string")
   for name in ("question", "gold_answer"):
-    _check_value(obj, name, "", out, lambda v: isinstance(v, str), "a string")
-  _check_value(obj, "gold_number", "", out, lambda v: v is None or _is_number(v),
-               "a finite number or null")
-  _check_value(obj, "meta", "", out, lambda v: isinstance(v, dict), "an object")
-  if _check_value(obj, "teacher", "", out, lambda v: isinstance(v, dict), "an object"):
+    _check_value(obj, name, "", out, _is_str, "a string")
+  _check_value(obj, "gold_number", "", out, _is_number_or_none, "a finite number or null")
+  _check_value(obj, "meta", "", out, _is_dict, "an object")
+  if _check_value(obj, "teacher", "", out, _is_dict, "an object"):
     teacher = obj["teacher"]
     _check_keys(teacher, _TEACHER_REQUIRED, _TEACHER_OPTIONAL, "teacher", out)
-    _check_value(teacher, "name", "teacher", out, nonempty_str, "a non-empty string")
-    _check_value(teacher, "api", "teacher", out, lambda v: isinstance(v, str), "a string")
-    _check_value(teacher, "params", "teacher", out, lambda v: isinstance(v, dict), "an object")
+    _check_value(teacher, "name", "teacher", out, _is_nonempty_str, "a non-empty string")
+    _check_value(teacher, "api", "teacher", out, _is_str, "a string")
+    _check_value(teacher, "params", "teacher", out, _is_dict, "an object")
   gold = obj.get("gold_number") if _is_number(obj.get("gold_number")) else None
-  if _check_value(obj, "samples", "", out, lambda v: isinstance(v, list), "an array"):
+  if _check_value(obj, "samples", "", out, _is_list, "an array"):
     for i, sample in enumerate(obj["samples"]):
       _sample_problems(sample, f"samples[{i}]", gold, out)
   return out
@@ -346,30 +399,21 @@ def _sample_problems(sample: Any, p: str, gold: Optional[float], out: List[Probl
     out.append(_problem("type", p, f"a sample must be a JSON object, got {_type_name(sample)}"))
     return
   _check_keys(sample, _SAMPLE_REQUIRED, _SAMPLE_OPTIONAL, p, out)
-  has_text = _check_value(sample, "text", p, out, lambda v: isinstance(v, str), "a string")
+  has_text = _check_value(sample, "text", p, out, _is_str, "a string")
   text = sample["text"] if has_text else None
-  _check_value(sample, "answer", p, out, lambda v: v is None or _is_number(v),
-               "a finite number or null")
-  _check_value(sample, "correct", p, out, lambda v: v is None or isinstance(v, bool),
-               "true, false or null")
-  _check_value(sample, "finish_reason", p, out, lambda v: isinstance(v, str), "a string")
-  _check_value(sample, "meta", p, out, lambda v: isinstance(v, dict), "an object")
+  _check_value(sample, "answer", p, out, _is_number_or_none, "a finite number or null")
+  _check_value(sample, "correct", p, out, _is_bool_or_none, "true, false or null")
+  _check_value(sample, "finish_reason", p, out, _is_str, "a string")
+  _check_value(sample, "meta", p, out, _is_dict, "an object")
   answer, correct = sample.get("answer"), sample.get("correct")
   if gold is not None and _is_number(answer) and isinstance(correct, bool):
     if correct != is_correct(answer, gold):
       out.append(_problem("answer_mismatch", f"{p}.correct",
                           f"correct={json.dumps(correct)} but answer {answer} vs gold_number "
                           f"{gold}; recompute 'correct' or check the scoring rule", WARNING))
-  is_list = lambda v: isinstance(v, list)
   lists = {}
-  for name, ok, expected in (
-      ("tokens", lambda v: isinstance(v, str), "a string"),
-      ("logprobs", lambda v: _is_number(v) and v <= 0, "a finite number <= 0"),
-      ("top_logprobs", _is_top_logprob_position,
-       f"an array of at most {MAX_TOP_LOGPROBS} [token, logprob <= 0] pairs"),
-      ("offsets", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-       "an int >= 0")):
-    if _check_value(sample, name, p, out, is_list, "an array"):
+  for name, ok, expected in _SAMPLE_LISTS:
+    if name in sample and _check_value(sample, name, p, out, _is_list, "an array"):
       _check_list(sample[name], f"{p}.{name}", ok, expected, out)
       lists[name] = sample[name]
   tokens = lists.get("tokens")
@@ -412,6 +456,16 @@ def _reject_constant(name: str) -> Any:
                    "finite value")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _parse_line(text: str) -> Any:
+  """`json.loads(text, parse_constant=_reject_constant)` without building a decoder per line."""
+  if text.startswith("\ufeff"):
+    raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+  return _DECODER.decode(text)
+
+
 def _scan(path: pathlib.Path) -> Iterator[Tuple[int, Optional[Dict[str, Any]], List[Problem]]]:
   """Yields (line number, parsed record or None, problems with file and line filled in)."""
   first_line_of_id: Dict[str, int] = {}
@@ -425,7 +479,7 @@ def _scan(path: pathlib.Path) -> Iterator[Tuple[int, Optional[Dict[str, Any]], L
         yield lineno, None, [locate(_problem("blank_line", "", "blank line ignored", WARNING))]
         continue
       try:
-        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        obj = _parse_line(body.decode("utf-8"))
       except (UnicodeDecodeError, ValueError) as e:
         if not complete:  # Only the last line can lack "\n": a crash cut the final append short.
           problem = _problem("truncated_last_line", "",
@@ -586,7 +640,7 @@ def _drop_unterminated_tail(path: pathlib.Path, f) -> None:
     reader.seek(start)
     tail = reader.read()
   try:
-    json.loads(tail.decode("utf-8"), parse_constant=_reject_constant)
+    _parse_line(tail.decode("utf-8"))
     f.write(b"\n")
   except (UnicodeDecodeError, ValueError):
     logging.getLogger(__name__).warning(
