@@ -2,15 +2,17 @@
 `transformers` + PyTorch on the same model size, batch and lengths, AdamW, in one run.
 
   python tools/bench_train.py [--preset small --batch 8 --inputs 512 --targets 256 --steps 5]
-  python tools/bench_train.py --preset base --dtype bfloat16 --batch 64 --skip_peer   # accelerator
+  python tools/bench_train.py --preset base --dtype bfloat16 --batch 64   # on a GPU
 
 Prints one JSON object: both rates, their ratio, our first-step (compile) time, peak host memory
 (ru_maxrss) after our part and after the peer's, and the model FLOPs rate: 6 x params x tokens per
 step, the encoder's params on input tokens, the decoder's (with the output projection) on target
 tokens; the token embedding is a lookup and attention scores are left out, as usual for MFU. On an
-accelerator that rate gives model FLOPs utilisation. On CPU, beside the peer, the script also times
-a 2048^3 float32 matrix product in both libraries, the rate a training step could at best approach,
-so a target ratio can be checked against what the machine does. The sides take turns
+accelerator that rate gives model FLOPs utilisation, for both sides (the peer runs on the GPU when
+ours does, with bf16 autocast for `--dtype bfloat16`), with our device memory peak. On CPU, beside
+the peer, the script also times a 2048^3 float32 matrix product in both libraries, the rate a
+training step could at best approach, so a target ratio can be checked against what the machine
+does. The sides take turns
 (`side_by_side.py`: two steps per turn, the second timed). Run it on an otherwise idle machine.
 """
 import argparse
