@@ -6,6 +6,7 @@ import pytest
 
 from specialize_jax.model import decoding
 from specialize_jax.model import models
+from specialize_jax.model import network
 from test_network import TINY, _batch, _forward, random_params
 
 # A bigram "language model" over 6 ids (0 BOS, 1 EOS): row = previous token, column = next.
@@ -94,6 +95,50 @@ def test_rows_stop_after_eos_and_the_loop_stops_when_all_are_done():
                                                  max_decode_length=8, alpha=0.0))()
   np.testing.assert_array_equal(seqs[:, -1], want)
   assert len(steps_run) < 8
+
+
+def test_cache_lengths_split_the_decode_into_rounded_phases():
+  assert decoding.cache_lengths(128, 4) == (32, 64, 96, 128)
+  assert decoding.cache_lengths(80, 4) == (24, 40, 64, 80)  # multiples of 8, then the end
+  assert decoding.cache_lengths(20, 4) == (8, 16, 20)  # fewer phases when short
+  assert decoding.cache_lengths(6, 4) == (6,)
+  assert decoding.cache_lengths(128, 1) == (128,)
+  with pytest.raises(ValueError, match='num_phases'):
+    decoding.cache_lengths(128, 0)
+
+
+def test_phased_loops_grow_the_cache_between_phases_and_give_the_same_search():
+  grown = []
+
+  def grow(cache, length):
+    grown.append(length)
+    return dict(cache, length=jnp.asarray(length, jnp.int32))
+
+  def step(token_ids, cache):  # the bigram, plus a check that the cache always has room
+    logits, _ = bigram_step(token_ids, cache)
+    room = cache['calls'] < cache['length']
+    return jnp.where(room, logits, jnp.nan), dict(cache, calls=cache['calls'] + 1)
+
+  cache = dict(_bigram_cache(), length=jnp.asarray(2, jnp.int32))
+  phased = dict(cache_lengths=(2, 4, 5), grow_cache=grow)
+  seqs, scores = jax.jit(lambda: decoding.greedy_decode(
+      step, cache, batch_size=1, max_decode_length=5, **phased))()
+  np.testing.assert_array_equal(seqs, [[[2, 4, 1, 0, 0]]])  # 3 steps: across two phases
+  np.testing.assert_allclose(scores, [[GREEDY_LOG_PROB]], rtol=1e-5)
+  assert grown == [4, 5]
+  seqs, scores = jax.jit(lambda: decoding.beam_search(
+      step, cache, batch_size=1, beam_size=2, max_decode_length=5, alpha=0.0, **phased))()
+  np.testing.assert_array_equal(seqs[0, -1], [3, 1, 0, 0, 0])
+  np.testing.assert_allclose(scores[0, -1], BEST_LOG_PROB, rtol=1e-5)
+
+  decode = lambda **kw: decoding.greedy_decode(step, cache, batch_size=1, max_decode_length=5,
+                                               **kw)
+  with pytest.raises(ValueError, match='must end at max_decode_length=5'):
+    decode(cache_lengths=(2, 4), grow_cache=grow)
+  with pytest.raises(ValueError, match='must increase'):
+    decode(cache_lengths=(4, 2, 5), grow_cache=grow)
+  with pytest.raises(ValueError, match='needs grow_cache'):
+    decode(cache_lengths=(2, 5))
 
 
 def test_sampling_top_k_and_top_p_on_the_bigram():
@@ -209,6 +254,47 @@ def test_beam_search_on_the_model(model, params, batch, greedy):
                                            alpha=0.0, return_all_decodes=True)
   assert four.shape == (4, 4, MAX_LENGTH)
   assert np.all(np.asarray(aux['scores'])[:, -1] >= scores - 1e-4)
+
+
+@pytest.mark.parametrize('method, options', [
+    ('greedy', {}), ('sample', dict(num_decodes=3, temperature=1.0)),
+    ('beam', dict(num_decodes=3, alpha=0.6))])
+def test_cache_phases_give_the_same_decodes_as_one_loop(params, method, options):
+  """20 tokens: phases over caches of 8, 16 and 20 positions decode as one 20-position loop."""
+  batch = _batch(jax.random.key(11), 4, 8, 20)
+  key = jax.random.key(1, impl='rbg')
+  decodes = {}
+  for phases in (1, 4):
+    model = models.EncoderDecoderModel(TINY, eos_id=EOS, decode_cache_phases=phases)
+    decodes[phases] = model.predict_batch_with_aux(params, batch, key, decode_method=method,
+                                                   return_all_decodes=True, **options)
+  np.testing.assert_array_equal(decodes[4][0], decodes[1][0])
+  np.testing.assert_allclose(decodes[4][1]['scores'], decodes[1][1]['scores'], rtol=1e-5)
+  assert decoding.cache_lengths(20, 4) == (8, 16, 20)
+  assert np.any(np.asarray(decodes[1][0])[..., 16:] != 0)  # some rows reach the last phase
+
+
+def test_grow_self_attention_cache_pads_only_self_attention(params, batch):
+  model = models.EncoderDecoderModel(TINY, eos_id=EOS)
+  module = model.module
+  encoded = module.apply({'params': params}, batch['encoder_input_tokens'],
+                         method=module.encode)
+  _, variables = module.apply({'params': params}, encoded, batch['encoder_input_tokens'],
+                              jnp.zeros((4, 3), jnp.int32), decode=True, mutable=['cache'],
+                              method=module.decode)
+  cache = jax.tree.map(lambda x: x + 1, variables['cache'])  # nonzero, to see what moves
+  grown = network.grow_self_attention_cache(cache, 7)
+  layer, new_layer = cache['decoder']['layers_0'], grown['decoder']['layers_0']
+  for name in ('cached_key', 'cached_value'):
+    old, new = layer['self_attention'][name], new_layer['self_attention'][name]
+    assert new.shape == old.shape[:2] + (7,) + old.shape[3:]
+    np.testing.assert_array_equal(new[:, :, :3], old)
+    assert not np.any(new[:, :, 3:])
+    np.testing.assert_array_equal(new_layer['encoder_decoder_attention'][name],
+                                  layer['encoder_decoder_attention'][name])
+  assert int(grown['decoder']['cache_index']) == int(cache['decoder']['cache_index'])
+  with pytest.raises(ValueError, match='shrink'):
+    network.grow_self_attention_cache(cache, 2)
 
 
 def test_predict_batch_rejects_bad_options(model, params, batch):

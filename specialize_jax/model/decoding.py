@@ -13,12 +13,16 @@ Terms:
     what answer voting and reporting need). Beam search: that sum divided by the brevity penalty
     `((5 + length) / 6) ** alpha` (T5X / brax).
   order: along `num_decodes`, increasing score, so the best decode is last (T5X's convention).
+  cache phases: the search can run as one loop per self-attention cache length
+    (`cache_lengths`, e.g. 32, 64, 96, 128), growing the cache with `grow_cache` between loops,
+    so early steps attend over a short cache instead of the full `max_decode_length` one (the
+    attention over the cache reads all of it at every step). The results are the same.
 
 Each search is one `lax.while_loop` that stops as soon as every row is done, so short answers cost
 few steps; all functions are jittable (pass `topk`, `topp`, `num_decodes`, `beam_size` and
 `max_decode_length` as static arguments).
 """
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 from jax import lax
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 Array = jax.Array
 Cache = Any
 TokensToLogits = Callable[[Array, Cache], Tuple[Array, Cache]]
+GrowCache = Callable[[Cache, int], Cache]
 
 EOS_ID = 1
 # A finite "minus infinity" that survives additions without producing NaNs (T5X's value).
@@ -41,6 +46,42 @@ def expand_rows(x: Array, num_decodes: int) -> Array:
 def brevity_penalty(alpha: float, length: Array) -> Array:
   """The length normalization of beam scores, `((5 + length) / 6) ** alpha`."""
   return jnp.power((5.0 + jnp.asarray(length, jnp.float32)) / 6.0, alpha)
+
+
+def cache_lengths(max_decode_length: int, num_phases: int, multiple: int = 8) -> Tuple[int, ...]:
+  """Increasing cache lengths ending at `max_decode_length`: `num_phases` near-equal steps,
+  rounded up to a `multiple` (`(32, 64, 96, 128)` for 128 and 4 phases; fewer when short)."""
+  if num_phases < 1:
+    raise ValueError(f'num_phases={num_phases} must be >= 1.')
+  lengths = [min(max_decode_length, -(-max_decode_length * k // (num_phases * multiple)) * multiple)
+             for k in range(1, num_phases + 1)]
+  return tuple(sorted(set(lengths)))
+
+
+def _while_in_phases(cond: Callable[[Dict[str, Any]], Array],
+                     body: Callable[[Dict[str, Any]], Dict[str, Any]], state: Dict[str, Any],
+                     lengths: Sequence[int], grow_cache: Optional[GrowCache]) -> Dict[str, Any]:
+  """`lax.while_loop(cond, body, state)`, as one loop per cache length (module docstring).
+
+  `state['cache']` holds `lengths[0]` positions; loop `i` runs while `state['step'] <
+  lengths[i]`, then the cache grows to `lengths[i + 1]`.
+  """
+  if any(b <= a for a, b in zip(lengths, lengths[1:])):
+    raise ValueError(f'cache_lengths={tuple(lengths)} must increase.')
+  if len(lengths) > 1 and grow_cache is None:
+    raise ValueError(f'cache_lengths={tuple(lengths)} needs grow_cache to go from one to the next.')
+  for i, length in enumerate(lengths):
+    if i:
+      state = dict(state, cache=grow_cache(state['cache'], length))
+    state = lax.while_loop(lambda s, end=length: cond(s) & (s['step'] < end), body, state)
+  return state
+
+
+def _check_cache_lengths(lengths: Sequence[int], max_decode_length: int) -> Tuple[int, ...]:
+  lengths = tuple(lengths) or (max_decode_length,)
+  if lengths[-1] != max_decode_length:
+    raise ValueError(f'cache_lengths={lengths} must end at max_decode_length={max_decode_length}.')
+  return lengths
 
 
 def _gather_rows(tree: Cache, rows: Array) -> Cache:
@@ -88,7 +129,8 @@ def _check_sampling_args(topk: int, topp: float, max_decode_length: int):
 def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_size: int,
                        max_decode_length: int, rng: Array, num_decodes: int = 1,
                        temperature: float | Array = 1.0, topk: int = 0, topp: float = 1.0,
-                       eos_id: int = EOS_ID) -> Tuple[Array, Array]:
+                       eos_id: int = EOS_ID, cache_lengths: Sequence[int] = (),
+                       grow_cache: Optional[GrowCache] = None) -> Tuple[Array, Array]:
   """Samples `num_decodes` continuations per input; `temperature == 0` is greedy decoding.
 
   Args:
@@ -102,26 +144,29 @@ def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_
     topk: sample among the `topk` most likely tokens (0: all).
     topp: sample from the smallest set of tokens with probability >= `topp` (1: all).
     eos_id: the id that ends a row.
+    cache_lengths: the cache phases (module docstring); `cache` holds the first length. Empty:
+      one loop over a `max_decode_length` cache.
+    grow_cache: `(cache, length) -> cache` padded to `length` positions; needed with phases.
 
   Returns:
     `(sequences [batch, num_decodes, max_decode_length], scores [batch, num_decodes])`.
   """
   _check_sampling_args(topk, topp, max_decode_length)
+  lengths = _check_cache_lengths(cache_lengths, max_decode_length)
   rows = batch_size * num_decodes
   temperature = jnp.asarray(temperature, jnp.float32)
   # Column 0 holds the BOS 0 fed at step 0; step i writes column i + 1.
-  tokens0 = jnp.zeros((rows, max_decode_length + 1), jnp.int32)
-  state0 = (jnp.array(0, jnp.int32), tokens0, cache, jnp.zeros((rows,), bool),
-            jnp.zeros((rows,), jnp.float32))
+  state0 = dict(step=jnp.array(0, jnp.int32),
+                tokens=jnp.zeros((rows, max_decode_length + 1), jnp.int32), cache=cache,
+                ended=jnp.zeros((rows,), bool), log_prob=jnp.zeros((rows,), jnp.float32))
 
   def cond(state):
-    step, _, _, ended, _ = state
-    return (step < max_decode_length) & ~jnp.all(ended)
+    return ~jnp.all(state['ended'])
 
   def body(state):
-    step, tokens, cache, ended, log_prob = state
+    step, tokens, ended, log_prob = (state[k] for k in ('step', 'tokens', 'ended', 'log_prob'))
     current = lax.dynamic_slice_in_dim(tokens, step, 1, axis=1)  # [rows, 1]
-    logits, cache = tokens_to_logits(current, cache)
+    logits, cache = tokens_to_logits(current, state['cache'])
     logits = logits.astype(jnp.float32)  # [rows, vocab]
 
     def sample(logits):
@@ -137,9 +182,10 @@ def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_
     log_prob = log_prob + jnp.where(ended, 0.0, token_log_prob)
     tokens = lax.dynamic_update_slice_in_dim(tokens, next_token[:, None], step + 1, axis=1)
     ended = ended | (next_token == eos_id)
-    return step + 1, tokens, cache, ended, log_prob
+    return dict(step=step + 1, tokens=tokens, cache=cache, ended=ended, log_prob=log_prob)
 
-  _, tokens, _, _, log_prob = lax.while_loop(cond, body, state0)
+  final = _while_in_phases(cond, body, state0, lengths, grow_cache)
+  tokens, log_prob = final['tokens'], final['log_prob']
   sequences = tokens[:, 1:].reshape(batch_size, num_decodes, max_decode_length)
   scores = log_prob.reshape(batch_size, num_decodes)
   order = jnp.argsort(scores, axis=-1)  # increasing: best last
@@ -148,16 +194,19 @@ def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_
 
 
 def greedy_decode(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_size: int,
-                  max_decode_length: int, eos_id: int = EOS_ID) -> Tuple[Array, Array]:
+                  max_decode_length: int, eos_id: int = EOS_ID, cache_lengths: Sequence[int] = (),
+                  grow_cache: Optional[GrowCache] = None) -> Tuple[Array, Array]:
   """Greedy decoding: `temperature_sample` at temperature 0, one decode per input."""
   return temperature_sample(tokens_to_logits, cache, batch_size=batch_size,
                             max_decode_length=max_decode_length, rng=jax.random.key(0),
-                            num_decodes=1, temperature=0.0, eos_id=eos_id)
+                            num_decodes=1, temperature=0.0, eos_id=eos_id,
+                            cache_lengths=cache_lengths, grow_cache=grow_cache)
 
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_size: int,
                 beam_size: int, max_decode_length: int, alpha: float = 0.6,
-                eos_id: int = EOS_ID) -> Tuple[Array, Array]:
+                eos_id: int = EOS_ID, cache_lengths: Sequence[int] = (),
+                grow_cache: Optional[GrowCache] = None) -> Tuple[Array, Array]:
   """Beam search with T5X's brevity penalty and early stopping.
 
   Each step extends the `beam_size` live beams by every token, keeps the best `2 * beam_size`
@@ -172,6 +221,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_size: i
     batch_size, beam_size, max_decode_length: static sizes.
     alpha: brevity penalty exponent (0: plain log-probability).
     eos_id: the id that finishes a beam.
+    cache_lengths, grow_cache: the cache phases, as in `temperature_sample`.
 
   Returns:
     `(sequences [batch, beam_size, max_decode_length], scores [batch, beam_size])`, best last.
@@ -179,6 +229,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_size: i
   if beam_size < 1 or max_decode_length < 1:
     raise ValueError(f'beam_size={beam_size} and max_decode_length={max_decode_length} must be '
                      '>= 1.')
+  lengths = _check_cache_lengths(cache_lengths, max_decode_length)
   k = beam_size
   length = max_decode_length + 1  # column 0 is BOS
   # Only beam 0 is live at first, so the first step does not pick k copies of one token.
@@ -200,7 +251,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_size: i
     worst_finished = jnp.where(state['finished_flags'][:, -1], state['finished_scores'][:, -1],
                                NEG_INF)
     done = worst_finished > best_live  # [batch]
-    return (state['step'] < max_decode_length) & ~jnp.all(done)
+    return ~jnp.all(done)
 
   def body(state):
     step = state['step']
@@ -237,7 +288,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_size: i
         finished_scores=finished_scores,
         finished_flags=jnp.take_along_axis(flags, pick, axis=1), cache=cache)
 
-  final = lax.while_loop(cond, body, state0)
+  final = _while_in_phases(cond, body, state0, lengths, grow_cache)
   any_finished = jnp.any(final['finished_flags'], axis=1)  # [batch]
   seqs = jnp.where(any_finished[:, None, None], final['finished_seqs'], final['live_seqs'])
   scores = jnp.where(any_finished[:, None], final['finished_scores'], final['live_log_probs'])

@@ -54,6 +54,9 @@ class EncoderDecoderModel:
     loss_type: 'sample' or 'distribution' (see `distillation_loss`).
     distribution_ce_weight: with 'distribution', the cross-entropy's share of the loss.
     renormalize_teacher: with 'distribution', renormalize the teacher's top-k mass to one.
+    decode_cache_phases: decoding runs one loop per self-attention cache length, this many
+      lengths up to `max_decode_length` (`decoding.cache_lengths`), so early steps read a short
+      cache; 1 gives one loop over the full cache (a smaller program: faster to compile).
   """
 
   def __init__(self, module: Union[network.Transformer, T5Config], *, z_loss: float = 1e-4,
@@ -61,7 +64,7 @@ class EncoderDecoderModel:
                loss_normalizing_factor: losses.LossNormalizingFactor = None,
                extra_losses: Sequence[ExtraLoss] = (), eos_id: int = decoding.EOS_ID,
                loss_type: str = 'sample', distribution_ce_weight: float = 0.0,
-               renormalize_teacher: bool = False):
+               renormalize_teacher: bool = False, decode_cache_phases: int = 4):
     if isinstance(module, T5Config):
       module = network.Transformer(module)
     if not isinstance(module, network.Transformer):
@@ -78,6 +81,8 @@ class EncoderDecoderModel:
         loss_type, distribution_ce_weight, renormalize_teacher)
     self.extra_losses = tuple(teacher_losses) + tuple(extra_losses)
     self.eos_id = eos_id
+    decoding.cache_lengths(1, decode_cache_phases)  # fail at construction on a bad value
+    self.decode_cache_phases = decode_cache_phases
     self._decode_jit = None  # see `_decoder`
 
   def _decoder(self):
@@ -202,11 +207,12 @@ class EncoderDecoderModel:
     encoded = decoding.expand_rows(encoded, num_decodes)
     input_tokens = decoding.expand_rows(encoder_input_tokens, num_decodes)
     rows = batch_size * num_decodes
-    # A full-length call in decode mode creates the cache; its logits are unused and compiled
-    # away, so it costs only the cross-attention projections.
+    cache_lengths = decoding.cache_lengths(max_decode_length, self.decode_cache_phases)
+    # A call in decode mode with `cache_lengths[0]` tokens creates the cache; its logits are
+    # unused and compiled away, so it costs only the cross-attention projections.
     _, variables = module.apply(
         {'params': params}, encoded, input_tokens,
-        jnp.zeros((rows, max_decode_length), jnp.int32), decode=True, enable_dropout=False,
+        jnp.zeros((rows, cache_lengths[0]), jnp.int32), decode=True, enable_dropout=False,
         mutable=['cache'], method=module.decode)
 
     def tokens_to_logits(token_ids, cache):
@@ -216,16 +222,17 @@ class EncoderDecoderModel:
       return logits[:, 0, :], new_variables['cache']
 
     cache = variables['cache']
+    phases = dict(cache_lengths=cache_lengths, grow_cache=network.grow_self_attention_cache)
     if decode_method == 'beam':
       return decoding.beam_search(tokens_to_logits, cache, batch_size=batch_size,
                                   beam_size=num_decodes, max_decode_length=max_decode_length,
-                                  alpha=alpha, eos_id=self.eos_id)
+                                  alpha=alpha, eos_id=self.eos_id, **phases)
     if decode_method == 'greedy':
       temperature = jnp.zeros((), jnp.float32)
     return decoding.temperature_sample(
         tokens_to_logits, cache, batch_size=batch_size, max_decode_length=max_decode_length,
         rng=rng, num_decodes=num_decodes, temperature=temperature, topk=topk, topp=topp,
-        eos_id=self.eos_id)
+        eos_id=self.eos_id, **phases)
 
   def predict_batch_with_aux(
       self, params: Params, batch: Batch, rng: Optional[Array] = None, *,

@@ -333,6 +333,24 @@ class MultiHeadAttention(nn.Module):
                  kernel_init=_ATTENTION_INIT, dtype=dtype, name='out')(x)
 
 
+def grow_self_attention_cache(cache: Any, length: int) -> Any:
+  """The decode cache with every self-attention key/value cache zero-padded to `length` positions.
+
+  The filled positions keep their values; the new ones are zeros, which the decode step masks
+  (it sees `arange(cache length) <= decode_index`), so decoding goes on as with a cache created
+  at `length`. The cross-attention caches and `cache_index` are unchanged.
+  """
+  def grow(path, x):
+    names = [getattr(entry, 'key', None) for entry in path]
+    if 'self_attention' not in names or names[-1] not in ('cached_key', 'cached_value'):
+      return x
+    if length < x.shape[2]:
+      raise ValueError(f'Cannot shrink a self-attention cache from {x.shape[2]} to {length} '
+                       'positions.')
+    return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+  return jax.tree_util.tree_map_with_path(grow, cache)
+
+
 def _dropout(cfg: T5Config, x: Array, deterministic: bool, broadcast_length: bool = True) -> Array:
   dims = (-2,) if broadcast_length else ()
   return nn.Dropout(cfg.dropout_rate, broadcast_dims=dims)(x, deterministic=deterministic)
