@@ -34,7 +34,8 @@ def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _random_batch(np, batch, inputs, targets, vocab, seed=0):
+def random_batch(np, batch, inputs, targets, vocab, seed=0):
+  """A numpy batch of random ids with SeqIO's encoder-decoder feature names (targets end in EOS)."""
   rng = np.random.default_rng(seed)
   encoder = rng.integers(2, vocab, size=(batch, inputs), dtype=np.int32)
   target = rng.integers(2, vocab, size=(batch, targets), dtype=np.int32)
@@ -45,7 +46,8 @@ def _random_batch(np, batch, inputs, targets, vocab, seed=0):
           "decoder_loss_weights": np.ones((batch, targets), np.float32)}
 
 
-def _ours(args, np_batch):
+def our_step(args, np_batch):
+  """`(step() -> loss, info)`: our jitted train step on `np_batch`, compiled by a first step."""
   import jax  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import models  # pylint: disable=g-import-not-at-top
@@ -133,13 +135,18 @@ def _peer(args, np_batch, on_accelerator: bool):
   return step, {"threads": torch.get_num_threads(), "torch_device": device}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+  """The model and batch flags of a benchmarked step (also `profile_train_step.py`'s)."""
   parser.add_argument("--preset", default="small")
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--inputs", type=int, default=512)
   parser.add_argument("--targets", type=int, default=256)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  add_step_arguments(parser)
   parser.add_argument("--steps", type=int, default=5, help="turns: timed steps per side (median)")
   parser.add_argument("--skip_peer", action="store_true", help="ours only (e.g. on a GPU)")
   args = parser.parse_args()
@@ -153,9 +160,9 @@ def main() -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
   vocab = model_config.get_config(args.preset).vocab_size
-  np_batch = _random_batch(np, args.batch, args.inputs, args.targets, vocab)
+  np_batch = random_batch(np, args.batch, args.inputs, args.targets, vocab)
   target_tokens = args.batch * args.targets
-  ours_step, ours = _ours(args, np_batch)
+  ours_step, ours = our_step(args, np_batch)
   peak_after_ours = _peak_rss_mb()
   peer_step, peer = (None, None) if args.skip_peer else _peer(args, np_batch,
                                                                ours["backend"] != "cpu")

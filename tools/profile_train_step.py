@@ -48,11 +48,7 @@ def op_times(trace_path: str) -> Tuple[str, collections.Counter]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--preset", default="small")
-  parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--inputs", type=int, default=512)
-  parser.add_argument("--targets", type=int, default=256)
+  bench_train.add_step_arguments(parser)
   parser.add_argument("--top", type=int, default=30, help="ops to list")
   parser.add_argument("--trace_dir", default=None, help="default: a new temporary directory")
   args = parser.parse_args()
@@ -60,8 +56,8 @@ def main() -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
   vocab = model_config.get_config(args.preset).vocab_size
-  batch = bench_train._random_batch(np, args.batch, args.inputs, args.targets, vocab)  # pylint: disable=protected-access
-  step, info = bench_train._ours(args, batch)  # pylint: disable=protected-access
+  batch = bench_train.random_batch(np, args.batch, args.inputs, args.targets, vocab)
+  step, info = bench_train.our_step(args, batch)
   for _ in range(2):  # past the first call's compilation and any re-layout of the donated state
     step()
   start = time.perf_counter()

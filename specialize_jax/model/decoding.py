@@ -18,8 +18,8 @@ Terms:
     so early steps attend over a short cache instead of the full `max_decode_length` one (the
     attention over the cache reads all of it at every step). The results are the same.
 
-Each search is one `lax.while_loop` that stops as soon as every row is done, so short answers cost
-few steps; all functions are jittable (pass `topk`, `topp`, `num_decodes`, `beam_size` and
+Each search is a `lax.while_loop` (one per cache phase) that stops as soon as every row is done,
+so short answers cost few steps; all functions are jittable (pass `topk`, `topp`, `num_decodes`, `beam_size` and
 `max_decode_length` as static arguments).
 """
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
