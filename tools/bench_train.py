@@ -80,7 +80,8 @@ def our_step(args, np_batch):
   count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
   stats = jax.devices()[0].memory_stats() or {}  # None on CPU
   peak_gb = round(stats["peak_bytes_in_use"] / 2**30, 1) if "peak_bytes_in_use" in stats else None
-  return step, {"first_step_s": first, "device_peak_gb": peak_gb, "encoder_params": count(state.params["encoder"]),
+  return step, {"first_step_s": first, "device_peak_gb": peak_gb,
+                "encoder_params": count(state.params["encoder"]),
                 "decoder_params": count(state.params["decoder"]),
                 "device": jax.devices()[0].device_kind, "backend": jax.default_backend()}
 

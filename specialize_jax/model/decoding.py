@@ -19,8 +19,8 @@ Terms:
     attention over the cache reads all of it at every step). The results are the same.
 
 Each search is a `lax.while_loop` (one per cache phase) that stops as soon as every row is done,
-so short answers cost few steps; all functions are jittable (pass `topk`, `topp`, `num_decodes`, `beam_size` and
-`max_decode_length` as static arguments).
+so short answers cost few steps; all functions are jittable (pass `topk`, `topp`, `num_decodes`,
+`beam_size`, `max_decode_length` and `cache_lengths` as static arguments).
 """
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
