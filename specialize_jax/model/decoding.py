@@ -59,29 +59,27 @@ def cache_lengths(max_decode_length: int, num_phases: int, multiple: int = 8) ->
 
 
 def _while_in_phases(cond: Callable[[Dict[str, Any]], Array],
-                     body: Callable[[Dict[str, Any]], Dict[str, Any]], state: Dict[str, Any],
-                     lengths: Sequence[int], grow_cache: Optional[GrowCache]) -> Dict[str, Any]:
+                     body: Callable[[Dict[str, Any]], Dict[str, Any]], state: Dict[str, Any], *,
+                     cache_lengths: Sequence[int], grow_cache: Optional[GrowCache],
+                     max_decode_length: int) -> Dict[str, Any]:
   """`lax.while_loop(cond, body, state)`, as one loop per cache length (module docstring).
 
-  `state['cache']` holds `lengths[0]` positions; loop `i` runs while `state['step'] <
-  lengths[i]`, then the cache grows to `lengths[i + 1]`.
+  `state['cache']` holds `cache_lengths[0]` positions (`max_decode_length` when there are no
+  lengths); loop `i` runs while `state['step'] < cache_lengths[i]`, then the cache grows to
+  `cache_lengths[i + 1]`.
   """
+  lengths = tuple(cache_lengths) or (max_decode_length,)
+  if lengths[-1] != max_decode_length:
+    raise ValueError(f'cache_lengths={lengths} must end at max_decode_length={max_decode_length}.')
   if any(b <= a for a, b in zip(lengths, lengths[1:])):
-    raise ValueError(f'cache_lengths={tuple(lengths)} must increase.')
+    raise ValueError(f'cache_lengths={lengths} must increase.')
   if len(lengths) > 1 and grow_cache is None:
-    raise ValueError(f'cache_lengths={tuple(lengths)} needs grow_cache to go from one to the next.')
+    raise ValueError(f'cache_lengths={lengths} needs grow_cache to go from one to the next.')
   for i, length in enumerate(lengths):
     if i:
       state = dict(state, cache=grow_cache(state['cache'], length))
     state = lax.while_loop(lambda s, end=length: cond(s) & (s['step'] < end), body, state)
   return state
-
-
-def _check_cache_lengths(lengths: Sequence[int], max_decode_length: int) -> Tuple[int, ...]:
-  lengths = tuple(lengths) or (max_decode_length,)
-  if lengths[-1] != max_decode_length:
-    raise ValueError(f'cache_lengths={lengths} must end at max_decode_length={max_decode_length}.')
-  return lengths
 
 
 def _gather_rows(tree: Cache, rows: Array) -> Cache:
@@ -152,7 +150,6 @@ def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_
     `(sequences [batch, num_decodes, max_decode_length], scores [batch, num_decodes])`.
   """
   _check_sampling_args(topk, topp, max_decode_length)
-  lengths = _check_cache_lengths(cache_lengths, max_decode_length)
   rows = batch_size * num_decodes
   temperature = jnp.asarray(temperature, jnp.float32)
   # Column 0 holds the BOS 0 fed at step 0; step i writes column i + 1.
@@ -184,7 +181,8 @@ def temperature_sample(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_
     ended = ended | (next_token == eos_id)
     return dict(step=step + 1, tokens=tokens, cache=cache, ended=ended, log_prob=log_prob)
 
-  final = _while_in_phases(cond, body, state0, lengths, grow_cache)
+  final = _while_in_phases(cond, body, state0, cache_lengths=cache_lengths,
+                           grow_cache=grow_cache, max_decode_length=max_decode_length)
   tokens, log_prob = final['tokens'], final['log_prob']
   sequences = tokens[:, 1:].reshape(batch_size, num_decodes, max_decode_length)
   scores = log_prob.reshape(batch_size, num_decodes)
@@ -229,7 +227,6 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_size: i
   if beam_size < 1 or max_decode_length < 1:
     raise ValueError(f'beam_size={beam_size} and max_decode_length={max_decode_length} must be '
                      '>= 1.')
-  lengths = _check_cache_lengths(cache_lengths, max_decode_length)
   k = beam_size
   length = max_decode_length + 1  # column 0 is BOS
   # Only beam 0 is live at first, so the first step does not pick k copies of one token.
@@ -288,7 +285,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, *, batch_size: i
         finished_scores=finished_scores,
         finished_flags=jnp.take_along_axis(flags, pick, axis=1), cache=cache)
 
-  final = _while_in_phases(cond, body, state0, lengths, grow_cache)
+  final = _while_in_phases(cond, body, state0, cache_lengths=cache_lengths,
+                           grow_cache=grow_cache, max_decode_length=max_decode_length)
   any_finished = jnp.any(final['finished_flags'], axis=1)  # [batch]
   seqs = jnp.where(any_finished[:, None, None], final['finished_seqs'], final['live_seqs'])
   scores = jnp.where(any_finished[:, None], final['finished_scores'], final['live_log_probs'])
