@@ -107,7 +107,7 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_teacher(args) -> int:
-  from specialize_jax.data import teacher_client  # pylint: disable=g-import-not-at-top
+  from specialize_jax.teacher import teacher_client  # pylint: disable=g-import-not-at-top
   logging.getLogger("httpx").setLevel(logging.WARNING)  # One line per request otherwise.
   logging.getLogger("httpx2").setLevel(logging.WARNING)
   sampling = teacher_client.SamplingConfig(
@@ -145,8 +145,8 @@ def _cmd_teacher(args) -> int:
 def _cmd_teacher_import(args) -> int:
   from specialize_jax.data import readers  # pylint: disable=g-import-not-at-top
   from specialize_jax.data import splits  # pylint: disable=g-import-not-at-top
-  from specialize_jax.data import teacher_data  # pylint: disable=g-import-not-at-top
-  from specialize_jax.data import teacher_sources  # pylint: disable=g-import-not-at-top
+  from specialize_jax.teacher import teacher_data  # pylint: disable=g-import-not-at-top
+  from specialize_jax.teacher import teacher_sources  # pylint: disable=g-import-not-at-top
   try:
     train = readers.read_gsm8k("train")
     if args.src_format == "fu2023_codex":
@@ -169,8 +169,8 @@ def _cmd_teacher_import(args) -> int:
 
 
 def _cmd_teacher_filter(args) -> int:
-  from specialize_jax.data import teacher_data  # pylint: disable=g-import-not-at-top
-  from specialize_jax.data import teacher_filter  # pylint: disable=g-import-not-at-top
+  from specialize_jax.teacher import teacher_data  # pylint: disable=g-import-not-at-top
+  from specialize_jax.teacher import teacher_filter  # pylint: disable=g-import-not-at-top
   try:
     kept, report = teacher_filter.filter_records(
         teacher_data.read_records(args.input, strict=True).records)
@@ -204,8 +204,8 @@ def _initialize_distributed(args) -> None:
 
 
 def _cmd_align(args) -> int:
-  from specialize_jax.data import alignment  # pylint: disable=g-import-not-at-top
-  from specialize_jax.data import teacher_data  # pylint: disable=g-import-not-at-top
+  from specialize_jax.teacher import alignment  # pylint: disable=g-import-not-at-top
+  from specialize_jax.teacher import teacher_data  # pylint: disable=g-import-not-at-top
   try:
     summary = alignment.align_file(args.input, args.output, args.vocab, mode=args.mode,
                                    workers=args.workers or alignment.default_workers())

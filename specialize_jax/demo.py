@@ -15,7 +15,7 @@ import time
 from typing import Dict, Optional
 
 from specialize_jax import gin_config
-from specialize_jax.data import synthetic
+from specialize_jax.teacher import synthetic
 
 STUDENTS = (("cot", "CoT", "experiments/demo_cpu.gin"),
             ("ao", "answer-only", "experiments/demo_cpu_answer_only.gin"))

@@ -1,7 +1,7 @@
 """SeqIO tasks of the embedded demo (`specialize demo`): generated arithmetic word problems.
 
 Registered by `register_demo_tasks` (the `register` of this module), all with the demo vocabulary
-(`<demo dir>/spm.model`, a 384-piece BPE model, see `specialize_jax.data.synthetic`):
+(`<demo dir>/spm.model`, a 384-piece BPE model, see `specialize_jax.teacher.synthetic`):
 - training, split `train`: `demo_train_cot` (inputs `Q: {q}\\nLet's think step by step`, targets the
   gold chain of thought) and `demo_train_ao` (inputs `Q: {q} A:`, targets `The answer is N`), built
   from `train.jsonl` (teacher data) by the same `formats` code as the distillation tasks;
@@ -27,8 +27,8 @@ import tensorflow as tf
 from specialize_jax.data import data_dir
 from specialize_jax.data import formats
 from specialize_jax.data import metrics
-from specialize_jax.data import synthetic
-from specialize_jax.data import teacher_data
+from specialize_jax.teacher import synthetic
+from specialize_jax.teacher import teacher_data
 from tasks import common
 
 DEMO_SUBDIR = "demo"

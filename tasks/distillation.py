@@ -6,11 +6,11 @@ Registered at import:
   1 % answer-only): text targets, for the `sample` loss.
 - `gsm8k_distill_top{5,20}_{format}` and the mixtures `gsm8k_distill_top5` / `gsm8k_distill_top20`:
   the same examples plus the teacher's top-k distribution per target token (features
-  `teacher_topk_ids` / `teacher_topk_logprobs`, see `specialize_jax.data.teacher_features`), for the
+  `teacher_topk_ids` / `teacher_topk_logprobs`, see `specialize_jax.teacher.teacher_features`), for the
   `distribution` loss; k = 5 fits the completions API (and the paper's Codex data), 20 the chat API.
 
 Teacher data: the file named by `$SPECIALIZE_TEACHER_DATA` (schema `specialize_jax.teacher/1`, see
-`specialize_jax.data.teacher_data`), read when the dataset is built; without it, the GSM8K gold
+`specialize_jax.teacher.teacher_data`), read when the dataset is built; without it, the GSM8K gold
 rationales (one "sample" per question), so the tasks always build. GSM8K dev and test questions are
 never trained on. Other teacher files or budgets: call `register_distillation_tasks(prefix, ...)`.
 
@@ -31,9 +31,9 @@ from specialize_jax.data import data_dir
 from specialize_jax.data import formats
 from specialize_jax.data import readers
 from specialize_jax.data import splits
-from specialize_jax.data import teacher_data
-from specialize_jax.data import teacher_features
-from specialize_jax.data import teacher_sources
+from specialize_jax.teacher import teacher_data
+from specialize_jax.teacher import teacher_features
+from specialize_jax.teacher import teacher_sources
 from specialize_jax.data import vocabulary
 from tasks import common
 

@@ -39,9 +39,9 @@ def vocab_path():
 def codex_aligned_files(tmp_path_factory):
   """The paper's code-davinci-002 samples of GSM8K train[0] (top-5 logprobs) as a teacher file, and
   its aligned file: `(teacher_path, aligned_path, records)`."""
-  from specialize_jax.data import alignment  # pylint: disable=g-import-not-at-top
-  from specialize_jax.data import teacher_data  # pylint: disable=g-import-not-at-top
-  from specialize_jax.data import teacher_sources  # pylint: disable=g-import-not-at-top
+  from specialize_jax.teacher import alignment  # pylint: disable=g-import-not-at-top
+  from specialize_jax.teacher import teacher_data  # pylint: disable=g-import-not-at-top
+  from specialize_jax.teacher import teacher_sources  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("codex_teacher")
   records = teacher_sources.records_from_fu2023_codex(shared_data.shared_file(
       "teacher_outputs/fu2023_codex_notebook/codex_gsm8k_train0_50samples_top5.json"))[:1]

@@ -2,7 +2,7 @@
 import contextlib
 import os
 
-from specialize_jax.data import synthetic
+from specialize_jax.teacher import synthetic
 
 
 @contextlib.contextmanager

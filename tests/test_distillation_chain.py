@@ -5,8 +5,8 @@ import json
 import pytest
 
 from specialize_jax import cli
-from specialize_jax.data import aligned_data
-from specialize_jax.data import teacher_data
+from specialize_jax.teacher import aligned_data
+from specialize_jax.teacher import teacher_data
 import openai_server
 import shared_data
 

@@ -5,8 +5,8 @@ from golden_files import check_golden
 from specialize_jax.data import formats
 from specialize_jax.data import readers
 from specialize_jax.data import splits
-from specialize_jax.data import teacher_data
-from specialize_jax.data import teacher_sources
+from specialize_jax.teacher import teacher_data
+from specialize_jax.teacher import teacher_sources
 from specialize_jax.data.records import MathExample
 
 

@@ -11,8 +11,8 @@ import sentencepiece
 from sentencepiece import sentencepiece_model_pb2
 
 from specialize_jax.data import answers
-from specialize_jax.data import synthetic
-from specialize_jax.data import teacher_data
+from specialize_jax.teacher import synthetic
+from specialize_jax.teacher import teacher_data
 
 NUM_TRAIN, NUM_EVAL = 2000, 60
 

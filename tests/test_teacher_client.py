@@ -17,12 +17,12 @@ import pytest
 import openai_server
 import shared_data
 from specialize_jax import cli
-from specialize_jax.data import teacher_client
-from specialize_jax.data import teacher_data
-from specialize_jax.data import teacher_filter
-from specialize_jax.data import teacher_sources
-from specialize_jax.data.teacher_data import TeacherRecord
-from specialize_jax.data.teacher_data import TeacherSample
+from specialize_jax.teacher import teacher_client
+from specialize_jax.teacher import teacher_data
+from specialize_jax.teacher import teacher_filter
+from specialize_jax.teacher import teacher_sources
+from specialize_jax.teacher.teacher_data import TeacherRecord
+from specialize_jax.teacher.teacher_data import TeacherSample
 
 API_KEY = "sk-test-DO-NOT-LEAK-5f2c9a"
 NUM_SAMPLES = 4

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import seqio
 
-from specialize_jax.data import aligned_data
+from specialize_jax.teacher import aligned_data
 from specialize_jax.data import feature_converters as fc
-from specialize_jax.data import teacher_features
+from specialize_jax.teacher import teacher_features
 
 K = 5
 

@@ -20,9 +20,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from specialize_jax.data import alignment  # noqa: E402
-from specialize_jax.data import teacher_data  # noqa: E402
-from specialize_jax.data import teacher_sources  # noqa: E402
+from specialize_jax.teacher import alignment  # noqa: E402
+from specialize_jax.teacher import teacher_data  # noqa: E402
+from specialize_jax.teacher import teacher_sources  # noqa: E402
 
 PAPER_SAMPLES = 207_135
 PAPER_MINUTES = 58.0

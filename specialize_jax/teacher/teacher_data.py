@@ -281,7 +281,7 @@ def _check_keys(obj: Mapping[str, Any], required: Tuple[str, ...], optional: Tup
     if name not in obj:
       out.append(_problem("missing_field", _join(prefix, name),
                           f"missing required field {name!r}; add it (see the schema in "
-                          "specialize_jax/data/teacher_data.py)"))
+                          "specialize_jax/teacher/teacher_data.py)"))
   for name in obj:
     if name not in allowed:
       close = difflib.get_close_matches(str(name), allowed, n=1)
@@ -509,11 +509,11 @@ def _format_problems(where: str, problems: Sequence[Problem],
   kinds = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items()))
   if num_lines is None:  # One in-memory record.
     head = (f"{where}: {len(problems)} schema errors ({kinds}); fix the record (schema "
-            f"{SCHEMA} is documented in specialize_jax/data/teacher_data.py).")
+            f"{SCHEMA} is documented in specialize_jax/teacher/teacher_data.py).")
   else:
     head = (f"{where}: {len(problems)} schema errors on {len({p.line for p in problems})} of "
             f"{num_lines} lines ({kinds}); fix them, or read with strict=False to skip bad "
-            f"lines. Schema {SCHEMA} is documented in specialize_jax/data/teacher_data.py.")
+            f"lines. Schema {SCHEMA} is documented in specialize_jax/teacher/teacher_data.py.")
   shown = [f"  {p}" for p in problems[:MAX_REPORTED_PROBLEMS]]
   if len(problems) > MAX_REPORTED_PROBLEMS:
     shown.append(f"  ... and {len(problems) - MAX_REPORTED_PROBLEMS} more")

@@ -59,7 +59,7 @@ import numpy as np
 from specialize_jax.data import answers
 from specialize_jax.data import atomic_files
 from specialize_jax.data import formats
-from specialize_jax.data import teacher_data
+from specialize_jax.teacher import teacher_data
 
 SOURCE = "demo"
 # Difficulty is set so that a 2+2-layer student trained for five minutes on CPU learns one step

@@ -23,9 +23,9 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from specialize_jax.data import answers
 from specialize_jax.data import formats
-from specialize_jax.data.teacher_data import TeacherRecord
-from specialize_jax.data.teacher_data import TeacherSample
-from specialize_jax.data.teacher_data import is_correct
+from specialize_jax.teacher.teacher_data import TeacherRecord
+from specialize_jax.teacher.teacher_data import TeacherSample
+from specialize_jax.teacher.teacher_data import is_correct
 
 DROP_REASONS = ("empty", "no_answer_line", "no_answer", "no_gold", "incorrect",
                 "tokens_text_mismatch")

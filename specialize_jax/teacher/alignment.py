@@ -60,7 +60,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from specialize_jax.data import aligned_data
+from specialize_jax.teacher import aligned_data
 from specialize_jax.data import atomic_files
 from specialize_jax.data import formats
 
@@ -660,7 +660,7 @@ def align_records(records: Sequence[Any], spm_model_path, mode: str = "default",
 def align_file(input_path, output_path, spm_model_path, mode: str = "default",
                workers: int = 1) -> Dict[str, Any]:
   """``specialize align``: reads teacher data, writes the aligned file atomically, returns a summary."""
-  from specialize_jax.data import teacher_data  # pylint: disable=g-import-not-at-top
+  from specialize_jax.teacher import teacher_data  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   read = teacher_data.read_records(input_path, strict=True)
   read_s = time.perf_counter() - start

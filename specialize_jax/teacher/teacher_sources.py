@@ -22,12 +22,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from specialize_jax.data import answers
 from specialize_jax.data import readers
-from specialize_jax.data.teacher_data import ROUNDED_ZERO_LOGPROB
-from specialize_jax.data.teacher_data import TeacherDataError
-from specialize_jax.data.teacher_data import TeacherInfo
-from specialize_jax.data.teacher_data import TeacherRecord
-from specialize_jax.data.teacher_data import TeacherSample
-from specialize_jax.data.teacher_data import is_correct
+from specialize_jax.teacher.teacher_data import ROUNDED_ZERO_LOGPROB
+from specialize_jax.teacher.teacher_data import TeacherDataError
+from specialize_jax.teacher.teacher_data import TeacherInfo
+from specialize_jax.teacher.teacher_data import TeacherRecord
+from specialize_jax.teacher.teacher_data import TeacherSample
+from specialize_jax.teacher.teacher_data import is_correct
 
 # ----------------------------------------------------------------------------- answers
 

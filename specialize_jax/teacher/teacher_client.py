@@ -52,12 +52,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from specialize_jax.data import answers
 from specialize_jax.data import readers
 from specialize_jax.data import splits
-from specialize_jax.data import teacher_data
-from specialize_jax.data import teacher_filter
+from specialize_jax.teacher import teacher_data
+from specialize_jax.teacher import teacher_filter
 from specialize_jax.data.records import MathExample
-from specialize_jax.data.teacher_data import TeacherInfo
-from specialize_jax.data.teacher_data import TeacherRecord
-from specialize_jax.data.teacher_data import TeacherSample
+from specialize_jax.teacher.teacher_data import TeacherInfo
+from specialize_jax.teacher.teacher_data import TeacherRecord
+from specialize_jax.teacher.teacher_data import TeacherSample
 
 API_KEY_ENV = "OPENAI_API_KEY"
 APIS = {"completions": "openai.completions", "chat": "openai.chat"}

@@ -25,7 +25,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from specialize_jax.data import aligned_data
+from specialize_jax.teacher import aligned_data
 from specialize_jax.data import feature_converters
 
 TEACHER_TARGET_IDS = "teacher_target_ids"
