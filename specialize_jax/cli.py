@@ -9,6 +9,7 @@
   specialize demo [--output_dir runs/demo]
   specialize sweep MODEL_DIR [--tasks T ...] [--bbh_tasks B ...] [--max_examples N] [--include_start CKPT]
   specialize compare RUN_A RUN_B ... [--labels A B ...] --output DIR
+  specialize prepare --output DIR [--teacher TEACHER.jsonl] [--aligned ALIGNED.jsonl] [--workers N]
   specialize align --input TEACHER.jsonl --output ALIGNED.jsonl --vocab SPM_MODEL [--mode {default,paper}]
   specialize teacher --base_url URL --model NAME --api {completions,chat} --output FILE.jsonl [...]
   specialize teacher_import --from fu2023_pickle SRC --output FILE.jsonl
@@ -213,6 +214,27 @@ def _cmd_align(args) -> int:
     print(f"specialize align: {e}", file=sys.stderr)
     return 2
   print(json.dumps(summary))
+  return 0
+
+
+def _cmd_prepare(args) -> int:
+  from specialize_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
+  from specialize_jax.teacher import prepare  # pylint: disable=g-import-not-at-top
+  from specialize_jax.teacher import teacher_data  # pylint: disable=g-import-not-at-top
+  try:
+    rates = json.loads(args.rates) if args.rates else dict(prepare.DEFAULT_FORMAT_RATES)
+    config = prepare.PrepareConfig(
+        output_dir=args.output, vocab_path=args.vocab or vocabulary.vocabulary_path(),
+        format_names=tuple(args.formats.split(",")), rates=rates, teacher_k=args.teacher_k,
+        max_input_tokens=args.max_input_tokens, exemplar_seed=args.exemplar_seed,
+        num_chunks=args.num_chunks, workers=args.workers)
+    prepared = prepare.prepare_gsm8k(config, args.teacher, args.aligned)
+  except (FileNotFoundError, ValueError, json.JSONDecodeError, teacher_data.TeacherDataError) as e:
+    print(f"specialize prepare: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps({"output": prepared.directory, "formats": prepared.metadata["formats"],
+                    "excluded": prepared.metadata["excluded"],
+                    "seconds": prepared.metadata["seconds"]}))
   return 0
 
 
@@ -453,6 +475,27 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--input", required=True)
   p.add_argument("--output", required=True)
   p.set_defaults(fn=_cmd_teacher_filter)
+
+  p = sub.add_parser("prepare", help="teacher (+ aligned) file -> the prepared training set the "
+                     "distillation tasks read (ArrayRecord shards, seeded global order)")
+  p.add_argument("--teacher", default=None, help="teacher JSONL (specialize_jax.teacher/1); "
+                 "default: the GSM8K gold rationales")
+  p.add_argument("--aligned", default=None, help="its `specialize align` output: adds the top-k "
+                 "teacher rows (for the gsm8k_distill_top{k} tasks)")
+  p.add_argument("--output", required=True, help="directory (local or gs://); point "
+                 "$SPECIALIZE_PREPARED_DATA at it")
+  p.add_argument("--vocab", default=None, help="student SentencePiece model (default: the tasks' "
+                 "vocabulary)")
+  p.add_argument("--teacher_k", type=int, default=None, help="top-k width (default 5 with "
+                 "--aligned)")
+  p.add_argument("--formats", default="zs_ao,zs_cot,icl_ao,icl_cot")
+  p.add_argument("--rates", default=None, help='mixture rates as JSON, default the original\'s '
+                 '{"icl_cot": 0.79, "zs_cot": 0.2, "icl_ao": 0.005, "zs_ao": 0.005}')
+  p.add_argument("--max_input_tokens", type=int, default=1024)
+  p.add_argument("--exemplar_seed", type=int, default=0)
+  p.add_argument("--num_chunks", type=int, default=16, help="files per format")
+  p.add_argument("--workers", type=int, default=1, help="processes")
+  p.set_defaults(fn=_cmd_prepare)
 
   p = sub.add_parser("align", help="move teacher top-k onto student SentencePiece pieces (DTW)")
   p.add_argument("--input", required=True, help="teacher data JSONL (specialize_jax.teacher/1)")

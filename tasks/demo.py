@@ -3,8 +3,9 @@
 Registered by `register_demo_tasks` (the `register` of this module), all with the demo vocabulary
 (`<demo dir>/spm.model`, a 384-piece BPE model, see `specialize_jax.teacher.synthetic`):
 - training, split `train`: `demo_train_cot` (inputs `Q: {q}\\nLet's think step by step`, targets the
-  gold chain of thought) and `demo_train_ao` (inputs `Q: {q} A:`, targets `The answer is N`), built
-  from `train.jsonl` (teacher data) by the same `formats` code as the distillation tasks;
+  gold chain of thought) and `demo_train_ao` (inputs `Q: {q} A:`, targets `The answer is N`), over
+  the demo's prepared set (`<demo dir>/prepared`, written with the demo data from `train.jsonl` by
+  the same `prepare` code as the distillation sets, read in the same seeded global order);
 - evaluation, split `test`: `demo_{id,ood,long}_{cot,ao}` over `test_id.jsonl`, `test_ood.jsonl`,
   `test_long.jsonl`, with the inputs of the matching training format, targets as in training (so a
   teacher-forced eval loss is meaningful), `metrics.math_accuracy`, and
@@ -30,6 +31,7 @@ from specialize_jax.data import metrics
 from specialize_jax.teacher import synthetic
 from specialize_jax.teacher import teacher_data
 from tasks import common
+from tasks import distillation
 
 DEMO_SUBDIR = "demo"
 TRAIN_SPLIT = "train"
@@ -39,7 +41,6 @@ PREFIX = "demo"
 TARGET_FORMATS = {"cot": "zs_cot", "ao": "zs_ao"}
 # Task name part -> demo split (file) evaluated.
 EVAL_SETS = {"id": "test_id", "ood": "test_ood", "long": "test_long"}
-SHUFFLE_BUFFER_SIZE = 10_000
 
 
 def default_demo_dir() -> pathlib.Path:
@@ -122,12 +123,11 @@ def register_demo_tasks(demo_dir: Optional[str] = None) -> List[str]:
   demo_dir = pathlib.Path(demo_dir) if demo_dir is not None else default_demo_dir()
   features = output_features(demo_dir)
   preprocessors = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
+  prepared_dir = str(demo_dir / synthetic.PREPARED_SUBDIR)
   for target, format_name in TARGET_FORMATS.items():
-    _add(train_task_name(target),
-         source=demo_source(demo_dir, TRAIN_SPLIT, format_name, TRAIN_SPLIT),
-         preprocessors=preprocessors, output_features=features,
-         postprocess_fn=common.gold_answer_postprocessor,
-         shuffle_buffer_size=SHUFFLE_BUFFER_SIZE)
+    distillation.register_prepared_task(
+        train_task_name(target), lambda: prepared_dir, (format_name,), output_features=features,
+        vocabulary_path=str(demo_dir / synthetic.VOCAB_FILE))
     for eval_set, demo_split in EVAL_SETS.items():
       _add(eval_task_name(eval_set, target),
            source=demo_source(demo_dir, demo_split, format_name, EVAL_SPLIT),

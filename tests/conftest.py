@@ -51,3 +51,32 @@ def codex_aligned_files(tmp_path_factory):
   aligned_path = root / "aligned.jsonl"
   aligned_path.write_text("".join(lines), encoding="utf-8")
   return teacher_path, aligned_path, records
+
+
+def prepare_gsm8k_set(output_dir, teacher_path=None, aligned_path=None, teacher_k=None, **config):
+  """`specialize prepare`'s work in-process: a prepared set of a GSM8K teacher file (default: the
+  gold rationales) in the shared T5 vocabulary; returns its directory. Needs SPECIALIZE_DATA_DIR."""
+  from specialize_jax.teacher import prepare  # pylint: disable=g-import-not-at-top
+  vocab = shared_data.shared_file("tokenizer/t5_spiece.model")
+  config = prepare.PrepareConfig(output_dir=str(output_dir), vocab_path=str(vocab),
+                                 teacher_k=teacher_k, **config)
+  return prepare.prepare_gsm8k(config, teacher_path and str(teacher_path),
+                               aligned_path and str(aligned_path)).directory
+
+
+@pytest.fixture(scope="session")
+def gsm8k_gold_set(tmp_path_factory):
+  """The GSM8K gold rationales prepared once (all four formats), with SPECIALIZE_PREPARED_DATA
+  pointing at it for the whole session (the default distillation tasks read it)."""
+  old = os.environ.get("SPECIALIZE_DATA_DIR")
+  os.environ["SPECIALIZE_DATA_DIR"] = str(shared_data.shared_data_dir())
+  try:
+    path = prepare_gsm8k_set(tmp_path_factory.mktemp("prepared") / "gsm8k_gold", workers=2,
+                             num_chunks=4)
+  finally:
+    if old is None:
+      os.environ.pop("SPECIALIZE_DATA_DIR")
+    else:
+      os.environ["SPECIALIZE_DATA_DIR"] = old
+  os.environ["SPECIALIZE_PREPARED_DATA"] = path
+  return path

@@ -1,5 +1,6 @@
 """The whole distillation chain from the command line, on CPU: sample a teacher over HTTP, filter,
-align, train a tiny student with the `distribution` loss on the top-k task, evaluate."""
+align, prepare the training set, train a tiny student with the `distribution` loss on the top-k
+task, evaluate."""
 import json
 
 import pytest
@@ -58,8 +59,14 @@ def test_sample_filter_align_train_eval(teacher_server, tmp_path, capsys, monkey
   assert len(rows) == 2 * QUESTIONS == align_summary["samples"]
   assert align_summary["share_kept"] > 0.5
 
-  monkeypatch.setenv("SPECIALIZE_TEACHER_DATA", str(filtered))
-  monkeypatch.setenv("SPECIALIZE_ALIGNED_DATA", str(aligned))
+  prepared = tmp_path / "prepared"
+  assert cli.main(["prepare", "--teacher", str(filtered), "--aligned", str(aligned),
+                   "--output", str(prepared), "--vocab", str(vocab), "--formats", "zs_ao,zs_cot",
+                   "--num_chunks", "2"]) == 0
+  prepare_summary = _last_json(capsys)
+  assert prepare_summary["formats"]["zs_cot"]["num_examples"] == 2 * QUESTIONS
+  assert prepare_summary["formats"]["zs_cot"]["with_teacher"] == 2 * QUESTIONS
+  monkeypatch.setenv("SPECIALIZE_PREPARED_DATA", str(prepared))
   model_dir = tmp_path / "run"
   overrides = {
       "MODEL_DIR": f"'{model_dir}'", "MIXTURE_OR_TASK_NAME": "'gsm8k_distill_top5_zs_cot'",

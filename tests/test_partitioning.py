@@ -256,3 +256,51 @@ def test_train_step_traces_the_model_constraints():
   text = step.lower(abstract, make_batch(), jax.random.key(0)).as_text()
   # [batch, length, mlp] hidden activations: batch on data, mlp on model.
   assert '[{"data"}, {}, {"model"}]' in text
+
+
+class _Device:
+  """A stand-in for a jax.Device in a device grid: the layout reads only `process_index`."""
+
+  def __init__(self, process_index):
+    self.process_index = process_index
+
+
+def _grid(num_processes, devices_per_process, data):
+  """A `[data, model]` grid of `num_processes` hosts' devices in host order (jax.make_mesh's)."""
+  flat = [_Device(p) for p in range(num_processes) for _ in range(devices_per_process)]
+  return np.array(flat, dtype=object).reshape(data, -1)
+
+
+@pytest.mark.parametrize('data,expected', [
+    # 4 hosts x 2 devices: data 8 x model 1 -> one shard per host.
+    (8, [(0, 4), (1, 4), (2, 4), (3, 4)]),
+    # data 2 x model 4: the model axis spans two hosts, which are replicas of one data shard.
+    (2, [(0, 2), (0, 2), (1, 2), (1, 2)]),
+    # data 1 x model 8: every host feeds the whole batch.
+    (1, [(0, 1), (0, 1), (0, 1), (0, 1)]),
+])
+def test_data_layout_follows_the_data_coordinates_of_each_process(data, expected):
+  grid = _grid(4, 2, data)
+  layouts = [partitioning._layout_of_grid(grid, 16, p) for p in range(4)]
+  assert [(l.shard_index, l.num_shards) for l in layouts] == expected
+  assert {l.local_batch_size for l in layouts} == {16 // expected[0][1]}
+
+
+def test_data_layout_rejects_grids_no_layout_can_feed():
+  # Host 0 holds data rows 0 and 2, host 1 rows 1 and 3: not contiguous blocks.
+  grid = np.array([[_Device(0)], [_Device(1)], [_Device(0)], [_Device(1)]], dtype=object)
+  with pytest.raises(ValueError, match='equal contiguous blocks'):
+    partitioning._layout_of_grid(grid, 8, 0)
+  with pytest.raises(ValueError, match='BATCH_SIZE=6 is not divisible by the data axis'):
+    partitioning._layout_of_grid(_grid(4, 2, 8), 6, 0)
+
+
+def test_global_batch_takes_this_shards_rows_with_the_global_shape():
+  mesh = make_mesh(4, 2)
+  layout = partitioning.data_layout(mesh, 8)
+  assert (layout.shard_index, layout.num_shards, layout.local_batch_size) == (0, 1, 8)
+  with pytest.raises(ValueError, match='has 4 rows; this process feeds 8 of the global batch'):
+    partitioning.global_batch({'x': np.zeros((4, 3))}, mesh, layout)
+  batch = partitioning.global_batch({'x': np.arange(24.).reshape(8, 3)}, mesh, layout)
+  assert batch['x'].shape == (8, 3)
+  np.testing.assert_array_equal(np.asarray(batch['x']), np.arange(24.).reshape(8, 3))

@@ -237,10 +237,13 @@ def _scalars(event_dir):
 @needs_t5x
 def test_tiny_t5x_run_trains_with_the_distribution_loss(data_dir, codex_aligned_files,
                                                         tmp_path):
+  from conftest import prepare_gsm8k_set  # pylint: disable=g-import-not-at-top
   teacher_path, aligned_path, _ = codex_aligned_files
+  prepared = prepare_gsm8k_set(tmp_path / "prepared", teacher_path, aligned_path, teacher_k=5,
+                               format_names=("zs_ao", "zs_cot"), num_chunks=1)
   model_dir = tmp_path / "t5x_run"
   _t5x_train(model_dir, "--gin.LOSS_TYPE='distribution'", "--gin.TEACHER_K=5",
-             f"--gin.TEACHER_DATA='{teacher_path}'", f"--gin.ALIGNED_DATA='{aligned_path}'")
+             f"--gin.PREPARED_DATA='{prepared}'")
   train = _scalars(model_dir / "train")
   assert sorted(train["loss"]) == [2, 4]
   for step in (2, 4):
@@ -266,7 +269,7 @@ def test_tiny_t5x_run_trains_with_the_distribution_loss(data_dir, codex_aligned_
 
 
 @needs_t5x
-def test_checkpoints_round_trip_between_specialize_and_t5x(data_dir, tmp_path):
+def test_checkpoints_round_trip_between_specialize_and_t5x(data_dir, gsm8k_gold_set, tmp_path):
   """specialize train -> convert --to t5x -> T5X restores, trains, saves -> our loader reads T5X's
   copy of the restored step identically; and our network reproduces T5X's logits on it."""
   ours = tmp_path / "ours"

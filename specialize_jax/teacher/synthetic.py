@@ -82,6 +82,9 @@ VOCAB_SIZE = 384
 # One piece per value: no problem holds a number above MAX_VALUE.
 NUMBER_PIECES = tuple(f"\u2581{n}" for n in range(MAX_VALUE + 1))
 VOCAB_FILE = "spm.model"
+# The prepared training set (`prepare_training_set`): the demo trains zero-shot formats only.
+PREPARED_SUBDIR = "prepared"
+PREPARED_FORMATS = ("zs_cot", "zs_ao")
 # Characters the vocabulary always has, so text in other wording (OOD names) never maps to unk. Not
 # all of string.punctuation: each required character takes one of the pieces from the merges.
 REQUIRED_CHARS = string.ascii_letters + string.digits + ".,;:!?'+-*/="
@@ -392,6 +395,7 @@ def write_demo_data(directory, num_train: int = 200_000, num_eval: int = 600,
   paths = demo_paths(directory)
   parameters = _manifest_parameters(num_train, num_eval, seed)
   if _is_current(paths, parameters):
+    prepare_training_set(directory)
     return paths
   paths["manifest"].parent.mkdir(parents=True, exist_ok=True)
   if paths["manifest"].exists():
@@ -405,7 +409,29 @@ def write_demo_data(directory, num_train: int = 200_000, num_eval: int = 600,
               "sha256": {key: _sha256(path) for key, path in paths.items() if key != "manifest"}}
   _write_bytes_atomically(paths["manifest"],
                           (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+  prepare_training_set(directory)
   return paths
+
+
+def prepare_training_set(directory, workers: int = 2) -> str:
+  """The demo's prepared training set (`<directory>/prepared`: zero-shot CoT and answer-only
+  examples of `train.jsonl` in the demo vocabulary), written unless it is current; its path."""
+  from specialize_jax.teacher import prepare  # pylint: disable=g-import-not-at-top
+  from specialize_jax.teacher import prepared_data  # pylint: disable=g-import-not-at-top
+  paths = demo_paths(directory)
+  output = str(pathlib.Path(directory) / PREPARED_SUBDIR)
+  sources = {"teacher": str(paths["train"]), "teacher_sha256": _sha256(paths["train"])}
+  try:
+    if prepared_data.PreparedSet.open(output).metadata["sources"] == sources:
+      return output
+  except prepared_data.PreparedDataError:
+    pass
+  config = prepare.PrepareConfig(output_dir=output, vocab_path=str(paths["vocab"]),
+                                 format_names=PREPARED_FORMATS,
+                                 rates={f: 1.0 for f in PREPARED_FORMATS}, num_chunks=4,
+                                 workers=workers)
+  prepare.prepare(lambda: teacher_data.iter_records(paths["train"]), config, sources=sources)
+  return output
 
 
 def read_problems(path) -> List[Problem]:

@@ -564,6 +564,20 @@ def read_records(path, strict: bool = True) -> ReadResult:
                     truncated_last_line=truncated)
 
 
+def iter_records(path) -> Iterator[TeacherRecord]:
+  """The records of a file one at a time (memory: one record), for files too big to hold; raises
+  ``TeacherDataError`` naming file and line at the first invalid line (warnings are logged)."""
+  path = _existing(path)
+  for lineno, obj, problems in _scan(path):
+    errors = [p for p in problems if p.severity == ERROR]
+    if errors:
+      raise TeacherDataError(_format_problems(str(path), errors), errors)
+    for problem in problems:
+      logging.getLogger(__name__).warning("%s", problem)
+    if obj is not None:
+      yield TeacherRecord._from_valid_json(obj)  # pylint: disable=protected-access
+
+
 # ----------------------------------------------------------------------------- writing
 
 def _record_line(record: TeacherRecord, where: str) -> str:

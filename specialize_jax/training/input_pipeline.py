@@ -1,20 +1,24 @@
 """Training batches from a SeqIO task or mixture, deterministic and resumable.
 
 Terms:
-- global batch: `batch_size` examples per step over all processes; process p of P holds
-  `L = batch_size / P` of them, which `partitioning.global_batch` places on p's devices. Two ways
-  to get them (`DatasetConfig.shard_by_process`):
-  * True (default, T5X's way): each process reads only its SeqIO shard
-    (`ShardInfo(p, P)`) and batches `L` rows: input work is split across hosts, but what global
-    batch k holds depends on P (each host draws from its own 1/P of the data).
-  * False: every process reads the same global stream and keeps rows `[p*L, (p+1)*L)` of each
-    global batch, so batch k holds the same examples whatever P: a run gives the same losses and
-    parameters on one host or many and may resume on another number of hosts, at the price of
-    every process tokenizing every example (fine at moderate batch sizes).
+- global batch: `batch_size` examples per step over all processes. The engine's data layout
+  (`partitioning.data_layout`) splits it into data shards of `L = batch_size / num_shards` rows,
+  one per group of processes holding the same `data` coordinates (replicas feed identical rows);
+  `partitioning.global_batch` places them. Two ways to get a shard's rows
+  (`DatasetConfig.shard_by_process`):
+  * True (default, T5X's way): each data shard reads only its SeqIO shard
+    (`ShardInfo(shard, num_shards)`) and batches `L` rows. For prepared sets
+    (`teacher.prepared_data`), shard s reads positions s, s + S, ... of one seeded global order, so
+    global batch k holds the same examples whatever the number of shards; other tasks split their
+    source per shard, so what batch k holds depends on the shard count.
+  * False: every process reads the same global stream and keeps its shard's rows
+    `[s*L, (s+1)*L)` of each global batch (the same batches for any layout, at the price of every
+    process reading and tokenizing every example).
 - position: `{'batches_consumed': N, 'seed': S, ...}`, saved with every checkpoint. The order of
-  batches is a function of the seed alone, so a resumed run skips the first N batches and sees
-  exactly the batches the uninterrupted run would have seen. (Skipping re-reads those N batches'
-  source records, which costs seconds at our scales; a SeqIO cache would make it O(1).)
+  batches is a function of the seed alone, so a resumed run sees exactly the batches the
+  uninterrupted run would have seen. A prepared set, unpacked, resumes in O(1): the shard's stream
+  starts at its example `N * L` (split `train@N*L`). Otherwise (packing, other tasks) the first N
+  batches are read again and skipped.
 """
 import dataclasses
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
@@ -24,6 +28,7 @@ import numpy as np
 import seqio
 
 from specialize_jax.data import feature_converters
+from specialize_jax.teacher import prepared_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +46,11 @@ class DatasetConfig:
   shard_by_process: bool = True
 
 
-def local_batch_size(config: DatasetConfig, process_count: int) -> int:
-  if config.batch_size % process_count:
-    raise ValueError(f"BATCH_SIZE={config.batch_size} is not divisible by the number of processes "
-                     f"({process_count}); set --gin.BATCH_SIZE to a multiple of {process_count}.")
-  return config.batch_size // process_count
+def local_batch_size(config: DatasetConfig, num_shards: int) -> int:
+  if config.batch_size % num_shards:
+    raise ValueError(f"BATCH_SIZE={config.batch_size} is not divisible by the number of data "
+                     f"shards ({num_shards}); set --gin.BATCH_SIZE to a multiple of {num_shards}.")
+  return config.batch_size // num_shards
 
 
 def model_feature_lengths(config: DatasetConfig) -> Dict[str, int]:
@@ -67,52 +72,71 @@ def mixture_or_task(config: DatasetConfig):
   return seqio.get_mixture_or_task(config.mixture_or_task_name)
 
 
-def _dataset(config: DatasetConfig, process_index: int, process_count: int):
+def _is_prepared(config: DatasetConfig) -> bool:
+  """Whether the task reads a prepared set (random access: resumable in O(1))."""
+  if config.mixture_or_task_name not in seqio.TaskRegistry.names():
+    return False
+  source = seqio.get_mixture_or_task(config.mixture_or_task_name).source
+  return isinstance(source, prepared_data.PreparedSource)
+
+
+def _dataset(config: DatasetConfig, shard_index: int, num_shards: int, start_example: int = 0):
   mixture_or_task(config)  # An unknown name fails here, with suggestions.
   converter = feature_converters.TeacherEncDecFeatureConverter(pack=config.pack,
                                                                teacher_k=config.teacher_k)
-  local_rows = local_batch_size(config, process_count)
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, {process_count}) (the number "
-                     "of processes).")
-  if config.shard_by_process and process_count > 1:
+  local_rows = local_batch_size(config, num_shards)
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index={shard_index} must be in [0, {num_shards}) (the number of data "
+                     "shards).")
+  split = prepared_data.split_with_start(config.split, start_example)
+  if config.shard_by_process and num_shards > 1:
     dataset = seqio.get_dataset(
         config.mixture_or_task_name, task_feature_lengths=dict(config.task_feature_lengths),
-        dataset_split=config.split, shuffle=config.shuffle, num_epochs=None,
+        dataset_split=split, shuffle=config.shuffle, num_epochs=None,
         feature_converter=converter,
-        shard_info=seqio.ShardInfo(index=process_index, num_shards=process_count),
+        shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
         seed=config.seed, use_cached=config.use_cached)
     return dataset.batch(local_rows, drop_remainder=True)
   # The same global stream on every process: see "global batch" above.
   dataset = seqio.get_dataset(
       config.mixture_or_task_name, task_feature_lengths=dict(config.task_feature_lengths),
-      dataset_split=config.split, shuffle=config.shuffle, num_epochs=None,
+      dataset_split=split, shuffle=config.shuffle, num_epochs=None,
       feature_converter=converter, seed=config.seed, use_cached=config.use_cached)
   dataset = dataset.batch(config.batch_size, drop_remainder=True)
-  if process_count == 1:
+  if num_shards == 1:
     return dataset
-  start = process_index * local_rows
+  start = shard_index * local_rows
   return dataset.map(lambda batch: {name: value[start:start + local_rows]  # [L, ...]
                                     for name, value in batch.items()})
 
 
 class TrainIterator:
-  """Process-local numpy batches with a saveable position."""
+  """This data shard's numpy batches with a saveable position.
+
+  `shard_index` / `num_shards` are the data layout's (`partitioning.data_layout`); by default one
+  shard per process.
+  """
 
   def __init__(self, config: DatasetConfig, position: Optional[Mapping[str, Any]] = None,
-               process_index: Optional[int] = None, process_count: Optional[int] = None):
+               shard_index: Optional[int] = None, num_shards: Optional[int] = None):
     self.config = config
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    num_shards = jax.process_count() if num_shards is None else num_shards
     self._batches_consumed = 0
-    dataset = _dataset(config, process_index, process_count)
     if position:
       if position.get("seed", config.seed) != config.seed:
         raise ValueError(f"The checkpoint's data position was recorded with seed "
                          f"{position['seed']}, but the run uses seed {config.seed}; resume with "
                          f"the same --gin.train/DatasetConfig.seed.")
       self._batches_consumed = int(position.get("batches_consumed", 0))
-      dataset = dataset.skip(self._batches_consumed)
+    if self._batches_consumed and _is_prepared(config) and not config.pack:
+      # Every batch took exactly its rows from the stream read here: start right after them.
+      reads_own_shard = config.shard_by_process and num_shards > 1
+      rows = local_batch_size(config, num_shards) if reads_own_shard else config.batch_size
+      start = self._batches_consumed * rows
+      dataset = _dataset(config, shard_index, num_shards, start_example=start)
+    else:
+      dataset = _dataset(config, shard_index, num_shards).skip(self._batches_consumed)
     self._iterator: Iterator[Dict[str, np.ndarray]] = dataset.as_numpy_iterator()
 
   def __iter__(self):

@@ -17,8 +17,9 @@ Terms:
     needs *while tracing* to turn the model's activation annotations into sharding constraints;
     without both it silently does nothing.
 
-Multi-host: every process runs the same program; `initialize_distributed` connects them and
-`global_batch` assembles each process's rows into one global array.
+Multi-host: every process runs the same program; `initialize_distributed` connects them,
+`data_layout` says which rows of each global batch a process feeds (its data shard), and
+`global_batch` assembles every process's rows into one global array.
 """
 import contextlib
 import dataclasses
@@ -205,11 +206,73 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, num_microbatches: int = 1
                      f'--gin.BATCH_SIZE to a multiple of {multiple} or change num_microbatches.')
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
-  """One global `jax.Array` per feature, batch-sharded, from this process's rows.
+@dataclasses.dataclass(frozen=True)
+class DataLayout:
+  """Which rows of every global batch this process feeds (T5X's data layout).
 
-  Each process passes its own equally sized share of the global batch (its rows only); on a single
-  process that is the whole batch.
+  The global batch of `batch_size` rows is split into `num_shards` equal blocks of
+  `local_batch_size` rows along the mesh's `data` axis; this process feeds block `shard_index`.
+  Processes whose devices hold the same `data` coordinates (the `model` axis spans hosts) are
+  replicas: they have the same `shard_index` and must feed identical rows.
+  """
+  batch_size: int
+  shard_index: int
+  num_shards: int
+
+  @property
+  def local_batch_size(self) -> int:
+    return self.batch_size // self.num_shards
+
+
+def _data_rows_by_process(device_grid: np.ndarray) -> dict:
+  """`{process_index: sorted data coordinates its devices hold}` of a `[data, model]` grid."""
+  rows: dict = {}
+  for (data_index, _), device in np.ndenumerate(device_grid):
+    rows.setdefault(device.process_index, set()).add(data_index)
+  return {p: sorted(r) for p, r in rows.items()}
+
+
+def data_layout(mesh: Mesh, batch_size: int, process_index: Optional[int] = None) -> DataLayout:
+  """This process's `DataLayout` from which `data` coordinates of `mesh` its devices hold.
+
+  Raises when the processes' coordinates are not equal contiguous blocks (a device order no data
+  layout can feed) or `batch_size` does not divide the data axis.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  return _layout_of_grid(np.asarray(mesh.devices), batch_size, process_index)
+
+
+def _layout_of_grid(device_grid: np.ndarray, batch_size: int, process_index: int) -> DataLayout:
+  data_size = device_grid.shape[0]
+  if batch_size % data_size:
+    raise ValueError(f'BATCH_SIZE={batch_size} is not divisible by the data axis ({data_size} '
+                     f'devices); set --gin.BATCH_SIZE to a multiple of {data_size}.')
+  rows = _data_rows_by_process(device_grid)
+  if process_index not in rows:
+    raise ValueError(f'Process {process_index} holds no device of the mesh; every process must '
+                     'contribute devices (check PartitioningConfig and the process count).')
+  block = rows[process_index]
+  size = len(block)
+  for process, held in rows.items():
+    contiguous = held == list(range(held[0], held[0] + len(held)))
+    aligned = len(held) == size and held[0] % size == 0
+    if not (contiguous and aligned):
+      raise ValueError(
+          f'Process {process} holds data coordinates {held} of the mesh and process '
+          f'{process_index} holds {block}: the data axis must split into equal contiguous blocks '
+          'per process (or groups of processes). Choose --gin.PartitioningConfig.num_partitions so '
+          'that the model axis fits inside one host or spans whole hosts.')
+  return DataLayout(batch_size=batch_size, shard_index=block[0] // size,
+                    num_shards=data_size // size)
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
+                 layout: Optional[DataLayout] = None) -> dict:
+  """One global `jax.Array` per feature, batch-sharded on `data`, from this process's rows.
+
+  Each process passes the `layout.local_batch_size` rows of its data shard (replicas pass the same
+  rows); the global shape is explicit, so JAX places them on the right devices also when the model
+  axis spans processes. Without `layout`, the rows are the whole batch of a single process.
   """
   sharding = batch_sharding(mesh)
   result = {}
@@ -218,8 +281,14 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
     if value.ndim == 0:
       raise ValueError(f'Batch feature {name!r} is a scalar; every feature needs a leading batch '
                        'dimension.')
-    check_batch_divisible(value.shape[0] * jax.process_count(), mesh)
-    result[name] = jax.make_array_from_process_local_data(sharding, value)
+    if layout is None:
+      layout = data_layout(mesh, value.shape[0] * jax.process_count())
+    if value.shape[0] != layout.local_batch_size:
+      raise ValueError(f'Batch feature {name!r} has {value.shape[0]} rows; this process feeds '
+                       f'{layout.local_batch_size} of the global batch of {layout.batch_size} '
+                       f'(data shard {layout.shard_index} of {layout.num_shards}).')
+    global_shape = (layout.batch_size,) + value.shape[1:]
+    result[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
   return result
 
 

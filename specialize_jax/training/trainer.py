@@ -90,7 +90,12 @@ def train(model_dir: str,
   start_step = int(jax.device_get(state.step))
   log(f"Starting at step {start_step} from {source}; training to step {num_train_steps}.")
 
-  batches = input_pipeline.TrainIterator(dataset, position=data_position)
+  layout = partitioning.data_layout(mesh, dataset.batch_size)
+  log(f"Data layout: this process feeds data shard {layout.shard_index} of {layout.num_shards} "
+      f"({layout.local_batch_size} of {layout.batch_size} rows per step).")
+  batches = input_pipeline.TrainIterator(dataset, position=data_position,
+                                         shard_index=layout.shard_index,
+                                         num_shards=layout.num_shards)
   step_fn = train_step.make_train_step(model, tx, state_shardings, mesh, num_microbatches,
                                        rules=rules)
   writer = metric_writers.MetricWriter(model_dir)
@@ -100,7 +105,7 @@ def train(model_dir: str,
     history, last_train, last_eval = [], {}, {}
     last_logged_step = start_step
     for step in range(start_step, num_train_steps):
-      batch = partitioning.global_batch(next(batches), mesh)
+      batch = partitioning.global_batch(next(batches), mesh, layout)
       if step == start_step:
         compile_start = time.perf_counter()
         state, metrics = step_fn(state, batch, step_rng)

@@ -1,0 +1,373 @@
+"""A prepared training set on disk, and the SeqIO source that reads it in a seeded global order.
+
+`specialize prepare` (module `prepare`) writes it once; the distillation and demo training tasks
+read it. Everything per example is decided when it is written (format, seeded exemplars, held-out
+exclusion, input budget, tokenization, teacher rows aligned to the student's pieces), so a training
+start only opens files.
+
+Layout of a prepared directory (local or `gs://`):
+
+  metadata.json                    schema `specialize_jax.prepared/1`, written last (its presence
+                                   means the set is complete): formats, counts, files, mixture
+                                   rates, vocabulary hash, settings and what was excluded
+  {format}-{i:05d}-of-{n:05d}.array_record   the examples of one format, chunk i of n (by question)
+  {format}.questions.npy           int32 [num_examples]: the question (teacher-file position) of
+                                   every example of that format, in file order
+
+Records are serialized `tf.train.Example`s (SeqIO's convention): `inputs`, `targets` (token ids,
+no EOS), `id`, `answer`, `format`, `sample_index` (-1 for answer-only), and with teacher rows
+`teacher_topk_ids` / `teacher_topk_logprobs` (`[len(targets), k]` flattened; empty where the
+target has no teacher distribution: answer-only targets, samples the alignment skipped).
+
+Why ArrayRecord: random access by record index (what grain and MaxText read, what TFDS writes), so
+the order is a function of the seed and the position alone: no shuffle buffer, every process reads
+only its own rows, and a resumed run starts at its position without reading what came before.
+
+Terms:
+  stream: the infinite, seeded sequence of examples a training task yields. Data shard s of S
+    reads positions s, s + S, s + 2S, ... of it, so global batch k (B rows) holds positions
+    [k * B, (k + 1) * B) whatever the number of shards: the same examples on 1 or 64 hosts.
+  quota block: with several formats, every block of `QUOTA_BLOCK` positions holds a fixed number of
+    each format (the rates, rounded by largest remainder), in a seeded order per block. A format's
+    n-th draw is its n-th example in its own epoch order, so each format is read epoch by epoch.
+  spread shuffle: a format's epoch order. A question with m samples gets them at m evenly spaced
+    random points of the epoch (key = (random rank + U(0, 1)) / m), so the order is a uniform
+    shuffle in which a question's samples never bunch: every stretch of the epoch sees questions in
+    proportion to their sample counts, and a batch rarely holds one question twice.
+"""
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import re
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from specialize_jax.data import feature_converters
+from specialize_jax.teacher import teacher_features
+
+SCHEMA = "specialize_jax.prepared/1"
+METADATA_FILE = "metadata.json"
+QUOTA_BLOCK = 1000
+READ_BATCH = 256
+TRAIN_SPLIT = "train"
+# A split `train@N` starts this data shard's stream at its N-th example (how a run resumes).
+_SPLIT = re.compile(r"^(?P<split>[A-Za-z_]+)(@(?P<start>\d+))?$")
+
+
+class PreparedDataError(ValueError):
+  """A prepared directory that is missing, incomplete or does not fit the task reading it."""
+
+
+def shard_file(format_name: str, index: int, count: int) -> str:
+  return f"{format_name}-{index:05d}-of-{count:05d}.array_record"
+
+
+def questions_file(format_name: str) -> str:
+  return f"{format_name}.questions.npy"
+
+
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with tf.io.gfile.GFile(path, "rb") as f:
+    for block in iter(functools.partial(f.read, 1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def split_with_start(split: str, start: int) -> str:
+  """The split name that starts a data shard's stream at its `start`-th example."""
+  return split if start == 0 else f"{split}@{start}"
+
+
+def parse_split(split: str) -> Tuple[str, int]:
+  match = _SPLIT.match(split)
+  if not match:
+    raise ValueError(f"Split {split!r} of a prepared task must be 'train' or 'train@N' (start at "
+                     "this shard's N-th example).")
+  return match["split"], int(match["start"] or 0)
+
+
+# ------------------------------------------------------------------------------------ records
+
+
+def _int64(values) -> tf.train.Feature:
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=np.asarray(values, np.int64)))
+
+
+def _bytes(text: str) -> tf.train.Feature:
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=[text.encode("utf-8")]))
+
+
+def serialize_example(example: Mapping, inputs: Sequence[int], targets: Sequence[int],
+                      format_name: str, topk_ids: Optional[np.ndarray] = None,
+                      topk_logprobs: Optional[np.ndarray] = None) -> bytes:
+  """One record: a `formats.distillation_examples` example with its token ids (and teacher rows,
+  `[len(targets), k]` or `[0, k]`)."""
+  features = {"inputs": _int64(inputs), "targets": _int64(targets), "id": _bytes(example["id"]),
+              "answer": _bytes(example["answer"]), "format": _bytes(format_name),
+              "sample_index": _int64([example["sample_index"]])}
+  if topk_ids is not None:
+    features[feature_converters.TEACHER_TOPK_IDS] = _int64(np.ravel(topk_ids))
+    features[feature_converters.TEACHER_TOPK_LOGPROBS] = tf.train.Feature(
+        float_list=tf.train.FloatList(value=np.ravel(topk_logprobs).astype(np.float32)))
+  return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def _parse_batch(serialized: tf.Tensor, teacher_k: Optional[int]) -> Dict[str, tf.Tensor]:
+  """A batch of records as ragged features (unbatched later into one example each)."""
+  spec = {"inputs": tf.io.RaggedFeature(tf.int64), "targets": tf.io.RaggedFeature(tf.int64),
+          "id": tf.io.FixedLenFeature([], tf.string),
+          "answer": tf.io.FixedLenFeature([], tf.string),
+          "format": tf.io.FixedLenFeature([], tf.string),
+          "sample_index": tf.io.FixedLenFeature([], tf.int64)}
+  if teacher_k:
+    spec[feature_converters.TEACHER_TOPK_IDS] = tf.io.RaggedFeature(tf.int64)
+    spec[feature_converters.TEACHER_TOPK_LOGPROBS] = tf.io.RaggedFeature(tf.float32)
+  parsed = tf.io.parse_example(serialized, spec)
+  out = {"inputs": tf.cast(parsed["inputs"], tf.int32),
+         "targets": tf.cast(parsed["targets"], tf.int32),
+         "id": parsed["id"], "answer": parsed["answer"], "format": parsed["format"],
+         "sample_index": tf.cast(parsed["sample_index"], tf.int32)}
+  if teacher_k:
+    out[feature_converters.TEACHER_TOPK_IDS] = tf.cast(parsed[feature_converters.TEACHER_TOPK_IDS],
+                                                       tf.int32)
+    out[feature_converters.TEACHER_TOPK_LOGPROBS] = parsed[feature_converters.TEACHER_TOPK_LOGPROBS]
+  return out
+
+
+def _teacher_rows(example: Dict[str, tf.Tensor], k: int) -> Dict[str, tf.Tensor]:
+  """Flat stored rows as `[n, k]`, with the ids `teacher_features.complete_teacher_rows` checks
+  (the stored targets themselves: the prepare step already checked them against the alignment)."""
+  example = dict(example)
+  for name in feature_converters.TEACHER_FEATURES:
+    example[name] = tf.reshape(example[name], [-1, k])
+  rows = tf.shape(example[feature_converters.TEACHER_TOPK_IDS])[0]
+  example[teacher_features.TEACHER_TARGET_IDS] = example["targets"][:rows]
+  return example
+
+
+# ---------------------------------------------------------------------------------- metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedSet:
+  """An opened prepared directory (its metadata; the records are read by `PreparedSource`)."""
+  directory: str
+  metadata: Mapping
+
+  @classmethod
+  def open(cls, directory: str) -> "PreparedSet":
+    path = f"{directory.rstrip('/')}/{METADATA_FILE}"
+    if not tf.io.gfile.exists(path):
+      state = (f"not a complete prepared set (no {METADATA_FILE})"
+               if tf.io.gfile.exists(directory) else "missing")
+      raise PreparedDataError(
+          f"{directory} is {state}; write it with `specialize prepare --output {directory}` (rerunning resumes an "
+          "interrupted prepare).")
+    with tf.io.gfile.GFile(path, "r") as f:
+      metadata = json.load(f)
+    if metadata.get("schema") != SCHEMA:
+      raise PreparedDataError(f"{path} has schema {metadata.get('schema')!r}, expected {SCHEMA!r}; "
+                              "prepare it again with this version (`specialize prepare`).")
+    return cls(directory.rstrip("/"), metadata)
+
+  @property
+  def formats(self) -> Tuple[str, ...]:
+    return tuple(self.metadata["formats"])
+
+  def num_examples(self, format_name: str) -> int:
+    return int(self.metadata["formats"][format_name]["num_examples"])
+
+  def files(self, format_name: str) -> List[str]:
+    return [f"{self.directory}/{name}" for name in self.metadata["formats"][format_name]["files"]]
+
+  def questions(self, format_name: str) -> np.ndarray:
+    with tf.io.gfile.GFile(f"{self.directory}/{questions_file(format_name)}", "rb") as f:
+      return np.load(f)
+
+  @property
+  def teacher_k(self) -> Optional[int]:
+    return self.metadata.get("teacher_k")
+
+  def check_format(self, format_name: str) -> None:
+    if format_name not in self.metadata["formats"] or not self.num_examples(format_name):
+      have = [f for f in self.formats if self.num_examples(f)]
+      raise PreparedDataError(f"{self.directory} has no {format_name!r} examples (it has "
+                              f"{', '.join(have) or 'none'}); prepare it with that format.")
+
+
+def quotas(rates: Mapping[str, float], block: int = QUOTA_BLOCK) -> Dict[str, int]:
+  """Examples of each format per block of `block` positions: the rates rounded by largest
+  remainder, so they sum to `block` (rates need not sum to 1)."""
+  names = [f for f, r in rates.items() if r > 0]
+  if not names:
+    raise ValueError(f"Mixture rates {dict(rates)} give no format a positive rate.")
+  total = sum(rates[f] for f in names)
+  exact = {f: rates[f] / total * block for f in names}
+  counts = {f: int(np.floor(v)) for f, v in exact.items()}
+  by_remainder = sorted(names, key=lambda f: (-(exact[f] - counts[f]), names.index(f)))
+  for f in by_remainder[:block - sum(counts.values())]:
+    counts[f] += 1
+  return {f: c for f, c in counts.items() if c > 0}
+
+
+def spread_permutation(questions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """An epoch order of examples whose questions are `questions` (see "spread shuffle")."""
+  n = len(questions)
+  _, group, counts = np.unique(questions, return_inverse=True, return_counts=True)
+  order = np.lexsort((rng.random(n), group))  # Each question's examples in random order.
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  rank = np.empty(n, np.int64)
+  rank[order] = np.arange(n) - starts[group[order]]
+  keys = (rank + rng.random(n)) / counts[group]
+  return np.argsort(keys, kind="stable")
+
+
+class ExampleOrder:
+  """Maps a data shard's stream index to `(format index, example index)`: stateless but for
+  caches of the current block's and epochs' permutations."""
+
+  def __init__(self, counts: Sequence[int], questions: Sequence[np.ndarray],
+               quota: Sequence[int], seed: int, shuffle: bool, shard_index: int = 0,
+               num_shards: int = 1):
+    self._counts = np.asarray(counts, np.int64)
+    self._questions = questions
+    self._quota = np.asarray(quota, np.int64)
+    self._block = int(self._quota.sum())
+    self._ends = np.cumsum(self._quota)
+    self._seed, self._shuffle = seed, shuffle
+    self._shard_index, self._num_shards = shard_index, num_shards
+
+  @functools.lru_cache(maxsize=4)
+  def _block_slots(self, block: int) -> np.ndarray:
+    if not self._shuffle or self._block == 1:
+      return np.arange(self._block)
+    return np.random.default_rng([self._seed, 1, block]).permutation(self._block)
+
+  @functools.lru_cache(maxsize=8)
+  def _epoch_order(self, format_index: int, epoch: int) -> np.ndarray:
+    if not self._shuffle:
+      return np.arange(self._counts[format_index])
+    rng = np.random.default_rng([self._seed, 2, format_index, epoch])
+    return spread_permutation(self._questions[format_index], rng)
+
+  def lookup(self, stream_index: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    position = np.asarray(stream_index, np.int64) * self._num_shards + self._shard_index
+    block, offset = np.divmod(position, self._block)
+    slot = np.empty_like(position)
+    for b in np.unique(block):
+      here = block == b
+      slot[here] = self._block_slots(int(b))[offset[here]]
+    format_index = np.searchsorted(self._ends, slot, side="right")
+    draw = block * self._quota[format_index] + slot - (self._ends - self._quota)[format_index]
+    epoch, within = np.divmod(draw, self._counts[format_index])
+    example = np.empty_like(position)
+    for f, e in set(zip(format_index.tolist(), epoch.tolist())):
+      here = (format_index == f) & (epoch == e)
+      example[here] = self._epoch_order(f, e)[within[here]]
+    return format_index, example
+
+
+class PreparedSource(seqio.DataSource):
+  """A SeqIO source over some formats of a prepared directory, mixed by its rates.
+
+  Each data shard (`shard_info`, from the engine's data layout) reads only its own positions of
+  the one global stream; `split='train@N'` starts at the shard's N-th example. The directory is
+  opened when a dataset is built (registering needs no data); `directory` and `vocabulary_path`
+  may be callables returning them (environment variables read late). With `vocabulary_path`, a set
+  tokenized with another vocabulary fails before training.
+  """
+
+  def __init__(self, directory, format_names: Sequence[str], teacher_k: Optional[int] = None,
+               rates: Optional[Mapping[str, float]] = None, vocabulary_path=None):
+    super().__init__(splits=(TRAIN_SPLIT,), num_input_examples=None, caching_permitted=False,
+                     performs_internal_shuffling=True)
+    self._directory = directory
+    self._vocabulary_path = vocabulary_path
+    self._format_names = tuple(format_names)
+    self._teacher_k = teacher_k
+    self._rates = rates
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return [f for name in self._format_names for f in self.prepared().files(name)]
+
+  def prepared(self) -> PreparedSet:
+    directory = self._directory() if callable(self._directory) else self._directory
+    return PreparedSet.open(directory)
+
+  def mixture_quotas(self, prepared: PreparedSet) -> Dict[str, int]:
+    if len(self._format_names) == 1:
+      return {self._format_names[0]: 1}
+    rates = self._rates if self._rates is not None else prepared.metadata["rates"]
+    return quotas({f: rates.get(f, 0.0) for f in self._format_names})
+
+  def get_dataset(self, split: str = TRAIN_SPLIT, shuffle: bool = True,
+                  seed: Optional[int] = None,
+                  shard_info: Optional[seqio.ShardInfo] = None) -> tf.data.Dataset:
+    split, start = parse_split(split)
+    if split != TRAIN_SPLIT:
+      raise ValueError(f"A prepared task has the split {TRAIN_SPLIT!r} only, not {split!r}.")
+    prepared = self.prepared()
+    if self._vocabulary_path is not None:
+      check_vocabulary(prepared, self._vocabulary_path() if callable(self._vocabulary_path)
+                       else self._vocabulary_path)
+    quota = self.mixture_quotas(prepared)
+    for name in quota:
+      prepared.check_format(name)
+    if self._teacher_k and prepared.teacher_k != self._teacher_k:
+      raise PreparedDataError(
+          f"{prepared.directory} holds teacher rows of width {prepared.teacher_k}; the task wants "
+          f"top-{self._teacher_k}. Prepare it with `--aligned` and `--teacher_k "
+          f"{self._teacher_k}` or use the top-{prepared.teacher_k} tasks.")
+    names = list(quota)
+    if seed is None:
+      seed = int(np.random.default_rng().integers(1 << 31))
+      logging.info("Prepared set %s: no seed given, shuffling with seed %d.", prepared.directory,
+                   seed)
+    shard_info = shard_info or seqio.ShardInfo(0, 1)
+    order = ExampleOrder([prepared.num_examples(f) for f in names],
+                         [prepared.questions(f) for f in names], [quota[f] for f in names],
+                         seed, shuffle, shard_info.index, shard_info.num_shards)
+    # Imported here: array_record is only needed once a set is read.
+    from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+    readers = [array_record_data_source.ArrayRecordDataSource(prepared.files(f)) for f in names]
+
+    def read(stream_index):
+      format_index, example = order.lookup(stream_index.numpy())
+      records = [b""] * len(example)
+      for f in np.unique(format_index):
+        here = np.flatnonzero(format_index == f)
+        for i, record in zip(here, readers[f].__getitems__(example[here].tolist())):
+          records[i] = record
+      return tf.constant(records)
+
+    stored_k = prepared.teacher_k if self._teacher_k else None
+    dataset = tf.data.Dataset.range(start, np.iinfo(np.int64).max).batch(READ_BATCH)
+    dataset = dataset.map(lambda index: tf.ensure_shape(tf.py_function(read, [index], tf.string),
+                                                           [None]))
+    dataset = dataset.map(lambda serialized: _parse_batch(serialized, stored_k),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.unbatch()
+    if self._teacher_k:
+      dataset = dataset.map(lambda example: _teacher_rows(example, stored_k),
+                            num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset
+
+
+def check_vocabulary(prepared: PreparedSet, vocab_path: str) -> None:
+  """Raises unless the set was tokenized with the vocabulary file at `vocab_path`."""
+  recorded = prepared.metadata["vocabulary"]
+  if recorded["sha256"] != file_sha256(vocab_path):
+    raise PreparedDataError(
+        f"{prepared.directory} was tokenized with {recorded['path']} (sha256 "
+        f"{recorded['sha256'][:12]}…), not this task's vocabulary {vocab_path}; prepare it again "
+        f"with `specialize prepare --vocab {vocab_path}`.")
