@@ -254,6 +254,12 @@ class TeacherEncDecFeatureConverter(seqio.EncDecFeatureConverter):
                task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
     """Converts task features to model features, validating like ``seqio.FeatureConverter``."""
     task_feature_lengths = _without_teacher_lengths(task_feature_lengths)
+    if self.pack:
+      # Packing keeps model inputs only and SeqIO warns about every other feature (a prepared
+      # set's `id`, `answer`, ...) in every run: drop them here, quietly.
+      keep = set(self.TASK_FEATURES) | set(self._passthrough_features) | set(TEACHER_FEATURES)
+      if set(ds.element_spec) - keep:
+        ds = ds.map(lambda example: {k: v for k, v in example.items() if k in keep})
     k = self._teacher_k_of(ds.element_spec)
     if k is None:
       return super().__call__(ds, task_feature_lengths)
