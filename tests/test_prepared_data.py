@@ -115,6 +115,10 @@ def test_data_shards_read_disjoint_positions_of_one_stream(toy_set):
   # Shard s holds positions s, s + 3, ...: batch k of any shard count has the same examples.
   assert [shards[p % 3][p // 3] for p in range(1200)] == whole
   assert not set(shards[0]) & set(shards[1])
+  # With 4 rows a batch, shard s reads rows [4s, 4s + 4) of every batch of 12, in order.
+  blocks = [_stream(toy_set.directory, ["zs_cot", "zs_ao"], 400, seed=5, shard=(s, 3),
+                    split=prepared_data.split_with_start("train", 0, 4)) for s in range(3)]
+  assert [blocks[(p % 12) // 4][(p // 12) * 4 + p % 4] for p in range(1200)] == whole
 
 
 def test_a_stream_starts_at_any_position(toy_set):
@@ -122,8 +126,11 @@ def test_a_stream_starts_at_any_position(toy_set):
   resumed = _stream(toy_set.directory, ["zs_cot", "zs_ao"], 100, seed=2, shard=(1, 2),
                     split=prepared_data.split_with_start("train", 2500))
   assert resumed == whole[2500:]
-  with pytest.raises(ValueError, match="'train' or 'train@N'"):
-    _stream(toy_set.directory, ["zs_cot"], 1, split="train@x")
+  assert _stream(toy_set.directory, ["zs_cot", "zs_ao"], 100, seed=2, shard=(1, 2),
+                 split=prepared_data.split_with_start("train", 2500, 1)) == whole[2500:]
+  for bad in ("train@x", "train@3:0", "test"):
+    with pytest.raises(ValueError, match="'train'"):
+      _stream(toy_set.directory, ["zs_cot"], 1, split=bad)
 
 
 def test_a_resumed_train_iterator_starts_at_its_batch_without_rereading(toy_set, vocab_path):

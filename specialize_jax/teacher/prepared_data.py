@@ -24,9 +24,10 @@ the order is a function of the seed and the position alone: no shuffle buffer, e
 only its own rows, and a resumed run starts at its position without reading what came before.
 
 Terms:
-  stream: the infinite, seeded sequence of examples a training task yields. Data shard s of S
-    reads positions s, s + S, s + 2S, ... of it, so global batch k (B rows) holds positions
-    [k * B, (k + 1) * B) whatever the number of shards: the same examples on 1 or 64 hosts.
+  stream: the infinite, seeded sequence of examples a training task yields. Data shard s of S,
+    feeding L rows of every batch of B = S * L, reads positions [k * B + s * L, k * B + (s + 1) * L)
+    for batch k: global batch k holds positions [k * B, (k + 1) * B) in the same row order whatever
+    the number of shards (the same rows on every device on 1 or 64 hosts). L defaults to 1.
   quota block: with several formats, every block of `QUOTA_BLOCK` positions holds a fixed number of
     each format (the rates, rounded by largest remainder), in a seeded order per block. A format's
     n-th draw is its n-th example in its own epoch order, so each format is read epoch by epoch.
@@ -55,8 +56,9 @@ METADATA_FILE = "metadata.json"
 QUOTA_BLOCK = 1000
 READ_BATCH = 256
 TRAIN_SPLIT = "train"
-# A split `train@N` starts this data shard's stream at its N-th example (how a run resumes).
-_SPLIT = re.compile(r"^(?P<split>[A-Za-z_]+)(@(?P<start>\d+))?$")
+# A split `train@N` starts this data shard's stream at its N-th example (how a run resumes);
+# `train@N:L` also gives the shard's rows per batch (see "stream").
+_SPLIT = re.compile(r"^(?P<split>[A-Za-z_]+)(@(?P<start>\d+)(:(?P<rows>\d+))?)?$")
 
 
 class PreparedDataError(ValueError):
@@ -79,17 +81,21 @@ def file_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def split_with_start(split: str, start: int) -> str:
-  """The split name that starts a data shard's stream at its `start`-th example."""
-  return split if start == 0 else f"{split}@{start}"
+def split_with_start(split: str, start: int, rows_per_batch: int = 1) -> str:
+  """The split name that starts a data shard's stream at its `start`-th example, the shard feeding
+  `rows_per_batch` rows of each global batch (see "stream")."""
+  if rows_per_batch == 1:
+    return split if start == 0 else f"{split}@{start}"
+  return f"{split}@{start}:{rows_per_batch}"
 
 
-def parse_split(split: str) -> Tuple[str, int]:
+def parse_split(split: str) -> Tuple[str, int, int]:
+  """`(split, start, rows_per_batch)` of a split name from `split_with_start`."""
   match = _SPLIT.match(split)
-  if not match:
-    raise ValueError(f"Split {split!r} of a prepared task must be 'train' or 'train@N' (start at "
-                     "this shard's N-th example).")
-  return match["split"], int(match["start"] or 0)
+  if not match or match["rows"] == "0":
+    raise ValueError(f"Split {split!r} of a prepared task must be 'train', 'train@N' (start at "
+                     "this shard's N-th example) or 'train@N:L' (L rows per batch, L >= 1).")
+  return match["split"], int(match["start"] or 0), int(match["rows"] or 1)
 
 
 # ------------------------------------------------------------------------------------ records
@@ -234,7 +240,7 @@ class ExampleOrder:
 
   def __init__(self, counts: Sequence[int], questions: Sequence[np.ndarray],
                quota: Sequence[int], seed: int, shuffle: bool, shard_index: int = 0,
-               num_shards: int = 1):
+               num_shards: int = 1, rows_per_batch: int = 1):
     self._counts = np.asarray(counts, np.int64)
     self._questions = questions
     self._quota = np.asarray(quota, np.int64)
@@ -242,6 +248,7 @@ class ExampleOrder:
     self._ends = np.cumsum(self._quota)
     self._seed, self._shuffle = seed, shuffle
     self._shard_index, self._num_shards = shard_index, num_shards
+    self._rows = rows_per_batch
 
   @functools.lru_cache(maxsize=4)
   def _block_slots(self, block: int) -> np.ndarray:
@@ -257,7 +264,8 @@ class ExampleOrder:
     return spread_permutation(self._questions[format_index], rng)
 
   def lookup(self, stream_index: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    position = np.asarray(stream_index, np.int64) * self._num_shards + self._shard_index
+    batch, row = np.divmod(np.asarray(stream_index, np.int64), self._rows)
+    position = (batch * self._num_shards + self._shard_index) * self._rows + row
     block, offset = np.divmod(position, self._block)
     slot = np.empty_like(position)
     for b in np.unique(block):
@@ -277,7 +285,7 @@ class PreparedSource(seqio.DataSource):
   """A SeqIO source over some formats of a prepared directory, mixed by its rates.
 
   Each data shard (`shard_info`, from the engine's data layout) reads only its own positions of
-  the one global stream; `split='train@N'` starts at the shard's N-th example. The directory is
+  the one global stream; `split='train@N:L'` starts at the shard's N-th example, L rows a batch. The directory is
   opened when a dataset is built (registering needs no data); `directory` and `vocabulary_path`
   may be callables returning them (environment variables read late). With `vocabulary_path`, a set
   tokenized with another vocabulary fails before training.
@@ -313,7 +321,7 @@ class PreparedSource(seqio.DataSource):
   def get_dataset(self, split: str = TRAIN_SPLIT, shuffle: bool = True,
                   seed: Optional[int] = None,
                   shard_info: Optional[seqio.ShardInfo] = None) -> tf.data.Dataset:
-    split, start = parse_split(split)
+    split, start, rows_per_batch = parse_split(split)
     if split != TRAIN_SPLIT:
       raise ValueError(f"A prepared task has the split {TRAIN_SPLIT!r} only, not {split!r}.")
     prepared = self.prepared()
@@ -336,7 +344,7 @@ class PreparedSource(seqio.DataSource):
     shard_info = shard_info or seqio.ShardInfo(0, 1)
     order = ExampleOrder([prepared.num_examples(f) for f in names],
                          [prepared.questions(f) for f in names], [quota[f] for f in names],
-                         seed, shuffle, shard_info.index, shard_info.num_shards)
+                         seed, shuffle, shard_info.index, shard_info.num_shards, rows_per_batch)
     # Imported here: array_record is only needed once a set is read.
     from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
     readers = [array_record_data_source.ArrayRecordDataSource(prepared.files(f)) for f in names]

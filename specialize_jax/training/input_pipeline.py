@@ -8,17 +8,18 @@ Terms:
   (`DatasetConfig.shard_by_process`):
   * True (default, T5X's way): each data shard reads only its SeqIO shard
     (`ShardInfo(shard, num_shards)`) and batches `L` rows. For prepared sets
-    (`teacher.prepared_data`), shard s reads positions s, s + S, ... of one seeded global order, so
-    global batch k holds the same examples whatever the number of shards; other tasks split their
-    source per shard, so what batch k holds depends on the shard count.
+    (`teacher.prepared_data`), shard s reads rows [s*L, (s+1)*L) of every global batch of one
+    seeded global order, so global batch k holds the same rows in the same order whatever the
+    number of shards; other tasks split their source per shard, so what batch k holds depends on
+    the shard count.
   * False: every process reads the same global stream and keeps its shard's rows
     `[s*L, (s+1)*L)` of each global batch (the same batches for any layout, at the price of every
     process reading and tokenizing every example).
 - position: `{'batches_consumed': N, 'seed': S, ...}`, saved with every checkpoint. The order of
   batches is a function of the seed alone, so a resumed run sees exactly the batches the
   uninterrupted run would have seen. A prepared set, unpacked, resumes in O(1): the shard's stream
-  starts at its example `N * L` (split `train@N*L`). Otherwise (packing, other tasks) the first N
-  batches are read again and skipped.
+  starts at its example `N * L` (split `train@{N*L}:{L}`). Otherwise (packing, other tasks) the
+  first N batches are read again and skipped.
 """
 import dataclasses
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
@@ -88,8 +89,14 @@ def _dataset(config: DatasetConfig, shard_index: int, num_shards: int, start_exa
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index={shard_index} must be in [0, {num_shards}) (the number of data "
                      "shards).")
-  split = prepared_data.split_with_start(config.split, start_example)
+  prepared = _is_prepared(config)
+  if start_example and not prepared:
+    raise ValueError(f"{config.mixture_or_task_name} is not a prepared set: it cannot start at an "
+                     "example (resume skips batches instead).")
   if config.shard_by_process and num_shards > 1:
+    # A prepared set gives each shard its block of rows of every global batch (`stream`).
+    split = (prepared_data.split_with_start(config.split, start_example, local_rows) if prepared
+             else config.split)
     dataset = seqio.get_dataset(
         config.mixture_or_task_name, task_feature_lengths=dict(config.task_feature_lengths),
         dataset_split=split, shuffle=config.shuffle, num_epochs=None,
@@ -98,6 +105,7 @@ def _dataset(config: DatasetConfig, shard_index: int, num_shards: int, start_exa
         seed=config.seed, use_cached=config.use_cached)
     return dataset.batch(local_rows, drop_remainder=True)
   # The same global stream on every process: see "global batch" above.
+  split = prepared_data.split_with_start(config.split, start_example) if prepared else config.split
   dataset = seqio.get_dataset(
       config.mixture_or_task_name, task_feature_lengths=dict(config.task_feature_lengths),
       dataset_split=split, shuffle=config.shuffle, num_epochs=None,
