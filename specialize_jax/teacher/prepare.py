@@ -290,7 +290,7 @@ def prepare(records_fn: Callable[[], Iterable[teacher_data.TeacherRecord]], conf
   if markers:
     log(f"Resuming: {len(markers)} of {len(chunks)} chunks were already written in {work_dir}.")
   jobs = [(c, config, work_dir, exemplar_pool) for c in todo]
-  done_examples = 0
+  done_examples, chunks_start, resumed = 0, time.perf_counter(), len(markers)
   if config.workers > 1 and len(jobs) > 1:
     context = multiprocessing.get_context("spawn")
     with context.Pool(min(config.workers, len(jobs))) as pool:
@@ -298,13 +298,13 @@ def prepare(records_fn: Callable[[], Iterable[teacher_data.TeacherRecord]], conf
       for marker in results:
         markers[marker["chunk"]] = marker
         done_examples += sum(f["num_examples"] for f in marker["formats"].values())
-        log(_progress(len(markers), len(chunks), done_examples, start))
+        log(_progress(len(markers), len(chunks), resumed, done_examples, chunks_start))
   else:
     for job in jobs:
       marker = _run_chunk(job)
       markers[marker["chunk"]] = marker
       done_examples += sum(f["num_examples"] for f in marker["formats"].values())
-      log(_progress(len(markers), len(chunks), done_examples, start))
+      log(_progress(len(markers), len(chunks), resumed, done_examples, chunks_start))
 
   metadata = {"schema": prepared_data.SCHEMA, "formats": {},
               "rates": {f: config.rates.get(f, 0.0) for f in config.format_names},
@@ -336,9 +336,10 @@ def prepare(records_fn: Callable[[], Iterable[teacher_data.TeacherRecord]], conf
   return prepared_data.PreparedSet.open(config.output_dir)
 
 
-def _progress(done: int, total: int, examples: int, start: float) -> str:
+def _progress(done: int, total: int, resumed: int, examples: int, start: float) -> str:
+  """A progress line; rate and ETA count only the chunks written by this run."""
   elapsed = time.perf_counter() - start
-  eta = elapsed / done * (total - done) if done else 0.0
+  eta = elapsed / (done - resumed) * (total - done) if done > resumed else 0.0
   return (f"chunk {done}/{total}: {examples} examples, {examples / max(elapsed, 1e-9):.0f}/s, "
           f"ETA {eta:.0f} s")
 
