@@ -1,12 +1,14 @@
 """Gin for the `specialize` jobs, with T5X's flag semantics.
 
-`--gin_file` files parse in order (later override earlier), then `--gin.X=Y` bindings; include paths
-are `--gin_search_paths`, then this repository's `gin/` folder, then the working directory. The
-configuration of a run is logged and written to `MODEL_DIR/config.gin`.
+`--gin_file` files parse in order (later override earlier), then `--gin.X=Y` bindings. A relative
+gin file or include is looked up as a file relative to the working directory, then to each
+`--gin_search_paths` entry, then to this repository's `gin/` folder. The configuration of a run is
+logged and written to `MODEL_DIR/config.gin`.
 """
+import contextlib
 import logging
 import os
-from typing import List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 # The shipped configs (found this way in a source checkout / editable install).
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -24,16 +26,37 @@ def gin_bindings(extra_args: List[str]) -> List[str]:
   return bindings
 
 
+@contextlib.contextmanager
+def file_resolution(search_paths: Sequence[str] = ()) -> Iterator[None]:
+  """Within the block, gin finds relative files only as plain files under `search_paths`, then
+  `REPO_GIN_DIR` (the working directory first, as gin always does).
+
+  gin also registers a reader that treats `runs/specialize.gin` as the resource `specialize.gin` of
+  a Python package `runs`: it logs "ERROR Path not found" for each location it probes in a run that
+  works, and crashes on a namespace package such as a `runs/` directory in the working directory
+  (`specialize demo` writes one). gin has no public way to drop a reader or search path, so this
+  swaps its two lists for the block and restores them after.
+  """
+  from gin import config as gin_lib  # pylint: disable=g-import-not-at-top
+  readers, prefixes = list(gin_lib._FILE_READERS), list(gin_lib._LOCATION_PREFIXES)  # pylint: disable=protected-access
+  gin_lib._FILE_READERS[:] = [(open, os.path.isfile)]  # pylint: disable=protected-access
+  gin_lib._LOCATION_PREFIXES[:] = ["", *search_paths, REPO_GIN_DIR]  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    gin_lib._FILE_READERS[:] = readers  # pylint: disable=protected-access
+    gin_lib._LOCATION_PREFIXES[:] = prefixes  # pylint: disable=protected-access
+
+
 def parse_gin(gin_files: List[str], bindings: List[str], search_paths: List[str]) -> None:
-  """T5X's flag semantics: search paths first, then files in order (later override earlier), then
-  bindings. Unknown parameters and `%gin.REQUIRED` macros left unset fail here, before any
-  compilation, naming the binding."""
+  """T5X's flag semantics: files in order (later override earlier), then bindings. Unknown
+  parameters and `%gin.REQUIRED` macros left unset fail here, before any compilation, naming the
+  binding."""
   import gin  # pylint: disable=g-import-not-at-top
   gin.clear_config()
-  for path in [*search_paths, REPO_GIN_DIR, "."]:
-    gin.add_config_file_search_path(path)
   try:
-    gin.parse_config_files_and_bindings(gin_files, bindings)
+    with file_resolution(search_paths):
+      gin.parse_config_files_and_bindings(gin_files, bindings)
   except (ValueError, IOError) as e:
     raise SystemExit(f"specialize: gin configuration error: {e}") from e
 
