@@ -8,7 +8,9 @@ logged and written to `MODEL_DIR/config.gin`.
 import contextlib
 import logging
 import os
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
+
+from specialize_jax.config_errors import ConfigError
 
 # The shipped configs (found this way in a source checkout / editable install).
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -19,8 +21,8 @@ def gin_bindings(extra_args: List[str]) -> List[str]:
   bindings = []
   for arg in extra_args:
     if not arg.startswith("--gin.") or "=" not in arg:
-      raise SystemExit(f"specialize: unrecognized argument {arg!r}; gin overrides look like "
-                       "--gin.TRAIN_STEPS=2000 or --gin.MODEL_DIR=\\\"runs/x\\\".")
+      raise ConfigError(f"unrecognized argument {arg!r}; gin overrides look like "
+                        "--gin.TRAIN_STEPS=2000 or --gin.MODEL_DIR=\\\"runs/x\\\".")
     name, value = arg[len("--gin."):].split("=", 1)
     bindings.append(f"{name} = {value}")
   return bindings
@@ -50,15 +52,17 @@ def file_resolution(search_paths: Sequence[str] = ()) -> Iterator[None]:
 
 def parse_gin(gin_files: List[str], bindings: List[str], search_paths: List[str]) -> None:
   """T5X's flag semantics: files in order (later override earlier), then bindings. Unknown
-  parameters and `%gin.REQUIRED` macros left unset fail here, before any compilation, naming the
-  binding."""
+  parameters and `%gin.REQUIRED` macros left unset fail here, before any compilation, as a
+  `ConfigError` naming the binding."""
   import gin  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   try:
     with file_resolution(search_paths):
       gin.parse_config_files_and_bindings(gin_files, bindings)
+  except ConfigError:
+    raise
   except (ValueError, IOError) as e:
-    raise SystemExit(f"specialize: gin configuration error: {e}") from e
+    raise ConfigError(f"gin configuration error: {e}") from e
 
 
 def write_config(model_dir: Optional[str]) -> None:
@@ -80,3 +84,17 @@ def macro(name: str):
     return gin.query_parameter(f"%{name}")
   except ValueError:
     return None
+
+
+def bound_value(selector: str) -> Any:
+  """The value bound to `selector` (e.g. "runs.train.eval_period"), macros resolved; None when
+  unbound."""
+  import gin  # pylint: disable=g-import-not-at-top
+  try:
+    value = gin.query_parameter(selector)
+  except ValueError:
+    return None
+  while isinstance(value, gin.config.ConfigurableReference) and (
+      value.scoped_selector.endswith("/gin.macro")):
+    value = macro(value.scoped_selector[:-len("/gin.macro")])
+  return value

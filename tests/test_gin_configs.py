@@ -10,6 +10,7 @@ import pytest
 
 from specialize_jax import cli
 from specialize_jax import gin_config
+from specialize_jax.config_errors import ConfigError
 from specialize_jax.model import config as model_config
 
 GIN_DIR = pathlib.Path(cli.REPO_GIN_DIR)
@@ -100,11 +101,11 @@ def test_model_gin_files_equal_presets(preset):
 
 
 def test_missing_required_binding_is_named_before_compiling():
-  with pytest.raises(SystemExit, match="TRAIN_STEPS"):
+  with pytest.raises(ConfigError, match="TRAIN_STEPS"):
     gin_config.parse_gin(["runs/specialize.gin", "models/tiny.gin"],
                   ["MODEL_DIR='/tmp/x'", "MIXTURE_OR_TASK_NAME='x'", "BATCH_SIZE=8",
                    "TASK_FEATURE_LENGTHS={'inputs': 8, 'targets': 8}"], [])
-  with pytest.raises(SystemExit, match="no_such_parameter"):
+  with pytest.raises(ConfigError, match="no_such_parameter"):
     gin_config.parse_gin(["experiments/demo_cpu.gin"],
                   ["MODEL_DIR='/tmp/x'", "runs.train.no_such_parameter = 3"], [])
   gin.clear_config()
@@ -113,5 +114,5 @@ def test_missing_required_binding_is_named_before_compiling():
 def test_gin_flags_become_bindings():
   assert gin_config.gin_bindings(["--gin.TRAIN_STEPS=20", '--gin.MODEL_DIR="a b"']) == [
       "TRAIN_STEPS = 20", 'MODEL_DIR = "a b"']
-  with pytest.raises(SystemExit, match="unrecognized argument '--steps=3'"):
+  with pytest.raises(ConfigError, match="unrecognized argument '--steps=3'"):
     gin_config.gin_bindings(["--steps=3"])

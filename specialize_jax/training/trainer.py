@@ -19,6 +19,7 @@ from typing import Callable, Dict, Mapping, Optional
 import jax
 import numpy as np
 
+from specialize_jax.config_errors import ConfigError
 from specialize_jax.data import feature_converters
 from specialize_jax.model import checkpoints as model_checkpoints
 from specialize_jax.model import models
@@ -57,10 +58,10 @@ def train(model_dir: str,
   Returns the last logged train metrics plus the last eval metrics.
   """
   if num_train_steps < 1:
-    raise ValueError(f"TRAIN_STEPS={num_train_steps} must be >= 1; set --gin.TRAIN_STEPS.")
+    raise ConfigError(f"TRAIN_STEPS={num_train_steps} must be >= 1; set --gin.TRAIN_STEPS.")
   if dataset.batch_size % num_microbatches:
-    raise ValueError(f"BATCH_SIZE={dataset.batch_size} is not divisible by num_microbatches="
-                     f"{num_microbatches}; change --gin.train.num_microbatches.")
+    raise ConfigError(f"BATCH_SIZE={dataset.batch_size} is not divisible by num_microbatches="
+                      f"{num_microbatches}; change --gin.train.num_microbatches.")
   feature_converters.check_vocabulary_fits(input_pipeline.mixture_or_task(dataset),
                                              model.config.vocab_size)
   os.makedirs(model_dir, exist_ok=True)
