@@ -165,10 +165,13 @@ def test_self_consistency_over_real_solutions(solution_rows):
     right_votes = sum(row[model]["is_correct"] for model in SOLUTION_MODELS)
     expected += right_votes >= 3
   accuracy = metrics.self_consistency_accuracy(targets, samples)["accuracy"]
-  assert accuracy >= 100 * expected / len(solution_rows)
+  assert accuracy >= 100 * expected / len(solution_rows)  # 361 rows
   assert accuracy <= 100 * sum(
       any(row[model]["is_correct"] for model in SOLUTION_MODELS) for row in solution_rows
-  ) / len(solution_rows)
+  ) / len(solution_rows)  # 887 rows
+  # Between the bounds, the rows with 1 or 2 right samples are decided by how the wrong ones
+  # split: the vote is right on 584 rows (measured; a change of rule moves it).
+  assert round(accuracy * len(solution_rows) / 100) == 584
 
 
 def test_self_consistency_rejects_bad_samples():
