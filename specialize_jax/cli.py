@@ -228,14 +228,14 @@ def _check_gin_job_inputs(command: str) -> None:
   from specialize_jax import preflight  # pylint: disable=g-import-not-at-top
   eval_tasks = gin_config.bound_value("evaluator.EvalConfig.task_names") or ()
   eval_tasks = (eval_tasks,) if isinstance(eval_tasks, str) else tuple(eval_tasks)
-  checks = []  # (task names, split or None for the task's only one, where they are set)
-  if command == "train":
+  checks = []  # (task names, where they are set, whether to read their data here)
+  if command == "train":  # The trainer reads its data itself before compiling.
     name = gin_config.bound_value("train/input_pipeline.DatasetConfig.mixture_or_task_name")
-    checks.append(([name] if name else [], "train", "MIXTURE_OR_TASK_NAME"))
+    checks.append(([name] if name else [], "MIXTURE_OR_TASK_NAME", False))
     if gin_config.bound_value("runs.train.eval_period"):
-      checks.append((eval_tasks, None, "EVAL_TASKS"))
+      checks.append((eval_tasks, "EVAL_TASKS", True))
   elif command == "eval":
-    checks.append((eval_tasks, None, "EVAL_TASKS"))
+    checks.append((eval_tasks, "EVAL_TASKS", True))
   elif command == "infer":
     inputs = gin_config.bound_value("runs.infer.inputs")
     vocabulary_path = gin_config.bound_value("runs.infer.vocabulary_path")
@@ -243,11 +243,11 @@ def _check_gin_job_inputs(command: str) -> None:
       raise FileNotFoundError(f"VOCABULARY_PATH={vocabulary_path} does not exist; point "
                               "--gin.VOCABULARY_PATH at a SentencePiece model.")
     if isinstance(inputs, str) and not os.path.exists(inputs):
-      checks.append(([inputs], None, "INFER_INPUTS (a task name or a file of inputs)"))
-  for names, _, where in checks:  # Every name first: a typo is reported before missing data.
+      checks.append(([inputs], "INFER_INPUTS (a task name or a file of inputs)", True))
+  for names, where, _ in checks:  # Every name first: a typo is reported before missing data.
     preflight.tasks_of(names, where)
-  for names, split, where in checks:
-    preflight.check_tasks(names, split, where)
+  for names, where, read_data in checks:
+    preflight.check_tasks(names, where, read_data)
 
 
 def _cmd_gin_job(args, extra: List[str]) -> int:
@@ -298,7 +298,7 @@ def _cmd_sweep(args) -> int:
         feature_lengths={"inputs": args.input_length, "targets": args.target_length},
         batch_size=args.batch_size, max_examples=args.max_examples,
         max_decode_length=args.max_decode_length)
-    preflight.check_tasks(config.task_names, None, "--tasks / --bbh_tasks")
+    preflight.check_tasks(config.task_names, "--tasks / --bbh_tasks")
     result = sweep.sweep(args.model_dir, config, start_checkpoint=args.include_start)
   except (ValueError, FileNotFoundError) as e:
     print(f"specialize sweep: {e}", file=sys.stderr)

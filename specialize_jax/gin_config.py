@@ -40,14 +40,16 @@ def file_resolution(search_paths: Sequence[str] = ()) -> Iterator[None]:
   swaps its two lists for the block and restores them after.
   """
   from gin import config as gin_lib  # pylint: disable=g-import-not-at-top
-  readers, prefixes = list(gin_lib._FILE_READERS), list(gin_lib._LOCATION_PREFIXES)  # pylint: disable=protected-access
-  gin_lib._FILE_READERS[:] = [(open, os.path.isfile)]  # pylint: disable=protected-access
-  gin_lib._LOCATION_PREFIXES[:] = ["", *search_paths, REPO_GIN_DIR]  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  file_readers, location_prefixes = gin_lib._FILE_READERS, gin_lib._LOCATION_PREFIXES
+  # pylint: enable=protected-access
+  saved = list(file_readers), list(location_prefixes)
+  file_readers[:] = [(open, os.path.isfile)]
+  location_prefixes[:] = ["", *search_paths, REPO_GIN_DIR]
   try:
     yield
   finally:
-    gin_lib._FILE_READERS[:] = readers  # pylint: disable=protected-access
-    gin_lib._LOCATION_PREFIXES[:] = prefixes  # pylint: disable=protected-access
+    file_readers[:], location_prefixes[:] = saved
 
 
 def parse_gin(gin_files: List[str], bindings: List[str], search_paths: List[str]) -> None:

@@ -3,13 +3,14 @@
 `FileNotFoundError` naming the path and the command that fetches it, or a `ConfigError` naming the
 binding, never a TensorFlow stack from inside SeqIO minutes into a run.
 
-Reading a task's data here means building its source dataset once: our sources read their files
-when the dataset is built (seconds for the demo's 200,000 training problems), so a missing file
-shows up here and not after the model's initialization has compiled.
+Reading an eval task's data here means building its source dataset once: our sources read their
+files when the dataset is built, so a missing file shows up here. A training mixture's data can be
+large (the teacher's chains), so only its vocabularies are checked here; the trainer builds its
+input pipeline before compiling.
 """
 import difflib
 import os
-from typing import Iterable, List, Optional
+from typing import Iterable, List
 
 import seqio
 import tensorflow as tf
@@ -23,7 +24,7 @@ _FETCH_TOKENIZER = "`specialize download --only tokenizer`"
 
 
 def registered(name: str, where: str) -> seqio.Task:
-  """The registered task or mixture `name`; a `ConfigError` naming `where` and close names if not."""
+  """The registered task or mixture `name`; else a `ConfigError` naming `where` and close names."""
   names = list(seqio.TaskRegistry.names()) + list(seqio.MixtureRegistry.names())
   if name not in names:
     close = difflib.get_close_matches(name, names, n=3)
@@ -63,8 +64,9 @@ def check_vocabulary(vocabulary: seqio.Vocabulary, task_name: str) -> None:
     raise _missing_vocabulary(path, task_name, "does not exist")
 
 
-def check_source(task: seqio.Task, split: str) -> None:
-  """Raises `FileNotFoundError` (naming the path and the fix) unless `task`'s `split` can be read."""
+def check_source(task: seqio.Task) -> None:
+  """Raises `FileNotFoundError` (naming the path and the fix) unless `task`'s data can be read
+  (its first split: eval tasks have one)."""
   source = task.source
   if isinstance(source, seqio.TfdsDataSource):
     # Never build it here: a TFDS source whose data is missing starts a download.
@@ -75,10 +77,8 @@ def check_source(task: seqio.Task, split: str) -> None:
           f"prepared in {builder.data_dir}; build it offline with `specialize prepare_tfds "
           "--tfds_data_dir DIR` and set TFDS_DATA_DIR=DIR.")
     return
-  if split not in source.splits:
-    raise ConfigError(f"Task {task.name} has no split {split!r} (it has {list(source.splits)}).")
   try:
-    source.get_dataset(split=split, shuffle=False)
+    source.get_dataset(split=next(iter(source.splits)), shuffle=False)
   except tf.errors.NotFoundError as e:  # A file TensorFlow opened itself.
     raise FileNotFoundError(f"Task {task.name}: {e.message.splitlines()[0]}; fetch the data with "
                             f"`specialize download` (data directory {data_dir.data_dir()}).") from e
@@ -91,15 +91,17 @@ def tasks_of(names: Iterable[str], where: str) -> List[seqio.Task]:
     task_or_mixture = registered(name, where)
     members = (task_or_mixture.tasks if isinstance(task_or_mixture, seqio.Mixture)
                else [task_or_mixture])
-    tasks.extend(t for t in members if t.name not in {s.name for s in tasks})
+    for task in members:
+      if all(task.name != t.name for t in tasks):
+        tasks.append(task)
   return tasks
 
 
-def check_tasks(names: Iterable[str], split: Optional[str], where: str) -> None:
-  """Every task `names` denote is registered, and its vocabularies and `split` can be read
-  (`split=None`: each task's only split, as eval tasks have)."""
+def check_tasks(names: Iterable[str], where: str, read_data: bool = True) -> None:
+  """Every task `names` denote is registered, its vocabularies can be read and, with `read_data`,
+  its data."""
   for task in tasks_of(names, where):
     for feature in task.output_features.values():
       check_vocabulary(feature.vocabulary, task.name)
-    task_split = split if split is not None else next(iter(task.source.splits))
-    check_source(task, task_split)
+    if read_data:
+      check_source(task)

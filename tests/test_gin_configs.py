@@ -74,9 +74,11 @@ def test_cli_parses_experiments_without_errors_in_the_log(path, caplog):
 
 def test_parse_gin_leaves_gin_file_lookup_as_it_was():
   from gin import config as gin_lib  # pylint: disable=g-import-not-at-top
-  readers, prefixes = list(gin_lib._FILE_READERS), list(gin_lib._LOCATION_PREFIXES)  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  before = list(gin_lib._FILE_READERS), list(gin_lib._LOCATION_PREFIXES)
   gin_config.parse_gin(["experiments/demo_cpu.gin"], ["MODEL_DIR='/tmp/x'"], ["/nonexistent"])
-  assert (gin_lib._FILE_READERS, gin_lib._LOCATION_PREFIXES) == (readers, prefixes)  # pylint: disable=protected-access
+  assert (gin_lib._FILE_READERS, gin_lib._LOCATION_PREFIXES) == before
+  # pylint: enable=protected-access
   gin.clear_config()
 
 

@@ -69,6 +69,9 @@ def train(model_dir: str,
   partitioning.check_batch_divisible(dataset.batch_size, mesh, num_microbatches)
   rules = partitioner.logical_axis_rules
   tx = optimizers.make_optimizer(optimizer, num_train_steps)
+  # The input pipeline reads its files now, so a missing one fails before anything compiles; a
+  # resumed run builds it again at its saved position.
+  batches = input_pipeline.TrainIterator(dataset)
   rng = jax.random.PRNGKey(seed)
   init_rng, step_rng = jax.random.split(rng)
   abstract_state, state_shardings = train_state.abstract_train_state(model, tx, mesh, rules)
@@ -91,7 +94,8 @@ def train(model_dir: str,
   start_step = int(jax.device_get(state.step))
   log(f"Starting at step {start_step} from {source}; training to step {num_train_steps}.")
 
-  batches = input_pipeline.TrainIterator(dataset, position=data_position)
+  if data_position:
+    batches = input_pipeline.TrainIterator(dataset, position=data_position)
   step_fn = train_step.make_train_step(model, tx, state_shardings, mesh, num_microbatches,
                                        rules=rules)
   writer = metric_writers.MetricWriter(model_dir)
