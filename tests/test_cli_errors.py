@@ -115,3 +115,17 @@ def test_a_validated_gin_value_is_one_line_and_exit_2(tiny_demo, tmp_path):
       "specialize train: The cosine schedule decays from warmup_steps=40 to num_train_steps=2, "
       "which must be larger; set --gin.OptimizerConfig.decay_steps or lower warmup_steps."]
   assert "First step" not in done.stderr  # Nothing was compiled or trained.
+
+
+def test_missing_training_data_fails_before_the_model_is_built(tmp_path):
+  """No eval tasks, so only the trainer reads data: it builds its input pipeline first."""
+  (tmp_path / "data").mkdir()
+  done = _run(["train", "--gin_file=experiments/flan_t5_small_gsm8k.gin",
+               '--gin.MODEL_DIR="runs/x"', "--gin.EVAL_PERIOD=0"], tmp_path, tmp_path / "data",
+              SHARED_VOCAB)
+  assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
+  assert done.returncode == 2, done.stderr[-3000:]
+  [line] = _error_lines(done, "train")
+  assert "gsm8k/train.jsonl" in line and DOWNLOAD in line, line
+  assert "initialized" not in done.stderr  # No train state was built (nor compiled).
+  assert sorted(os.listdir(tmp_path / "runs" / "x")) == ["config.gin"]
