@@ -16,6 +16,9 @@
   specialize teacher_filter --input FILE.jsonl --output FILTERED.jsonl
 
 This module is the only place that reads argv and imports `tasks` (which registers SeqIO tasks).
+A user error (a `ConfigError`: a bad flag or gin value; a `FileNotFoundError`: a missing data file,
+vocabulary or checkpoint, named with the command that fetches it) prints one line on stderr and
+exits 2, before anything compiles where the job can check it; a traceback means a bug.
 """
 import argparse
 import json
@@ -28,6 +31,9 @@ from typing import List, Optional
 from specialize_jax import gin_config
 from specialize_jax import host_malloc
 from specialize_jax import xla_cpu_flags
+from specialize_jax.config_errors import ConfigError
+
+USER_ERRORS = (ConfigError, FileNotFoundError)
 
 
 def _quiet_tensorflow() -> None:
@@ -41,7 +47,7 @@ def _registered_task(name: str):
   if name not in seqio.TaskRegistry.names():
     close = difflib.get_close_matches(name, seqio.TaskRegistry.names(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else " List them with `specialize tasks`."
-    raise SystemExit(f"specialize: unknown task {name!r}.{hint}")
+    raise ConfigError(f"unknown task {name!r}.{hint}")
   return seqio.get_mixture_or_task(name)
 
 
@@ -238,15 +244,43 @@ def _cmd_prepare(args) -> int:
   return 0
 
 
+def _check_gin_job_inputs(command: str) -> None:
+  """Fails before anything compiles when a task the job reads is unknown or its data or
+  vocabulary is missing (the tasks named by the shipped gin files' bindings)."""
+  from specialize_jax import preflight  # pylint: disable=g-import-not-at-top
+  eval_tasks = gin_config.bound_value("evaluator.EvalConfig.task_names") or ()
+  eval_tasks = (eval_tasks,) if isinstance(eval_tasks, str) else tuple(eval_tasks)
+  checks = []  # (task names, where they are set, whether to read their data here)
+  if command == "train":  # The trainer reads its data itself before compiling.
+    name = gin_config.bound_value("train/input_pipeline.DatasetConfig.mixture_or_task_name")
+    checks.append(([name] if name else [], "MIXTURE_OR_TASK_NAME", False))
+    if gin_config.bound_value("runs.train.eval_period"):
+      checks.append((eval_tasks, "EVAL_TASKS", True))
+  elif command == "eval":
+    checks.append((eval_tasks, "EVAL_TASKS", True))
+  elif command == "infer":
+    inputs = gin_config.bound_value("runs.infer.inputs")
+    vocabulary_path = gin_config.bound_value("runs.infer.vocabulary_path")
+    if vocabulary_path and not os.path.isfile(vocabulary_path):
+      raise FileNotFoundError(f"VOCABULARY_PATH={vocabulary_path} does not exist; point "
+                              "--gin.VOCABULARY_PATH at a SentencePiece model.")
+    if isinstance(inputs, str) and not os.path.exists(inputs):
+      checks.append(([inputs], "INFER_INPUTS (a task name or a file of inputs)", True))
+  for names, where, _ in checks:  # Every name first: a typo is reported before missing data.
+    preflight.tasks_of(names, where)
+  for names, where, read_data in checks:
+    preflight.check_tasks(names, where, read_data)
+
+
 def _cmd_gin_job(args, extra: List[str]) -> int:
   import gin  # pylint: disable=g-import-not-at-top
   import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
   from specialize_jax import runs  # pylint: disable=g-import-not-at-top
   if not args.gin_file:
-    raise SystemExit(f"specialize {args.command}: give at least one --gin_file "
-                     f"(e.g. gin/experiments/demo_cpu.gin).")
+    raise ConfigError("give at least one --gin_file (e.g. gin/experiments/demo_cpu.gin).")
   search_paths = [p for p in args.gin_search_paths.split(",") if p]
   gin_config.parse_gin(args.gin_file, gin_config.gin_bindings(extra), search_paths)
+  _check_gin_job_inputs(args.command)
   gin_config.write_config(gin_config.macro("MODEL_DIR") if args.command == "train" else None)
   job = gin.get_configurable(getattr(runs, GIN_JOBS[args.command]))
   result = job()
@@ -260,7 +294,7 @@ def _cmd_demo(args, extra: List[str]) -> int:
   from specialize_jax import demo  # pylint: disable=g-import-not-at-top
   from tasks import demo as demo_tasks  # pylint: disable=g-import-not-at-top
   if extra:
-    raise SystemExit(f"specialize demo: unrecognized arguments {extra}.")
+    raise ConfigError(f"unrecognized arguments {extra}.")
   return demo.run_demo(args.output_dir, str(demo_tasks.default_demo_dir()),
                        only_data=args.only_data, train_steps=args.train_steps)
 
@@ -276,6 +310,7 @@ def _cmd_sweep(args) -> int:
   from specialize_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   from specialize_jax.evaluation import selection  # pylint: disable=g-import-not-at-top
   from specialize_jax.evaluation import sweep  # pylint: disable=g-import-not-at-top
+  from specialize_jax import preflight  # pylint: disable=g-import-not-at-top
   try:
     rule = _selection_rule(args)
     config = evaluator.EvalConfig(
@@ -285,6 +320,7 @@ def _cmd_sweep(args) -> int:
         feature_lengths={"inputs": args.input_length, "targets": args.target_length},
         batch_size=args.batch_size, max_examples=args.max_examples,
         max_decode_length=args.max_decode_length)
+    preflight.check_tasks(config.task_names, "--tasks / --bbh_tasks")
     result = sweep.sweep(args.model_dir, config, start_checkpoint=args.include_start)
   except (ValueError, FileNotFoundError) as e:
     print(f"specialize sweep: {e}", file=sys.stderr)
@@ -518,11 +554,17 @@ def main(argv: Optional[List[str]] = None) -> int:
   for name in ("absl", "orbax", "jax._src.xla_bridge"):
     logging.getLogger(name).setLevel(logging.WARNING)
   args, extra = build_parser().parse_known_args(argv)
-  if getattr(args, "takes_extra", False):
-    return args.fn(args, extra)
-  if extra:
-    raise SystemExit(f"specialize {args.command}: unrecognized arguments {extra}.")
-  return args.fn(args)
+  try:
+    if getattr(args, "takes_extra", False):
+      return args.fn(args, extra)
+    if extra:
+      raise ConfigError(f"unrecognized arguments {extra}.")
+    return args.fn(args)
+  except USER_ERRORS as e:
+    # One line: gin appends the configurable's call site ("In call to configurable ...").
+    message = " ".join(str(e).split("\n  In call to configurable")[0].split())
+    print(f"specialize {args.command}: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

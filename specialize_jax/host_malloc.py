@@ -25,21 +25,15 @@ anything heavy, with them set. It does nothing when:
     TPU or GPU plugin is installed. There step buffers live on the device, and one arena could
     slow a many-core host's input pipeline.
 """
-import importlib.util
 import os
 import platform
 import sys
 from typing import Mapping, Optional, Sequence
 
+from specialize_jax import jax_platforms
+
 TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
             f'glibc.malloc.trim_threshold={2**46}')
-# Top-level modules whose presence means JAX will pick an accelerator when JAX_PLATFORMS is unset.
-_ACCELERATOR_MODULES = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
-                        'jax_rocm7_plugin')
-
-
-def _accelerator_installed() -> bool:
-  return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_MODULES)
 
 
 def tunables_wanted(environ: Mapping[str, str], system: str, libc: str,
@@ -47,10 +41,7 @@ def tunables_wanted(environ: Mapping[str, str], system: str, libc: str,
   """Whether a process with this environment and platform should run with `TUNABLES`."""
   if system != 'Linux' or libc != 'glibc' or 'GLIBC_TUNABLES' in environ:
     return False
-  platforms = environ.get('JAX_PLATFORMS', '').strip()
-  if platforms:
-    return platforms.split(',')[0].strip().lower() == 'cpu'
-  return not accelerator_installed
+  return jax_platforms.cpu_is_default(environ, accelerator_installed)
 
 
 def reexec_with_tunables(argv: Optional[Sequence[str]] = None) -> None:
@@ -61,7 +52,8 @@ def reexec_with_tunables(argv: Optional[Sequence[str]] = None) -> None:
   function or a test (it replaces the running program).
   """
   if not sys.executable or not tunables_wanted(os.environ, platform.system(),
-                                               platform.libc_ver()[0], _accelerator_installed()):
+                                               platform.libc_ver()[0],
+                                               jax_platforms.accelerator_installed()):
     return  # (an embedded interpreter has no executable to restart)
   argv = list(sys.orig_argv if argv is None else argv)
   sys.stdout.flush()

@@ -127,7 +127,8 @@ def register_demo_tasks(demo_dir: Optional[str] = None) -> List[str]:
   for target, format_name in TARGET_FORMATS.items():
     distillation.register_prepared_task(
         train_task_name(target), lambda: prepared_dir, (format_name,), output_features=features,
-        vocabulary_path=str(demo_dir / synthetic.VOCAB_FILE))
+        vocabulary_path=str(demo_dir / synthetic.VOCAB_FILE),
+        missing_fix="write the demo data first: `specialize demo --only_data`")
     for eval_set, demo_split in EVAL_SETS.items():
       _add(eval_task_name(eval_set, target),
            source=demo_source(demo_dir, demo_split, format_name, EVAL_SPLIT),

@@ -67,8 +67,10 @@ def check_input_budget(dataset: tf.data.Dataset, sequence_length: Mapping[str, i
 def register_prepared_task(name: str, directory_fn, format_names, teacher_k: Optional[int] = None,
                            rates: Optional[Mapping[str, float]] = None,
                            output_features: Optional[Mapping[str, seqio.Feature]] = None,
-                           vocabulary_path=vocabulary.vocabulary_path) -> None:
-  """Registers (or replaces) one training task over some formats of a prepared set."""
+                           vocabulary_path=vocabulary.vocabulary_path,
+                           missing_fix: Optional[str] = None) -> None:
+  """Registers (or replaces) one training task over some formats of a prepared set; `missing_fix`
+  is the advice when the set is missing (default: `specialize prepare`)."""
   preprocessors = [seqio.preprocessors.append_eos_after_trim]
   if teacher_k:
     preprocessors.append(teacher_features.complete_teacher_rows)
@@ -79,7 +81,8 @@ def register_prepared_task(name: str, directory_fn, format_names, teacher_k: Opt
   seqio.TaskRegistry.add(
       name,
       source=prepared_data.PreparedSource(directory_fn, format_names, teacher_k, rates,
-                                          vocabulary_path=vocabulary_path),
+                                          vocabulary_path=vocabulary_path,
+                                          missing_fix=missing_fix),
       preprocessors=preprocessors,
       output_features=output_features or common.output_features(with_teacher=bool(teacher_k)),
       postprocess_fn=common.gold_answer_postprocessor,

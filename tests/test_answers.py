@@ -146,6 +146,16 @@ MARKER_CASES = [
     ("The answer is 5, as the answer isn't 7", 5.0),  # The last whole-word marker.
     ("\u0130\u0130: the answer is 57, not 9", 57.0),  # "\u0130" lowers to two characters.
 ]
+# Run-ons: the answer is the one before the model starts a new exemplar, whatever it invents next.
+RUN_ON_CASES = [
+    ("The answer is 18. Q: Janet has 16 ducks. Let's think step by step. The answer is 7", 18.0),
+    ("The answer is 18.\n\nQ: Janet has 16 ducks.\nA: The answer is 7", 18.0),
+    ("So the answer is 18 Question: Tom has 3 pens. The answer is 3", 18.0),  # Teacher layout.
+    ("9 * 2 = 18 apples. Q: Tom has 5 pens and 2 more. 5 + 2 = 7", 18.0),  # No marker: before Q:.
+    ("The answer is 5. Wait, the answer is 6. Q: Then the answer is 9", 6.0),  # Last, before Q:.
+    ("Q: 2 + 2? The answer is 4", 4.0),  # A "Q:" opening the text starts no new exemplar.
+    ("The FAQ: the answer is 12", 12.0),  # "FAQ:" is no "Q:".
+]
 THOUSANDS_CASES = [
     ("A: 1,000", 1000.0),
     ("It costs $1,450,000 in total.", 1450000.0),
@@ -302,3 +312,8 @@ def test_non_text_input_raises():
     answers.extract_answer(b"18")
   with pytest.raises(ValueError, match="expects the gold answer as str"):
     answers.parse_gold(18.0)
+
+
+@pytest.mark.parametrize("text,expected", RUN_ON_CASES)
+def test_extract_answer_reads_run_ons_before_the_new_exemplar(text, expected):
+  assert answers.extract_answer(text) == expected

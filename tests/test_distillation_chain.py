@@ -6,6 +6,7 @@ import json
 import pytest
 
 from specialize_jax import cli
+from specialize_jax.data import metrics
 from specialize_jax.teacher import aligned_data
 from specialize_jax.teacher import teacher_data
 import openai_server
@@ -91,7 +92,12 @@ def test_sample_filter_align_train_eval(teacher_server, tmp_path, capsys, monkey
   assert (model_dir / "checkpoint_4").is_dir()
   evals = _records(model_dir, "eval")
   assert [r["step"] for r in evals] == [4]
-  assert 0.0 <= evals[0]["gsm8k_dev_zs_cot/accuracy"] <= 100.0
   with open(model_dir / "eval" / "gsm8k_dev_zs_cot" / "predictions_step4.jsonl",
             encoding="utf-8") as f:
-    assert len(f.readlines()) == 8
+    predictions = [json.loads(line) for line in f]
+  assert [p["index"] for p in predictions] == list(range(8))
+  # The logged accuracy is the task metric of the predictions written beside it.
+  rescored = metrics.math_accuracy([p["target"] for p in predictions],
+                                   [p["prediction"] for p in predictions])
+  assert evals[0]["gsm8k_dev_zs_cot/accuracy"] == rescored["accuracy"]
+  assert evals[0]["gsm8k_dev_zs_cot/accuracy"] == 100.0 * sum(p["correct"] for p in predictions) / 8

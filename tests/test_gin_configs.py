@@ -1,5 +1,8 @@
 """Every shipped gin file parses (required macros filled), binds only real parameters, and the model
-files match the presets; the CLI's flag handling follows T5X's semantics."""
+files match the presets; the CLI's flag handling follows T5X's semantics. Parsing runs in a working
+directory holding `runs/`, `models/` and `experiments/` folders (as after `specialize demo`), on
+`sys.path` like a checkout's root: gin must not mistake them for Python packages."""
+import logging
 import pathlib
 
 import gin
@@ -7,6 +10,7 @@ import pytest
 
 from specialize_jax import cli
 from specialize_jax import gin_config
+from specialize_jax.config_errors import ConfigError
 from specialize_jax.model import config as model_config
 
 GIN_DIR = pathlib.Path(cli.REPO_GIN_DIR)
@@ -17,6 +21,14 @@ REQUIRED = {
              "INFER_INPUTS='gsm8k_test_zs_cot'", "INFER_OUTPUT='/tmp/x.jsonl'"],
     "experiments": ["MODEL_DIR='/tmp/x'"],
 }
+
+
+@pytest.fixture(autouse=True)
+def cwd_with_gin_named_folders(tmp_path, monkeypatch):
+  for name in ("runs/demo", "models", "experiments", "partitioning"):
+    (tmp_path / name).mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
 
 
 def _all_gin_files():
@@ -40,12 +52,33 @@ def test_every_gin_file_parses(path):
   else:
     bindings = [b for b in REQUIRED[relative.parts[0]]]
   gin.clear_config()
-  for search_path in (str(GIN_DIR),):
-    gin.add_config_file_search_path(search_path)
   # Bindings for macros a file does not use are harmless; unknown *parameters* fail parsing.
-  gin.parse_config_files_and_bindings(files, bindings, skip_unknown=False,
-                                      finalize_config=False)
+  with gin_config.file_resolution([str(GIN_DIR)]):
+    gin.parse_config_files_and_bindings(files, bindings, skip_unknown=False,
+                                        finalize_config=False)
   assert gin.config_str().strip()
+  gin.clear_config()
+
+
+@pytest.mark.parametrize("path", [p for p in _all_gin_files() if p.parent.name == "experiments"],
+                         ids=lambda p: p.name)
+def test_cli_parses_experiments_without_errors_in_the_log(path, caplog):
+  """`parse_gin` as `specialize train` calls it: a run that works logs nothing at ERROR (gin's
+  package-resource reader logged "Path not found" for each location it probed)."""
+  caplog.set_level(logging.DEBUG)
+  gin_config.parse_gin([f"experiments/{path.name}"], ["MODEL_DIR='/tmp/x'"], [])
+  assert gin_config.macro("MODEL_DIR") == "/tmp/x"
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+  gin.clear_config()
+
+
+def test_parse_gin_leaves_gin_file_lookup_as_it_was():
+  from gin import config as gin_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable=protected-access
+  before = list(gin_lib._FILE_READERS), list(gin_lib._LOCATION_PREFIXES)
+  gin_config.parse_gin(["experiments/demo_cpu.gin"], ["MODEL_DIR='/tmp/x'"], ["/nonexistent"])
+  assert (gin_lib._FILE_READERS, gin_lib._LOCATION_PREFIXES) == before
+  # pylint: enable=protected-access
   gin.clear_config()
 
 
@@ -59,8 +92,8 @@ def test_header_on_every_gin_file():
 def test_model_gin_files_equal_presets(preset):
   name = {"tiny": "tiny", "demo": "demo_tiny"}.get(preset, f"flan_t5_{preset}")
   gin.clear_config()
-  gin.add_config_file_search_path(str(GIN_DIR))
-  gin.parse_config_files_and_bindings([f"models/{name}.gin"], ["MODEL_DTYPE = 'float32'"])
+  with gin_config.file_resolution([str(GIN_DIR)]):
+    gin.parse_config_files_and_bindings([f"models/{name}.gin"], ["MODEL_DTYPE = 'float32'"])
   from specialize_jax.model import models  # pylint: disable=g-import-not-at-top
   model = gin.get_configurable(models.EncoderDecoderModel)()
   import dataclasses  # pylint: disable=g-import-not-at-top
@@ -70,11 +103,11 @@ def test_model_gin_files_equal_presets(preset):
 
 
 def test_missing_required_binding_is_named_before_compiling():
-  with pytest.raises(SystemExit, match="TRAIN_STEPS"):
+  with pytest.raises(ConfigError, match="TRAIN_STEPS"):
     gin_config.parse_gin(["runs/specialize.gin", "models/tiny.gin"],
                   ["MODEL_DIR='/tmp/x'", "MIXTURE_OR_TASK_NAME='x'", "BATCH_SIZE=8",
                    "TASK_FEATURE_LENGTHS={'inputs': 8, 'targets': 8}"], [])
-  with pytest.raises(SystemExit, match="no_such_parameter"):
+  with pytest.raises(ConfigError, match="no_such_parameter"):
     gin_config.parse_gin(["experiments/demo_cpu.gin"],
                   ["MODEL_DIR='/tmp/x'", "runs.train.no_such_parameter = 3"], [])
   gin.clear_config()
@@ -83,5 +116,5 @@ def test_missing_required_binding_is_named_before_compiling():
 def test_gin_flags_become_bindings():
   assert gin_config.gin_bindings(["--gin.TRAIN_STEPS=20", '--gin.MODEL_DIR="a b"']) == [
       "TRAIN_STEPS = 20", 'MODEL_DIR = "a b"']
-  with pytest.raises(SystemExit, match="unrecognized argument '--steps=3'"):
+  with pytest.raises(ConfigError, match="unrecognized argument '--steps=3'"):
     gin_config.gin_bindings(["--steps=3"])

@@ -74,6 +74,19 @@ def test_math_accuracy_target_forms():
                     "unparsable_targets": 2.0}
 
 
+def test_math_accuracy_reads_run_ons_before_the_new_exemplar():
+  targets = ["#### 18", "#### 18", "#### 7"]
+  predictions = ["The answer is 18. Q: Tom has 7 pens. The answer is 7",
+                 "3 * 6 = 18 pens. Q: Tom has 7 pens. 7 - 0 = 7",
+                 "The answer is 18. Q: Tom has 7 pens. The answer is 7"]
+  assert metrics.math_accuracy(targets, predictions) == {
+      "accuracy": pytest.approx(200 / 3), "unparsable": 0.0, "unparsable_targets": 0.0}
+  # Self-consistency votes on the same answers: 18, 18 and 7 -> 18.
+  assert metrics.self_consistency_accuracy(["#### 18"], [predictions])["accuracy"] == 100.0
+  # The original read the last number of the whole text: paper mode keeps that.
+  assert metrics.math_accuracy_paper(targets, predictions)["accuracy"] == pytest.approx(100 / 3)
+
+
 def test_math_accuracy_counts_unparsable_predictions():
   result = metrics.math_accuracy(["#### 3", "#### 4"], ["I do not know.", "The answer is 4"])
   assert result == {"accuracy": 50.0, "unparsable": 1.0, "unparsable_targets": 0.0}
@@ -152,10 +165,13 @@ def test_self_consistency_over_real_solutions(solution_rows):
     right_votes = sum(row[model]["is_correct"] for model in SOLUTION_MODELS)
     expected += right_votes >= 3
   accuracy = metrics.self_consistency_accuracy(targets, samples)["accuracy"]
-  assert accuracy >= 100 * expected / len(solution_rows)
+  assert accuracy >= 100 * expected / len(solution_rows)  # 361 rows
   assert accuracy <= 100 * sum(
       any(row[model]["is_correct"] for model in SOLUTION_MODELS) for row in solution_rows
-  ) / len(solution_rows)
+  ) / len(solution_rows)  # 887 rows
+  # Between the bounds, the rows with 1 or 2 right samples are decided by how the wrong ones
+  # split: the vote is right on 584 rows (measured; a change of rule moves it).
+  assert round(accuracy * len(solution_rows) / 100) == 584
 
 
 def test_self_consistency_rejects_bad_samples():
@@ -195,6 +211,27 @@ def test_bbh_cot_scores_right_answers_100_and_wrong_options_0_on_every_task(bbh_
   assert metrics.mean_over_tasks(per_task) == 100.0
 
 
+def test_bbh_hedged_answers_score_0_and_run_ons_read_the_first_answer_on_every_task(bbh_tasks):
+  """Every task's answer form (options, True/False, Yes/No, valid/invalid, numbers, word lists,
+  dyck closings, free text) against its real targets: an answer naming the target and another
+  real target is wrong; a run-on into a new exemplar is read before the new question."""
+  for task, examples in bbh_tasks.items():
+    targets = [target for _, target in examples]
+    wrong = [_wrong_target(targets, t) for t in targets]
+    for hedge in ("{t} or {w}", "{t}, {w}", "{t} and {w}", "{w} or {t}"):
+      cot = [f"So the answer is {hedge.format(t=t, w=w)}." for t, w in zip(targets, wrong)]
+      answer_only = [hedge.format(t=t, w=w) for t, w in zip(targets, wrong)]
+      assert metrics.bbh_cot_accuracy(targets, cot) == {"accuracy": 0.0, "unparsable": 0.0}, (
+          task, hedge)
+      assert metrics.bbh_answer_only_accuracy(targets, answer_only) == {"accuracy": 0.0}, (
+          task, hedge)
+    run_on = [f"So the answer is {t}. Q: {inp[:60]}\nA: Let's think step by step. So the answer "
+              f"is {w}." for (inp, t), w in zip(examples, wrong)]
+    assert metrics.bbh_cot_accuracy(targets, run_on)["accuracy"] == 100.0, task
+    answer_only_run_on = [f"{t} Q: {inp[:60]}\nA: {w}" for (inp, t), w in zip(examples, wrong)]
+    assert metrics.bbh_answer_only_accuracy(targets, answer_only_run_on)["accuracy"] == 100.0, task
+
+
 def _cot_exemplars(prompt_text):
   """(answer text after "A: ", its final answer) for each exemplar of a BBH CoT prompt."""
   exemplars = []
@@ -225,9 +262,18 @@ def test_bbh_cot_reads_the_real_exemplars(bbh_tasks):
 
 @pytest.mark.parametrize("prediction,right", [
     ("So the answer is (A).", True),
-    ("So the answer is A.", True),
-    ("So the answer is A)", True),
-    ("So the answer is (A) 12/14/1937.", True),
+    # Exact match, the BBH reference rule: the option as the targets write it and nothing else.
+    ("So the answer is A.", False),
+    ("So the answer is A)", False),
+    ("So the answer is (A) 12/14/1937.", False),
+    ("So the answer is (A) or (B).", False),  # Hedged.
+    ("So the answer is (A), (B).", False),
+    ("So the answer is (A) and (C).", False),
+    ("So the answer is either (A) or (B).", False),
+    ("So the answer is (A). Q: Today is 9/7. A: Let's think step by step. So the answer is (B).",
+     True),  # A run-on: the answer before the new exemplar.
+    ("So the answer is (B). Q: Today is 9/7. A: Let's think step by step. So the answer is (A).",
+     False),
     ("The Answer Is (A)", True),  # Any case.
     ("the answer is (B). Hmm, no: the answer is (A).", True),  # The last marker wins.
     ("the answer is (A). Hmm, no: the answer is (B).", False),
@@ -262,8 +308,10 @@ def test_bbh_cot_counts_predictions_without_marker():
 
 @pytest.mark.parametrize("target,prediction,right", [
     ("(B)", "(B)", True),
-    ("(B)", "B", True),
-    ("(B)", "(B) 11/11/2018\nQ: next", True),
+    ("(B)", "B", False),  # Exact match.
+    ("(B)", "(B) 11/11/2018\nQ: next", False),  # An option and something else.
+    ("(B)", "(B) or (C)", False),
+    ("(B)", "(B) Q: Today is 9/7.\nA: (C)", True),  # A run-on.
     ("(B)", "(C)", False),
     ("Yes", "Yes.", True),
     ("Yes", "No\nYes", False),  # Only the first line counts.

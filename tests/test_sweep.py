@@ -120,12 +120,19 @@ def test_other_settings_are_evaluated_again_and_legacy_files_checked(run_dir, de
   fewer = evaluator_lib.EvalConfig(**{**CONFIG.__dict__, 'max_examples': 2})
   result = sweep_lib.sweep(run_dir, fewer, progress=_quiet)
   assert len(decodes) == len(STEPS) * len(TASKS)
-  assert all(m['accuracy'] in (0.0, 50.0, 100.0) for row in result.metrics.values()
-             for m in row.values())  # 2 examples each
+  eval_dir = os.path.join(run_dir, 'eval')
+  assert sorted(result.metrics) == list(STEPS)
+  for step, row in result.metrics.items():
+    assert sorted(row) == sorted(TASKS)
+    for task, task_metrics in row.items():
+      # The accuracy of the 2 examples decoded and written for this setting, not of the 4 before.
+      with open(evaluator_lib.predictions_path(eval_dir, task, step), encoding='utf-8') as f:
+        rows = [json.loads(line) for line in f]
+      assert [r['index'] for r in rows] == [0, 1]
+      assert task_metrics['accuracy'] == 100.0 * sum(r['correct'] for r in rows) / 2
 
   # A file without settings (written before the evaluator recorded them) is reused when its
   # example count is what the sweep evaluates, and evaluated again when not.
-  eval_dir = os.path.join(run_dir, 'eval')
   for step in STEPS:
     for task in TASKS:
       path = evaluator_lib.metrics_path(eval_dir, task, step)

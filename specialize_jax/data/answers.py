@@ -10,8 +10,10 @@ Terms:
   mode: "default" normalizes numbers (below); "paper" reproduces the original code's rule
     (FranxYao/FlanT5-CoT-Specialization, src/utils.py `test_answer`) so its numbers can be matched.
 
-Default mode, prediction: the first number after the last answer marker, on the marker's line;
-if there is no marker, or no number on its line, the last number in the whole text. A number is
+Default mode, prediction: first the text is cut where it starts a new exemplar (a run-on: "Q:" or
+"Question:" after whitespace, as the eval prompts and the teacher prompts open each exemplar), then
+the first number after the last answer marker, on the marker's line; if there is no marker, or no
+number on its line, the last number of the text before the cut. A number is
   * optionally negative: "-3", "=-2880", "-$3", "$-3" (a "-" right after a digit or letter is
     subtraction or a range: "5-3=2" and "3-4" read 5, 3, 2 and 3, 4);
   * optionally preceded by "$" and followed by "%" or a unit, which are ignored ("50%" is 50,
@@ -59,6 +61,12 @@ PAPER_NUMBER_PATTERN = r"\d*\.?\d+"
 # Every match starts with a digit or ".", so the lookahead changes no match; it lets the engine skip
 # ahead fast (about twice as fast on GSM8K solutions).
 _PAPER_NUMBER_RE = re.compile(r"(?=[\d.])" + PAPER_NUMBER_PATTERN)
+
+# A new exemplar starts: students run on into one after answering ("The answer is 18. Q: ...
+# The answer is 7"). The eval prompts join exemplars with "\n\nQ: ", the teacher's with
+# "\n\nQuestion: "; FlanT5 has no newline token, so a run-on writes " Q: ". A "Q:" opening the text
+# is the model's own, not a new exemplar.
+_NEXT_EXEMPLAR_RE = re.compile(r"\s(?:Q|Question):")
 
 _ANSWER_IS = "answer is"
 _ANSWER_IS_RE = re.compile(r"\banswer is\b", re.IGNORECASE)
@@ -154,6 +162,14 @@ def _marker_span(text: str) -> Optional[str]:
   return rest.split("\n", 1)[0]
 
 
+def before_next_exemplar(text: str) -> str:
+  """`text` up to where it runs on into a new exemplar (see `_NEXT_EXEMPLAR_RE`); all of it if
+  it does not. The answer of a run-on is the one before the new question, never the one the model
+  invents for it."""
+  match = _NEXT_EXEMPLAR_RE.search(text)
+  return text if match is None else text[:match.start()]
+
+
 def extract_answer(text: str, mode: str = "default") -> Optional[float]:
   """The model's numeric answer in `text`, or None when it holds no number.
 
@@ -168,14 +184,17 @@ def extract_answer(text: str, mode: str = "default") -> Optional[float]:
     return float(match.group()) if match else None
   # Departure from the original, which always took the last number of the whole text: FlanT5 has
   # no newline token and often runs on into a new exemplar after answering ("The answer is 18. Q:
-  # Janet has 16 ducks ..."), so the number after the answer marker is the answer.
+  # Janet has 16 ducks ... The answer is 7"), so the answer is read before the new exemplar, after
+  # its answer marker. (The original's log parser started a new record at a line opening "Q: ",
+  # which cut run-ons only where the model wrote a newline.)
+  text = before_next_exemplar(text)
   span = _marker_span(text)
   if span is not None:
     value = _first_number(span)
     if value is not None:
       return value
   # No marker, or a marker with no number on its line ("The answer is unknown"): like the
-  # original, fall back to the last number in the text.
+  # original, fall back to the last number (before any new exemplar).
   return _last_number(text)
 
 

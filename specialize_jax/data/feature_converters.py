@@ -45,6 +45,8 @@ from typing import Dict, Mapping, Optional, Union
 import seqio
 import tensorflow as tf
 
+from specialize_jax.config_errors import ConfigError
+
 TEACHER_TOPK_IDS = "teacher_topk_ids"
 TEACHER_TOPK_LOGPROBS = "teacher_topk_logprobs"
 TEACHER_FEATURES = (TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS)
@@ -75,7 +77,7 @@ def check_vocabulary_fits(task: Union[seqio.Task, seqio.Mixture], model_vocab_si
       continue
     size = task.output_features[name].vocabulary.vocab_size
     if size > model_vocab_size:
-      raise ValueError(
+      raise ConfigError(
           f"Task {task.name!r}: its {name!r} vocabulary has {size} ids but the model's "
           f"vocab_size is {model_vocab_size}, so larger ids would have no embedding. Use a model "
           f"(gin file or checkpoint) whose `T5Config.vocab_size` is at least {size}.")

@@ -11,13 +11,26 @@ Terms:
   unparsable: predictions with no number (math) or no "the answer is" (BBH CoT); scored wrong.
   unparsable_targets: math golds that are not one number (ASDiv "5:45", "Yes"); scored wrong and
     kept in the denominator, as the original did, so accuracies stay comparable over a whole set.
-  option letter: a BBH multiple-choice target "(A)"; "A", "(A)", "A)" and "(A) 12/14/1937" all
-    answer it.
+  run-on: a prediction that goes on into a new exemplar after answering ("(A). Q: ..."); math and
+    BBH read the answer before it (`answers.before_next_exemplar`).
+
+BBH answers (default metrics), the BBH reference rule: exact match of the answer with the target.
+  CoT: the answer is the text after the last "the answer is" (any case) before any new exemplar;
+  AO: the whole prediction before any new exemplar (the prompt ends "A:"). The answer is then cut
+  at its first line end or sentence end (". "), stripped of whitespace, a leading ":" and one final
+  ".", and compared with the target as a string, case included. So every task's answer form must
+  appear exactly as its targets write it (checked against the real BBH targets in the tests):
+  options "(A)" (not "A", "(A) 12/14/1937", "(A) or (B)"), "True"/"False", "Yes"/"No" and
+  sports_understanding's "yes"/"no", "valid"/"invalid", numbers "-11" (not "-11.0"), dyck closings
+  "] ) }", word lists "apple banana" (order and spacing as the target), free text "Monsters, Inc".
+  An answer naming more than one option, or an option and anything else, is wrong. No BBH target
+  holds a period, a line break or "Q:", so the cuts never shorten a right answer.
 
 Where we depart from the original (FranxYao/FlanT5-CoT-Specialization, test_bbh.py): it counted a
 BBH answer right when the target was a *substring* of the text after the first "the answer is"
 (so target "No" matched "Not", "2" matched "24", "(A)" matched "(B) or (A)"). We compare the answer
-exactly; `bbh_cot_accuracy_paper` and `bbh_answer_only_accuracy_paper` keep the original rule.
+exactly; `bbh_cot_accuracy_paper` and `bbh_answer_only_accuracy_paper` keep the original rule
+(reported as `accuracy_paper`).
 """
 import collections
 import numbers
@@ -29,11 +42,8 @@ from specialize_jax.data import answers
 BBH_ANSWER_MARKER = "the answer is"
 _BBH_ANSWER_MARKER_RE = re.compile(re.escape(BBH_ANSWER_MARKER), re.IGNORECASE)
 
-# A bare option letter answer: "(A)", "A", "A)", "(A) text"; not the "A" of "Alice".
-_OPTION_TARGET_RE = re.compile(r"\(([A-Z])\)")
-_OPTION_PREDICTION_RE = re.compile(r"\(?([A-Z])\)?(?!\w)")
-# FlanT5 has no newline token, so after its answer it runs on into a new exemplar on the same line
-# ("(A). Q: ..."): an answer ends at its first sentence end. No BBH target contains ". ".
+# FlanT5 has no newline token, so after its answer it may go on on the same line ("(A). Because
+# ..."): an answer ends at its first sentence end. No BBH target contains ". ".
 _SENTENCE_END_RE = re.compile(r"\.\s")
 _PAPER_NUMBER_RE = re.compile(r"(?=[\d.])" + answers.PAPER_NUMBER_PATTERN)
 
@@ -157,17 +167,14 @@ def _clean_bbh_answer(text: str) -> str:
 
 
 def _bbh_answer_matches(answer: Optional[str], target: str) -> bool:
-  if answer is None:
-    return False
-  option = _OPTION_TARGET_RE.fullmatch(target.strip())
-  if option is not None:
-    letter = _OPTION_PREDICTION_RE.match(answer)
-    return letter is not None and letter.group(1) == option.group(1)
-  return answer == target.strip()
+  """Exact match (the BBH reference rule): "(A) or (B)" and "A" do not answer "(A)"."""
+  return answer is not None and answer == target.strip()
 
 
 def _bbh_cot_answer(prediction: str) -> Optional[str]:
-  """The text after the last "the answer is" (any case), cleaned; None without the marker."""
+  """The text after the last "the answer is" (any case) before any new exemplar, cleaned; None
+  without the marker."""
+  prediction = answers.before_next_exemplar(prediction)
   lowered = prediction.lower()
   if len(lowered) == len(prediction):
     position = lowered.rfind(BBH_ANSWER_MARKER)
@@ -189,7 +196,8 @@ def _bbh_accuracy(targets: Sequence[str], predictions: Sequence[str], cot: bool,
       raise ValueError(f"{metric}: target {index} is {type(target).__name__} {target!r}; BBH "
                        "targets are the task's target strings such as '(A)' or 'True'.")
     prediction = _check_text(prediction, index, metric)
-    answer = _bbh_cot_answer(prediction) if cot else _clean_bbh_answer(prediction)
+    answer = (_bbh_cot_answer(prediction) if cot else
+              _clean_bbh_answer(answers.before_next_exemplar(prediction)))
     unparsable += answer is None
     correct += _bbh_answer_matches(answer, target)
   result = {"accuracy": _percent(correct, len(targets))}
@@ -199,13 +207,15 @@ def _bbh_accuracy(targets: Sequence[str], predictions: Sequence[str], cot: bool,
 
 
 def bbh_cot_accuracy(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]:
-  """Percent of CoT predictions whose answer after the last "the answer is" equals the target."""
+  """Percent of CoT predictions whose answer after the last "the answer is" equals the target
+  exactly (module docstring: BBH answers)."""
   return _bbh_accuracy(targets, predictions, cot=True, metric="bbh_cot_accuracy")
 
 
 def bbh_answer_only_accuracy(targets: Sequence[str],
                              predictions: Sequence[str]) -> Dict[str, float]:
-  """Percent of answer-only predictions (the prompt ends "A: the answer is ") right on line one."""
+  """Percent of answer-only predictions (the prompt ends "A:") whose first line or sentence
+  equals the target exactly (module docstring: BBH answers)."""
   return _bbh_accuracy(targets, predictions, cot=False, metric="bbh_answer_only_accuracy")
 
 

@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 import numpy as np
 import seqio
 
+from specialize_jax.config_errors import ConfigError
 from specialize_jax.data import feature_converters
 from specialize_jax.evaluation import inference
 from specialize_jax.model import checkpoints
@@ -85,23 +86,23 @@ class EvalConfig:
     lengths = lengths.items() if isinstance(lengths, Mapping) else lengths
     object.__setattr__(self, 'feature_lengths', tuple(sorted((str(k), int(v)) for k, v in lengths)))
     if set(self.lengths) != {'inputs', 'targets'}:
-      raise ValueError(f'EvalConfig.feature_lengths={self.lengths} must give exactly "inputs" and '
-                       '"targets" (e.g. --gin.EVAL_FEATURE_LENGTHS="{\'inputs\': 1024, '
-                       '\'targets\': 256}").')
+      raise ConfigError(f'EvalConfig.feature_lengths={self.lengths} must give exactly "inputs" and '
+                        '"targets" (e.g. --gin.EVAL_FEATURE_LENGTHS="{\'inputs\': 1024, '
+                        '\'targets\': 256}").')
     for name, length in self.feature_lengths:
       if length < 1:
-        raise ValueError(f'EvalConfig.feature_lengths[{name!r}]={length} must be >= 1.')
+        raise ConfigError(f'EvalConfig.feature_lengths[{name!r}]={length} must be >= 1.')
     if self.batch_size < 1:
-      raise ValueError(f'EvalConfig.batch_size={self.batch_size} must be >= 1 '
-                       '(--gin.EVAL_BATCH_SIZE).')
+      raise ConfigError(f'EvalConfig.batch_size={self.batch_size} must be >= 1 '
+                        '(--gin.EVAL_BATCH_SIZE).')
     if self.max_examples is not None and self.max_examples < 1:
-      raise ValueError(f'EvalConfig.max_examples={self.max_examples} must be >= 1, or None for '
-                       'every example (--gin.EVAL_MAX_EXAMPLES).')
+      raise ConfigError(f'EvalConfig.max_examples={self.max_examples} must be >= 1, or None for '
+                        'every example (--gin.EVAL_MAX_EXAMPLES).')
     if self.decode_method not in models.DECODE_METHODS:
-      raise ValueError(f'EvalConfig.decode_method={self.decode_method!r}; use one of '
-                       f'{models.DECODE_METHODS}.')
+      raise ConfigError(f'EvalConfig.decode_method={self.decode_method!r}; use one of '
+                        f'{models.DECODE_METHODS}.')
     if self.max_decode_length < 1:
-      raise ValueError(f'EvalConfig.max_decode_length={self.max_decode_length} must be >= 1.')
+      raise ConfigError(f'EvalConfig.max_decode_length={self.max_decode_length} must be >= 1.')
 
   @property
   def lengths(self) -> Dict[str, int]:
@@ -127,9 +128,9 @@ def expand_task_names(names: Sequence[str]) -> List[str]:
       members = [name]
     else:
       close = difflib.get_close_matches(name, registered, n=5, cutoff=0.5)
-      raise ValueError(f'Unknown eval task or mixture {name!r} in EvalConfig.task_names '
-                       f'(--gin.EVAL_TASKS); closest registered names: {close}. `specialize tasks` '
-                       'lists them.')
+      raise ConfigError(f'Unknown eval task or mixture {name!r} in EvalConfig.task_names '
+                        f'(--gin.EVAL_TASKS); closest registered names: {close}. '
+                        '`specialize tasks` lists them.')
     result.extend(m for m in members if m not in result)
   return result
 
@@ -158,7 +159,7 @@ def _build_task_data(task: seqio.Task, config: EvalConfig,
   examples = inference.task_examples(task, inference.EVAL_SPLIT, config.max_examples)
   for index, example in enumerate(examples):
     if len(example['inputs']) > lengths['inputs']:
-      raise ValueError(
+      raise ConfigError(
           f'Task {task.name} example {index} has {len(example["inputs"])} input tokens, more than '
           f'EvalConfig.feature_lengths["inputs"]={lengths["inputs"]}; raise it (e.g. '
           f'--gin.EVAL_FEATURE_LENGTHS="{{\'inputs\': {_round_up(len(example["inputs"]), 128)}, '
@@ -226,8 +227,8 @@ class Evaluator:
                vocabulary_for_task: Optional[Callable[[seqio.Task], seqio.Vocabulary]] = None,
                mesh: Optional[Mesh] = None):
     if not config.task_names:
-      raise ValueError('EvalConfig.task_names is empty; name the eval tasks (e.g. '
-                       '--gin.EVAL_TASKS="(\'gsm8k_dev_zs_cot\',)").')
+      raise ConfigError('EvalConfig.task_names is empty; name the eval tasks (e.g. '
+                        '--gin.EVAL_TASKS="(\'gsm8k_dev_zs_cot\',)").')
     inference.check_batch_size(config.batch_size, mesh, 'EvalConfig.batch_size')
     self.model = model
     self.config = config
@@ -237,8 +238,8 @@ class Evaluator:
       task = seqio.get_mixture_or_task(name)
       feature_converters.check_vocabulary_fits(task, model.config.vocab_size)
       if not task.predict_metric_fns:
-        raise ValueError(f'Task {name} has no prediction metrics, so it cannot be an eval task; '
-                         'remove it from EvalConfig.task_names (--gin.EVAL_TASKS).')
+        raise ConfigError(f'Task {name} has no prediction metrics, so it cannot be an eval task; '
+                          'remove it from EvalConfig.task_names (--gin.EVAL_TASKS).')
       vocabulary = (vocabulary_for_task(task) if vocabulary_for_task is not None
                     else task.output_features['targets'].vocabulary)
       start = time.perf_counter()
@@ -387,7 +388,7 @@ def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
   output_dir = output_dir or os.path.join(run_dir, EVAL_SUBDIR)
   task_names = expand_task_names(config.task_names)
   if not task_names:
-    raise ValueError('EvalConfig.task_names is empty; name the eval tasks (--gin.EVAL_TASKS).')
+    raise ConfigError('EvalConfig.task_names is empty; name the eval tasks (--gin.EVAL_TASKS).')
 
   results: Dict[int, Dict[str, Metrics]] = {}
   evaluator: Optional[Evaluator] = None

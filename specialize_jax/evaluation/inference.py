@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 import seqio
 
+from specialize_jax.config_errors import ConfigError
 from specialize_jax.data import atomic_files
 from specialize_jax.data import vocabulary as vocabulary_lib
 from specialize_jax.model import checkpoints
@@ -53,8 +54,8 @@ def get_task(name: str) -> seqio.Task:
     hint = f' Closest registered names: {close}.' if close else ''
     if name in seqio.MixtureRegistry.names():
       hint = f' {name!r} is a mixture; name one of its tasks.'
-    raise ValueError(f'Unknown task {name!r}.{hint} `specialize tasks` lists them (and the tasks '
-                     'are registered by `import tasks`).')
+    raise ConfigError(f'Unknown task {name!r}.{hint} `specialize tasks` lists them (and the tasks '
+                      'are registered by `import tasks`).')
   return seqio.get_mixture_or_task(name)
 
 

@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 from etils import epath
 import numpy as np
 
+from specialize_jax.config_errors import ConfigError
 from specialize_jax.model import hf_conversion
 from specialize_jax.model.config import T5Config
 
@@ -170,7 +171,8 @@ def resolve_checkpoint(path: os.PathLike, fmt: str = 'auto') -> Tuple[str, epath
     raise ValueError(f'Unknown checkpoint format {fmt!r}; use one of {FORMATS} or "auto".')
   path = epath.Path(path)
   if not path.exists():
-    raise ValueError(f'Checkpoint path {path} does not exist.')
+    raise ConfigError(f'Checkpoint path {path} does not exist; check the path (CHECKPOINT_PATH, '
+                      'INITIAL_CHECKPOINT_PATH or the command line argument).')
   if not path.is_dir():
     if path.name == T5X_CHECKPOINT_FILE and fmt in ('auto', 't5x'):
       return 't5x', path.parent

@@ -48,6 +48,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from specialize_jax.config_errors import ConfigError
 from specialize_jax.data import feature_converters
 from specialize_jax.teacher import teacher_features
 
@@ -61,8 +62,9 @@ TRAIN_SPLIT = "train"
 _SPLIT = re.compile(r"^(?P<split>[A-Za-z_]+)(@(?P<start>\d+)(:(?P<rows>\d+))?)?$")
 
 
-class PreparedDataError(ValueError):
-  """A prepared directory that is missing, incomplete or does not fit the task reading it."""
+class PreparedDataError(ConfigError):
+  """A prepared directory that is missing, incomplete or does not fit the task reading it (a user
+  error: the command prints it as one line)."""
 
 
 def shard_file(format_name: str, index: int, count: int) -> str:
@@ -167,14 +169,15 @@ class PreparedSet:
   metadata: Mapping
 
   @classmethod
-  def open(cls, directory: str) -> "PreparedSet":
+  def open(cls, directory: str, fix: Optional[str] = None) -> "PreparedSet":
+    """The set at `directory`; `fix` replaces the advice given when it is missing."""
     path = f"{directory.rstrip('/')}/{METADATA_FILE}"
     if not tf.io.gfile.exists(path):
       state = (f"not a complete prepared set (no {METADATA_FILE})"
                if tf.io.gfile.exists(directory) else "missing")
-      raise PreparedDataError(
-          f"{directory} is {state}; write it with `specialize prepare --output {directory}` (rerunning resumes an "
-          "interrupted prepare).")
+      fix = fix or (f"write it with `specialize prepare --output {directory}` (rerunning resumes "
+                    "an interrupted prepare) and point $SPECIALIZE_PREPARED_DATA at it")
+      raise PreparedDataError(f"The prepared training set {directory} is {state}; {fix}.")
     with tf.io.gfile.GFile(path, "r") as f:
       metadata = json.load(f)
     if metadata.get("schema") != SCHEMA:
@@ -292,11 +295,13 @@ class PreparedSource(seqio.DataSource):
   """
 
   def __init__(self, directory, format_names: Sequence[str], teacher_k: Optional[int] = None,
-               rates: Optional[Mapping[str, float]] = None, vocabulary_path=None):
+               rates: Optional[Mapping[str, float]] = None, vocabulary_path=None,
+               missing_fix: Optional[str] = None):
     super().__init__(splits=(TRAIN_SPLIT,), num_input_examples=None, caching_permitted=False,
                      performs_internal_shuffling=True)
     self._directory = directory
     self._vocabulary_path = vocabulary_path
+    self._missing_fix = missing_fix
     self._format_names = tuple(format_names)
     self._teacher_k = teacher_k
     self._rates = rates
@@ -310,7 +315,7 @@ class PreparedSource(seqio.DataSource):
 
   def prepared(self) -> PreparedSet:
     directory = self._directory() if callable(self._directory) else self._directory
-    return PreparedSet.open(directory)
+    return PreparedSet.open(directory, self._missing_fix)
 
   def mixture_quotas(self, prepared: PreparedSet) -> Dict[str, int]:
     if len(self._format_names) == 1:

@@ -58,6 +58,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from specialize_jax.config_errors import ConfigError
 from specialize_jax.model import checkpoints as model_checkpoints
 
 STEP_PREFIX = 'checkpoint'  # T5X's `checkpoint_<step>`; `load_checkpoint` resolves it.
@@ -92,21 +93,21 @@ class CheckpointConfig:
 
   def __post_init__(self):
     if self.period < 1:
-      raise ValueError(f'CheckpointConfig.period={self.period} must be >= 1; set '
-                       '--gin.CheckpointConfig.period.')
+      raise ConfigError(f'CheckpointConfig.period={self.period} must be >= 1; set '
+                        '--gin.CheckpointConfig.period.')
     if self.keep_last < 1:
-      raise ValueError(f'CheckpointConfig.keep_last={self.keep_last} must be >= 1 (the latest '
-                       'step is what a run resumes from); set --gin.CheckpointConfig.keep_last.')
+      raise ConfigError(f'CheckpointConfig.keep_last={self.keep_last} must be >= 1 (the latest '
+                        'step is what a run resumes from); set --gin.CheckpointConfig.keep_last.')
     if self.keep_best < 0:
-      raise ValueError(f'CheckpointConfig.keep_best={self.keep_best} must be >= 0; set '
-                       '--gin.CheckpointConfig.keep_best.')
+      raise ConfigError(f'CheckpointConfig.keep_best={self.keep_best} must be >= 0; set '
+                        '--gin.CheckpointConfig.keep_best.')
     if self.keep_best and not self.best_metric:
-      raise ValueError(f'CheckpointConfig.keep_best={self.keep_best} needs a metric to rank '
-                       'steps by; set --gin.CheckpointConfig.best_metric (e.g. '
-                       '"gsm8k_dev_icl_cot/accuracy") or keep_best=0.')
+      raise ConfigError(f'CheckpointConfig.keep_best={self.keep_best} needs a metric to rank '
+                        'steps by; set --gin.CheckpointConfig.best_metric (e.g. '
+                        '"gsm8k_dev_icl_cot/accuracy") or keep_best=0.')
     if self.best_mode not in ('max', 'min'):
-      raise ValueError(f'CheckpointConfig.best_mode={self.best_mode!r} must be "max" or "min"; '
-                       'set --gin.CheckpointConfig.best_mode.')
+      raise ConfigError(f'CheckpointConfig.best_mode={self.best_mode!r} must be "max" or "min"; '
+                        'set --gin.CheckpointConfig.best_mode.')
 
 
 def _to_json(value: Any) -> Any:

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from specialize_jax.config_errors import ConfigError
+
 OPTIMIZERS = ('adamw', 'adafactor')
 SCHEDULES = ('constant', 'linear', 'cosine', 'rsqrt')
 
@@ -75,29 +77,29 @@ class OptimizerConfig:
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
-      raise ValueError(f'OptimizerConfig.name={self.name!r} is unknown; use one of {OPTIMIZERS}.')
+      raise ConfigError(f'OptimizerConfig.name={self.name!r} is unknown; use one of {OPTIMIZERS}.')
     if self.schedule not in SCHEDULES:
-      raise ValueError(f'OptimizerConfig.schedule={self.schedule!r} is unknown; use one of '
-                       f'{SCHEDULES}.')
+      raise ConfigError(f'OptimizerConfig.schedule={self.schedule!r} is unknown; use one of '
+                        f'{SCHEDULES}.')
     if not self.learning_rate > 0:
-      raise ValueError(f'OptimizerConfig.learning_rate={self.learning_rate} must be positive.')
+      raise ConfigError(f'OptimizerConfig.learning_rate={self.learning_rate} must be positive.')
     if self.warmup_steps < 0:
-      raise ValueError(f'OptimizerConfig.warmup_steps={self.warmup_steps} must be >= 0.')
+      raise ConfigError(f'OptimizerConfig.warmup_steps={self.warmup_steps} must be >= 0.')
     if self.schedule == 'rsqrt' and self.warmup_steps < 1:
-      raise ValueError(f'OptimizerConfig.warmup_steps={self.warmup_steps}: the rsqrt schedule '
-                       'divides by sqrt(max(step, warmup_steps)); set warmup_steps >= 1.')
+      raise ConfigError(f'OptimizerConfig.warmup_steps={self.warmup_steps}: the rsqrt schedule '
+                        'divides by sqrt(max(step, warmup_steps)); set warmup_steps >= 1.')
     if not 0.0 <= self.end_learning_rate_fraction <= 1.0:
-      raise ValueError(f'OptimizerConfig.end_learning_rate_fraction='
-                       f'{self.end_learning_rate_fraction} must be in [0, 1].')
+      raise ConfigError(f'OptimizerConfig.end_learning_rate_fraction='
+                        f'{self.end_learning_rate_fraction} must be in [0, 1].')
     if self.weight_decay < 0:
-      raise ValueError(f'OptimizerConfig.weight_decay={self.weight_decay} must be >= 0.')
+      raise ConfigError(f'OptimizerConfig.weight_decay={self.weight_decay} must be >= 0.')
     if self.gradient_clip_norm is not None and not self.gradient_clip_norm > 0:
-      raise ValueError(f'OptimizerConfig.gradient_clip_norm={self.gradient_clip_norm} must be '
-                       'positive or None.')
+      raise ConfigError(f'OptimizerConfig.gradient_clip_norm={self.gradient_clip_norm} must be '
+                        'positive or None.')
     if (self.adafactor_clipping_threshold is not None and
         self.adafactor_clipping_threshold < 1.0):
-      raise ValueError(f'OptimizerConfig.adafactor_clipping_threshold='
-                       f'{self.adafactor_clipping_threshold} must be >= 1 or None (optax).')
+      raise ConfigError(f'OptimizerConfig.adafactor_clipping_threshold='
+                        f'{self.adafactor_clipping_threshold} must be >= 1 or None (optax).')
 
 
 def make_schedule(config: OptimizerConfig, num_train_steps: int) -> optax.Schedule:
@@ -118,9 +120,9 @@ def make_schedule(config: OptimizerConfig, num_train_steps: int) -> optax.Schedu
   decay_steps = num_train_steps if config.decay_steps is None else config.decay_steps
   if decay_steps <= warmup:
     source = ('num_train_steps' if config.decay_steps is None else 'OptimizerConfig.decay_steps')
-    raise ValueError(f'The {config.schedule} schedule decays from warmup_steps={warmup} to '
-                     f'{source}={decay_steps}, which must be larger; set '
-                     '--gin.OptimizerConfig.decay_steps or lower warmup_steps.')
+    raise ConfigError(f'The {config.schedule} schedule decays from warmup_steps={warmup} to '
+                      f'{source}={decay_steps}, which must be larger; set '
+                      '--gin.OptimizerConfig.decay_steps or lower warmup_steps.')
   end = peak * config.end_learning_rate_fraction
   if config.schedule == 'cosine':
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, decay_steps, end)
@@ -132,7 +134,7 @@ def make_schedule(config: OptimizerConfig, num_train_steps: int) -> optax.Schedu
 def make_optimizer(config: OptimizerConfig, num_train_steps: int) -> optax.GradientTransformation:
   """The optimizer of `config` with its schedule, optionally after global-norm clipping."""
   if num_train_steps < 1:
-    raise ValueError(f'num_train_steps={num_train_steps} must be >= 1; set --gin.TRAIN_STEPS.')
+    raise ConfigError(f'num_train_steps={num_train_steps} must be >= 1; set --gin.TRAIN_STEPS.')
   schedule = make_schedule(config, num_train_steps)
 
   def build(learning_rate):

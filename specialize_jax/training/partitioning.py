@@ -30,6 +30,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
+from specialize_jax.config_errors import ConfigError
+
 LogicalAxisRules = Tuple[Tuple[str, Any], ...]
 
 MESH_AXES = ('data', 'model')
@@ -65,9 +67,9 @@ def standard_logical_axis_rules(activation_partitioning_dims: int = 1,
   elif dims == (2, 2):
     rules += [('embed', 'model'), ('embed', 'data')]
   else:
-    raise ValueError(f'activation_partitioning_dims={activation_partitioning_dims}, '
-                     f'parameter_partitioning_dims={parameter_partitioning_dims} is not supported; '
-                     'each must be 1 or 2.')
+    raise ConfigError(f'activation_partitioning_dims={activation_partitioning_dims}, '
+                      f'parameter_partitioning_dims={parameter_partitioning_dims} is not '
+                      'supported; each must be 1 or 2.')
   return tuple(rules) + _REPLICATED_RULES
 
 
@@ -113,7 +115,7 @@ class PartitioningConfig:
 
   def __post_init__(self):
     if self.num_partitions < 1:
-      raise ValueError(f'PartitioningConfig.num_partitions={self.num_partitions} must be >= 1.')
+      raise ConfigError(f'PartitioningConfig.num_partitions={self.num_partitions} must be >= 1.')
     object.__setattr__(self, 'logical_axis_rules', _normalize_rules(self.logical_axis_rules))
 
 
@@ -123,9 +125,9 @@ def make_mesh(config: PartitioningConfig,
   devices = list(jax.devices() if devices is None else devices)
   num_devices = len(devices)
   if num_devices % config.num_partitions:
-    raise ValueError(f'PartitioningConfig.num_partitions={config.num_partitions} does not divide '
-                     f'the {num_devices} devices; set --gin.PartitioningConfig.num_partitions to a '
-                     f'divisor of {num_devices}.')
+    raise ConfigError(f'PartitioningConfig.num_partitions={config.num_partitions} does not '
+                      f'divide the {num_devices} devices; set '
+                      f'--gin.PartitioningConfig.num_partitions to a divisor of {num_devices}.')
   shape = (num_devices // config.num_partitions, config.num_partitions)
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
                        devices=devices)
@@ -195,15 +197,15 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, num_microbatches: int = 1
   """Raises unless `batch_size` splits evenly over the data axis (per micro-batch)."""
   data_size = mesh.shape['data']
   if batch_size % data_size:
-    raise ValueError(f'BATCH_SIZE={batch_size} is not divisible by the data axis ({data_size} '
-                     f'devices); set --gin.BATCH_SIZE to a multiple of {data_size}.')
+    raise ConfigError(f'BATCH_SIZE={batch_size} is not divisible by the data axis ({data_size} '
+                      f'devices); set --gin.BATCH_SIZE to a multiple of {data_size}.')
   if num_microbatches < 1:
-    raise ValueError(f'num_microbatches={num_microbatches} must be >= 1.')
+    raise ConfigError(f'num_microbatches={num_microbatches} must be >= 1.')
   if batch_size % (data_size * num_microbatches):
     multiple = data_size * num_microbatches
-    raise ValueError(f'BATCH_SIZE={batch_size} does not split into {num_microbatches} '
-                     f'micro-batches that each divide the data axis ({data_size} devices); set '
-                     f'--gin.BATCH_SIZE to a multiple of {multiple} or change num_microbatches.')
+    raise ConfigError(f'BATCH_SIZE={batch_size} does not split into {num_microbatches} '
+                      f'micro-batches that each divide the data axis ({data_size} devices); set '
+                      f'--gin.BATCH_SIZE to a multiple of {multiple} or change num_microbatches.')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Mapping, Optional
 import jax
 import numpy as np
 
+from specialize_jax.config_errors import ConfigError
 from specialize_jax.data import feature_converters
 from specialize_jax.model import checkpoints as model_checkpoints
 from specialize_jax.model import models
@@ -57,10 +58,10 @@ def train(model_dir: str,
   Returns the last logged train metrics plus the last eval metrics.
   """
   if num_train_steps < 1:
-    raise ValueError(f"TRAIN_STEPS={num_train_steps} must be >= 1; set --gin.TRAIN_STEPS.")
+    raise ConfigError(f"TRAIN_STEPS={num_train_steps} must be >= 1; set --gin.TRAIN_STEPS.")
   if dataset.batch_size % num_microbatches:
-    raise ValueError(f"BATCH_SIZE={dataset.batch_size} is not divisible by num_microbatches="
-                     f"{num_microbatches}; change --gin.train.num_microbatches.")
+    raise ConfigError(f"BATCH_SIZE={dataset.batch_size} is not divisible by num_microbatches="
+                      f"{num_microbatches}; change --gin.train.num_microbatches.")
   feature_converters.check_vocabulary_fits(input_pipeline.mixture_or_task(dataset),
                                              model.config.vocab_size)
   os.makedirs(model_dir, exist_ok=True)
@@ -68,6 +69,13 @@ def train(model_dir: str,
   partitioning.check_batch_divisible(dataset.batch_size, mesh, num_microbatches)
   rules = partitioner.logical_axis_rules
   tx = optimizers.make_optimizer(optimizer, num_train_steps)
+  layout = partitioning.data_layout(mesh, dataset.batch_size)
+  log(f"Data layout: this process feeds data shard {layout.shard_index} of {layout.num_shards} "
+      f"({layout.local_batch_size} of {layout.batch_size} rows per step).")
+  # The input pipeline reads its files now, so a missing one fails before anything compiles; a
+  # resumed run builds it again at its saved position.
+  batches = input_pipeline.TrainIterator(dataset, shard_index=layout.shard_index,
+                                         num_shards=layout.num_shards)
   rng = jax.random.PRNGKey(seed)
   init_rng, step_rng = jax.random.split(rng)
   abstract_state, state_shardings = train_state.abstract_train_state(model, tx, mesh, rules)
@@ -90,12 +98,10 @@ def train(model_dir: str,
   start_step = int(jax.device_get(state.step))
   log(f"Starting at step {start_step} from {source}; training to step {num_train_steps}.")
 
-  layout = partitioning.data_layout(mesh, dataset.batch_size)
-  log(f"Data layout: this process feeds data shard {layout.shard_index} of {layout.num_shards} "
-      f"({layout.local_batch_size} of {layout.batch_size} rows per step).")
-  batches = input_pipeline.TrainIterator(dataset, position=data_position,
-                                         shard_index=layout.shard_index,
-                                         num_shards=layout.num_shards)
+  if data_position:
+    batches = input_pipeline.TrainIterator(dataset, position=data_position,
+                                           shard_index=layout.shard_index,
+                                           num_shards=layout.num_shards)
   step_fn = train_step.make_train_step(model, tx, state_shardings, mesh, num_microbatches,
                                        rules=rules)
   writer = metric_writers.MetricWriter(model_dir)
