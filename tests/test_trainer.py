@@ -204,6 +204,17 @@ def test_non_finite_loss_stops_the_run_naming_the_steps(demo_dir, model, tmp_pat
   assert [r['step'] for r in train] == [2] and np.isfinite(train[0]['loss'])
 
 
+def test_a_non_finite_state_is_never_checkpointed(demo_dir, model, tmp_path):
+  """Log and checkpoint periods differ: the blow-up at step 3 is not a logged step, yet the save
+  at step 4 checks the losses first and stops the run instead of saving the NaN state."""
+  optimizer = optimizers.OptimizerConfig(learning_rate=1e30, warmup_steps=2)
+  with pytest.raises(FloatingPointError, match=r'between steps 3 and 4; nothing was saved'):
+    _train(tmp_path, model, 10, optimizer=optimizer, log_period=10,
+           checkpoint=checkpointing.CheckpointConfig(period=2, async_save=False))
+  assert _step_dirs(tmp_path) == ['checkpoint_2']
+  assert not os.path.exists(tmp_path / 'metrics.jsonl')  # no logged step was reached
+
+
 def test_a_vocabulary_larger_than_the_model_fails_before_anything_is_written(demo_dir, tmp_path):
   """Ids past the embedding table would read NaN rows (`jnp.take`): the run refuses to start."""
   small = models.EncoderDecoderModel(dataclasses.replace(TINY, vocab_size=256))
@@ -301,7 +312,9 @@ def test_cli_run_trains_saves_evaluates_and_writes_metrics(demo_dir, tmp_path, c
     assert {'loss', 'cross_ent_loss', 'z_loss', 'accuracy', 'learning_rate', 'grad_norm',
             'num_target_tokens', 'num_examples', 'steps_per_s', 'target_tokens_per_s',
             'time'} <= record.keys()
-    assert record['num_examples'] == BATCH_SIZE
+    # Packed rows (demo_cpu.gin packs): examples, not rows, are counted.
+    assert record['num_examples'] > BATCH_SIZE and record['num_examples'] == int(
+        record['num_examples'])
   # Updates 0-4 warm up at 0, 0.6, ..., 2.4e-3 (mean 1.2e-3); then 3e-3.
   assert train[0]['learning_rate'] == pytest.approx(1.2e-3, rel=1e-5)
   assert all(r['learning_rate'] == pytest.approx(3e-3, rel=1e-5) for r in train[1:])

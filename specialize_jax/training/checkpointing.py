@@ -247,6 +247,10 @@ class TrainCheckpointer:
         self._manager.delete(step)
     self._bad_steps = {}
 
+  def due(self, step: int) -> bool:
+    """Whether `step` is a periodic save step."""
+    return step % self.config.period == 0
+
   def save(self, step: int, state: PyTree, data_position: Mapping[str, Any],
            metrics: Optional[Mapping[str, Any]] = None, force: bool = False) -> bool:
     """Saves `state` at `step` when `step % period == 0` or `force`; returns whether it did.
@@ -255,7 +259,7 @@ class TrainCheckpointer:
     state may be donated to the next train step. `metrics` (eval metrics of this step) rank the
     step for best-N retention; without them the step is kept only while among the last N.
     """
-    if not force and step % self.config.period:
+    if not force and not self.due(step):
       return False
     if self.read_only:
       raise ValueError(f'This TrainCheckpointer of {self.directory} is read-only; open it with '
