@@ -168,6 +168,9 @@ def test_resumed_run_ends_identical_to_uninterrupted_run(run_a, model, tmp_path,
   assert 'Restored step 10' in warnings, warnings
   assert any(line.startswith('Starting at step 10 from resume') for line in lines), lines
   assert _step_dirs(model_dir) == ['checkpoint_10', 'checkpoint_20']
+  # The damaged step was moved aside, not deleted.
+  moved = os.listdir(model_dir / checkpointing.BAD_SUBDIR)
+  assert len(moved) == 1 and moved[0].startswith('checkpoint_20.unreadable-'), moved
   _assert_params_equal(_params(model_dir / 'checkpoint_20'), expected)
 
 
@@ -312,9 +315,8 @@ def test_cli_run_trains_saves_evaluates_and_writes_metrics(demo_dir, tmp_path, c
     assert {'loss', 'cross_ent_loss', 'z_loss', 'accuracy', 'learning_rate', 'grad_norm',
             'num_target_tokens', 'num_examples', 'steps_per_s', 'target_tokens_per_s',
             'time'} <= record.keys()
-    # Packed rows (demo_cpu.gin packs): examples, not rows, are counted.
-    assert record['num_examples'] > BATCH_SIZE and record['num_examples'] == int(
-        record['num_examples'])
+    # Packed rows (demo_cpu.gin packs): examples (a mean over the logged steps), not rows.
+    assert record['num_examples'] > 1.5 * BATCH_SIZE
   # Updates 0-4 warm up at 0, 0.6, ..., 2.4e-3 (mean 1.2e-3); then 3e-3.
   assert train[0]['learning_rate'] == pytest.approx(1.2e-3, rel=1e-5)
   assert all(r['learning_rate'] == pytest.approx(3e-3, rel=1e-5) for r in train[1:])
