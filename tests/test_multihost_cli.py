@@ -36,7 +36,7 @@ from specialize_jax.model import hf_conversion
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_STEPS = 24
 CHECKPOINT_PERIOD = 4
-TIMEOUT_S = 240
+TIMEOUT_S = 600  # A hang's limit; on a loaded 2-core machine a run can take minutes.
 OVERRIDES = {
     'TRAIN_STEPS': TRAIN_STEPS, 'BATCH_SIZE': 8, 'LOG_PERIOD': 1,
     'CHECKPOINT_PERIOD': CHECKPOINT_PERIOD, 'KEEP_LAST_CHECKPOINTS': 2, 'EVAL_PERIOD': 0,
@@ -62,6 +62,43 @@ def env(tmp_path_factory):
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
     yield environ
+
+
+@pytest.mark.parametrize('command', [
+    ['train', '--gin_file=f.gin'], ['eval', '--gin_file=f.gin'], ['infer', '--gin_file=f.gin'],
+    ['sweep', 'runs/x']])
+def test_every_job_joins_the_cluster_before_it_starts(monkeypatch, command):
+  """`--multihost` alone is JAX's auto-detection (`jax.distributed.initialize()`, no arguments);
+  explicit flags go to `partitioning.initialize_distributed`; both before the job runs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from specialize_jax import cli  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+  events = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **k: events.append(('auto', a, k)))
+  monkeypatch.setattr(partitioning, 'initialize_distributed',
+                      lambda *a: events.append(('explicit', a)) or a[0] is not None)
+  job = lambda args, *extra: events.append(('job', args.command)) or 0
+  monkeypatch.setattr(cli, '_cmd_gin_job', job)
+  monkeypatch.setattr(cli, '_cmd_sweep', job)
+
+  assert cli.main(command + ['--multihost']) == 0
+  assert events == [('explicit', (None, None, None)), ('auto', (), {}), ('job', command[0])]
+  events.clear()
+  assert cli.main(command + ['--coordinator_address=127.0.0.1:1234', '--num_processes=2',
+                             '--process_id=1']) == 0
+  assert events == [('explicit', ('127.0.0.1:1234', 2, 1)), ('job', command[0])]
+  events.clear()
+  assert cli.main(command) == 0
+  assert events == [('job', command[0])]  # not asked: nothing initialized
+
+
+def test_incomplete_distributed_flags_fail_naming_the_missing_ones(monkeypatch):
+  from specialize_jax import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(cli, '_cmd_gin_job', lambda *a: pytest.fail('the job must not start'))
+  with pytest.raises(SystemExit, match=r"specialize train: Multi-process runs need all of "
+                                       r"coordinator_address \('127.0.0.1:1234'\), num_processes "
+                                       r"\(None\) and process_id \(None\)"):
+    cli.main(['train', '--gin_file=f.gin', '--coordinator_address=127.0.0.1:1234'])
 
 
 def _free_port() -> int:

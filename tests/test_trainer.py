@@ -16,6 +16,7 @@ import glob
 import json
 import logging
 import os
+import signal
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -38,6 +39,7 @@ from specialize_jax.training import checkpointing
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
+from specialize_jax.training import preemption
 from specialize_jax.training import trainer
 
 NUM_TRAIN, NUM_EVAL = 2000, 32
@@ -172,6 +174,28 @@ def test_resumed_run_ends_identical_to_uninterrupted_run(run_a, model, tmp_path,
   moved = os.listdir(model_dir / checkpointing.BAD_SUBDIR)
   assert len(moved) == 1 and moved[0].startswith('checkpoint_20.unreadable-'), moved
   _assert_params_equal(_params(model_dir / 'checkpoint_20'), expected)
+
+
+def test_sigterm_saves_a_step_and_the_rerun_ends_identical(run_a, model, tmp_path):
+  """One process: SIGTERM during step 3 saves step 4 (not a checkpoint period), raises
+  `Preempted`, and restores the previous SIGTERM handler; the same call again continues to run
+  A's params bit for bit."""
+  model_dir = tmp_path / 'run'
+  previous = signal.getsignal(signal.SIGTERM)
+
+  def log(line):
+    if line.startswith('step 3/'):
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(preemption.Preempted, match=r'^preempted at step 4; rerun the same command'):
+    _train(model_dir, model, RUN_A_STEPS, log_period=1, log=log)
+  assert signal.getsignal(signal.SIGTERM) is previous
+  assert _step_dirs(model_dir) == ['checkpoint_4']
+  assert [r['step'] for r in _records(model_dir, 'train')] == [1, 2, 3, 4]
+  lines = []
+  _train(model_dir, model, RUN_A_STEPS, log=lines.append)
+  assert any(line.startswith('Starting at step 4 from resume') for line in lines), lines
+  _assert_params_equal(_params(model_dir / 'checkpoint_20'), _params(run_a / 'checkpoint_20'))
 
 
 # ------------------------------------------------------------------------------------------------
