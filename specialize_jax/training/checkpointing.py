@@ -297,12 +297,16 @@ class TrainCheckpointer:
 
   def _set_aside(self, step: int, kind: str, reason: str) -> None:
     """Warns that `step` is skipped; a writer's process 0 also moves it into BAD_SUBDIR."""
-    if self.read_only or jax.process_index() != 0:
+    if self.read_only or jax.process_index() != 0 or not self._step_dir(step).exists():
       logging.warning('Checkpoint step %d in %s is bad and is skipped (%s).', step,
                       self.directory, reason)
       return
-    target = self.directory / BAD_SUBDIR / (
-        f'{self._step_dir(step).name}.{kind}-{time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())}')
+    name = f'{self._step_dir(step).name}.{kind}-{time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())}'
+    target = self.directory / BAD_SUBDIR / name
+    for n in range(1, 1000):  # The same step may go bad twice within a second.
+      if not target.exists():
+        break
+      target = self.directory / BAD_SUBDIR / f'{name}-{n}'
     target.parent.mkdir(parents=True, exist_ok=True)
     self._step_dir(step).rename(target)
     logging.warning('Checkpoint step %d in %s is bad and is skipped (%s); moved it to %s.', step,
@@ -428,8 +432,8 @@ class TrainCheckpointer:
       raise NoCheckpointError(f'No committed checkpoint steps in {self.directory} to restore.')
     lines = '\n'.join(f'  step {s}: {r}' for s, r in sorted(reasons.items()))
     where = ('' if self.read_only else
-             f' They were moved to {self.directory / BAD_SUBDIR}, so a rerun starts afresh.')
-    raise ValueError(f'No checkpoint step in {self.directory} restores:\n{lines}\n{where} '
+             f'They were moved to {self.directory / BAD_SUBDIR}, so a rerun starts afresh. ')
+    raise ValueError(f'No checkpoint step in {self.directory} restores:\n{lines}\n{where}'
                      'Repair these steps, or set a new --gin.MODEL_DIR.')
 
 
