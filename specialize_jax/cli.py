@@ -240,6 +240,13 @@ def _cmd_align(args) -> int:
   return 0
 
 
+def _report_preempted(error) -> int:
+  """Every process saved step `error.step`: exit 0, so schedulers do not count a failure."""
+  logging.warning("%s", error)
+  print(str(error), flush=True)
+  return 0
+
+
 def _cmd_gin_job(args, extra: List[str]) -> int:
   import gin  # pylint: disable=g-import-not-at-top
   import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
@@ -255,10 +262,7 @@ def _cmd_gin_job(args, extra: List[str]) -> int:
   try:
     result = job()
   except preemption.Preempted as e:
-    # Every process saved step e.step; exit 0 so schedulers do not count it as a failure.
-    logging.warning("%s", e)
-    print(str(e), flush=True)
-    return 0
+    return _report_preempted(e)
   if isinstance(result, dict):
     print(json.dumps(result, default=str))
   return 0
@@ -267,11 +271,15 @@ def _cmd_gin_job(args, extra: List[str]) -> int:
 def _cmd_demo(args, extra: List[str]) -> int:
   import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the demo tasks)
   from specialize_jax import demo  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import preemption  # pylint: disable=g-import-not-at-top
   from tasks import demo as demo_tasks  # pylint: disable=g-import-not-at-top
   if extra:
     raise SystemExit(f"specialize demo: unrecognized arguments {extra}.")
-  return demo.run_demo(args.output_dir, str(demo_tasks.default_demo_dir()),
-                       only_data=args.only_data, train_steps=args.train_steps)
+  try:
+    return demo.run_demo(args.output_dir, str(demo_tasks.default_demo_dir()),
+                         only_data=args.only_data, train_steps=args.train_steps)
+  except preemption.Preempted as e:
+    return _report_preempted(e)
 
 
 def _selection_rule(args):
