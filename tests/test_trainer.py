@@ -181,15 +181,22 @@ def test_sigterm_saves_a_step_and_the_rerun_ends_identical(run_a, model, tmp_pat
   `Preempted`, and restores the previous SIGTERM handler; the same call again continues to run
   A's params bit for bit."""
   model_dir = tmp_path / 'run'
-  previous = signal.getsignal(signal.SIGTERM)
+  unhandled = []
+  # Should the trainer not catch SIGTERM, this handler notes it instead of pytest being killed.
+  previous = signal.signal(signal.SIGTERM, lambda *_: unhandled.append(True))
 
   def log(line):
     if line.startswith('step 3/'):
       os.kill(os.getpid(), signal.SIGTERM)
 
-  with pytest.raises(preemption.Preempted, match=r'^preempted at step 4; rerun the same command'):
-    _train(model_dir, model, RUN_A_STEPS, log_period=1, log=log)
-  assert signal.getsignal(signal.SIGTERM) is previous
+  try:
+    with pytest.raises(preemption.Preempted,
+                       match=r'^preempted at step 4; rerun the same command'):
+      _train(model_dir, model, RUN_A_STEPS, log_period=1, log=log)
+    assert not unhandled
+  finally:
+    handler = signal.signal(signal.SIGTERM, previous)
+  assert handler is not previous and handler.__name__ == '<lambda>'  # the trainer put it back
   assert _step_dirs(model_dir) == ['checkpoint_4']
   assert [r['step'] for r in _records(model_dir, 'train')] == [1, 2, 3, 4]
   lines = []
