@@ -6,8 +6,10 @@
   specialize prepare_tfds --tfds_data_dir DIR [--source_dir DIR]
   specialize convert --from {hf,t5x,auto} SRC --to {hf,orbax,t5x} DST
   specialize train|eval|infer --gin_file=F [--gin_file=F2] [--gin.X=Y ...] [--gin_search_paths=P,...]
+      [--multihost | --coordinator_address HOST:PORT --num_processes N --process_id I]
   specialize demo [--output_dir runs/demo]
   specialize sweep MODEL_DIR [--tasks T ...] [--bbh_tasks B ...] [--max_examples N] [--include_start CKPT]
+      [--multihost | --coordinator_address HOST:PORT --num_processes N --process_id I]
   specialize compare RUN_A RUN_B ... [--labels A B ...] --output DIR
   specialize prepare --output DIR [--teacher TEACHER.jsonl] [--aligned ALIGNED.jsonl] [--workers N]
   specialize align --input TEACHER.jsonl --output ALIGNED.jsonl --vocab SPM_MODEL [--mode {default,paper}]
@@ -19,6 +21,12 @@ This module is the only place that reads argv and imports `tasks` (which registe
 A user error (a `ConfigError`: a bad flag or gin value; a `FileNotFoundError`: a missing data file,
 vocabulary or checkpoint, named with the command that fetches it) prints one line on stderr and
 exits 2, before anything compiles where the job can check it; a traceback means a bug.
+
+Multi-host: every process runs the same command (plus its own --process_id); `jax.distributed` is
+initialized in `main()` before the job starts, and only process 0 writes the run's own files
+(config.gin, metrics, eval outputs, reports); checkpoints are written collectively. A preempted
+`train` (SIGTERM, TPU maintenance) saves one step on every process and exits 0 printing
+`preempted at step N; rerun the same command to resume`.
 """
 import argparse
 import json
@@ -193,21 +201,38 @@ GIN_JOBS = {"train": "train", "eval": "evaluate", "infer": "infer"}
 REPO_GIN_DIR = gin_config.REPO_GIN_DIR
 
 
+def _wants_distributed(args) -> bool:
+  return bool(getattr(args, "multihost", False)) or any(
+      getattr(args, name, None) is not None
+      for name in ("coordinator_address", "num_processes", "process_id"))
+
+
 def _initialize_distributed(args) -> None:
-  """Multi-host jobs: `--multihost` on TPU VMs / managed clusters (JAX finds its peers), or the
-  explicit `--coordinator_address --num_processes --process_id` (e.g. GPU hosts, CPU with gloo)."""
+  """Multi-host jobs: `--multihost` alone on TPU VMs / SLURM / managed clusters (JAX finds its
+  peers), or the explicit `--coordinator_address --num_processes --process_id` (e.g. GPU hosts,
+  CPU with gloo). Runs before the job touches a JAX backend or writes a file."""
+  if not _wants_distributed(args):
+    return
   import jax  # pylint: disable=g-import-not-at-top
   from specialize_jax.training import partitioning  # pylint: disable=g-import-not-at-top
   explicit = (args.coordinator_address, args.num_processes, args.process_id)
-  if any(v is not None for v in explicit):
-    if os.environ.get("JAX_PLATFORMS") == "cpu":  # CPU clusters need a collectives backend.
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    partitioning.initialize_distributed(*explicit)
-  elif args.multihost:
-    jax.distributed.initialize()
-  if jax.process_count() > 1:
-    logging.info("Process %d of %d; %d local / %d global devices.", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+  try:
+    if not partitioning.initialize_distributed(*explicit):
+      jax.distributed.initialize()  # --multihost alone: the cluster's auto-detection.
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  logging.info("Process %d of %d; %d local / %d global devices.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _add_distributed_flags(p) -> None:
+  p.add_argument("--multihost", action="store_true",
+                 help="join a multi-host job (jax.distributed.initialize() auto-detection, e.g. "
+                 "TPU VM slices, SLURM)")
+  p.add_argument("--coordinator_address", default=None,
+                 help="host:port of process 0 (with --num_processes and --process_id)")
+  p.add_argument("--num_processes", type=int, default=None)
+  p.add_argument("--process_id", type=int, default=None)
 
 
 def _cmd_align(args) -> int:
@@ -272,10 +297,18 @@ def _check_gin_job_inputs(command: str) -> None:
     preflight.check_tasks(names, where, read_data)
 
 
+def _report_preempted(error) -> int:
+  """Every process saved step `error.step`: exit 0, so schedulers do not count a failure."""
+  logging.warning("%s", error)
+  print(str(error), flush=True)
+  return 0
+
+
 def _cmd_gin_job(args, extra: List[str]) -> int:
   import gin  # pylint: disable=g-import-not-at-top
   import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
   from specialize_jax import runs  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import preemption  # pylint: disable=g-import-not-at-top
   if not args.gin_file:
     raise ConfigError("give at least one --gin_file (e.g. gin/experiments/demo_cpu.gin).")
   search_paths = [p for p in args.gin_search_paths.split(",") if p]
@@ -283,7 +316,10 @@ def _cmd_gin_job(args, extra: List[str]) -> int:
   _check_gin_job_inputs(args.command)
   gin_config.write_config(gin_config.macro("MODEL_DIR") if args.command == "train" else None)
   job = gin.get_configurable(getattr(runs, GIN_JOBS[args.command]))
-  result = job()
+  try:
+    result = job()
+  except preemption.Preempted as e:
+    return _report_preempted(e)
   if isinstance(result, dict):
     print(json.dumps(result, default=str))
   return 0
@@ -292,11 +328,15 @@ def _cmd_gin_job(args, extra: List[str]) -> int:
 def _cmd_demo(args, extra: List[str]) -> int:
   import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the demo tasks)
   from specialize_jax import demo  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import preemption  # pylint: disable=g-import-not-at-top
   from tasks import demo as demo_tasks  # pylint: disable=g-import-not-at-top
   if extra:
     raise ConfigError(f"unrecognized arguments {extra}.")
-  return demo.run_demo(args.output_dir, str(demo_tasks.default_demo_dir()),
-                       only_data=args.only_data, train_steps=args.train_steps)
+  try:
+    return demo.run_demo(args.output_dir, str(demo_tasks.default_demo_dir()),
+                         only_data=args.only_data, train_steps=args.train_steps)
+  except preemption.Preempted as e:
+    return _report_preempted(e)
 
 
 def _selection_rule(args):
@@ -325,6 +365,9 @@ def _cmd_sweep(args) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"specialize sweep: {e}", file=sys.stderr)
     return 2
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:  # The run's report and BEST are process 0's to write.
+    return 0
   model_dir = os.path.abspath(args.model_dir)
   written = report.write_run_report(
       model_dir, result.accuracy_table(), rule=rule, checkpoint_paths=result.checkpoints,
@@ -415,11 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gin_file", action="append", default=[],
                    help="gin file (repeatable; later files override earlier)")
     p.add_argument("--gin_search_paths", default="", help="comma-separated gin include paths")
-    p.add_argument("--multihost", action="store_true",
-                   help="join a multi-host job (jax.distributed.initialize() auto-detection)")
-    p.add_argument("--coordinator_address", default=None, help="host:port of process 0")
-    p.add_argument("--num_processes", type=int, default=None)
-    p.add_argument("--process_id", type=int, default=None)
+    _add_distributed_flags(p)
     p.set_defaults(fn=_cmd_gin_job, takes_extra=True)
 
   p = sub.add_parser("demo", help="train a CoT and an answer-only tiny student on generated "
@@ -447,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--target_length", type=int, default=256, help="padded target tokens")
   p.add_argument("--max_decode_length", type=int, default=256)
   _add_rule_flags(p)
+  _add_distributed_flags(p)
   p.set_defaults(fn=_cmd_sweep)
 
   p = sub.add_parser("compare", help="one table and plot comparing runs at their selected "
@@ -555,6 +595,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger(name).setLevel(logging.WARNING)
   args, extra = build_parser().parse_known_args(argv)
   try:
+    if _wants_distributed(args):
+      import jax  # pylint: disable=g-import-not-at-top
+      # CPU processes exchange collectives over gloo (NOTES.md); other backends ignore the flag.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      _initialize_distributed(args)  # First: before the job touches a backend or writes a file.
     if getattr(args, "takes_extra", False):
       return args.fn(args, extra)
     if extra:

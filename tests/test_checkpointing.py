@@ -32,8 +32,13 @@ METRIC = 'gsm8k_dev_icl_cot/accuracy'
 
 # After a read of a damaged checkpoint fails, orbax's pending TensorStore reads finish on an
 # event loop that has closed; Python reports that later, in whichever test is running.
-pytestmark = pytest.mark.filterwarnings(
-    r'ignore:(?s)Exception ignored in.*Event loop is closed:pytest.PytestUnraisableExceptionWarning')
+# A read refused for its shapes leaves orbax's per-array read coroutines un-awaited, reported
+# when they are collected (in a later test).
+pytestmark = [
+    pytest.mark.filterwarnings(r'ignore:(?s)Exception ignored in.*Event loop is closed'
+                               r':pytest.PytestUnraisableExceptionWarning'),
+    pytest.mark.filterwarnings(r'ignore:(?s)Exception ignored in.*_read_array_index_and_device_put'
+                               r':pytest.PytestUnraisableExceptionWarning')]
 
 
 class State(flax.struct.PyTreeNode):
@@ -216,7 +221,22 @@ def _uncommit(step_dir):
   os.remove(os.path.join(step_dir, '_CHECKPOINT_METADATA'))
 
 
+def _step_locations(model_dir):
+  """{step directory name: where it is}: in MODEL_DIR itself or moved into `bad_checkpoints/`."""
+  found = {name: 'in place' for name in os.listdir(model_dir) if name.startswith('checkpoint_')}
+  bad = os.path.join(model_dir, checkpointing.BAD_SUBDIR)
+  for name in (os.listdir(bad) if os.path.isdir(bad) else ()):
+    found.setdefault(name.split('.')[0], f'moved to {name}')
+  return found
+
+
+def _warnings(caplog):
+  return '\n'.join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
 def test_bad_latest_steps_fall_back_with_warnings(tmp_path, mesh, caplog):
+  """An unreadable (truncated) and an uncommitted step are skipped, named in the log and moved
+  aside, never deleted; the resumed run may then save their step numbers again."""
   states = {step: _state(seed=step, step=step) for step in (1, 2, 3)}
   ckpt = _checkpointer(tmp_path, keep_last=3)
   for step, state in states.items():
@@ -230,14 +250,21 @@ def test_bad_latest_steps_fall_back_with_warnings(tmp_path, mesh, caplog):
     restored, data_position, step = ckpt.restore(_abstract(states[1], mesh))
   assert step == 1 and data_position == {'batches_consumed': 1}
   _assert_identical(restored, states[1])
-  warnings = '\n'.join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+  warnings = _warnings(caplog)
   assert 'Checkpoint step 3' in warnings and 'OUT_OF_RANGE' in warnings
   assert 'Checkpoint step 2' in warnings and 'not committed' in warnings
+  locations = _step_locations(tmp_path)
+  assert locations['checkpoint_1'] == 'in place'
+  assert locations['checkpoint_2'].startswith('moved to checkpoint_2.uncommitted-')
+  assert locations['checkpoint_3'].startswith('moved to checkpoint_3.unreadable-')
+  assert f'moved it to {tmp_path / checkpointing.BAD_SUBDIR / locations["checkpoint_3"][9:]}' in (
+      warnings)
 
-  # The resumed run's next save deletes the bad steps and is not blocked by their numbers.
+  # The resumed run's next save is not blocked by their numbers.
   assert ckpt.save(2, _state(seed=9, step=2), {'batches_consumed': 2})
   ckpt.close()
-  assert sorted(os.listdir(tmp_path)) == ['checkpoint_1', 'checkpoint_2']
+  assert sorted(os.listdir(tmp_path)) == [checkpointing.BAD_SUBDIR, 'checkpoint_1',
+                                          'checkpoint_2']
   restored, _, step = checkpointing.TrainCheckpointer(tmp_path, read_only=True).restore(
       _abstract(states[1], mesh))
   assert step == 2
@@ -259,6 +286,65 @@ def test_no_good_step_raises_with_reasons(tmp_path, mesh):
   assert 'step 1: ' in message and 'OUT_OF_RANGE' in message and 'step 2: ' in message
   with pytest.raises(ValueError, match='holds step 2 >= step 2'):
     _checkpointer(tmp_path).save(2, _state(seed=0), {})
+
+
+def _saved_steps(path, steps=(1, 2, 3), **config):
+  ckpt = _checkpointer(path, **config)
+  states = {step: _state(seed=step, step=step) for step in steps}
+  for step, state in states.items():
+    ckpt.save(step, state, {'batches_consumed': step})
+  return ckpt, states
+
+
+def _fail_reads(monkeypatch, times, error=OSError('UNAVAILABLE: injected storage error')):
+  """Makes orbax's next `times` restores raise `error`; returns the list of calls."""
+  calls = []
+  restore = checkpointing.ocp.CheckpointManager.restore
+
+  def flaky(manager, step, *args, **kwargs):
+    calls.append(step)
+    if len(calls) <= times:
+      raise error
+    return restore(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpointing.ocp.CheckpointManager, 'restore', flaky)
+  return calls
+
+
+def test_a_read_error_is_retried_and_the_latest_step_restores(tmp_path, mesh, monkeypatch,
+                                                              caplog):
+  ckpt, states = _saved_steps(tmp_path, restore_backoff_s=0.01)
+  calls = _fail_reads(monkeypatch, times=1)
+  with caplog.at_level(logging.WARNING):
+    restored, _, step = ckpt.restore(_abstract(states[3], mesh))
+  ckpt.close()
+  assert step == 3 and calls == [3, 3]
+  _assert_identical(restored, states[3])
+  assert 'failed (try 1 of 4: OSError: UNAVAILABLE: injected' in _warnings(caplog)
+  assert _step_locations(tmp_path) == {f'checkpoint_{s}': 'in place' for s in (1, 2, 3)}
+
+
+@pytest.mark.parametrize('cause', ['storage', 'changed_state'])
+def test_persistent_read_errors_fail_loudly_and_move_nothing(tmp_path, mesh, monkeypatch, cause):
+  """Storage that keeps failing, or a train state that no longer matches the checkpoint (before,
+  either made the step 'bad' and the next save deleted it): retried, then raised; every step stays
+  where it is."""
+  ckpt, states = _saved_steps(tmp_path, restore_attempts=3, restore_backoff_s=0.0)
+  abstract = _abstract(states[3], mesh)
+  if cause == 'storage':
+    calls = _fail_reads(monkeypatch, times=100)
+  else:
+    calls = []
+    shapes = dict(TOY_SHAPES, **{'encoder/encoder_norm/scale': (24,)})  # another model width
+    abstract = _abstract(_state(seed=0, step=3).replace(params=_random_params(0, shapes)), mesh)
+    abstract = abstract.replace(opt_state=_abstract(states[3], mesh).opt_state)
+  with pytest.raises(checkpointing.CheckpointReadError,
+                     match=r'step 3 of .* failed 3 times.*Nothing was skipped, moved or deleted'):
+    ckpt.restore(abstract)
+  if cause == 'storage':
+    assert calls == [3, 3, 3]
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path)) == ['checkpoint_1', 'checkpoint_2', 'checkpoint_3']
 
 
 def test_interrupted_save_is_ignored(tmp_path, mesh):
@@ -353,14 +439,17 @@ def test_restore_or_initialize_sources(tmp_path, mesh, caplog):
   assert any('step 40' in r.getMessage() for r in caplog.records)
   assert calls == ['init'] * 2  # the initial checkpoint replaced params in init_fn()'s state
 
-  # Only uncommitted steps: not a resume; the loop's checkpointer deletes them at its next save.
+  assert (tmp_path / 'run' / 'checkpoint_40').exists()  # a read-only restore moves nothing
+
+  # Only uncommitted steps: not a resume; the loop's checkpointer moves them aside.
   shutil.rmtree(tmp_path / 'run' / 'checkpoint_30')
   ckpt = _checkpointer(tmp_path / 'run', period=10)
   _, _, source = checkpointing.restore_or_initialize(ckpt, abstract, init_fn)
   assert source == 'scratch'
   assert ckpt.save(10, sharded, {'batches_consumed': 10})
   ckpt.close()
-  assert sorted(os.listdir(tmp_path / 'run')) == ['checkpoint_10']
+  assert sorted(os.listdir(tmp_path / 'run')) == [checkpointing.BAD_SUBDIR, 'checkpoint_10']
+  assert _step_locations(tmp_path / 'run')['checkpoint_40'].startswith('moved to')
 
 
 def test_load_checkpoint_reads_a_trainer_model_dir(tmp_path):

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from specialize_jax.model import config as config_lib
+from specialize_jax.model import distillation_loss
 from specialize_jax.model import models
 from specialize_jax.model import network
 from specialize_jax.training import optimizers
@@ -179,27 +180,48 @@ def _linear_steps(model, batch, microbatch_counts=(1, 2, 4)):
   return jax.jit(steps)(state, batch, jax.random.key(0))
 
 
-def _packed_batch():
-  """Two packed segments in some rows, so AVERAGE_PER_SEQUENCE weighs segments."""
+def _packed_batch(teacher_k=3):
+  """Two packed segments in some rows, so AVERAGE_PER_SEQUENCE weighs segments; teacher top-k
+  features whose mass varies by row (below one), so `teacher_mass` is a real weighted mean."""
   batch = make_batch(seed=3)
   segments = np.where(batch['decoder_target_tokens'] > 0, 1, 0)
   segments[::3, 2:] = np.where(batch['decoder_target_tokens'][::3, 2:] > 0, 2, 0)
   batch['decoder_segment_ids'] = segments.astype(np.int32)
+  rng = np.random.default_rng(4)
+  shape = (BATCH, TARGET_LENGTH, teacher_k)
+  batch[distillation_loss.TEACHER_TOPK_IDS] = rng.integers(2, VOCAB, shape).astype(np.int32)
+  probs = rng.dirichlet(np.ones(teacher_k + 1), shape[:2])[..., :teacher_k]  # mass < 1
+  batch[distillation_loss.TEACHER_TOPK_LOGPROBS] = np.log(probs).astype(np.float32)
   return batch
 
 
+# Every metric the step reports; the distribution loss adds `kl` and `teacher_mass`.
+STEP_METRICS = ('loss', 'cross_ent_loss', 'z_loss', 'accuracy', 'num_target_tokens', 'grad_norm',
+                'num_examples', 'learning_rate')
+
+
+@pytest.mark.parametrize('loss_type', ['sample', 'distribution'])
 @pytest.mark.parametrize('factor', [None, 'NUM_REAL_TARGET_TOKENS',
                                     'NUM_TOTAL_TARGET_TOKENS', 'AVERAGE_PER_SEQUENCE'])
-def test_accumulation_equals_full_batch(factor):
-  """k = 2 and 4 micro-batches (with different token counts) against one full batch."""
-  model = LinearModel(TINY, loss_normalizing_factor=factor, z_loss=1e-2, label_smoothing=0.1)
+def test_accumulation_equals_full_batch(factor, loss_type):
+  """k = 2 and 4 micro-batches (with different token counts) against one full batch: params and
+  every logged metric (before the fix, `teacher_mass` and `accuracy`-like means came out
+  multiplied by k without a loss normalizing factor)."""
+  model = LinearModel(TINY, loss_normalizing_factor=factor, z_loss=1e-2, label_smoothing=0.1,
+                      loss_type=loss_type,
+                      distribution_ce_weight=0.5 if loss_type == 'distribution' else 0.0)
   batch = {k: jnp.asarray(v) for k, v in _packed_batch().items()}
   results, plain_mean = _linear_steps(model, batch)
   full_state, full_metrics = results[1]
+  expected_names = set(STEP_METRICS) | ({'kl', 'teacher_mass'} if loss_type == 'distribution'
+                                        else set())
+  assert set(full_metrics) == expected_names
+  if loss_type == 'distribution':
+    assert 0.3 < float(full_metrics['teacher_mass']) < 0.95
   for num_microbatches in (2, 4):
     state, metrics = results[num_microbatches]
-    for name in ('loss', 'cross_ent_loss', 'z_loss', 'accuracy', 'num_target_tokens',
-                 'grad_norm', 'num_examples'):
+    assert set(metrics) == expected_names
+    for name in sorted(expected_names):
       np.testing.assert_allclose(metrics[name], full_metrics[name], **TOL,
                                  err_msg=f'{name}, k={num_microbatches}')
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), state.params,
@@ -207,6 +229,20 @@ def test_accumulation_equals_full_batch(factor):
   if factor == 'NUM_REAL_TARGET_TOKENS':
     # The micro-batches hold different token counts, so unweighted averaging would be wrong.
     assert abs(float(plain_mean) - float(full_metrics['loss'])) > 1e-3
+
+
+def test_packed_num_examples_counts_segments():
+  """Packed rows hold several examples: `num_examples` counts segments, not rows."""
+  batch = _packed_batch()
+  segments = batch['decoder_segment_ids']
+  expected = sum(len(set(row[row > 0].tolist())) for row in segments)
+  assert expected > BATCH  # some rows hold two examples
+  model = LinearModel(TINY)
+  _, metrics = model.loss_fn(linear_params(), {k: jnp.asarray(v) for k, v in batch.items()}, None)
+  assert float(metrics['num_examples']) == expected
+  del batch['decoder_segment_ids']  # unpacked: one example per row
+  _, metrics = model.loss_fn(linear_params(), {k: jnp.asarray(v) for k, v in batch.items()}, None)
+  assert float(metrics['num_examples']) == BATCH
 
 
 def test_microbatch_without_targets_adds_nothing():

@@ -16,6 +16,7 @@ import glob
 import json
 import logging
 import os
+import signal
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -38,6 +39,7 @@ from specialize_jax.training import checkpointing
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
+from specialize_jax.training import preemption
 from specialize_jax.training import trainer
 
 NUM_TRAIN, NUM_EVAL = 2000, 32
@@ -168,7 +170,39 @@ def test_resumed_run_ends_identical_to_uninterrupted_run(run_a, model, tmp_path,
   assert 'Restored step 10' in warnings, warnings
   assert any(line.startswith('Starting at step 10 from resume') for line in lines), lines
   assert _step_dirs(model_dir) == ['checkpoint_10', 'checkpoint_20']
+  # The damaged step was moved aside, not deleted.
+  moved = os.listdir(model_dir / checkpointing.BAD_SUBDIR)
+  assert len(moved) == 1 and moved[0].startswith('checkpoint_20.unreadable-'), moved
   _assert_params_equal(_params(model_dir / 'checkpoint_20'), expected)
+
+
+def test_sigterm_saves_a_step_and_the_rerun_ends_identical(run_a, model, tmp_path):
+  """One process: SIGTERM during step 3 saves step 4 (not a checkpoint period), raises
+  `Preempted`, and restores the previous SIGTERM handler; the same call again continues to run
+  A's params bit for bit."""
+  model_dir = tmp_path / 'run'
+  unhandled = []
+  # Should the trainer not catch SIGTERM, this handler notes it instead of pytest being killed.
+  previous = signal.signal(signal.SIGTERM, lambda *_: unhandled.append(True))
+
+  def log(line):
+    if line.startswith('step 3/'):
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  try:
+    with pytest.raises(preemption.Preempted,
+                       match=r'^preempted at step 4; rerun the same command'):
+      _train(model_dir, model, RUN_A_STEPS, log_period=1, log=log)
+    assert not unhandled
+  finally:
+    handler = signal.signal(signal.SIGTERM, previous)
+  assert handler is not previous and handler.__name__ == '<lambda>'  # the trainer put it back
+  assert _step_dirs(model_dir) == ['checkpoint_4']
+  assert [r['step'] for r in _records(model_dir, 'train')] == [1, 2, 3, 4]
+  lines = []
+  _train(model_dir, model, RUN_A_STEPS, log=lines.append)
+  assert any(line.startswith('Starting at step 4 from resume') for line in lines), lines
+  _assert_params_equal(_params(model_dir / 'checkpoint_20'), _params(run_a / 'checkpoint_20'))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,6 +236,17 @@ def test_non_finite_loss_stops_the_run_naming_the_steps(demo_dir, model, tmp_pat
     _train(tmp_path, model, 10, optimizer=optimizer, log_period=2)
   train = _records(tmp_path, 'train')
   assert [r['step'] for r in train] == [2] and np.isfinite(train[0]['loss'])
+
+
+def test_a_non_finite_state_is_never_checkpointed(demo_dir, model, tmp_path):
+  """Log and checkpoint periods differ: the blow-up at step 3 is not a logged step, yet the save
+  at step 4 checks the losses first and stops the run instead of saving the NaN state."""
+  optimizer = optimizers.OptimizerConfig(learning_rate=1e30, warmup_steps=2)
+  with pytest.raises(FloatingPointError, match=r'between steps 3 and 4; nothing was saved'):
+    _train(tmp_path, model, 10, optimizer=optimizer, log_period=10,
+           checkpoint=checkpointing.CheckpointConfig(period=2, async_save=False))
+  assert _step_dirs(tmp_path) == ['checkpoint_2']
+  assert not os.path.exists(tmp_path / 'metrics.jsonl')  # no logged step was reached
 
 
 def test_a_vocabulary_larger_than_the_model_fails_before_anything_is_written(demo_dir, tmp_path):
@@ -301,7 +346,8 @@ def test_cli_run_trains_saves_evaluates_and_writes_metrics(demo_dir, tmp_path, c
     assert {'loss', 'cross_ent_loss', 'z_loss', 'accuracy', 'learning_rate', 'grad_norm',
             'num_target_tokens', 'num_examples', 'steps_per_s', 'target_tokens_per_s',
             'time'} <= record.keys()
-    assert record['num_examples'] == BATCH_SIZE
+    # Packed rows (demo_cpu.gin packs): examples (a mean over the logged steps), not rows.
+    assert record['num_examples'] > 1.5 * BATCH_SIZE
   # Updates 0-4 warm up at 0, 0.6, ..., 2.4e-3 (mean 1.2e-3); then 3e-3.
   assert train[0]['learning_rate'] == pytest.approx(1.2e-3, rel=1e-5)
   assert all(r['learning_rate'] == pytest.approx(3e-3, rel=1e-5) for r in train[1:])

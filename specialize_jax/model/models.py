@@ -16,7 +16,8 @@ Terms:
     `distillation_loss`, mixed with cross-entropy by `distribution_ce_weight`).
   metrics: a flat dict of scalar arrays (no clu objects): `loss` (total), `cross_ent_loss`,
     `z_loss`, `accuracy` (fraction of weighted target tokens whose argmax is right),
-    `num_tokens` (sum of token weights), `num_examples`, plus whatever extra losses report.
+    `num_tokens` (sum of token weights), `num_examples` (examples: packed rows count each of
+    their segments), plus whatever extra losses report.
 """
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
@@ -38,6 +39,16 @@ ExtraLoss = Callable[..., Tuple[Array, Mapping[str, Array]]]
 DECODE_METHODS = ('greedy', 'sample', 'beam')
 _OPTIONAL_FEATURES = ('encoder_segment_ids', 'decoder_segment_ids', 'encoder_positions',
                       'decoder_positions')
+
+
+def _num_examples(batch: Batch) -> Array:
+  """Examples in `batch`: its rows, or when packed its target segments (a segment starts where
+  the id is positive and differs from the previous position's)."""
+  segments = batch.get('decoder_segment_ids')
+  if segments is None:
+    return jnp.asarray(batch['decoder_target_tokens'].shape[0], jnp.float32)
+  previous = jnp.pad(segments[:, :-1], ((0, 0), (1, 0)))  # [batch, length]
+  return jnp.sum((segments > 0) & (segments != previous)).astype(jnp.float32)
 
 
 class EncoderDecoderModel:
@@ -159,7 +170,7 @@ class EncoderDecoderModel:
         'z_loss': z_loss,
         'accuracy': jnp.sum(correct * token_weights) / jnp.maximum(num_tokens, 1e-8),
         'num_tokens': num_tokens,
-        'num_examples': jnp.asarray(targets.shape[0], jnp.float32),
+        'num_examples': _num_examples(batch),
     }
     for extra_loss in self.extra_losses:
       value, extra_metrics = extra_loss(logits, batch, weights=weights,

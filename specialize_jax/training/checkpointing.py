@@ -25,10 +25,16 @@ Terms:
     timestamp in `_CHECKPOINT_METADATA`). Orbax writes a step into a temporary directory and
     renames it when complete (on object stores it writes the marker last instead), so a crash
     mid-save leaves the previous steps intact and the torn step uncommitted.
-  bad step: a step that is uncommitted or fails to restore (missing or truncated array files,
-    missing metadata). `restore` falls back to the next older step, warning with the step and the
-    reason; the next `save` deletes the bad steps so they neither count among the last N nor
-    block rewriting their step numbers.
+  bad step: a step that is uncommitted, or unreadable for certain: a file orbax wrote is missing
+    or truncated (`state/_METADATA`, `meta/metadata`, array data: tensorstore's NOT_FOUND,
+    OUT_OF_RANGE, DATA_LOSS), or the metadata is not valid JSON for this step. `restore` skips it
+    for the next older step, warning with the step and the reason, and a writer moves it aside to
+    `MODEL_DIR/bad_checkpoints/checkpoint_<step>.<uncommitted|unreadable>-<UTC time>/` (named in
+    the warning; never deleted), so it neither counts among the last N nor blocks its number.
+  read error: any other failure to restore a step (a storage error, a host out of memory, a train
+    state that does not match the checkpoint). It is retried `restore_attempts` times with
+    exponential backoff, then `CheckpointReadError` is raised: such a step is never skipped, moved
+    or deleted, since a run that silently fell back would overwrite progress.
 
 Retention: the last `keep_last` steps plus the best `keep_best` by `best_metric` (the union), via
 orbax's `preservation_policy` (`LatestN` or `BestN`). Ties in the metric keep the later step;
@@ -42,7 +48,9 @@ Multi-host: saving and restoring are collective. Every process must call `save`,
 `restore_or_initialize` with the same arguments (orbax synchronises processes inside, and each
 writes its own shards); the JSON items are written by the primary process only, so the data
 position must be the same on every process (it is for a per-process sharded pipeline counting
-global batches).
+global batches). Process 0 decides which step to try (its listing, broadcast) and moves bad steps
+aside; after each attempt the processes agree on the outcome (the worst of theirs), so all restore
+the same step or all fail.
 """
 import dataclasses
 import difflib
@@ -50,10 +58,12 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -67,7 +77,14 @@ META_ITEM = 'meta'
 COMMIT_MARKER = 'commit_success.txt'
 STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
 SOURCES = ('resume', 'initial_checkpoint', 'scratch')
+BAD_SUBDIR = 'bad_checkpoints'  # Not `checkpoint_*`: orbax and `load_checkpoint` never list it.
+# Files every committed step has; one missing means the step is damaged for certain.
+REQUIRED_FILES = (f'{STATE_ITEM}/_METADATA', f'{META_ITEM}/metadata')
+# Tensorstore status codes of damaged data (a missing or truncated file), not of a failing read.
+DAMAGED_DATA_CODES = ('NOT_FOUND', 'OUT_OF_RANGE', 'DATA_LOSS')
 _MAX_REASON_CHARS = 500
+# Outcomes of one restore attempt, ordered: processes agree on the largest.
+_RESTORED, _UNREADABLE, _FAILED = 0, 1, 2
 
 PyTree = Any
 
@@ -83,6 +100,9 @@ class CheckpointConfig:
     best_metric: the eval metric ranking steps, e.g. 'gsm8k_dev_icl_cot/accuracy'.
     best_mode: 'max' or 'min': whether a larger `best_metric` is better.
     async_save: write arrays in a background thread after copying them to the host.
+    restore_attempts: tries of a step that fails with a read error (see the module docstring)
+      before `CheckpointReadError`.
+    restore_backoff_s: the wait after the first failed try, doubled after each next one.
   """
   period: int = 1000
   keep_last: int = 3
@@ -90,8 +110,14 @@ class CheckpointConfig:
   best_metric: Optional[str] = None
   best_mode: str = 'max'
   async_save: bool = True
+  restore_attempts: int = 4
+  restore_backoff_s: float = 2.0
 
   def __post_init__(self):
+    if self.restore_attempts < 1 or self.restore_backoff_s < 0:
+      raise ValueError(f'CheckpointConfig.restore_attempts={self.restore_attempts} must be >= 1 '
+                       f'and restore_backoff_s={self.restore_backoff_s} >= 0; set '
+                       '--gin.CheckpointConfig.restore_attempts / restore_backoff_s.')
     if self.period < 1:
       raise ConfigError(f'CheckpointConfig.period={self.period} must be >= 1; set '
                         '--gin.CheckpointConfig.period.')
@@ -126,6 +152,32 @@ def _as_json(value: Any, what: str) -> Any:
                      f'{e}.') from e
 
 
+class NoCheckpointError(ValueError):
+  """MODEL_DIR holds no committed step (nothing to resume from)."""
+
+
+class CheckpointReadError(RuntimeError):
+  """A step could not be read after every retry; nothing was skipped, moved or deleted."""
+
+
+class _DamagedStepError(ValueError):
+  """The step's files are there but say something impossible (e.g. another step number)."""
+
+
+def _primary_value(value: int) -> int:
+  """Process 0's `value`, on every process."""
+  if jax.process_count() == 1:
+    return value
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _worst_outcome(outcome: int) -> int:
+  """The largest of every process's `outcome` (see `_RESTORED` ...), on every process."""
+  if jax.process_count() == 1:
+    return outcome
+  return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+
+
 def _shorten(error: BaseException) -> str:
   text = f'{type(error).__name__}: {error}'
   return text if len(text) <= _MAX_REASON_CHARS else text[:_MAX_REASON_CHARS] + '...'
@@ -158,7 +210,6 @@ class TrainCheckpointer:
     """
     self.directory = epath.Path(model_dir)
     self.config = config
-    self._bad_steps: Dict[int, str] = {}
     policies = [checkpoint_managers.LatestN(n=config.keep_last)]
     best_fn = None
     if config.keep_best:
@@ -220,12 +271,6 @@ class TrainCheckpointer:
     reasons = {s: self._uncommitted_reason(s) for s in sorted(self._manager.all_steps())}
     return {s: r for s, r in reasons.items() if r is not None}
 
-  def discard_uncommitted(self) -> Dict[int, str]:
-    """Marks the uncommitted steps bad (the next `save` deletes them); returns them."""
-    uncommitted = self.uncommitted_steps()
-    self._bad_steps.update(uncommitted)
-    return uncommitted
-
   def latest_step(self) -> Optional[int]:
     """The latest committed step, or None."""
     steps = self.all_steps()
@@ -239,14 +284,76 @@ class TrainCheckpointer:
     """Waits for saves and releases orbax's threads."""
     self._manager.close()
 
-  def _delete_bad_steps(self) -> None:
-    """Removes steps `restore` found bad: they would count among the last N, and block saving."""
-    for step, reason in sorted(self._bad_steps.items()):
-      if step in self._manager.all_steps():
-        logging.warning('Deleting bad checkpoint step %d in %s (%s) before saving.', step,
-                        self.directory, reason)
-        self._manager.delete(step)
-    self._bad_steps = {}
+  def _damage(self, step: int, error: BaseException) -> Optional[str]:
+    """Why `error` shows `step` to be damaged for certain, or None (a read error: retry)."""
+    step_dir = self._step_dir(step)
+    missing = [name for name in REQUIRED_FILES if not (step_dir / name).exists()]
+    if missing:
+      return f'missing {", ".join(str(step_dir / name) for name in missing)}: {_shorten(error)}'
+    text = str(error)
+    if (isinstance(error, (FileNotFoundError, json.JSONDecodeError, _DamagedStepError)) or
+        any(text.startswith(code + ':') for code in DAMAGED_DATA_CODES)):
+      return _shorten(error)
+    return None
+
+  def _set_aside(self, step: int, kind: str, reason: str) -> None:
+    """Warns that `step` is skipped; a writer's process 0 also moves it into BAD_SUBDIR."""
+    if self.read_only or jax.process_index() != 0 or not self._step_dir(step).exists():
+      logging.warning('Checkpoint step %d in %s is bad and is skipped (%s).', step,
+                      self.directory, reason)
+      return
+    name = f'{self._step_dir(step).name}.{kind}-{time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())}'
+    target = self.directory / BAD_SUBDIR / name
+    for n in range(1, 1000):  # The same step may go bad twice within a second.
+      if not target.exists():
+        break
+      target = self.directory / BAD_SUBDIR / f'{name}-{n}'
+    target.parent.mkdir(parents=True, exist_ok=True)
+    self._step_dir(step).rename(target)
+    logging.warning('Checkpoint step %d in %s is bad and is skipped (%s); moved it to %s.', step,
+                    self.directory, reason, target)
+
+  def _restore_step(self, step: int, abstract_state: PyTree) -> Tuple[Any, Optional[str]]:
+    """`(restored, None)`, or `(None, why)` when `step` is damaged for certain on some process;
+    raises `CheckpointReadError` when read errors persist through every retry."""
+    attempts = self.config.restore_attempts
+    for attempt in range(1, attempts + 1):
+      restored, error, damage = None, None, None
+      try:
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                META_ITEM: ocp.args.JsonRestore()}))
+        meta = restored[META_ITEM]
+        if not isinstance(meta, Mapping) or meta.get('step') != step:
+          raise _DamagedStepError(f'{META_ITEM} item {meta!r} does not record step {step}')
+      # Anything may fail a read; `_damage` tells a damaged step from a read to retry, and what
+      # is neither is re-raised below as CheckpointReadError.
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+        damage = self._damage(step, e)
+      outcome = _worst_outcome(
+          _RESTORED if error is None else _UNREADABLE if damage else _FAILED)
+      if outcome == _RESTORED:
+        return restored, None
+      if outcome == _UNREADABLE:
+        return None, damage or 'unreadable on another process (see its log)'
+      if attempt < attempts:
+        wait_s = self.config.restore_backoff_s * 2 ** (attempt - 1)
+        logging.warning('Reading checkpoint step %d of %s failed (try %d of %d: %s); retrying in '
+                        '%.1f s.', step, self.directory, attempt, attempts,
+                        _shorten(error) if error else 'on another process', wait_s)
+        time.sleep(wait_s)
+    raise CheckpointReadError(
+        f'Reading checkpoint step {step} of {self.directory} failed {attempts} times; last '
+        f'error: {_shorten(error) if error else "on another process (see its log)"}. Nothing was '
+        'skipped, moved or deleted. If the storage is reachable again, rerun the same command; if '
+        'the train state changed (model, optimizer), restore it as it was or set a new '
+        '--gin.MODEL_DIR; more tries: --gin.CheckpointConfig.restore_attempts.') from error
+
+  def due(self, step: int) -> bool:
+    """Whether `step` is a periodic save step."""
+    return step % self.config.period == 0
 
   def save(self, step: int, state: PyTree, data_position: Mapping[str, Any],
            metrics: Optional[Mapping[str, Any]] = None, force: bool = False) -> bool:
@@ -256,7 +363,7 @@ class TrainCheckpointer:
     state may be donated to the next train step. `metrics` (eval metrics of this step) rank the
     step for best-N retention; without them the step is kept only while among the last N.
     """
-    if not force and step % self.config.period:
+    if not force and not self.due(step):
       return False
     if self.read_only:
       raise ValueError(f'This TrainCheckpointer of {self.directory} is read-only; open it with '
@@ -273,7 +380,6 @@ class TrainCheckpointer:
             '--gin.CheckpointConfig.best_metric to one of them.')
       ranking_metrics = {self.config.best_metric: metrics[self.config.best_metric]}
     self._manager.wait_until_finished()
-    self._delete_bad_steps()
     existing = self._manager.all_steps()
     if existing and max(existing) >= step:
       raise ValueError(
@@ -291,46 +397,45 @@ class TrainCheckpointer:
     """(state, data_position, step) of the latest step that restores, newest first.
 
     Arrays go straight into the shardings of `abstract_state` (each device reads its shards;
-    nothing is gathered on one device). A bad step is skipped with a warning naming it and the
-    reason; `ValueError` when no step restores, listing every step's reason.
+    nothing is gathered on one device). Uncommitted and damaged steps are skipped (and moved
+    aside by a writer), read errors retried then raised (see the module docstring);
+    `NoCheckpointError` when there is no committed step, `ValueError` when every one was bad.
     """
     _check_abstract_state(abstract_state)
     self._manager.wait_until_finished()
     self._manager.reload()
-    candidates = sorted(self._manager.all_steps(), reverse=True)
-    if not candidates:
-      raise ValueError(f'No checkpoint steps in {self.directory} to restore.')
     reasons: Dict[int, str] = {}
-    for step in candidates:
-      reason = self._uncommitted_reason(step)
-      if reason is None:
-        try:
-          restored = self._manager.restore(
-              step, args=ocp.args.Composite(**{
-                  STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-                  META_ITEM: ocp.args.JsonRestore()}))
-          meta = restored[META_ITEM]
-          if not isinstance(meta, Mapping) or meta.get('step') != step:
-            raise ValueError(f'{META_ITEM} item {meta!r} does not record step {step}')
-        # Anything that stops this step from restoring makes it bad; if no step restores, the
-        # reasons are re-raised together below.
-        except Exception as e:  # pylint: disable=broad-except
-          reason = _shorten(e)
+    if jax.process_index() == 0:
+      for step, reason in self.uncommitted_steps().items():
+        reasons[step] = reason
+        self._set_aside(step, 'uncommitted', reason)
+    while True:
+      # Process 0's newest committed step not yet skipped, or -1; every process tries that one.
+      self._manager.reload()
+      remaining = [s for s in self.all_steps() if s not in reasons]
+      step = _primary_value(remaining[-1] if remaining else -1)
+      if step < 0:
+        break
+      restored, reason = self._restore_step(step, abstract_state)
       if reason is not None:
         reasons[step] = reason
-        logging.warning('Checkpoint step %d in %s is bad and is skipped (%s).', step,
-                        self.directory, reason)
+        self._set_aside(step, 'unreadable', reason)
         continue
       if reasons:
         logging.warning('Restored step %d of %s instead of the bad newer steps %s.', step,
-                        self.directory, sorted(reasons))
-      # Bad steps, all newer than the one restored, are superseded by the resumed run.
-      self._bad_steps.update(reasons)
-      data_position = meta.get('data_position') or {}
-      return restored[STATE_ITEM], dict(data_position), step
+                        self.directory, sorted(s for s in reasons if s > step))
+      self._manager.reload()  # Forget the steps moved aside.
+      meta = restored[META_ITEM]
+      return restored[STATE_ITEM], dict(meta.get('data_position') or {}), step
+    self._manager.reload()
+    committed_bad = {s: r for s, r in reasons.items() if not r.startswith('not committed')}
+    if not committed_bad:
+      raise NoCheckpointError(f'No committed checkpoint steps in {self.directory} to restore.')
     lines = '\n'.join(f'  step {s}: {r}' for s, r in sorted(reasons.items()))
-    raise ValueError(f'No checkpoint step in {self.directory} restores:\n{lines}\nRepair or '
-                     'remove these step directories, or set a new --gin.MODEL_DIR.')
+    where = ('' if self.read_only else
+             f'They were moved to {self.directory / BAD_SUBDIR}, so a rerun starts afresh. ')
+    raise ValueError(f'No checkpoint step in {self.directory} restores:\n{lines}\n{where}'
+                     'Repair these steps, or set a new --gin.MODEL_DIR.')
 
 
 def _place_params(params: PyTree, abstract_params: PyTree, source: str) -> PyTree:
@@ -374,8 +479,8 @@ def restore_or_initialize(
   """(state, data_position, source) by the written-down order: resume, initial checkpoint, scratch.
 
   Args:
-    model_dir: MODEL_DIR, or the `TrainCheckpointer` the loop saves with (preferred: it then
-      deletes steps found bad at its next save).
+    model_dir: MODEL_DIR, or the `TrainCheckpointer` the loop saves with (preferred: a writer
+      moves bad steps aside, a read-only one only skips them).
     abstract_state: the train state's shapes, dtypes and shardings (restore targets).
     init_fn: () -> a sharded train state from scratch (random params, fresh optimizer, step 0).
     initial_checkpoint_path: INITIAL_CHECKPOINT_PATH, used only when MODEL_DIR has no committed
@@ -393,15 +498,12 @@ def restore_or_initialize(
   checkpointer = model_dir if isinstance(model_dir, TrainCheckpointer) else TrainCheckpointer(
       model_dir, read_only=True)
   try:
-    if checkpointer.all_steps():
-      state, data_position, step = checkpointer.restore(abstract_state)
-      log(f'Resuming from step {step} of {checkpointer.directory} (data position '
-          f'{data_position}).')
-      return state, data_position, 'resume'
-    uncommitted = checkpointer.discard_uncommitted()
-    if uncommitted:
-      logging.warning('%s holds only uncommitted checkpoint steps %s; ignoring them.',
-                      checkpointer.directory, sorted(uncommitted))
+    state, data_position, step = checkpointer.restore(abstract_state)
+    log(f'Resuming from step {step} of {checkpointer.directory} (data position '
+        f'{data_position}).')
+    return state, data_position, 'resume'
+  except NoCheckpointError:
+    pass  # Nothing committed (uncommitted steps were skipped with a warning): start afresh.
   finally:
     if checkpointer is not model_dir:
       checkpointer.close()

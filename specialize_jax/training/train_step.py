@@ -19,10 +19,13 @@ Terms:
     Gradients are accumulated as `sum_i N_i * grad_i` and divided once at the end. Extra losses
     (e.g. distillation) are assumed to follow the model's loss normalizing factor; one that
     normalizes differently is averaged with the same weights and matches only approximately.
-  metrics: float32 scalars computed inside the step: `loss`, `cross_ent_loss`, `z_loss` (and any
-    extra-loss metrics) combined like the loss; `accuracy` weighted by target tokens;
-    `num_target_tokens` and `num_examples` summed; `learning_rate` (the rate this update used);
-    `grad_norm` (global L2 norm of the accumulated gradient, before any clipping).
+  metrics: float32 scalars computed inside the step, each equal for any number of micro-batches
+    of the same batch: `loss`, `cross_ent_loss`, `z_loss`, `kl` (and any other extra-loss metric)
+    combined like the loss; the per-token means `accuracy` and `teacher_mass` weighted by target
+    tokens (`_TOKEN_MEAN_METRICS`; an extra loss reporting another per-token mean adds its name
+    there); `num_target_tokens` and `num_examples` (examples, i.e. segments when packed) summed;
+    `learning_rate` (the rate this update used); `grad_norm` (global L2 norm of the accumulated
+    gradient, before any clipping).
 """
 import functools
 from typing import Any, Callable, Mapping, Optional, Tuple
@@ -43,6 +46,9 @@ Metrics = Mapping[str, jax.Array]
 
 # Metrics that add up over micro-batches rather than average like the loss.
 _SUMMED_METRICS = ('num_tokens', 'num_examples')
+# Means over a micro-batch's weighted target tokens: combined weighted by `num_tokens`, not like
+# the loss (with no loss normalizing factor the loss adds up, and these came out multiplied by k).
+_TOKEN_MEAN_METRICS = ('accuracy', 'teacher_mass')
 
 
 def microbatch(batch: Batch, index: Any, num_microbatches: int) -> Batch:
@@ -97,7 +103,7 @@ def _accumulate_gradients(model: Any, params: Any, batch: Batch, dropout_rng: ja
     grad_sum = constrain(jax.tree_util.tree_map(lambda a, g: a + weighted(g), grad_sum, grads))
     new_metric_sum = {}
     for name, value in metrics.items():
-      if name == 'accuracy':
+      if name in _TOKEN_MEAN_METRICS:
         value = value * metrics['num_tokens']
       elif name not in _SUMMED_METRICS:
         value = weighted(value)
@@ -115,7 +121,7 @@ def _accumulate_gradients(model: Any, params: Any, batch: Batch, dropout_rng: ja
   for name, value in metric_sum.items():
     if name in _SUMMED_METRICS:
       metrics[name] = value
-    elif name == 'accuracy':
+    elif name in _TOKEN_MEAN_METRICS:
       metrics[name] = value / jnp.maximum(metric_sum['num_tokens'], 1e-8)
     else:
       metrics[name] = value / divisor

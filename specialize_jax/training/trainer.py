@@ -6,10 +6,16 @@ Order of events, written down because users debug by it:
    only, any format `specialize_jax.model.checkpoints` reads), else scratch — the choice is logged;
 3. the input iterator, fast-forwarded to the checkpoint's data position;
 4. the compiled train step (first call timed and logged separately);
-5. the loop: step; every `log_period` fetch metrics (stop on a non-finite loss naming the steps),
-   write them and a progress line; every `eval_period` call `eval_fn`; every checkpoint period save
-   (with the latest eval metrics, for best-N retention);
+5. the loop: step; every `log_period` fetch metrics, write them and a progress line; every
+   `eval_period` call `eval_fn`; every checkpoint period save (with the latest eval metrics, for
+   best-N retention). Before any of these the losses since the last check must be finite, else the
+   run stops naming the steps, without saving them;
 6. a final checkpoint, then wait for asynchronous saves.
+
+Preemption (`preemption`): on SIGTERM (or TPU maintenance) every process logs and saves the same
+step, waits for the save and raises `preemption.Preempted`; the CLI prints `preempted at step N;
+rerun the same command to resume` and exits 0. An evaluation due at that step is skipped (it would
+spend the grace period); `specialize eval` or `sweep` can evaluate the saved step.
 """
 import logging
 import os
@@ -28,6 +34,7 @@ from specialize_jax.training import input_pipeline
 from specialize_jax.training import metric_writers
 from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
+from specialize_jax.training import preemption
 from specialize_jax.training import train_state
 from specialize_jax.training import train_step
 
@@ -37,6 +44,17 @@ EvalFn = Callable[[object, int], Mapping[str, float]]
 def _mean_metrics(history) -> Dict[str, float]:
   fetched = jax.device_get(history)
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def _check_finite(losses, last_checked_step: int, done: int,
+                  checkpointer: checkpointing.TrainCheckpointer) -> None:
+  """Raises naming the steps when a loss since `last_checked_step` is not finite."""
+  values = np.asarray(jax.device_get(losses), np.float64)
+  if not np.all(np.isfinite(values)):
+    raise FloatingPointError(
+        f"Non-finite loss ({float(np.mean(values))}) between steps {last_checked_step + 1} and "
+        f"{done}; nothing was saved from these steps. Lower the learning rate or check the data "
+        f"(the last good checkpoint is {checkpointer.latest_step()}).")
 
 
 def train(model_dir: str,
@@ -106,10 +124,12 @@ def train(model_dir: str,
                                        rules=rules)
   writer = metric_writers.MetricWriter(model_dir)
   progress = metric_writers.ProgressLogger(num_train_steps, start_step, log=log)
+  # From here a SIGTERM saves and stops; before, it ends the process (nothing new to save).
+  watch = preemption.PreemptionWatch()
 
   try:
     history, last_train, last_eval = [], {}, {}
-    last_logged_step = start_step
+    last_checked_step = start_step  # Losses of the steps up to here were finite.
     for step in range(start_step, num_train_steps):
       batch = partitioning.global_batch(next(batches), mesh, layout)
       if step == start_step:
@@ -124,33 +144,41 @@ def train(model_dir: str,
         state, metrics = step_fn(state, batch, step_rng)
       history.append(metrics)
       done = step + 1
+      # Every process gets the same answer at the same step, so all save the same step.
+      preempted = watch.reached(done) and done < num_train_steps
+      log_now = done % log_period == 0 or done == num_train_steps or preempted
+      save_now = checkpointer.due(done) or done == num_train_steps or preempted
+      eval_now = (eval_fn is not None and eval_period and not preempted and
+                  (done % eval_period == 0 or done == num_train_steps))
 
-      if done % log_period == 0 or done == num_train_steps:
+      if log_now or save_now or eval_now:
+        # Before any checkpoint save too: a non-finite state is never saved (its steps need not
+        # be logged ones).
+        _check_finite([m['loss'] for m in history], last_checked_step, done, checkpointer)
+        last_checked_step = done
+      if log_now:
         last_train = _mean_metrics(history)
         history = []
-        if not np.isfinite(last_train["loss"]):
-          raise FloatingPointError(
-              f"Non-finite loss ({last_train['loss']}) between steps {last_logged_step + 1} and "
-              f"{done}; lower the learning rate or check the data (the last good checkpoint is "
-              f"{checkpointer.latest_step()}).")
         last_train.update(progress.log(done, last_train))
         writer.write(done, "train", last_train)
-        last_logged_step = done
-
-      eval_now = eval_fn is not None and eval_period and (done % eval_period == 0 or
-                                                          done == num_train_steps)
       if eval_now:
         eval_start = time.perf_counter()
         last_eval = dict(eval_fn(state.params, done))
         writer.write(done, "eval", last_eval)
         log(f"Evaluation at step {done} took {time.perf_counter() - eval_start:.1f} s: " +
             ", ".join(f"{k}={v:.4g}" for k, v in sorted(last_eval.items())))
-      checkpointer.save(done, state, batches.position(), metrics=last_eval if eval_now else None,
-                        force=done == num_train_steps)
+      if save_now:
+        checkpointer.save(done, state, batches.position(), metrics=last_eval if eval_now else None,
+                          force=True)
+      if preempted:
+        checkpointer.wait_until_finished()
+        log(f"Preempted: saved step {done} in {model_dir}.")
+        raise preemption.Preempted(done, model_dir)
 
     checkpointer.wait_until_finished()
   finally:
     # Also on errors (a non-finite loss, an interrupt): finish pending saves, stop orbax's threads.
+    watch.close()
     checkpointer.close()
     writer.close()
   return {**last_train, **{f"eval/{k}": v for k, v in last_eval.items()}}

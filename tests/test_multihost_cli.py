@@ -1,0 +1,328 @@
+"""`specialize train` as a pod user runs it: several processes joined by the command's own flags,
+preempted by SIGTERM, killed by SIGKILL, and restarted with the same command.
+
+Every run is a subprocess typing the same command (`python -m specialize_jax.cli train ...`, a tiny
+model on the tiny demo data, 24 steps, a checkpoint every 4) into a fresh MODEL_DIR:
+
+Terms:
+  one-process run: 1 process with 4 fake CPU devices (the reference).
+  two-process run: 2 processes with 2 fake CPU devices each, joined on loopback by
+    `--coordinator_address 127.0.0.1:PORT --num_processes 2 --process_id i` (gloo collectives):
+    one 4-device mesh.
+
+The data: the demo's prepared set, unpacked, read with the default layout
+(`shard_by_process=True`): each process reads only its data shard's rows of every global batch
+(`partitioning.data_layout`), which are the rows one process would feed those devices, so the
+global batches do not depend on the process count.
+
+  four-process runs: 4 processes x 2 fake CPU devices, with the model axis over 4 devices (data
+    2 x model 4: pairs of processes are replicas of one data shard) and over all 8 (data 1 x
+    model 8: every process feeds the whole batch), against 1 process x 8 devices on the same mesh.
+"""
+import glob
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import demo_data
+from specialize_jax.model import checkpoints as model_checkpoints
+from specialize_jax.model import hf_conversion
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_STEPS = 24
+CHECKPOINT_PERIOD = 4
+TIMEOUT_S = 600  # A hang's limit; on a loaded 2-core machine a run can take minutes.
+OVERRIDES = {
+    'TRAIN_STEPS': TRAIN_STEPS, 'BATCH_SIZE': 8, 'LOG_PERIOD': 1,
+    'CHECKPOINT_PERIOD': CHECKPOINT_PERIOD, 'KEEP_LAST_CHECKPOINTS': 2, 'EVAL_PERIOD': 0,
+    'LEARNING_RATE': 3e-3, 'LR_SCHEDULE': "'constant'", 'WARMUP_STEPS': 2,
+    'model_config.T5Config.emb_dim': 32, 'model_config.T5Config.num_heads': 2,
+    'model_config.T5Config.head_dim': 16, 'model_config.T5Config.num_encoder_layers': 1,
+    'model_config.T5Config.num_decoder_layers': 1, 'model_config.T5Config.mlp_dim': 64,
+    # Unpacked: packing each shard's examples on its own would change the rows (see the docstring).
+    'USE_PACKING': False,
+}
+PROGRESS_LINE = re.compile(r'step (\d+)/\d+ \| loss ([0-9.naninf]+)')
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  """The subprocesses' environment: the tiny demo data, one compilation cache for all runs."""
+  with demo_data.tiny_demo_data(tmp_path_factory) as directory:
+    environ = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    environ.update(SPECIALIZE_DATA_DIR=str(directory.parent), JAX_PLATFORMS='cpu',
+                   PYTHONPATH=os.pathsep.join([REPO_ROOT] + [
+                       p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]),
+                   JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+    yield environ
+
+
+@pytest.mark.parametrize('command', [
+    ['train', '--gin_file=f.gin'], ['eval', '--gin_file=f.gin'], ['infer', '--gin_file=f.gin'],
+    ['sweep', 'runs/x']])
+def test_every_job_joins_the_cluster_before_it_starts(monkeypatch, command):
+  """`--multihost` alone is JAX's auto-detection (`jax.distributed.initialize()`, no arguments);
+  explicit flags go to `partitioning.initialize_distributed`; both before the job runs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from specialize_jax import cli  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+  events = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **k: events.append(('auto', a, k)))
+  monkeypatch.setattr(partitioning, 'initialize_distributed',
+                      lambda *a: events.append(('explicit', a)) or a[0] is not None)
+  job = lambda args, *extra: events.append(('job', args.command)) or 0
+  monkeypatch.setattr(cli, '_cmd_gin_job', job)
+  monkeypatch.setattr(cli, '_cmd_sweep', job)
+
+  assert cli.main(command + ['--multihost']) == 0
+  assert events == [('explicit', (None, None, None)), ('auto', (), {}), ('job', command[0])]
+  events.clear()
+  assert cli.main(command + ['--coordinator_address=127.0.0.1:1234', '--num_processes=2',
+                             '--process_id=1']) == 0
+  assert events == [('explicit', ('127.0.0.1:1234', 2, 1)), ('job', command[0])]
+  events.clear()
+  assert cli.main(command) == 0
+  assert events == [('job', command[0])]  # not asked: nothing initialized
+
+
+def test_incomplete_distributed_flags_fail_naming_the_missing_ones(monkeypatch, capsys):
+  from specialize_jax import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(cli, '_cmd_gin_job', lambda *a: pytest.fail('the job must not start'))
+  assert cli.main(['train', '--gin_file=f.gin', '--coordinator_address=127.0.0.1:1234']) == 2
+  assert capsys.readouterr().err.strip() == (
+      "specialize train: Multi-process runs need all of coordinator_address ('127.0.0.1:1234'), "
+      "num_processes (None) and process_id (None); set the missing ones or none.")
+
+
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class Run:
+  """The processes of one `specialize train` run into `model_dir`, each logging to its file."""
+
+  def __init__(self, env, model_dir, log_dir, num_processes, devices_per_process,
+               overrides=None):
+    self.model_dir = str(model_dir)
+    self.logs = []
+    self.processes = []
+    address = f'127.0.0.1:{_free_port()}'
+    argv = [sys.executable, '-m', 'specialize_jax.cli', 'train',
+            '--gin_file=experiments/demo_cpu.gin', f"--gin.MODEL_DIR='{self.model_dir}'"] + [
+                f'--gin.{name}={value}' for name, value in {**OVERRIDES,
+                                                            **(overrides or {})}.items()]
+    environ = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
+    os.makedirs(log_dir, exist_ok=True)
+    for process_id in range(num_processes):
+      flags = [] if num_processes == 1 else [
+          f'--coordinator_address={address}', f'--num_processes={num_processes}',
+          f'--process_id={process_id}']
+      log = os.path.join(log_dir, f'process_{process_id}_{len(os.listdir(log_dir))}.log')
+      with open(log, 'w', encoding='utf-8') as f:
+        self.processes.append(subprocess.Popen(argv + flags, stdout=f, stderr=subprocess.STDOUT,
+                                               env=environ, cwd=REPO_ROOT))
+      self.logs.append(log)
+    self.deadline = time.monotonic() + TIMEOUT_S
+
+  def text(self, process_id: int) -> str:
+    with open(self.logs[process_id], encoding='utf-8', errors='replace') as f:
+      return f.read()
+
+  def wait_for(self, predicate, what: str) -> None:
+    """Polls (every 2 ms) until `predicate()`; fails when the run ends or times out first."""
+    while not predicate():
+      if time.monotonic() > self.deadline or all(p.poll() is not None for p in self.processes):
+        self.kill()
+        pytest.fail(f'{what} never happened; the first process output ends:\n'
+                    f'{self.text(0)[-3000:]}')
+      time.sleep(0.002)
+
+  def wait(self, expect_codes=(0,)) -> None:
+    for process_id, process in enumerate(self.processes):
+      try:
+        code = process.wait(timeout=max(self.deadline - time.monotonic(), 1))
+      except subprocess.TimeoutExpired:
+        code = None
+      if code not in expect_codes:
+        self.kill()
+        pytest.fail(f'Process {process_id} of {len(self.processes)} '
+                    f'{"timed out" if code is None else f"exited with {code}"}; its output ends:'
+                    f'\n{self.text(process_id)[-4000:]}')
+
+  def kill(self) -> None:
+    for process in self.processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+
+  def logged_losses(self, process_id: int) -> dict:
+    """{step: loss as printed} of the process's progress lines."""
+    return {int(s): v for s, v in PROGRESS_LINE.findall(self.text(process_id))}
+
+
+def _records(model_dir):
+  with open(os.path.join(model_dir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [r for r in map(json.loads, f) if r['split'] == 'train']
+
+
+def _params(model_dir, step=TRAIN_STEPS):
+  _, params = model_checkpoints.load_checkpoint(os.path.join(model_dir, f'checkpoint_{step}'))
+  return hf_conversion.flatten_params(params)
+
+
+def _largest_difference(actual, expected):
+  assert actual.keys() == expected.keys()
+  return max((float(np.max(np.abs(actual[k] - expected[k]))), k) for k in expected)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(env, tmp_path_factory):
+  """The one-process and the two-process run, side by side: (one, two)."""
+  root = tmp_path_factory.mktemp('uninterrupted')
+  one = Run(env, root / 'one', root / 'logs_one', 1, 4)
+  two = Run(env, root / 'two', root / 'logs_two', 2, 2)
+  try:
+    one.wait()
+    two.wait()
+  finally:
+    one.kill()
+    two.kill()
+  return one, two
+
+
+def test_two_processes_through_the_command_equal_one_process(uninterrupted):
+  one, two = uninterrupted
+  for process_id in range(2):
+    assert f'Process {process_id} of 2; 2 local / 4 global devices.' in two.text(process_id)
+  assert 'Process 0 of' not in one.text(0)  # not distributed without the flags
+  # Every process logs the same losses (globally reduced metrics), at every step.
+  losses = [two.logged_losses(i) for i in range(2)]
+  assert sorted(losses[0]) == list(range(1, TRAIN_STEPS + 1)) and losses[0] == losses[1]
+  finals = [json.loads(two.text(i).strip().splitlines()[-1]) for i in range(2)]
+  timing = ('steps_per_s', 'target_tokens_per_s')
+  assert ({k: v for k, v in finals[0].items() if k not in timing} ==
+          {k: v for k, v in finals[1].items() if k not in timing})
+
+  # Only process 0 wrote the run's files: one record per step, one config.
+  records, reference = _records(two.model_dir), _records(one.model_dir)
+  assert [r['step'] for r in records] == list(range(1, TRAIN_STEPS + 1))
+  assert os.path.exists(os.path.join(two.model_dir, 'config.gin'))
+  np.testing.assert_allclose([r['loss'] for r in records], [r['loss'] for r in reference],
+                             rtol=1e-6)
+  worst = _largest_difference(_params(two.model_dir), _params(one.model_dir))
+  assert worst[0] <= 1e-6, f'largest parameter difference {worst[0]} in {worst[1]}'
+  # Updates were applied, so equal params are not frozen ones.
+  assert records[-1]['loss'] < 0.8 * records[0]['loss']
+
+
+# Heads, MLP and vocabulary (384) divide a model axis of 8; 4 steps each.
+MODEL_PARALLEL = {'TRAIN_STEPS': 4, 'CHECKPOINT_PERIOD': 4, 'model_config.T5Config.num_heads': 8,
+                  'model_config.T5Config.head_dim': 4}
+
+
+@pytest.mark.parametrize('num_partitions,layouts', [
+    (4, ['shard 0 of 2', 'shard 0 of 2', 'shard 1 of 2', 'shard 1 of 2']),
+    (8, ['shard 0 of 1'] * 4)])
+def test_four_processes_with_the_model_axis_across_hosts_equal_one_process(
+    env, tmp_path, num_partitions, layouts):
+  overrides = {**MODEL_PARALLEL, 'partitioning.PartitioningConfig.num_partitions': num_partitions}
+  one = Run(env, tmp_path / 'one', tmp_path / 'logs_one', 1, 8, overrides)
+  four = Run(env, tmp_path / 'four', tmp_path / 'logs_four', 4, 2, overrides)
+  try:
+    one.wait()
+    four.wait()
+  finally:
+    one.kill()
+    four.kill()
+  for process_id, layout in enumerate(layouts):
+    text = four.text(process_id)
+    assert f'Process {process_id} of 4; 2 local / 8 global devices.' in text
+    assert f'this process feeds data shard {layout.split()[1]} of {layout.split()[3]}' in text
+  losses = [four.logged_losses(i) for i in range(4)]
+  assert sorted(losses[0]) == [1, 2, 3, 4] and all(l == losses[0] for l in losses)
+  np.testing.assert_allclose([r['loss'] for r in _records(four.model_dir)],
+                             [r['loss'] for r in _records(one.model_dir)], rtol=1e-6)
+  worst = _largest_difference(_params(four.model_dir, 4), _params(one.model_dir, 4))
+  assert worst[0] <= 1e-6, f'largest parameter difference {worst[0]} in {worst[1]}'
+
+
+def _preempted_step(text: str) -> int:
+  steps = re.findall(r'^preempted at step (\d+); rerun the same command to resume$', text,
+                     re.MULTILINE)
+  assert len(steps) == 1, text[-3000:]
+  return int(steps[0])
+
+
+def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes(
+    env, uninterrupted, tmp_path):
+  """SIGTERM to process 1 only: both processes save one step, print it and exit 0; the same
+  command then resumes and ends with the uninterrupted two-process run's params, bit for bit."""
+  _, two = uninterrupted
+  run = Run(env, tmp_path / 'run', tmp_path / 'logs', 2, 2)
+  run.wait_for(lambda: 'First step' in run.text(1), 'the first step of process 1')
+  os.kill(run.processes[1].pid, signal.SIGTERM)
+  run.wait()
+  steps = [_preempted_step(run.text(i)) for i in range(2)]
+  assert steps[0] == steps[1] < TRAIN_STEPS, steps
+  step = steps[0]
+  committed = os.path.join(run.model_dir, f'checkpoint_{step}', 'commit_success.txt')
+  assert os.path.exists(committed)
+  # Metrics were flushed up to the saved step.
+  assert [r['step'] for r in _records(run.model_dir)][-1] == step
+
+  rerun = Run(env, tmp_path / 'run', tmp_path / 'logs', 2, 2)
+  rerun.wait()
+  for process_id in range(2):
+    assert f'Starting at step {step} from resume' in rerun.text(process_id)
+  worst = _largest_difference(_params(run.model_dir), _params(two.model_dir))
+  assert worst[0] == 0.0, f'largest parameter difference {worst[0]} in {worst[1]}'
+  losses = {r['step']: r['loss'] for r in _records(two.model_dir)}
+  assert all(r['loss'] == losses[r['step']] for r in _records(run.model_dir))
+
+
+def test_sigkill_at_any_moment_then_the_same_command_ends_identical(env, uninterrupted, tmp_path):
+  """One process killed mid-save (an orbax temporary step directory exists), then at a random
+  moment, then run to the end: params and every logged loss equal the uninterrupted run's."""
+  one, _ = uninterrupted
+  model_dir = tmp_path / 'run'
+  seed = random.randrange(1 << 30)
+  delay_s = random.Random(seed).uniform(0.0, 1.5)
+
+  run = Run(env, model_dir, tmp_path / 'logs', 1, 4)
+  in_flight = os.path.join(str(model_dir), 'checkpoint_*.orbax-checkpoint-tmp*')
+  # Mid-save of a step after the first, so the restart has a committed step to resume from.
+  run.wait_for(lambda: any(int(os.path.basename(p).split('_')[1].split('.')[0]) > CHECKPOINT_PERIOD
+                           for p in glob.glob(in_flight)), 'a save in flight')
+  run.processes[0].send_signal(signal.SIGKILL)
+  run.wait(expect_codes=(-signal.SIGKILL,))
+
+  run = Run(env, model_dir, tmp_path / 'logs', 1, 4)
+  run.wait_for(lambda: 'First step' in run.text(0), 'the first step after the restart')
+  resumed = re.search(r'Starting at step (\d+) from resume', run.text(0))
+  assert resumed and int(resumed.group(1)) >= CHECKPOINT_PERIOD, run.text(0)[-3000:]
+  time.sleep(delay_s)
+  run.processes[0].send_signal(signal.SIGKILL)
+  run.wait(expect_codes=(-signal.SIGKILL, 0))  # it may have finished first
+
+  run = Run(env, model_dir, tmp_path / 'logs', 1, 4)
+  run.wait()
+  worst = _largest_difference(_params(model_dir), _params(one.model_dir))
+  assert worst[0] == 0.0, f'kill delay seed {seed}: parameter difference {worst[0]} in {worst[1]}'
+  # Steps redone after a kill are logged again, with the same losses.
+  losses = {r['step']: r['loss'] for r in _records(one.model_dir)}
+  records = _records(model_dir)
+  assert {r['step'] for r in records} == set(losses)
+  assert all(r['loss'] == losses[r['step']] for r in records), f'kill delay seed {seed}'
