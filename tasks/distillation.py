@@ -28,7 +28,6 @@ from specialize_jax.data import data_dir
 from specialize_jax.data import formats
 from specialize_jax.data import vocabulary
 from specialize_jax.teacher import prepared_data
-from specialize_jax.teacher import teacher_features
 from tasks import common
 
 PREPARED_DATA_ENV = "SPECIALIZE_PREPARED_DATA"
@@ -73,7 +72,7 @@ def register_prepared_task(name: str, directory_fn, format_names, teacher_k: Opt
   is the advice when the set is missing (default: `specialize prepare`)."""
   preprocessors = [seqio.preprocessors.append_eos_after_trim]
   if teacher_k:
-    preprocessors.append(teacher_features.complete_teacher_rows)
+    preprocessors.append(prepared_data.complete_teacher_rows)
   if any(formats.is_in_context(f) for f in format_names):
     preprocessors.insert(0, functools.partial(check_input_budget, directory_fn=directory_fn,
                                               format_names=tuple(format_names)))

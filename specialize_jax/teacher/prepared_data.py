@@ -50,7 +50,6 @@ import tensorflow as tf
 
 from specialize_jax.config_errors import ConfigError
 from specialize_jax.data import feature_converters
-from specialize_jax.teacher import teacher_features
 
 SCHEMA = "specialize_jax.prepared/1"
 METADATA_FILE = "metadata.json"
@@ -127,7 +126,8 @@ def serialize_example(example: Mapping, inputs: Sequence[int], targets: Sequence
 
 
 def _parse_batch(serialized: tf.Tensor, teacher_k: Optional[int]) -> Dict[str, tf.Tensor]:
-  """A batch of records as ragged features (unbatched later into one example each)."""
+  """A batch of records as ragged features, teacher rows already `[n, k]` per example (unbatched
+  later into one example each: every per-example op saved here is one less per example)."""
   spec = {"inputs": tf.io.RaggedFeature(tf.int64), "targets": tf.io.RaggedFeature(tf.int64),
           "id": tf.io.FixedLenFeature([], tf.string),
           "answer": tf.io.FixedLenFeature([], tf.string),
@@ -142,21 +142,34 @@ def _parse_batch(serialized: tf.Tensor, teacher_k: Optional[int]) -> Dict[str, t
          "id": parsed["id"], "answer": parsed["answer"], "format": parsed["format"],
          "sample_index": tf.cast(parsed["sample_index"], tf.int32)}
   if teacher_k:
-    out[feature_converters.TEACHER_TOPK_IDS] = tf.cast(parsed[feature_converters.TEACHER_TOPK_IDS],
-                                                       tf.int32)
-    out[feature_converters.TEACHER_TOPK_LOGPROBS] = parsed[feature_converters.TEACHER_TOPK_LOGPROBS]
+    for name, dtype in ((feature_converters.TEACHER_TOPK_IDS, tf.int32),
+                        (feature_converters.TEACHER_TOPK_LOGPROBS, tf.float32)):
+      flat = parsed[name]  # [batch, (n * k)]
+      out[name] = tf.RaggedTensor.from_row_lengths(
+          tf.reshape(tf.cast(flat.values, dtype), [-1, teacher_k]), flat.row_lengths() // teacher_k)
   return out
 
 
-def _teacher_rows(example: Dict[str, tf.Tensor], k: int) -> Dict[str, tf.Tensor]:
-  """Flat stored rows as `[n, k]`, with the ids `teacher_features.complete_teacher_rows` checks
-  (the stored targets themselves: the prepare step already checked them against the alignment)."""
-  example = dict(example)
-  for name in feature_converters.TEACHER_FEATURES:
-    example[name] = tf.reshape(example[name], [-1, k])
-  rows = tf.shape(example[feature_converters.TEACHER_TOPK_IDS])[0]
-  example[teacher_features.TEACHER_TARGET_IDS] = example["targets"][:rows]
-  return example
+def complete_teacher_rows(dataset: tf.data.Dataset,
+                          output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+  """SeqIO preprocessor for prepared sets, after `append_eos_after_trim`: one teacher row per
+  target token. Stored rows cover the untrimmed targets (or none: answer-only), so a row is kept
+  where its token survived the trim; the EOS row and rows past the stored ones are one-hot. (The
+  stored ids were checked against the aligned file when the set was prepared; the general
+  `teacher_features.complete_teacher_rows` checks them again for every example.)"""
+  del output_features  # The EOS is always the last target token here.
+
+  def complete(example):
+    example = dict(example)
+    targets = example["targets"]
+    ids = example[feature_converters.TEACHER_TOPK_IDS]
+    k = ids.shape[-1]
+    keep = tf.minimum(tf.shape(ids)[0], tf.shape(targets)[0] - 1)
+    one_hot = feature_converters.one_hot_teacher_features(targets[keep:], k)
+    for name in feature_converters.TEACHER_FEATURES:
+      example[name] = tf.concat([example[name][:keep], one_hot[name]], axis=0)
+    return example
+  return dataset.map(complete, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 # ---------------------------------------------------------------------------------- metadata
@@ -369,11 +382,7 @@ class PreparedSource(seqio.DataSource):
                                                            [None]))
     dataset = dataset.map(lambda serialized: _parse_batch(serialized, stored_k),
                           num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.unbatch()
-    if self._teacher_k:
-      dataset = dataset.map(lambda example: _teacher_rows(example, stored_k),
-                            num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset
+    return dataset.unbatch()
 
 
 def check_vocabulary(prepared: PreparedSet, vocab_path: str) -> None:
