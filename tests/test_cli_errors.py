@@ -65,7 +65,8 @@ CASES = [
 
 
 def _run(argv, cwd, data_dir, vocabulary=None, timeout=300):
-  env = {k: v for k, v in os.environ.items() if k != "SPECIALIZE_VOCAB_PATH"}
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("SPECIALIZE_VOCAB_PATH", "SPECIALIZE_PREPARED_DATA")}
   env.update(SPECIALIZE_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
              GLIBC_TUNABLES="",  # No re-exec for the malloc settings: one process per case.
              PYTHONPATH=os.pathsep.join([str(shared_data.REPO_ROOT), env.get("PYTHONPATH", "")]))
@@ -129,6 +130,8 @@ def test_missing_training_data_fails_before_the_model_is_built(tmp_path):
   assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
   assert done.returncode == 2, done.stderr[-3000:]
   [line] = _error_lines(done, "train")
-  assert "gsm8k/train.jsonl" in line and DOWNLOAD in line, line
+  # The training tasks read a prepared set; the default one is the GSM8K gold rationales.
+  assert f"{tmp_path / 'data' / 'prepared' / 'gsm8k_gold'} is missing" in line, line
+  assert "specialize prepare --output" in line and "SPECIALIZE_PREPARED_DATA" in line, line
   assert "initialized" not in done.stderr  # No train state was built (nor compiled).
   assert sorted(os.listdir(tmp_path / "runs" / "x")) == ["config.gin"]
