@@ -1,9 +1,9 @@
 """The teacher side of the pipeline, one module per stage (ARCHITECTURE.md):
 
-  teacher_client   sample chains of thought from an OpenAI-compatible endpoint (`specialize teacher`)
+  teacher_client   sample chains of thought from any OpenAI-compatible server (`specialize teacher`)
   teacher_sources  import other teachers' data: GSM8K gold, PaLM SVAMP, the paper's Codex pickles
   teacher_data     the `specialize_jax.teacher/1` JSONL schema: reader, validator, atomic writer
-  teacher_filter   keep the correct samples, cut after their answer line (`specialize teacher_filter`)
+  teacher_filter   keep correct samples, cut after their answer line (`specialize teacher_filter`)
   alignment        move per-token top-k onto student pieces by DTW (`specialize align`)
   aligned_data     the `specialize_jax.aligned/1` JSONL schema of `alignment`'s output
   teacher_features aligned rows as the dense `[targets, k]` features the training tasks carry

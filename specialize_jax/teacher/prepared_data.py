@@ -265,15 +265,16 @@ class ExampleOrder:
     self._seed, self._shuffle = seed, shuffle
     self._shard_index, self._num_shards = shard_index, num_shards
     self._rows = rows_per_batch
+    # Per instance: a stream reads blocks and epochs in order, so a few recent ones suffice.
+    self._block_slots = functools.lru_cache(maxsize=4)(self._slots_of_block)
+    self._epoch_order = functools.lru_cache(maxsize=2 * len(counts))(self._order_of_epoch)
 
-  @functools.lru_cache(maxsize=4)
-  def _block_slots(self, block: int) -> np.ndarray:
+  def _slots_of_block(self, block: int) -> np.ndarray:
     if not self._shuffle or self._block == 1:
       return np.arange(self._block)
     return np.random.default_rng([self._seed, 1, block]).permutation(self._block)
 
-  @functools.lru_cache(maxsize=8)
-  def _epoch_order(self, format_index: int, epoch: int) -> np.ndarray:
+  def _order_of_epoch(self, format_index: int, epoch: int) -> np.ndarray:
     if not self._shuffle:
       return np.arange(self._counts[format_index])
     rng = np.random.default_rng([self._seed, 2, format_index, epoch])
@@ -301,10 +302,10 @@ class PreparedSource(seqio.DataSource):
   """A SeqIO source over some formats of a prepared directory, mixed by its rates.
 
   Each data shard (`shard_info`, from the engine's data layout) reads only its own positions of
-  the one global stream; `split='train@N:L'` starts at the shard's N-th example, L rows a batch. The directory is
-  opened when a dataset is built (registering needs no data); `directory` and `vocabulary_path`
-  may be callables returning them (environment variables read late). With `vocabulary_path`, a set
-  tokenized with another vocabulary fails before training.
+  the one global stream; `split='train@N:L'` starts at the shard's N-th example, L rows a batch.
+  The directory is opened when a dataset is built (registering needs no data); `directory` and
+  `vocabulary_path` may be callables returning them (environment variables read late). With
+  `vocabulary_path`, a set tokenized with another vocabulary fails before training.
   """
 
   def __init__(self, directory, format_names: Sequence[str], teacher_k: Optional[int] = None,
