@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import seqio
 
+from specialize_jax.config_errors import ConfigError
 from specialize_jax.data import feature_converters
 from specialize_jax.teacher import prepared_data
 
@@ -49,8 +50,8 @@ class DatasetConfig:
 
 def local_batch_size(config: DatasetConfig, num_shards: int) -> int:
   if config.batch_size % num_shards:
-    raise ValueError(f"BATCH_SIZE={config.batch_size} is not divisible by the number of data "
-                     f"shards ({num_shards}); set --gin.BATCH_SIZE to a multiple of {num_shards}.")
+    raise ConfigError(f"BATCH_SIZE={config.batch_size} is not divisible by the number of data "
+                      f"shards ({num_shards}); set --gin.BATCH_SIZE to a multiple of {num_shards}.")
   return config.batch_size // num_shards
 
 
@@ -67,9 +68,9 @@ def mixture_or_task(config: DatasetConfig):
     import difflib  # pylint: disable=g-import-not-at-top
     names = list(seqio.TaskRegistry.names()) + list(seqio.MixtureRegistry.names())
     close = difflib.get_close_matches(config.mixture_or_task_name, names, n=3)
-    raise ValueError(f"MIXTURE_OR_TASK_NAME={config.mixture_or_task_name!r} is not registered"
-                     f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} "
-                     "(`specialize tasks` lists them).")
+    raise ConfigError(f"MIXTURE_OR_TASK_NAME={config.mixture_or_task_name!r} is not registered"
+                      f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} "
+                      "(`specialize tasks` lists them).")
   return seqio.get_mixture_or_task(config.mixture_or_task_name)
 
 
@@ -133,9 +134,9 @@ class TrainIterator:
     self._batches_consumed = 0
     if position:
       if position.get("seed", config.seed) != config.seed:
-        raise ValueError(f"The checkpoint's data position was recorded with seed "
-                         f"{position['seed']}, but the run uses seed {config.seed}; resume with "
-                         f"the same --gin.train/DatasetConfig.seed.")
+        raise ConfigError(f"The checkpoint's data position was recorded with seed "
+                          f"{position['seed']}, but the run uses seed {config.seed}; resume with "
+                          f"the same --gin.train/DatasetConfig.seed.")
       self._batches_consumed = int(position.get("batches_consumed", 0))
     if self._batches_consumed and _is_prepared(config) and not config.pack:
       # Every batch took exactly its rows from the stream read here: start right after them.
