@@ -2,6 +2,7 @@
 one), read in a seeded global order that visits every sample once per epoch, spreads questions,
 splits over data shards without overlap, and starts anywhere in O(1)."""
 import collections
+import dataclasses
 import os
 
 import numpy as np
@@ -84,7 +85,8 @@ def test_one_epoch_visits_every_sample_once_in_a_seeded_spread_order(toy_set):
   assert second != first[:64] and set(second) <= set(first)  # the next epoch, reshuffled
   assert _stream(toy_set.directory, ["zs_cot"], 500, seed=0) == stream[:500]
   assert _stream(toy_set.directory, ["zs_cot"], 500, seed=1) != stream[:500]
-  # Questions spread: batches of 64 hold 64 distinct questions (a uniform shuffle: about 61 %).
+  # Questions spread: batches of 64 hold 64 distinct questions (a uniform shuffle: about 61 %, by
+  # the birthday bound).
   batches = [first[k:k + 64] for k in range(0, epoch - 63, 64)]
   distinct = np.mean([len({i for i, _ in b}) == 64 for b in batches])
   assert distinct >= 0.9, distinct
@@ -177,8 +179,7 @@ def test_prepare_resumes_and_never_replaces_a_good_set(tmp_path, vocab_path, cap
   assert sorted(p.name for p in partial.glob("chunk-*.done.json")) == [
       f"chunk-{i:05d}.done.json" for i in range(3)]
   with pytest.raises(ValueError, match="other settings or inputs.*exemplar_seed"):
-    prepare.prepare(lambda: _records(40), config.__class__(**{**config.__dict__,
-                                                              "exemplar_seed": 1}),
+    prepare.prepare(lambda: _records(40), dataclasses.replace(config, exemplar_seed=1),
                     aligned={}, sources={"teacher": "toy"})
   with caplog.at_level("INFO"):
     resumed = prepare.prepare(lambda: _records(40), config, aligned={}, sources={"teacher": "toy"})
@@ -205,8 +206,7 @@ def test_held_out_questions_are_excluded_by_id_and_text_and_counted(tmp_path, vo
   wrong_ids = prepare.HeldOut(ids=frozenset({"toy/train/1"}), full_size=10, expected=2)
   with pytest.raises(ValueError, match="1 of the 2 held-out ones were found by id"):
     prepare.prepare(lambda: _records(10),
-                    config.__class__(**{**config.__dict__, "output_dir": str(tmp_path / "b")}),
-                    wrong_ids)
+                    dataclasses.replace(config, output_dir=str(tmp_path / "b")), wrong_ids)
 
 
 def test_a_set_that_does_not_fit_the_task_fails_before_training(toy_set, tmp_path, vocab_path):

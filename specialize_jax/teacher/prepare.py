@@ -26,12 +26,16 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 import tensorflow as tf
 
+from specialize_jax.data import data_dir
 from specialize_jax.data import feature_converters
 from specialize_jax.data import formats
+from specialize_jax.data import readers
+from specialize_jax.data import splits
 from specialize_jax.data.records import MathExample
 from specialize_jax.teacher import prepared_data
 from specialize_jax.teacher import teacher_data
 from specialize_jax.teacher import teacher_features
+from specialize_jax.teacher import teacher_sources
 
 DEFAULT_FORMAT_RATES = {"icl_cot": 0.79, "zs_cot": 0.20, "icl_ao": 0.005, "zs_ao": 0.005}
 DEFAULT_MAX_INPUT_TOKENS = 1024
@@ -143,14 +147,9 @@ def _write_chunk(chunk: _Chunk, config: PrepareConfig, work_dir: str,
         row = (chunk.aligned.get((example["id"], example["sample_index"]))
                if formats.is_chain_of_thought(format_name) else None)
         where = f"{example['id']} sample {example['sample_index']}"
-        rows = teacher_features.example_rows(row, example["targets"], config.teacher_k, where)
-        if row is not None:
-          if not np.array_equal(row.target_ids, targets):
-            raise ValueError(
-                f"{where}: the aligned file's target_ids differ from {config.vocab_path}'s "
-                "tokenization of the same target: it was aligned with another vocabulary. Rerun "
-                "`specialize align --vocab` with this vocabulary.")
-          with_teacher += 1
+        rows = teacher_features.example_rows(row, example["targets"], targets, config.teacher_k,
+                                             where)
+        with_teacher += row is not None
         ids = rows[feature_converters.TEACHER_TOPK_IDS]
         logprobs = rows[feature_converters.TEACHER_TOPK_LOGPROBS]
       writer.write(prepared_data.serialize_example(example, inputs, targets, format_name, ids,
@@ -344,21 +343,8 @@ def _progress(done: int, total: int, resumed: int, examples: int, start: float) 
           f"ETA {eta:.0f} s")
 
 
-def _read_aligned(path: str, k: int, log: Callable[[str], None]) -> Dict:
-  """`teacher_features.load_dense_rows` with a progress line every 20,000 rows."""
-  from specialize_jax.teacher import aligned_data  # pylint: disable=g-import-not-at-top
-  start, rows = time.perf_counter(), {}
-  for count, row in enumerate(aligned_data.iter_aligned(path), 1):
-    rows[(row.id, row.sample_index)] = teacher_features.dense_aligned_row(row, k)
-    if count % 20_000 == 0:
-      log(f"{path}: {count} aligned rows read, {count / (time.perf_counter() - start):.0f}/s")
-  log(f"{path}: {len(rows)} aligned rows (top-{k}) in {time.perf_counter() - start:.0f} s.")
-  return rows
-
-
 def gsm8k_held_out() -> HeldOut:
   """GSM8K dev (200 train questions) and test: never trained on (by id, and by text)."""
-  from specialize_jax.data import splits  # pylint: disable=g-import-not-at-top
   held = [e for split in ("dev", "test") for e in splits.math_split("gsm8k", split)]
   dev = splits.math_split("gsm8k", "dev")
   full = len(dev) + len(splits.math_split("gsm8k", "train"))
@@ -371,10 +357,6 @@ def prepare_gsm8k(config: PrepareConfig, teacher_path: Optional[str] = None,
                   log: Callable[[str], None] = logging.info) -> prepared_data.PreparedSet:
   """`specialize prepare`: GSM8K teacher data (a file, else the gold rationales) -> a prepared set
   with GSM8K dev/test held out and GSM8K train (without dev) as the exemplar pool."""
-  from specialize_jax.data import data_dir  # pylint: disable=g-import-not-at-top
-  from specialize_jax.data import readers  # pylint: disable=g-import-not-at-top
-  from specialize_jax.data import splits  # pylint: disable=g-import-not-at-top
-  from specialize_jax.teacher import teacher_sources  # pylint: disable=g-import-not-at-top
   if teacher_path:
     records_fn = lambda: teacher_data.iter_records(teacher_path)
     sources = {"teacher": teacher_path, "teacher_sha256": prepared_data.file_sha256(teacher_path)}
@@ -386,7 +368,7 @@ def prepare_gsm8k(config: PrepareConfig, teacher_path: Optional[str] = None,
   if aligned_path:
     if not config.teacher_k:
       config = dataclasses.replace(config, teacher_k=5)
-    aligned = _read_aligned(aligned_path, config.teacher_k, log)
+    aligned = teacher_features.load_dense_rows(aligned_path, config.teacher_k, log)
     sources.update(aligned=aligned_path, aligned_sha256=prepared_data.file_sha256(aligned_path))
   return prepare(records_fn, config, gsm8k_held_out(), aligned,
                  exemplar_pool=splits.math_split("gsm8k", "train"), sources=sources, log=log)

@@ -154,9 +154,8 @@ def complete_teacher_rows(dataset: tf.data.Dataset,
                           output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
   """SeqIO preprocessor for prepared sets, after `append_eos_after_trim`: one teacher row per
   target token. Stored rows cover the untrimmed targets (or none: answer-only), so a row is kept
-  where its token survived the trim; the EOS row and rows past the stored ones are one-hot. (The
-  stored ids were checked against the aligned file when the set was prepared; the general
-  `teacher_features.complete_teacher_rows` checks them again for every example.)"""
+  where its token survived the trim; the EOS row and rows past the stored ones are one-hot (the
+  stored ids were checked against the aligned file when the set was prepared)."""
   del output_features  # The EOS is always the last target token here.
 
   def complete(example):

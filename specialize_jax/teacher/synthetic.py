@@ -59,6 +59,8 @@ import numpy as np
 from specialize_jax.data import answers
 from specialize_jax.data import atomic_files
 from specialize_jax.data import formats
+from specialize_jax.teacher import prepare
+from specialize_jax.teacher import prepared_data
 from specialize_jax.teacher import teacher_data
 
 SOURCE = "demo"
@@ -416,8 +418,6 @@ def write_demo_data(directory, num_train: int = 200_000, num_eval: int = 600,
 def prepare_training_set(directory, workers: int = 2) -> str:
   """The demo's prepared training set (`<directory>/prepared`: zero-shot CoT and answer-only
   examples of `train.jsonl` in the demo vocabulary), written unless it is current; its path."""
-  from specialize_jax.teacher import prepare  # pylint: disable=g-import-not-at-top
-  from specialize_jax.teacher import prepared_data  # pylint: disable=g-import-not-at-top
   paths = demo_paths(directory)
   output = str(pathlib.Path(directory) / PREPARED_SUBDIR)
   sources = {"teacher": str(paths["train"]), "teacher_sha256": _sha256(paths["train"])}

@@ -1,34 +1,31 @@
-"""Teacher features for SeqIO training tasks, from an aligned teacher file (`specialize align`).
+"""Teacher features for training examples, from an aligned teacher file (`specialize align`).
 
 Terms:
   aligned row: one line of a `specialize_jax.aligned/1` file (see `alignment`): a teacher sample's
     cut target text, its student ids `target_ids`, and per target id a ragged top-k row
     (`topk_ids`, `topk_logprobs`) that is the teacher's distribution for predicting that id, or a
     one-hot row where the alignment kept none.
-  dense rows: the `[n, k]` arrays a task emits (`feature_converters.TEACHER_TOPK_IDS` /
-    `TEACHER_TOPK_LOGPROBS`): ragged rows cut to their k most probable entries and padded with
+  dense rows: the `[n, k]` arrays a prepared example stores (`feature_converters.TEACHER_TOPK_IDS`
+    / `TEACHER_TOPK_LOGPROBS`): ragged rows cut to their k most probable entries and padded with
     `TEACHER_PAD_ID` / `TEACHER_PAD_LOGPROB`.
-  checked ids: the aligned row's `target_ids`, carried as `TEACHER_TARGET_IDS` until the task has
-    tokenized its text target, then compared with the tokens and dropped: an aligned file made with
-    another vocabulary fails loudly instead of training on shifted distributions.
 
-The task's text target is tokenized by SeqIO as in sample training, so a `distribution` run sees
-exactly the examples of the matching `sample` run; only the teacher features are added. Examples
-without an aligned row (answer-only formats, samples the alignment skipped, gold rationales) carry
-no rows, and `complete_teacher_rows` makes every such position one-hot on its target (the KL there
-is cross-entropy), as it does for the EOS token SeqIO appends.
+`specialize prepare` joins the rows to the examples of the matching sample-loss set
+(`example_rows`), checking the target text and its ids in the student's vocabulary: an aligned
+file made from another teacher file or with another vocabulary fails loudly instead of training on
+shifted distributions. Examples without an aligned row (answer-only formats, samples the alignment
+skipped, gold rationales) store no rows; the training task makes every such position one-hot on
+its target (`prepared_data.complete_teacher_rows`; the KL there is cross-entropy), as it does for
+the EOS token.
 """
 import dataclasses
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+import logging
+import time
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
-import seqio
-import tensorflow as tf
 
-from specialize_jax.teacher import aligned_data
 from specialize_jax.data import feature_converters
-
-TEACHER_TARGET_IDS = "teacher_target_ids"
+from specialize_jax.teacher import aligned_data
 
 
 def dense_rows(topk_ids: Sequence[Sequence[int]], topk_logprobs: Sequence[Sequence[float]],
@@ -50,8 +47,7 @@ def dense_rows(topk_ids: Sequence[Sequence[int]], topk_logprobs: Sequence[Sequen
 def empty_rows(k: int) -> Dict[str, np.ndarray]:
   """The features of an example with no teacher distribution (every position becomes one-hot)."""
   return {feature_converters.TEACHER_TOPK_IDS: np.zeros((0, k), np.int32),
-          feature_converters.TEACHER_TOPK_LOGPROBS: np.zeros((0, k), np.float32),
-          TEACHER_TARGET_IDS: np.zeros((0,), np.int32)}
+          feature_converters.TEACHER_TOPK_LOGPROBS: np.zeros((0, k), np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,21 +65,29 @@ def dense_aligned_row(row: aligned_data.AlignedRow, k: int) -> DenseAlignedRow:
   return DenseAlignedRow(row.target, np.asarray(row.target_ids, np.int32), ids, logprobs)
 
 
-def load_dense_rows(path, k: int) -> Dict[Tuple[str, int], DenseAlignedRow]:
-  """`{(id, sample_index): DenseAlignedRow}` of an aligned file, converted while it is read."""
-  return {(row.id, row.sample_index): dense_aligned_row(row, k)
-          for row in aligned_data.iter_aligned(path)}
+def load_dense_rows(path, k: int, log: Callable[[str], None] = logging.info,
+                    log_every: int = 20_000) -> Dict[Tuple[str, int], DenseAlignedRow]:
+  """`{(id, sample_index): DenseAlignedRow}` of an aligned file, converted while it is read (a
+  progress line every `log_every` rows: a paper-size file takes minutes)."""
+  start, rows = time.perf_counter(), {}
+  for count, row in enumerate(aligned_data.iter_aligned(path), 1):
+    rows[(row.id, row.sample_index)] = dense_aligned_row(row, k)
+    if count % log_every == 0:
+      log(f"{path}: {count} aligned rows read, {count / (time.perf_counter() - start):.0f}/s")
+  log(f"{path}: {len(rows)} aligned rows (top-{k}) in {time.perf_counter() - start:.0f} s.")
+  return rows
 
 
-def example_rows(aligned: Optional[DenseAlignedRow], target: str, k: int,
-                 where: str) -> Dict[str, np.ndarray]:
+def example_rows(aligned: Optional[DenseAlignedRow], target: str, target_ids: Sequence[int],
+                 k: int, where: str) -> Dict[str, np.ndarray]:
   """Teacher features of one training example whose text target is `target`.
 
   Args:
     aligned: the example's dense aligned row (`load_dense_rows`, width `k`), or None (one-hot
       everywhere).
     target: the example's text target; must be the aligned row's `target`.
-    k: the task's top-k width.
+    target_ids: `target` in the student's vocabulary; must be the aligned row's `target_ids`.
+    k: the top-k width.
     where: names the example in errors (e.g. `gsm8k/train/3 sample 1 of FILE`).
   """
   if aligned is None:
@@ -93,51 +97,12 @@ def example_rows(aligned: Optional[DenseAlignedRow], target: str, k: int,
         f"{where}: the aligned target differs from the teacher file's sample cut after its answer "
         f"line ({aligned.target[:60]!r}... vs {target[:60]!r}...). The aligned file was made "
         "from another teacher file: rerun `specialize align` on the teacher file you train on.")
+  if not np.array_equal(aligned.target_ids, target_ids):
+    raise ValueError(
+        f"{where}: the aligned file's target_ids differ from this vocabulary's tokenization of the "
+        "same target: it was aligned with another vocabulary. Rerun `specialize align --vocab` "
+        "with the vocabulary the set is prepared with.")
   if aligned.topk_ids.shape[1] != k:
     raise ValueError(f"{where}: aligned rows of width {aligned.topk_ids.shape[1]}, task k={k}.")
   return {feature_converters.TEACHER_TOPK_IDS: aligned.topk_ids,
-          feature_converters.TEACHER_TOPK_LOGPROBS: aligned.topk_logprobs,
-          TEACHER_TARGET_IDS: aligned.target_ids}
-
-
-def output_signature(k: int) -> Dict[str, tf.TensorSpec]:
-  return {feature_converters.TEACHER_TOPK_IDS: tf.TensorSpec([None, k], tf.int32),
-          feature_converters.TEACHER_TOPK_LOGPROBS: tf.TensorSpec([None, k], tf.float32),
-          TEACHER_TARGET_IDS: tf.TensorSpec([None], tf.int32)}
-
-
-def complete_teacher_rows(dataset: tf.data.Dataset,
-                          output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
-  """SeqIO preprocessor, after tokenizing and appending EOS: checks the aligned ids, then makes the
-  teacher features one row per target token (rows past the aligned ones, and EOS rows, one-hot on
-  the target)."""
-  eos_id = output_features["targets"].vocabulary.eos_id
-  return dataset.map(lambda example: _complete(example, eos_id),
-                     num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def _complete(example: Mapping[str, tf.Tensor], eos_id: int) -> Dict[str, tf.Tensor]:
-  example = dict(example)
-  targets = tf.cast(example["targets"], tf.int32)
-  ids = example[feature_converters.TEACHER_TOPK_IDS]
-  logprobs = example[feature_converters.TEACHER_TOPK_LOGPROBS]
-  checked = example.pop(TEACHER_TARGET_IDS)
-  length = tf.shape(targets)[0]
-  aligned = tf.minimum(tf.shape(checked)[0], length)
-  # SeqIO's EOS replaces the last token when it trims, so an EOS position never keeps a teacher row.
-  is_eos = tf.equal(targets[:aligned], eos_id)
-  matches = tf.logical_or(tf.equal(targets[:aligned], checked[:aligned]), is_eos)
-  tf.debugging.assert_equal(
-      tf.reduce_all(matches), True,
-      message="The aligned teacher file's target_ids differ from this task's tokenization of the "
-              "same text: it was aligned with another vocabulary. Rerun `specialize align --vocab` "
-              "with the vocabulary this run uses.")
-  one_hot = feature_converters.one_hot_teacher_features(targets, ids.shape[-1])
-  keep = tf.logical_and(tf.range(length) < aligned,
-                        tf.logical_not(tf.equal(targets, eos_id)))
-  pad_rows = tf.maximum(length - tf.shape(ids)[0], 0)
-  for name, rows in ((feature_converters.TEACHER_TOPK_IDS, ids),
-                     (feature_converters.TEACHER_TOPK_LOGPROBS, logprobs)):
-    rows = tf.pad(rows[:length], [[0, pad_rows], [0, 0]])
-    example[name] = tf.where(keep[:, None], rows, one_hot[name])
-  return example
+          feature_converters.TEACHER_TOPK_LOGPROBS: aligned.topk_logprobs}
