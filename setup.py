@@ -9,6 +9,8 @@ INSTALL_REQUIRES = [
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
     "tensorstore==0.1.86",
+    # The path layer (specialize_jax/data/storage.py): local paths and gs:// alike, as orbax uses.
+    "etils[epath]==1.15.0",
     "seqio==0.0.20",
     # tensorflow-text pulls full tensorflow even beside tensorflow-cpu, so depend on it directly.
     "tensorflow==2.21.0",
@@ -35,6 +37,9 @@ EXTRAS_REQUIRE = {
         # Test-only peers for parity checks (CPU wheel of torch is local on the dev machines).
         "torch==2.13.0",
         "transformers==5.24.0",
+        # gs:// against a local GCS emulator (tests/test_storage.py): epath's fsspec backend.
+        "gcsfs==2026.10.1",
+        "gcp-storage-emulator==2026.7.19",
     ],
 }
 

@@ -40,6 +40,7 @@ from specialize_jax import gin_config
 from specialize_jax import host_malloc
 from specialize_jax import xla_cpu_flags
 from specialize_jax.config_errors import ConfigError
+from specialize_jax.data import storage
 
 USER_ERRORS = (ConfigError, FileNotFoundError)
 
@@ -286,10 +287,10 @@ def _check_gin_job_inputs(command: str) -> None:
   elif command == "infer":
     inputs = gin_config.bound_value("runs.infer.inputs")
     vocabulary_path = gin_config.bound_value("runs.infer.vocabulary_path")
-    if vocabulary_path and not os.path.isfile(vocabulary_path):
+    if vocabulary_path and not storage.isfile(vocabulary_path):
       raise FileNotFoundError(f"VOCABULARY_PATH={vocabulary_path} does not exist; point "
                               "--gin.VOCABULARY_PATH at a SentencePiece model.")
-    if isinstance(inputs, str) and not os.path.exists(inputs):
+    if isinstance(inputs, str) and not storage.exists(inputs):
       checks.append(([inputs], "INFER_INPUTS (a task name or a file of inputs)", True))
   for names, where, _ in checks:  # Every name first: a typo is reported before missing data.
     preflight.tasks_of(names, where)
@@ -368,7 +369,7 @@ def _cmd_sweep(args) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:  # The run's report and BEST are process 0's to write.
     return 0
-  model_dir = os.path.abspath(args.model_dir)
+  model_dir = storage.absolute(args.model_dir)
   written = report.write_run_report(
       model_dir, result.accuracy_table(), rule=rule, checkpoint_paths=result.checkpoints,
       start_step=result.start_step, timing=result.timing)
@@ -377,7 +378,7 @@ def _cmd_sweep(args) -> int:
     selection.write_best(model_dir, chosen, result.checkpoints[chosen.step])
   else:
     selection.remove_stale_best(model_dir)
-  print(json.dumps({"report": os.path.join(model_dir, report.REPORT_SUBDIR),
+  print(json.dumps({"report": storage.join(model_dir, report.REPORT_SUBDIR),
                     "selected_step": chosen.step, "rule": rule.name, "score": chosen.score,
                     "in_distribution_pick": written.alternative.step,
                     "decoded_pairs": len(result.decoded), "reused_pairs": result.reused,
@@ -388,13 +389,13 @@ def _cmd_sweep(args) -> int:
 def _cmd_compare(args) -> int:
   from specialize_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   from specialize_jax.evaluation import sweep  # pylint: disable=g-import-not-at-top
-  labels = args.labels or [os.path.basename(os.path.normpath(r)) for r in args.runs]
+  labels = args.labels or [storage.basename(r.rstrip('/')) for r in args.runs]
   if len(labels) != len(args.runs):
     print(f"specialize compare: {len(labels)} --labels for {len(args.runs)} runs; give one per run.",
           file=sys.stderr)
     return 2
   try:
-    runs = [(label, os.path.abspath(run), sweep.read_accuracy_table(run))
+    runs = [(label, storage.absolute(run), sweep.read_accuracy_table(run))
             for label, run in zip(labels, args.runs)]
     files = report.write_comparison(runs, args.output, rule=_selection_rule(args),
                                     start_step=None if args.no_start else sweep.START_STEP)

@@ -43,8 +43,9 @@ def file_resolution(search_paths: Sequence[str] = ()) -> Iterator[None]:
   # pylint: disable=protected-access
   file_readers, location_prefixes = gin_lib._FILE_READERS, gin_lib._LOCATION_PREFIXES
   # pylint: enable=protected-access
+  from specialize_jax.data import storage  # pylint: disable=g-import-not-at-top
   saved = list(file_readers), list(location_prefixes)
-  file_readers[:] = [(open, os.path.isfile)]
+  file_readers[:] = [(storage.open_file, storage.isfile)]  # local files and gs:// alike
   location_prefixes[:] = ["", *search_paths, REPO_GIN_DIR]
   try:
     yield
@@ -73,11 +74,8 @@ def write_config(model_dir: Optional[str]) -> None:
   text = gin.config_str()
   logging.info("Gin config:\n%s", text)
   if model_dir and jax.process_index() == 0:
-    os.makedirs(model_dir, exist_ok=True)
-    path = os.path.join(model_dir, "config.gin")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(path + ".tmp", path)
+    from specialize_jax.data import storage  # pylint: disable=g-import-not-at-top
+    storage.write_text(storage.join(model_dir, "config.gin"), text)
 
 
 def macro(name: str):

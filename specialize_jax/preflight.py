@@ -53,7 +53,7 @@ def check_vocabulary(vocabulary: seqio.Vocabulary, task_name: str) -> None:
     return
   path = vocabulary.sentencepiece_model_file
   if "://" not in path:
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):  # local: not a URL (above)
       raise _missing_vocabulary(path, task_name, "does not exist")
     return
   try:  # gs://... (the T5X public vocabulary): readable only with network and credentials.

@@ -32,7 +32,8 @@ def train(model_dir: str,
           initial_checkpoint_path: Optional[str] = None,
           log_period: int = 10,
           eval_period: int = 0,
-          eval_config: Optional[evaluator_lib.EvalConfig] = None) -> Dict[str, float]:
+          eval_config: Optional[evaluator_lib.EvalConfig] = None,
+          tensorboard: bool = True) -> Dict[str, float]:
   """Trains, evaluating `eval_config.task_names` every `eval_period` steps (greedy decoding);
   per-task metrics and predictions go to `model_dir/eval/`."""
   eval_fn = None
@@ -44,7 +45,7 @@ def train(model_dir: str,
                        partitioner=partitioner, checkpoint=checkpoint,
                        num_microbatches=num_microbatches, seed=seed,
                        initial_checkpoint_path=initial_checkpoint_path, log_period=log_period,
-                       eval_period=eval_period, eval_fn=eval_fn)
+                       eval_period=eval_period, eval_fn=eval_fn, tensorboard=tensorboard)
 
 
 def evaluate(checkpoint_path: str, eval_config: evaluator_lib.EvalConfig,

@@ -41,7 +41,7 @@ Terms:
 Everything is seeded per (seed, question, sample), so the output is byte-identical for any
 ``--workers`` and ``--questions_per_chunk``. Workers write each chunk with the project's validating
 writers (``teacher_data.write_records``, ``aligned_data.write_aligned``) into a temp folder inside
-DIR; the parent appends the chunks in question order to two ``atomic_files.atomic_write`` temp files
+DIR; the parent appends the chunks in question order to two ``storage.atomic_write`` temp files
 and ``os.replace``-s them, so DIR never holds a half-written output.
 """
 import argparse
@@ -61,7 +61,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from specialize_jax.data import answers  # noqa: E402
-from specialize_jax.data import atomic_files  # noqa: E402
+from specialize_jax.data import storage  # noqa: E402
 from specialize_jax.data import formats  # noqa: E402
 from specialize_jax.data import readers  # noqa: E402
 from specialize_jax.teacher import aligned_data  # noqa: E402
@@ -441,8 +441,8 @@ def run(output_dir: pathlib.Path, golds: Sequence[teacher_data.TeacherRecord], s
   total = ChunkStats()
   begin = time.perf_counter()
   next_report = 0.1
-  with atomic_files.atomic_write(output_dir / OUTPUT_TEACHER) as teacher_out, \
-       atomic_files.atomic_write(output_dir / OUTPUT_ALIGNED) as aligned_out:
+  with storage.atomic_write(output_dir / OUTPUT_TEACHER) as teacher_out, \
+       storage.atomic_write(output_dir / OUTPUT_ALIGNED) as aligned_out:
     if workers <= 1:
       _worker_init(settings)
       results = map(make_chunk, jobs)

@@ -102,7 +102,7 @@ def read_gsm8k(split: str) -> List[MathExample]:
     raise ValueError(f"Unknown GSM8K split {split!r}; expected one of {sorted(GSM8K_FILES)}.")
   path = data_dir.data_path(GSM8K_FILES[split])
   examples = []
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8") as f:  # local: the data directory
     for line_number, line in enumerate(f, start=1):
       if not line.strip():
         continue

@@ -27,7 +27,6 @@ import dataclasses
 import difflib
 import json
 import logging
-import os
 import re
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -39,6 +38,7 @@ import seqio
 
 from specialize_jax.config_errors import ConfigError
 from specialize_jax.data import feature_converters
+from specialize_jax.data import storage
 from specialize_jax.evaluation import inference
 from specialize_jax.model import checkpoints
 from specialize_jax.model import models
@@ -136,11 +136,11 @@ def expand_task_names(names: Sequence[str]) -> List[str]:
 
 
 def metrics_path(output_dir: str, task_name: str, step: int) -> str:
-  return os.path.join(output_dir, task_name, METRICS_FILE.format(step=step))
+  return storage.join(output_dir, task_name, METRICS_FILE.format(step=step))
 
 
 def predictions_path(output_dir: str, task_name: str, step: int) -> str:
-  return os.path.join(output_dir, task_name, PREDICTIONS_FILE.format(step=step))
+  return storage.join(output_dir, task_name, PREDICTIONS_FILE.format(step=step))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,22 +319,21 @@ def list_checkpoint_steps(directory: str) -> List[Tuple[int, str]]:
 
   Listed here rather than by the checkpoint layer, which resolves only the latest step.
   """
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     return []
   steps = []
-  for name in os.listdir(directory):
+  for name in storage.listdir(directory):
     match = _STEP_DIR_RE.fullmatch(name)
-    if match and os.path.isdir(os.path.join(directory, name)):
-      steps.append((int(match.group(1)), os.path.join(directory, name)))
+    if match and storage.isdir(storage.join(directory, name)):
+      steps.append((int(match.group(1)), storage.join(directory, name)))
   return sorted(steps)
 
 
 def read_metrics_record(path: str) -> Optional[Dict[str, Any]]:
   """The JSON of an eval metrics file, or None when there is none."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def record_metrics(record: Mapping[str, Any]) -> Metrics:
@@ -376,16 +375,16 @@ def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
   read back, and a step whose tasks are all done is not even loaded. `model_config` (T5Config,
   preset name or dict) replaces the architecture the checkpoint describes or implies.
   """
-  path = os.path.abspath(os.fspath(model_dir_or_checkpoint))
+  path = storage.absolute(model_dir_or_checkpoint)
   steps = list_checkpoint_steps(path)
   if steps:
     run_dir = path
   else:
-    match = _STEP_DIR_RE.fullmatch(os.path.basename(path))
+    match = _STEP_DIR_RE.fullmatch(storage.basename(path))
     checkpoints.resolve_checkpoint(path)  # fails early, naming what it expected
     steps = [(int(match.group(1)) if match else 0, path)]
-    run_dir = os.path.dirname(path) if match else path
-  output_dir = output_dir or os.path.join(run_dir, EVAL_SUBDIR)
+    run_dir = storage.dirname(path) if match else path
+  output_dir = output_dir or storage.join(run_dir, EVAL_SUBDIR)
   task_names = expand_task_names(config.task_names)
   if not task_names:
     raise ConfigError('EvalConfig.task_names is empty; name the eval tasks (--gin.EVAL_TASKS).')

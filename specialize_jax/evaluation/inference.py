@@ -27,7 +27,7 @@ import numpy as np
 import seqio
 
 from specialize_jax.config_errors import ConfigError
-from specialize_jax.data import atomic_files
+from specialize_jax.data import storage
 from specialize_jax.data import vocabulary as vocabulary_lib
 from specialize_jax.model import checkpoints
 from specialize_jax.model import models
@@ -172,9 +172,9 @@ def decode_ids(vocabulary: seqio.Vocabulary, ids: Sequence[int]) -> str:
 
 
 def write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> int:
-  """Writes `rows` as JSON lines atomically (temp file beside `path`, then `os.replace`)."""
+  """Writes `rows` as JSON lines atomically (`storage.atomic_write`: local or gs://)."""
   count = 0
-  with atomic_files.atomic_write(path) as f:
+  with storage.atomic_write(path) as f:
     for row in rows:
       f.write(json.dumps(row, ensure_ascii=False, default=str) + '\n')
       count += 1
@@ -183,7 +183,7 @@ def write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> int:
 
 def write_json(path: str, value: Any) -> None:
   """Writes one JSON document atomically."""
-  with atomic_files.atomic_write(path) as f:
+  with storage.atomic_write(path) as f:
     json.dump(value, f, indent=2, sort_keys=True, ensure_ascii=False, default=str)
     f.write('\n')
 
@@ -192,7 +192,7 @@ def read_inputs_file(path: os.PathLike) -> List[str]:
   """One input per line; a blank line raises `InputsError` naming path:line."""
   path = os.fspath(path)
   inputs = []
-  with open(path, encoding='utf-8') as f:
+  with storage.open_file(path) as f:
     for line_number, line in enumerate(f, start=1):
       line = line.rstrip('\r\n')
       if not line.strip():
@@ -234,7 +234,7 @@ def _resolve_inputs(inputs: Union[str, os.PathLike, Iterable[str]]):
     return 'task', seqio.get_mixture_or_task(inputs)
   if isinstance(inputs, (str, os.PathLike)):
     path = os.fspath(inputs)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
       close = difflib.get_close_matches(path, seqio.TaskRegistry.names(), n=_MAX_CLOSE_NAMES,
                                         cutoff=0.5)
       raise InputsError(f'Inputs {path!r} are neither a registered task (closest: {close}) nor an '

@@ -20,10 +20,9 @@ import csv
 import dataclasses
 import io
 import json
-import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from specialize_jax.data import atomic_files
+from specialize_jax.data import storage
 from specialize_jax.evaluation import selection as selection_lib
 from specialize_jax.evaluation import task_keys
 
@@ -117,7 +116,7 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 
 def _write_text(path: str, text: str) -> None:
-  with atomic_files.atomic_write(path) as f:
+  with storage.atomic_write(path) as f:
     f.write(text)
 
 
@@ -148,7 +147,7 @@ def _figure(nrows: int = 1, ncols: int = 1, size: Tuple[float, float] = _FIGURE_
 
 def _save(figure, path: str) -> str:
   figure.tight_layout()
-  with atomic_files.atomic_write(path, mode='wb') as f:
+  with storage.atomic_write(path, mode='wb') as f:
     figure.savefig(f, format='png', dpi=_DPI)
   return path
 
@@ -307,8 +306,8 @@ def write_run_report(model_dir: str, table: Table, *,
                      output_dir: Optional[str] = None) -> RunReport:
   """Selects by `rule` (the start checkpoint is a reference row, never a candidate), compares with
   `alternative_rule`, and writes the run report into `output_dir` (default MODEL_DIR/report)."""
-  output_dir = output_dir or os.path.join(model_dir, REPORT_SUBDIR)
-  os.makedirs(output_dir, exist_ok=True)
+  output_dir = output_dir or storage.join(model_dir, REPORT_SUBDIR)
+  storage.makedirs(output_dir)
   checkpoint_paths = dict(checkpoint_paths or {})
   candidates = [s for s in table if s != start_step]
   chosen = selection_lib.select(table, rule, candidates)
@@ -325,30 +324,30 @@ def write_run_report(model_dir: str, table: Table, *,
       differences[column.label] = None
 
   def path_of(step: int) -> str:
-    return checkpoint_paths.get(step, os.path.join(model_dir, f'checkpoint_{step}'))
+    return checkpoint_paths.get(step, storage.join(model_dir, f'checkpoint_{step}'))
 
   files = {}
   for name, fn in (('accuracy_vs_step', lambda p: plot_accuracy_vs_step(
       table, columns, chosen, alternative, p, start_step)),
                    ('math_vs_bbh', lambda p: plot_math_vs_bbh(table, columns, chosen, p)),
                    ('formats', lambda p: plot_formats(table, p, start_step))):
-    written = fn(os.path.join(output_dir, f'{name}.png'))
+    written = fn(storage.join(output_dir, f'{name}.png'))
     if written:
       files[name] = written
-    elif os.path.exists(os.path.join(output_dir, f'{name}.png')):
-      os.remove(os.path.join(output_dir, f'{name}.png'))  # stale: its data is gone
+    elif storage.exists(storage.join(output_dir, f'{name}.png')):
+      storage.remove(storage.join(output_dir, f'{name}.png'))  # stale: its data is gone
 
   # Table rows: every step (the selected one marked), then start vs selected and their difference.
   header = ['checkpoint', 'step', f'score ({rule.name})'] + [c.label for c in columns]
   md_rows, csv_rows = [], []
   tasks = _all_tasks(table)
   for step in sorted(table):
-    name = 'start' if step == start_step else os.path.basename(path_of(step))
+    name = 'start' if step == start_step else storage.basename(path_of(step))
     if step == chosen.step:
       name = f'**{name} (selected)**'
     values = [c.value(table[step]) for c in columns]
     md_rows.append([name, str(step), _cell(chosen.scores.get(step))] + [_cell(v) for v in values])
-    csv_rows.append([os.path.basename(path_of(step)) if step != start_step else 'start', step,
+    csv_rows.append([storage.basename(path_of(step)) if step != start_step else 'start', step,
                      chosen.scores.get(step), step == chosen.step] + values +
                     [table[step].get(t) for t in tasks])
   comparison_rows = []
@@ -386,20 +385,20 @@ def write_run_report(model_dir: str, table: Table, *,
   lines += ['Columns: ' + '; '.join(f'{c.label} = {c.describe()}' for c in columns) +
             f'. {MISSING} = not evaluated.', '']
   if files:
-    lines += ['## Plots', ''] + [f'![{name}]({os.path.basename(p)})' for name, p in files.items()]
+    lines += ['## Plots', ''] + [f'![{name}]({storage.basename(p)})' for name, p in files.items()]
     lines.append('')
   if timing:
     lines += ['## Sweep timing', '', f'{timing.get("total_seconds", 0):.1f} s in total, of which '
               f'compilation {timing.get("compile_seconds", 0):.1f} s '
               f'({100 * timing.get("compile_share", 0):.0f}%), checkpoint loading '
               f'{timing.get("load_seconds", 0):.1f} s.', '']
-  _write_text(os.path.join(output_dir, 'report.md'), '\n'.join(lines))
-  files['report.md'] = os.path.join(output_dir, 'report.md')
+  _write_text(storage.join(output_dir, 'report.md'), '\n'.join(lines))
+  files['report.md'] = storage.join(output_dir, 'report.md')
 
   csv_header = ['checkpoint', 'step', f'score_{rule.name}', 'selected'] + [
       c.label for c in columns] + tasks
-  _write_csv(os.path.join(output_dir, 'results.csv'), csv_header, csv_rows)
-  files['results.csv'] = os.path.join(output_dir, 'results.csv')
+  _write_csv(storage.join(output_dir, 'results.csv'), csv_header, csv_rows)
+  files['results.csv'] = storage.join(output_dir, 'results.csv')
 
   def selection_json(sel: selection_lib.Selection) -> Dict[str, Any]:
     return {'rule': sel.rule.name, 'rule_tasks': list(sel.rule.task_names), 'step': sel.step,
@@ -407,7 +406,7 @@ def write_run_report(model_dir: str, table: Table, *,
             'checkpoint': path_of(sel.step) if sel.step is not None else None,
             'scores': {str(k): v for k, v in sel.scores.items()},
             'missing': {str(k): list(v) for k, v in sel.missing.items()}}
-  _write_json(os.path.join(output_dir, 'results.json'), {
+  _write_json(storage.join(output_dir, 'results.json'), {
       'model_dir': model_dir, 'start_step': start_step,
       'selected': selection_json(chosen), 'in_distribution_pick': selection_json(alternative),
       'test_difference_selected_minus_id_pick': differences,
@@ -415,7 +414,7 @@ def write_run_report(model_dir: str, table: Table, *,
       'rows': {str(s): {c.label: c.value(table[s]) for c in columns} for s in sorted(table)},
       'accuracy': {str(s): dict(table[s]) for s in sorted(table)},
       'timing': dict(timing or {})})
-  files['results.json'] = os.path.join(output_dir, 'results.json')
+  files['results.json'] = storage.join(output_dir, 'results.json')
   return RunReport(chosen, alternative, files)
 
 
@@ -430,14 +429,14 @@ def write_comparison(runs: Sequence[Tuple[str, str, Table]], output_dir: str, *,
   selected checkpoint, or its last step when `rule` selects none (`start_step` is never chosen)."""
   if not runs:
     raise ValueError('write_comparison needs at least one run.')
-  os.makedirs(output_dir, exist_ok=True)
+  storage.makedirs(output_dir)
   entries = []
   labels_in_order: List[str] = []
   for label, model_dir, table in runs:
     steps = [s for s in table if s != start_step]
     if not steps:
       raise ValueError(f'Run {model_dir} ({label}) has no eval results under '
-                       f'{os.path.join(model_dir, "eval")}; run `specialize sweep {model_dir}`.')
+                       f'{storage.join(model_dir, "eval")}; run `specialize sweep {model_dir}`.')
     chosen = selection_lib.select(table, rule, steps)
     step, how = ((chosen.step, f'selected ({rule.name})') if chosen.step is not None
                  else (max(steps), 'last step (no step eligible)'))
@@ -457,16 +456,16 @@ def write_comparison(runs: Sequence[Tuple[str, str, Table]], output_dir: str, *,
                     f'{rule.describe()} selects, else its last step. Accuracy (%).', '',
                     _markdown_table(header, md_rows), '', 'Tasks behind each value:', ''] + notes +
                    ['', f'{MISSING} = not evaluated.', '', '![comparison](comparison.png)', ''])
-  files = {'comparison.md': os.path.join(output_dir, 'comparison.md'),
-           'comparison.csv': os.path.join(output_dir, 'comparison.csv'),
-           'comparison.json': os.path.join(output_dir, 'comparison.json')}
+  files = {'comparison.md': storage.join(output_dir, 'comparison.md'),
+           'comparison.csv': storage.join(output_dir, 'comparison.csv'),
+           'comparison.json': storage.join(output_dir, 'comparison.json')}
   _write_text(files['comparison.md'], text)
   _write_csv(files['comparison.csv'], ['run', 'model_dir', 'step', 'chosen_by'] + labels_in_order,
              [[e['label'], e['model_dir'], e['step'], e['chosen_by']] +
               [e['values'].get(k) for k in labels_in_order] for e in entries])
   _write_json(files['comparison.json'], {'rule': rule.name, 'rule_tasks': list(rule.task_names),
                                          'columns': labels_in_order, 'runs': entries})
-  plotted = plot_comparison(entries, labels_in_order, os.path.join(output_dir, 'comparison.png'))
+  plotted = plot_comparison(entries, labels_in_order, storage.join(output_dir, 'comparison.png'))
   if plotted:
     files['comparison.png'] = plotted
   return files

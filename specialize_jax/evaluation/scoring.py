@@ -14,6 +14,8 @@ from typing import Dict, List, Optional
 
 import seqio
 
+from specialize_jax.data import storage
+
 METRIC_MODES = ("default", "paper")
 PAPER_SUFFIX = "_paper"  # Paper-rule metrics report `accuracy_paper` (see tasks/common.py).
 
@@ -51,7 +53,7 @@ def read_predictions(path: str, num_examples: int,
   """{example index: prediction text}; raises `PredictionsError` naming file:line on bad input."""
   predictions: Dict[int, str] = {}
   with_index: Optional[bool] = None
-  with open(path, encoding="utf-8") as f:
+  with storage.open_file(path) as f:
     for line_number, line in enumerate(f, start=1):
       where = f"{path}:{line_number}"
       if not line.strip():

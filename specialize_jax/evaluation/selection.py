@@ -20,10 +20,9 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from specialize_jax.data import atomic_files
+from specialize_jax.data import storage
 from specialize_jax.evaluation import task_keys
 
 Table = Mapping[int, Mapping[str, Optional[float]]]
@@ -160,12 +159,12 @@ def write_best(model_dir: str, selection: Selection, checkpoint_path: str) -> st
   """Writes `MODEL_DIR/BEST` (atomically) for a selection with a step; returns its path."""
   if selection.step is None:
     raise ValueError('write_best needs a selection with a step; ' + selection.explain())
-  path = os.path.join(model_dir, BEST_FILE)
+  path = storage.join(model_dir, BEST_FILE)
   record = {'step': selection.step, 'path': checkpoint_path, 'rule': selection.rule.name,
             'rule_tasks': list(selection.rule.task_names), 'score': selection.score,
             'tied_steps': list(selection.tied_steps),
             'export_command': export_command(checkpoint_path)}
-  with atomic_files.atomic_write(path) as f:
+  with storage.atomic_write(path) as f:
     json.dump(record, f, indent=2)
     f.write('\n')
   logging.info('Wrote %s: step %d (%s).', path, selection.step, selection.rule.name)
@@ -174,20 +173,19 @@ def write_best(model_dir: str, selection: Selection, checkpoint_path: str) -> st
 
 def remove_stale_best(model_dir: str) -> bool:
   """Deletes `MODEL_DIR/BEST` (when this rule selects nothing it would point at an old choice)."""
-  path = os.path.join(model_dir, BEST_FILE)
-  if os.path.exists(path):
-    os.remove(path)
+  path = storage.join(model_dir, BEST_FILE)
+  if storage.exists(path):
+    storage.remove(path)
     logging.warning('Removed %s: the current rule selects no checkpoint.', path)
     return True
   return False
 
 
 def read_best(model_dir: str) -> Optional[Dict]:
-  path = os.path.join(model_dir, BEST_FILE)
-  if not os.path.exists(path):
+  path = storage.join(model_dir, BEST_FILE)
+  if not storage.exists(path):
     return None
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def eligible_steps(selection: Selection) -> List[int]:

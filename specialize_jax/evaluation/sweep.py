@@ -25,7 +25,6 @@ whole sweep compiles the decoder once.
 import dataclasses
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -35,6 +34,7 @@ from jax import monitoring
 from jax.sharding import Mesh
 import seqio
 
+from specialize_jax.data import storage
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import inference
 from specialize_jax.model import checkpoints
@@ -173,7 +173,7 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
     progress: receives one line per decoded pair (default: stderr).
   """
   start_time = time.perf_counter()
-  model_dir = os.path.abspath(os.fspath(model_dir))
+  model_dir = storage.absolute(model_dir)
   steps = committed_checkpoints(model_dir)
   if start_checkpoint is not None:
     if any(step == START_STEP for step, _ in steps):
@@ -181,14 +181,14 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
                        f'checkpoint {start_checkpoint} would be evaluated; drop --include_start '
                        '(that checkpoint is the start).')
     checkpoints.resolve_checkpoint(start_checkpoint)  # fails early, naming what it expected
-    steps = [(START_STEP, os.path.abspath(start_checkpoint))] + steps
+    steps = [(START_STEP, storage.absolute(start_checkpoint))] + steps
   if not steps:
     raise ValueError(f'No committed checkpoint_<N> directories in {model_dir}; point at a run '
                      'directory (MODEL_DIR) the trainer has saved to.')
   task_names = evaluator_lib.expand_task_names(config.task_names)
   if not task_names:
     raise ValueError('No eval tasks; give --tasks and/or --bbh_tasks.')
-  output_dir = os.path.join(model_dir, evaluator_lib.EVAL_SUBDIR)
+  output_dir = storage.join(model_dir, evaluator_lib.EVAL_SUBDIR)
   counts = _ExampleCounts(config.max_examples)
 
   metrics: Dict[int, Dict[str, Dict[str, float]]] = {}
@@ -257,19 +257,18 @@ _METRICS_FILE_RE = re.compile(r'metrics_step(\d+)\.json')
 def read_accuracy_table(model_dir: str) -> Dict[int, Dict[str, Optional[float]]]:
   """{step: {task: accuracy %}} from every eval output under `MODEL_DIR/eval/` (no decoding):
   what the trainer's in-loop evaluation, `specialize eval` and sweeps wrote."""
-  eval_dir = os.path.join(model_dir, evaluator_lib.EVAL_SUBDIR)
+  eval_dir = storage.join(model_dir, evaluator_lib.EVAL_SUBDIR)
   table: Dict[int, Dict[str, Optional[float]]] = {}
-  if not os.path.isdir(eval_dir):
+  if not storage.isdir(eval_dir):
     return table
-  for task in sorted(os.listdir(eval_dir)):
-    task_dir = os.path.join(eval_dir, task)
-    if not os.path.isdir(task_dir):
+  for task in storage.listdir(eval_dir):
+    task_dir = storage.join(eval_dir, task)
+    if not storage.isdir(task_dir):
       continue
-    for name in os.listdir(task_dir):
+    for name in storage.listdir(task_dir):
       match = _METRICS_FILE_RE.fullmatch(name)
       if not match:
         continue
-      with open(os.path.join(task_dir, name), encoding='utf-8') as f:
-        record = json.load(f)
+      record = json.loads(storage.read_text(storage.join(task_dir, name)))
       table.setdefault(int(match.group(1)), {})[task] = record['metrics'].get('accuracy')
   return dict(sorted(table.items()))

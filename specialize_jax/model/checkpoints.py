@@ -20,6 +20,7 @@ checkpoints carry no architecture, so without `config=` it is inferred from the 
 `infer_config`); `save_orbax` stores the config in the checkpoint's custom metadata.
 """
 import asyncio
+import atexit
 import dataclasses
 import json
 import logging
@@ -33,6 +34,7 @@ from etils import epath
 import numpy as np
 
 from specialize_jax.config_errors import ConfigError
+from specialize_jax.data import storage
 from specialize_jax.model import hf_conversion
 from specialize_jax.model.config import T5Config
 
@@ -288,6 +290,23 @@ def _hf_tensor_files(directory: epath.Path) -> Tuple[str, Dict[str, epath.Path]]
                    f'{HF_SAFETENSORS_FILE}, {HF_SAFETENSORS_INDEX_FILE} or {HF_TORCH_FILE}.')
 
 
+def _local_copy(file: epath.Path) -> str:
+  """A local path of `file`: itself, or for a storage URL a copy in the temp area (safetensors
+  and torch read local files only), removed when the process exits."""
+  if not storage.is_url(file):
+    return os.fspath(file)
+  handle, path = tempfile.mkstemp(prefix='specialize-', suffix=f'-{file.name}')
+  os.close(handle)
+  with file.open('rb') as fin, open(path, 'wb') as fout:  # local: temp file
+    shutil.copyfileobj(fin, fout, 1 << 22)  # local: temp file
+  _TEMP_COPIES.append(path)
+  return path
+
+
+_TEMP_COPIES = []
+atexit.register(lambda: [os.remove(p) for p in _TEMP_COPIES if os.path.exists(p)])  # local: temp
+
+
 def _read_hf_tensors(directory: epath.Path) -> Tuple[Dict[str, Tuple[int, ...]], Any]:
   """(name -> shape, loader(name) -> np.ndarray) without reading tensor data up front."""
   kind, files = _hf_tensor_files(directory)
@@ -295,7 +314,7 @@ def _read_hf_tensors(directory: epath.Path) -> Tuple[Dict[str, Tuple[int, ...]],
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     shapes, owner = {}, {}
     for file in sorted(set(files.values()), key=str):
-      handle = safe_open(os.fspath(file), framework='numpy')
+      handle = safe_open(_local_copy(file), framework='numpy')
       for name in handle.keys():
         shapes[name] = tuple(handle.get_slice(name).get_shape())
         owner[name] = handle
@@ -307,7 +326,7 @@ def _read_hf_tensors(directory: epath.Path) -> Tuple[Dict[str, Tuple[int, ...]],
                      'them, or re-save the model with safetensors.') from e
   tensors = {}
   for file in sorted(set(files.values()), key=str):
-    tensors.update(torch.load(os.fspath(file), map_location='cpu', weights_only=True))
+    tensors.update(torch.load(_local_copy(file), map_location='cpu', weights_only=True))
   shapes = {name: tuple(t.shape) for name, t in tensors.items()}
   return shapes, lambda name: tensors[name].float().numpy()
 
@@ -359,28 +378,44 @@ class _LazyDict(Mapping):
 
 
 def _replace_dir(tmp: str, directory: str, overwrite: bool) -> None:
-  """Moves the finished `tmp` directory to `directory` (the old one goes only after the move)."""
-  if os.path.exists(directory):
+  """Moves the finished local `tmp` directory to `directory` (the old one goes only after the
+  move). For a storage URL the files are uploaded one object each, the top-level index a reader
+  opens first (config.json, T5X's `checkpoint`) last, and the staging directory is removed."""
+  if storage.is_url(directory):
+    try:
+      if storage.exists(directory):
+        if not overwrite:
+          raise ValueError(f'{directory} exists; choose a new destination or pass overwrite=True.')
+        storage.rmtree(directory)
+      storage.copy_tree(tmp, directory)
+    finally:
+      storage.rmtree(os.path.dirname(tmp))
+    return
+  if os.path.exists(directory):  # local: not a URL (above)
     if not overwrite:
-      shutil.rmtree(tmp)
+      shutil.rmtree(tmp)  # local: staging dir
       raise ValueError(f'{directory} exists; choose a new destination or pass overwrite=True.')
     old = tempfile.mkdtemp(prefix='.old-', dir=os.path.dirname(directory) or '.')
-    os.replace(directory, os.path.join(old, 'x'))
-    os.replace(tmp, directory)
-    shutil.rmtree(old)
+    os.replace(directory, os.path.join(old, 'x'))  # local: not a URL (above)
+    os.replace(tmp, directory)  # local: not a URL (above)
+    shutil.rmtree(old)  # local: not a URL (above)
   else:
-    os.replace(tmp, directory)
+    os.replace(tmp, directory)  # local: not a URL (above)
 
 
-def _local_dir(directory: os.PathLike, what: str, overwrite: bool) -> str:
-  """The absolute output directory, refused early if remote or (without overwrite) present."""
-  directory = os.fspath(directory)
-  if '://' in directory:
-    raise ValueError(f'{what} writes local directories only, got {directory}; write locally and '
-                     'copy (e.g. gcloud storage cp -r).')
-  if os.path.exists(directory) and not overwrite:
+def _staging_dir(directory: os.PathLike, overwrite: bool) -> Tuple[str, str]:
+  """(the absolute output directory, a fresh temporary directory to write it in): beside it on
+  local disk (so the final rename is atomic), or in the local temp area for a storage URL.
+  Refused early (without overwrite) when the output is present."""
+  directory = storage.absolute(directory)
+  if storage.exists(directory) and not overwrite:
     raise ValueError(f'{directory} exists; choose a new destination or pass overwrite=True.')
-  return os.path.abspath(directory)
+  name = storage.basename(directory)
+  if storage.is_url(directory):
+    return directory, tempfile.mkdtemp(prefix=f'{name}.tmp-', dir=tempfile.mkdtemp())
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)  # local: staging dir
+  return directory, tempfile.mkdtemp(prefix=f'.{name}.tmp-', dir=parent)
 
 
 def save_hf(params: Mapping[str, Any], config: T5Config, directory: os.PathLike,
@@ -390,20 +425,17 @@ def save_hf(params: Mapping[str, Any], config: T5Config, directory: os.PathLike,
   Written to a temporary directory beside `directory`, then renamed into place.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  directory = _local_dir(directory, 'save_hf', overwrite)
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
   _check_t5x_tree({k: np.shape(v) for k, v in hf_conversion.flatten_params(params).items()},
                   config, 'params to export')
   state_dict = hf_conversion.params_to_hf(params, config, dtype)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(directory)}.tmp-', dir=parent)
+  directory, tmp = _staging_dir(directory, overwrite)
   try:
-    with open(os.path.join(tmp, HF_CONFIG_FILE), 'w') as f:
+    with open(os.path.join(tmp, HF_CONFIG_FILE), 'w') as f:  # local: staging dir
       json.dump(hf_conversion.config_to_hf(config), f, indent=2, sort_keys=True)
       f.write('\n')
     save_file(state_dict, os.path.join(tmp, HF_SAFETENSORS_FILE), metadata={'format': 'pt'})
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # local: staging dir
     raise
   _replace_dir(tmp, directory, overwrite)
   return directory
@@ -566,10 +598,7 @@ def save_t5x(params: Mapping[str, Any], directory: os.PathLike, step: int = 0,
   """
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   from flax import serialization  # pylint: disable=g-import-not-at-top
-  directory = _local_dir(directory, 'save_t5x', overwrite)
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(directory)}.tmp-', dir=parent)
+  directory, tmp = _staging_dir(directory, overwrite)
 
   context = ts.Context({'file_io_sync': durable})
 
@@ -605,10 +634,10 @@ def save_t5x(params: Mapping[str, Any], directory: os.PathLike, step: int = 0,
           arrays[f'{state}/v'] = np.zeros(value.shape, np.float32)
     written = hf_conversion.unflatten_params(_run(write_all(arrays)))
     written.setdefault('state', {})['step'] = np.int32(step)
-    with open(os.path.join(tmp, T5X_CHECKPOINT_FILE), 'wb') as f:
+    with open(os.path.join(tmp, T5X_CHECKPOINT_FILE), 'wb') as f:  # local: staging dir
       f.write(serialization.msgpack_serialize({'version': T5X_VERSION, 'optimizer': written}))
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # local: staging dir
     raise
   _replace_dir(tmp, directory, overwrite)
   return directory

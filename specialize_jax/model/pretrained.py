@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specialize_jax.model import checkpoints
+from specialize_jax.data import storage
 from specialize_jax.model import decoding
 from specialize_jax.model import models
 from specialize_jax.model.config import T5Config
@@ -27,7 +28,7 @@ Inputs = Union[np.ndarray, Sequence[Sequence[int]], Sequence[str], str]
 def _as_vocabulary(vocabulary: Any) -> Any:
   # Paths first: a str has an `encode` method too.
   if isinstance(vocabulary, (str, os.PathLike)):
-    if not os.path.exists(vocabulary) and '://' not in os.fspath(vocabulary):
+    if not storage.exists(vocabulary):
       raise ValueError(f'SentencePiece model {vocabulary} does not exist.')
     import seqio  # pylint: disable=g-import-not-at-top  (imports TensorFlow: only when asked)
     return seqio.SentencePieceVocabulary(os.fspath(vocabulary))

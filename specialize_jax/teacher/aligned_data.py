@@ -17,10 +17,10 @@ import dataclasses
 import itertools
 import json
 import math
-import pathlib
+import os
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
-from specialize_jax.data import atomic_files
+from specialize_jax.data import storage
 
 SCHEMA = "specialize_jax.aligned/1"
 _REQUIRED = ("schema", "id", "sample_index", "question", "gold_answer", "target", "target_ids",
@@ -63,7 +63,7 @@ def row_line(row: AlignedRow) -> str:
 def write_aligned(path, rows: Iterable[AlignedRow]) -> int:
   """Writes rows atomically (temp file + ``os.replace``) after validating each; returns the count."""
   count = 0
-  with atomic_files.atomic_write(path) as f:
+  with storage.atomic_write(path) as f:
     for count, row in enumerate(rows, 1):
       obj = row.to_json()
       problem = _row_problem(obj)
@@ -80,10 +80,10 @@ def read_aligned(path) -> List[AlignedRow]:
 
 def iter_aligned(path) -> Iterator[AlignedRow]:
   """`read_aligned` one row at a time, so a large file can be converted while it is read."""
-  path = pathlib.Path(path)
-  if not path.is_file():
+  path = os.fspath(path)
+  if not storage.isfile(path):
     raise FileNotFoundError(f"aligned file {path} does not exist; write it with `specialize align`")
-  with open(path, encoding="utf-8") as f:
+  with storage.open_file(path) as f:
     for lineno, line in enumerate(f, 1):
       try:
         obj = json.loads(line, parse_constant=_reject_constant)

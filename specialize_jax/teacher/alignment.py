@@ -53,7 +53,6 @@ import dataclasses
 import math
 import multiprocessing
 import os
-import pathlib
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -61,7 +60,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from specialize_jax.teacher import aligned_data
-from specialize_jax.data import atomic_files
+from specialize_jax.data import storage
 from specialize_jax.data import formats
 
 MODES = ("default", "paper")
@@ -389,13 +388,13 @@ class Aligner:
   def __init__(self, spm_model_path, mode: str = "default"):
     import sentencepiece  # pylint: disable=g-import-not-at-top
     _check_mode(mode)
-    path = pathlib.Path(spm_model_path)
-    if not path.is_file():
+    path = os.fspath(spm_model_path)
+    if not storage.isfile(path):
       raise FileNotFoundError(f"SentencePiece model {path} does not exist; pass --vocab (the shared "
                               "copy is ../shared/data/tokenizer/t5_spiece.model)")
     self.mode = mode
-    self.spm_model_path = str(path)
-    self._processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    self.spm_model_path = path
+    self._processor = sentencepiece.SentencePieceProcessor(model_proto=storage.read_bytes(path))
     self._pieces = [self._processor.id_to_piece(i) for i in range(self._processor.get_piece_size())]
     self._piece_ids = {piece: i for i, piece in enumerate(self._pieces)}
     self._unk_id = self._processor.unk_id()
@@ -665,7 +664,7 @@ def align_file(input_path, output_path, spm_model_path, mode: str = "default",
   read = teacher_data.read_records(input_path, strict=True)
   read_s = time.perf_counter() - start
   lines, stats = align_records(read.records, spm_model_path, mode, workers)
-  with atomic_files.atomic_write(output_path) as f:
+  with storage.atomic_write(output_path) as f:
     f.writelines(lines)
   summary = {"input": str(input_path), "output": str(output_path), "mode": mode}
   summary.update(stats.to_json())

@@ -24,13 +24,13 @@ import time
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import tensorflow as tf
 
 from specialize_jax.data import data_dir
 from specialize_jax.data import feature_converters
 from specialize_jax.data import formats
 from specialize_jax.data import readers
 from specialize_jax.data import splits
+from specialize_jax.data import storage
 from specialize_jax.data.records import MathExample
 from specialize_jax.teacher import prepared_data
 from specialize_jax.teacher import teacher_data
@@ -108,8 +108,8 @@ class _Tokenizer:
 
   def __init__(self, vocab_path: str):
     import sentencepiece  # pylint: disable=g-import-not-at-top
-    with tf.io.gfile.GFile(vocab_path, "rb") as f:
-      self._processor = sentencepiece.SentencePieceProcessor(model_proto=f.read())
+    self._processor = sentencepiece.SentencePieceProcessor(
+        model_proto=storage.read_bytes(vocab_path))
     self._last: Tuple[Optional[str], List[int]] = (None, [])
 
   def ids(self, text: str) -> List[int]:
@@ -157,7 +157,7 @@ def _write_chunk(chunk: _Chunk, config: PrepareConfig, work_dir: str,
       questions.append(position_of[example["id"]])
     writer.close()
     final = os.path.join(work_dir, name)
-    os.replace(tmp, final)
+    os.replace(tmp, final)  # local: work dir
     marker["formats"][format_name] = {"file": name, "num_examples": len(questions),
                                       "questions": questions, "with_teacher": with_teacher,
                                       "stats": stats}
@@ -172,9 +172,9 @@ def _run_chunk(args) -> Dict:
   chunk, config, work_dir, pool = args
   marker = _write_chunk(chunk, config, work_dir, pool)
   tmp = _marker_path(work_dir, chunk.index) + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with open(tmp, "w", encoding="utf-8") as f:  # local: work dir
     json.dump(marker, f)
-  os.replace(tmp, _marker_path(work_dir, chunk.index))
+  os.replace(tmp, _marker_path(work_dir, chunk.index))  # local: work dir
   return marker
 
 
@@ -205,8 +205,8 @@ def _chunks(records: Iterable[teacher_data.TeacherRecord], held_out: HeldOut, nu
 def _check_settings(work_dir: str, settings: Dict, sources: Dict) -> None:
   path = os.path.join(work_dir, "settings.json")
   wanted = {"settings": settings, "sources": sources}
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
+  if os.path.exists(path):  # local: work dir
+    with open(path, encoding="utf-8") as f:  # local: work dir
       found = json.load(f)
     if found != wanted:
       differ = sorted(k for k in set(found["settings"]) | set(settings)
@@ -217,32 +217,32 @@ def _check_settings(work_dir: str, settings: Dict, sources: Dict) -> None:
           f"({', '.join(differ)} differ); rerun with the same ones to resume, or delete "
           f"{work_dir} to start over.")
     return
-  os.makedirs(work_dir, exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
+  os.makedirs(work_dir, exist_ok=True)  # local: work dir
+  with open(path, "w", encoding="utf-8") as f:  # local: work dir
     json.dump(wanted, f, indent=1)
 
 
 def _publish(work_dir: str, output_dir: str, metadata: Dict, files: List[str]) -> None:
   """Metadata last; the set replaces an older one only once complete."""
-  with open(os.path.join(work_dir, prepared_data.METADATA_FILE), "w", encoding="utf-8") as f:
+  metadata_path = os.path.join(work_dir, prepared_data.METADATA_FILE)
+  with open(metadata_path, "w", encoding="utf-8") as f:  # local: work dir
     json.dump(metadata, f, indent=1)
   keep = set(files) | {prepared_data.METADATA_FILE}
-  if "://" in output_dir:
-    tf.io.gfile.makedirs(output_dir)
+  if storage.is_url(output_dir):
     for name in sorted(keep - {prepared_data.METADATA_FILE}) + [prepared_data.METADATA_FILE]:
-      tf.io.gfile.copy(os.path.join(work_dir, name), f"{output_dir}/{name}", overwrite=True)
-    shutil.rmtree(work_dir)
+      storage.upload(os.path.join(work_dir, name), storage.join(output_dir, name))
+    shutil.rmtree(work_dir)  # local: work dir
     return
-  for name in os.listdir(work_dir):
+  for name in os.listdir(work_dir):  # local: work dir
     if name not in keep:
-      os.remove(os.path.join(work_dir, name))
-  if os.path.exists(output_dir):
+      os.remove(os.path.join(work_dir, name))  # local: work dir
+  if os.path.exists(output_dir):  # local: not a URL (above)
     old = f"{output_dir}.old-{os.getpid()}"
-    os.replace(output_dir, old)
-    os.replace(work_dir, output_dir)
-    shutil.rmtree(old)
+    os.replace(output_dir, old)  # local: not a URL (above)
+    os.replace(work_dir, output_dir)  # local: not a URL (above)
+    shutil.rmtree(old)  # local: not a URL (above)
   else:
-    os.replace(work_dir, output_dir)
+    os.replace(work_dir, output_dir)  # local: not a URL (above)
 
 
 def prepare(records_fn: Callable[[], Iterable[teacher_data.TeacherRecord]], config: PrepareConfig,
@@ -282,8 +282,8 @@ def prepare(records_fn: Callable[[], Iterable[teacher_data.TeacherRecord]], conf
         "`specialize teacher` or `teacher_import`.")
   markers: Dict[int, Dict] = {}
   for chunk in chunks:
-    if os.path.exists(_marker_path(work_dir, chunk.index)):
-      with open(_marker_path(work_dir, chunk.index), encoding="utf-8") as f:
+    if os.path.exists(_marker_path(work_dir, chunk.index)):  # local: work dir
+      with open(_marker_path(work_dir, chunk.index), encoding="utf-8") as f:  # local: work dir
         markers[chunk.index] = json.load(f)
   todo = [c for c in chunks if c.index not in markers]
   if markers:

@@ -57,7 +57,7 @@ from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 import numpy as np
 
 from specialize_jax.data import answers
-from specialize_jax.data import atomic_files
+from specialize_jax.data import storage
 from specialize_jax.data import formats
 from specialize_jax.teacher import prepare
 from specialize_jax.teacher import prepared_data
@@ -353,7 +353,7 @@ def _sha256(path: pathlib.Path) -> str:
 
 
 def _write_bytes_atomically(path: pathlib.Path, data: bytes) -> None:
-  with atomic_files.atomic_write(path, "wb") as f:
+  with storage.atomic_write(path, "wb") as f:
     f.write(data)
 
 

@@ -515,6 +515,9 @@ def run_teacher(examples: Sequence[MathExample], output, sampling: SamplingConfi
   Finished questions are appended one record each as they complete; failures are appended to the
   failures file (which starts empty each run: its questions are retried).
   """
+  if "://" in os.fspath(output):
+    raise ValueError(f"--output {output}: the teacher run appends one durable line per response, "
+                     "which needs a local file; write it locally and copy it to the bucket after.")
   output = pathlib.Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   failures_path = sibling_path(output, "failures")

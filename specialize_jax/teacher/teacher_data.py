@@ -73,7 +73,7 @@ import pathlib
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from specialize_jax.data import answers
-from specialize_jax.data import atomic_files
+from specialize_jax.data import storage
 
 SCHEMA = "specialize_jax.teacher/1"
 MAX_TOP_LOGPROBS = 20
@@ -466,11 +466,11 @@ def _parse_line(text: str) -> Any:
   return _DECODER.decode(text)
 
 
-def _scan(path: pathlib.Path) -> Iterator[Tuple[int, Optional[Dict[str, Any]], List[Problem]]]:
+def _scan(path: str) -> Iterator[Tuple[int, Optional[Dict[str, Any]], List[Problem]]]:
   """Yields (line number, parsed record or None, problems with file and line filled in)."""
   first_line_of_id: Dict[str, int] = {}
   where = str(path)
-  with open(path, "rb") as f:
+  with storage.open_file(path, "rb") as f:
     for lineno, raw in enumerate(f, 1):
       locate = lambda p: dataclasses.replace(p, path=where, line=lineno)
       complete = raw.endswith(b"\n")
@@ -529,9 +529,9 @@ def validate_file(path) -> List[Problem]:
   return problems
 
 
-def _existing(path) -> pathlib.Path:
-  path = pathlib.Path(path)
-  if not path.is_file():
+def _existing(path) -> str:
+  path = os.fspath(path)
+  if not storage.isfile(path):
     raise FileNotFoundError(f"Teacher-data file {path} does not exist; check the path (write one "
                             "with write_records or a records_from_* builder).")
   return path
@@ -595,10 +595,10 @@ def write_records(path, records: Iterable[TeacherRecord]) -> int:
   If validation or the ``records`` iterator fails, the temp file is removed and ``path`` keeps its
   old content (or stays absent).
   """
-  path = pathlib.Path(path)
+  path = os.fspath(path)
   count = 0
   seen: Dict[str, int] = {}
-  with atomic_files.atomic_write(path) as f:
+  with storage.atomic_write(path) as f:
     for count, record in enumerate(records, 1):
       where = f"{path} (record {count}, id {record.id!r})"
       if record.id in seen:
@@ -615,10 +615,13 @@ def append_record(path, record: TeacherRecord) -> None:
   Does not check id uniqueness (that would re-read the file each time): a resumable writer reads
   the file once with ``read_records(path, strict=False)`` and skips ids it already has.
   """
-  path = pathlib.Path(path)
+  if storage.is_url(path):
+    raise ValueError(f"{path}: appending (one durable line per teacher response) needs a local "
+                     "file; write the teacher file locally and copy it to the bucket when done.")
+  path = pathlib.Path(path)  # local: not a URL (above)
   line = _record_line(record, f"{path} (appending id {record.id!r})").encode("utf-8")
   created = not path.exists()
-  with open(path, "ab") as f:
+  with open(path, "ab") as f:  # local: not a URL (above)
     _drop_unterminated_tail(path, f)
     f.write(line)
     f.flush()
@@ -636,7 +639,7 @@ def _drop_unterminated_tail(path: pathlib.Path, f) -> None:
   size = f.seek(0, os.SEEK_END)
   if size == 0:
     return
-  with open(path, "rb") as reader:
+  with open(path, "rb") as reader:  # local: append_record's file
     reader.seek(max(0, size - 1))
     if reader.read(1) == b"\n":
       return

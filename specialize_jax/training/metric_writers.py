@@ -4,17 +4,18 @@ and the console. Only process 0 writes."""
 import json
 import logging
 import math
-import os
 import time
 from typing import Mapping, Optional
 
 import jax
 
+from specialize_jax.data import storage
+
 
 class MetricWriter:
   def __init__(self, model_dir: str, enable_tensorboard: bool = True):
     self._is_primary = jax.process_index() == 0
-    self._path = os.path.join(model_dir, "metrics.jsonl")
+    self._path = storage.join(model_dir, "metrics.jsonl")
     self._tensorboard = {}
     self._enable_tensorboard = enable_tensorboard and self._is_primary
     self._model_dir = model_dir
@@ -23,7 +24,7 @@ class MetricWriter:
     if split not in self._tensorboard:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tensorboard[split] = tf.summary.create_file_writer(
-          os.path.join(self._model_dir, "tensorboard", split))
+          storage.join(self._model_dir, "tensorboard", split))
     return self._tensorboard[split]
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
@@ -31,9 +32,7 @@ class MetricWriter:
       return
     record = {"step": int(step), "split": split, "time": round(time.time(), 3),
               **{k: float(v) for k, v in scalars.items()}}
-    with open(self._path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
-      f.flush()
+    storage.append_lines(self._path, [json.dumps(record) + "\n"])
     if self._enable_tensorboard:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       with self._summary_writer(split).as_default():

@@ -18,7 +18,6 @@ rerun the same command to resume` and exits 0. An evaluation due at that step is
 spend the grace period); `specialize eval` or `sweep` can evaluate the saved step.
 """
 import logging
-import os
 import time
 from typing import Callable, Dict, Mapping, Optional
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from specialize_jax.config_errors import ConfigError
 from specialize_jax.data import feature_converters
+from specialize_jax.data import storage
 from specialize_jax.model import checkpoints as model_checkpoints
 from specialize_jax.model import models
 from specialize_jax.training import checkpointing
@@ -70,6 +70,7 @@ def train(model_dir: str,
           log_period: int = 10,
           eval_period: int = 0,
           eval_fn: Optional[EvalFn] = None,
+          tensorboard: bool = True,
           log: Callable[[str], None] = logging.info) -> Dict[str, float]:
   """Trains `model` to `num_train_steps` (absolute: a resumed run continues to the same end).
 
@@ -82,7 +83,7 @@ def train(model_dir: str,
                       f"{num_microbatches}; change --gin.train.num_microbatches.")
   feature_converters.check_vocabulary_fits(input_pipeline.mixture_or_task(dataset),
                                              model.config.vocab_size)
-  os.makedirs(model_dir, exist_ok=True)
+  storage.makedirs(model_dir)
   mesh = partitioning.make_mesh(partitioner)
   partitioning.check_batch_divisible(dataset.batch_size, mesh, num_microbatches)
   rules = partitioner.logical_axis_rules
@@ -122,7 +123,7 @@ def train(model_dir: str,
                                            num_shards=layout.num_shards)
   step_fn = train_step.make_train_step(model, tx, state_shardings, mesh, num_microbatches,
                                        rules=rules)
-  writer = metric_writers.MetricWriter(model_dir)
+  writer = metric_writers.MetricWriter(model_dir, enable_tensorboard=tensorboard)
   progress = metric_writers.ProgressLogger(num_train_steps, start_step, log=log)
   # From here a SIGTERM saves and stops; before, it ends the process (nothing new to save).
   watch = preemption.PreemptionWatch()

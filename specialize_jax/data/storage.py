@@ -1,0 +1,171 @@
+"""The one path layer: every path a user gives (MODEL_DIR and all under it, teacher and aligned files,
+checkpoints, eval outputs, reports, plots, `convert` outputs) is read and written through here or
+through `etils.epath` (what orbax itself uses), so local paths and storage URLs (`gs://...`) behave
+alike. No module calls `os.` file functions or `open()` on a user path (tests/test_storage.py greps).
+
+On TPU VMs `gs://` goes through TensorFlow's GCS client (epath's default backend when TensorFlow is
+installed); with `EPATH_USE_TF=false` it goes through fsspec's `gcsfs`, which honours
+`STORAGE_EMULATOR_HOST` (the tests' local emulator). Orbax's array data goes through tensorstore
+(`TENSORSTORE_GCS_HTTP_URL`).
+
+Atomic writes: `atomic_write(path)` yields a file object; a reader sees the old content or the new,
+never half of it. Locally: a temp file beside `path`, flushed, fsync'ed and `os.replace`d onto it.
+On an object store: a local temp file uploaded as one object at the end (an object becomes visible
+only when its upload completes). On any exception `path` is untouched (absent stays absent).
+"""
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import IO, Iterator, List, Union
+
+from etils import epath
+
+PathLike = Union[str, os.PathLike]
+
+
+def is_url(path: PathLike) -> bool:
+  return "://" in os.fspath(path)
+
+
+def absolute(path: PathLike) -> str:
+  """A local path made absolute; a URL as it is."""
+  path = os.fspath(path)
+  return path if is_url(path) else os.path.abspath(path)
+
+
+def as_path(path: PathLike) -> epath.Path:
+  return epath.Path(os.fspath(path))
+
+
+def join(base: PathLike, *parts: str) -> str:
+  return os.fspath(as_path(base).joinpath(*parts))
+
+
+def basename(path: PathLike) -> str:
+  return as_path(path).name
+
+
+def dirname(path: PathLike) -> str:
+  return os.fspath(as_path(absolute(path)).parent)
+
+
+def exists(path: PathLike) -> bool:
+  return as_path(path).exists()
+
+
+def isdir(path: PathLike) -> bool:
+  return as_path(path).is_dir()
+
+
+def isfile(path: PathLike) -> bool:
+  path = as_path(path)
+  return path.exists() and not path.is_dir()
+
+
+def makedirs(path: PathLike) -> None:
+  as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def listdir(path: PathLike) -> List[str]:
+  """The names in directory `path`, sorted."""
+  return sorted(child.name for child in as_path(path).iterdir())
+
+
+def remove(path: PathLike) -> None:
+  as_path(path).unlink()
+
+
+def rmtree(path: PathLike) -> None:
+  as_path(path).rmtree()
+
+
+def read_text(path: PathLike) -> str:
+  return as_path(path).read_text(encoding="utf-8")
+
+
+def read_bytes(path: PathLike) -> bytes:
+  return as_path(path).read_bytes()
+
+
+def open_file(path: PathLike, mode: str = "r") -> IO:
+  """A file object for reading (`r`/`rb`) or a streamed write; use `atomic_write` for outputs a
+  user keeps."""
+  return as_path(path).open(mode)
+
+
+def copy_tree(src: PathLike, dst: PathLike) -> None:
+  """Copies the files under directory `src` into `dst` (created), local or remote alike.
+  Subdirectories go first, then the files, largest first: the small index files a reader opens
+  first (config.json, T5X's `checkpoint`) arrive last."""
+  src, dst = as_path(src), as_path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  children = list(src.iterdir())
+  for child in sorted(c for c in children if c.is_dir()):
+    copy_tree(child, dst / child.name)
+  for child in sorted((c for c in children if not c.is_dir()), key=lambda c: -c.stat().length):
+    with child.open("rb") as fin, (dst / child.name).open("wb") as fout:
+      shutil.copyfileobj(fin, fout, 1 << 22)
+
+
+def upload(local_path: str, path: PathLike) -> None:
+  """Copies local file `local_path` to `path` (one object on a store; created directories)."""
+  target = as_path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with open(local_path, "rb") as fin, target.open("wb") as fout:
+    shutil.copyfileobj(fin, fout, 1 << 22)
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "w", durable: bool = True) -> Iterator[IO]:
+  if mode not in ("w", "wb"):
+    raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}.")
+  path = os.fspath(path)
+  remote = is_url(path)
+  if remote:  # Staged on local disk, then uploaded as one object.
+    directory = tempfile.mkdtemp(prefix="specialize-upload-")
+  else:  # Beside the target: same filesystem, so the rename is atomic.
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{basename(path)}.", suffix=".tmp")
+  try:
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions.
+    kwargs = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
+    with os.fdopen(fd, mode, **kwargs) as f:
+      yield f
+      f.flush()
+      if durable and not remote:
+        os.fsync(f.fileno())
+    if remote:
+      upload(tmp, path)
+    else:
+      os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    if remote:
+      shutil.rmtree(directory, ignore_errors=True)
+
+
+def write_text(path: PathLike, text: str) -> None:
+  with atomic_write(path) as f:
+    f.write(text)
+
+
+def append_lines(path: PathLike, lines: List[str]) -> None:
+  """Appends `lines` to text file `path`. Object stores cannot append: the object is rewritten
+  whole (atomically), which suits small logs such as metrics.jsonl."""
+  if not is_url(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+      f.write("".join(lines))
+      f.flush()
+    return
+  old = read_text(path) if exists(path) else ""
+  write_text(path, old + "".join(lines))
