@@ -156,8 +156,8 @@ def check_batch_size(batch_size: int, mesh: Optional[Mesh], setting: str,
     data_size = mesh.shape[DATA_AXIS]
     if batch_size % data_size:
       raise ConfigError(f'{setting}={batch_size} is not divisible by the data axis ({data_size} '
-                        f'devices); set {flag} to a multiple of {data_size} (or a larger '
-                        'PartitioningConfig.num_partitions, which shrinks the data axis).')
+                        f'devices); set {flag} to a multiple of {data_size}, or shrink the data axis with a '
+                        'larger model axis (--gin.NUM_PARTITIONS; sweep: --num_partitions).')
 
 
 def fixed_size_batches(features: Mapping[str, np.ndarray], batch_size: int
