@@ -9,6 +9,7 @@
       [--multihost | --coordinator_address HOST:PORT --num_processes N --process_id I]
   specialize demo [--output_dir runs/demo]
   specialize sweep MODEL_DIR [--tasks T ...] [--bbh_tasks B ...] [--max_examples N] [--include_start CKPT]
+      [--num_partitions N] [--fsdp]
       [--multihost | --coordinator_address HOST:PORT --num_processes N --process_id I]
   specialize compare RUN_A RUN_B ... [--labels A B ...] --output DIR
   specialize prepare --output DIR [--teacher TEACHER.jsonl] [--aligned ALIGNED.jsonl] [--workers N]
@@ -362,7 +363,14 @@ def _cmd_sweep(args) -> int:
         batch_size=args.batch_size, max_examples=args.max_examples,
         max_decode_length=args.max_decode_length)
     preflight.check_tasks(config.task_names, "--tasks / --bbh_tasks")
-    result = sweep.sweep(args.model_dir, config, start_checkpoint=args.include_start)
+    from specialize_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+    partitioner = partitioning.PartitioningConfig(
+        num_partitions=args.num_partitions,
+        logical_axis_rules=(partitioning.fsdp_logical_axis_rules() if args.fsdp
+                            else partitioning.STANDARD_LOGICAL_AXIS_RULES))
+    result = sweep.sweep(args.model_dir, config, start_checkpoint=args.include_start,
+                         mesh=partitioning.make_mesh(partitioner),
+                         logical_axis_rules=partitioner.logical_axis_rules)
   except (ValueError, FileNotFoundError) as e:
     print(f"specialize sweep: {e}", file=sys.stderr)
     return 2
@@ -486,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--input_length", type=int, default=1024, help="padded input tokens")
   p.add_argument("--target_length", type=int, default=256, help="padded target tokens")
   p.add_argument("--max_decode_length", type=int, default=256)
+  p.add_argument("--num_partitions", type=int, default=1,
+                 help="devices on the model axis (as the training's NUM_PARTITIONS); the batch "
+                 "size must be a multiple of devices / num_partitions")
+  p.add_argument("--fsdp", action="store_true",
+                 help="shard the params' embed dimension on the data axis too (as "
+                 "gin/partitioning/fsdp.gin)")
   _add_rule_flags(p)
   _add_distributed_flags(p)
   p.set_defaults(fn=_cmd_sweep)

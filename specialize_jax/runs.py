@@ -38,7 +38,10 @@ def train(model_dir: str,
   per-task metrics and predictions go to `model_dir/eval/`."""
   eval_fn = None
   if eval_config is not None and eval_config.task_names and eval_period:
-    evaluator = evaluator_lib.Evaluator(model, eval_config)
+    # The trainer's mesh (the same devices and axes): the loop's params are decoded in the
+    # shardings they are trained in, batches split over `data`.
+    evaluator = evaluator_lib.Evaluator(model, eval_config,
+                                        mesh=partitioning.make_mesh(partitioner))
     eval_dir = f"{model_dir}/eval"
     eval_fn = lambda params, step: _flatten(evaluator.evaluate(params, step, output_dir=eval_dir))
   return trainer.train(model_dir, model, dataset, num_train_steps, optimizer=optimizer,
@@ -49,18 +52,26 @@ def train(model_dir: str,
 
 
 def evaluate(checkpoint_path: str, eval_config: evaluator_lib.EvalConfig,
-             model: Optional[models.EncoderDecoderModel] = None):
-  """Evaluates one checkpoint, or every checkpoint of a run directory (resumable)."""
+             model: Optional[models.EncoderDecoderModel] = None,
+             partitioner: partitioning.PartitioningConfig = partitioning.PartitioningConfig()):
+  """Evaluates one checkpoint, or every checkpoint of a run directory (resumable), on the mesh
+  `partitioner` gives (params read straight into the trainer's shardings, batches on `data`)."""
   results = evaluator_lib.evaluate_checkpoints(
-      checkpoint_path, eval_config, model_config=None if model is None else model.config)
+      checkpoint_path, eval_config, model_config=None if model is None else model.config,
+      mesh=partitioning.make_mesh(partitioner),
+      logical_axis_rules=partitioner.logical_axis_rules)
   logging.info("Evaluation results: %s", results)
   return results
 
 
 def infer(checkpoint_path: str, output_path: str, inputs: str, vocabulary_path: Optional[str] = None,
-          batch_size: int = 32, max_decode_length: int = 256, decode_method: str = "greedy"):
-  """Writes predictions JSONL for a registered task name or a plain text file of inputs."""
+          batch_size: int = 32, max_decode_length: int = 256, decode_method: str = "greedy",
+          partitioner: partitioning.PartitioningConfig = partitioning.PartitioningConfig()):
+  """Writes predictions JSONL for a registered task name or a plain text file of inputs, on the
+  mesh `partitioner` gives (as `evaluate`)."""
   return inference.infer_from_checkpoint(checkpoint_path, inputs, output_path,
                                          vocabulary_path=vocabulary_path, batch_size=batch_size,
                                          max_decode_length=max_decode_length,
-                                         decode_method=decode_method)
+                                         decode_method=decode_method,
+                                         mesh=partitioning.make_mesh(partitioner),
+                                         logical_axis_rules=partitioner.logical_axis_rules)

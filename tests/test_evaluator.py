@@ -10,6 +10,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import seqio
@@ -132,18 +133,19 @@ def test_metrics_file_is_rescoring_of_predictions_and_decode_compiles_once(
 
 
 def _fake_predict(wrong_rows):
-  """predict_batch returning each row's target tokens, except rows in `wrong_rows`."""
+  """predict_batch returning each row's target tokens, except rows in `wrong_rows` (jittable: the
+  evaluator traces it into its sharded decode step)."""
   vocab = seqio.get_mixture_or_task(TASK).output_features['targets'].vocabulary
-  wrong = vocab.encode(WRONG_ANSWER) + [1]
+  wrong = np.asarray(vocab.encode(WRONG_ANSWER) + [1], np.int32)
 
   def predict_batch(params, batch, rng=None, **kwargs):  # pylint: disable=unused-argument
-    tokens = np.zeros((batch['decoder_target_tokens'].shape[0], kwargs['max_decode_length']),
-                      np.int32)  # [batch, max_decode_length]
-    targets = np.asarray(batch['decoder_target_tokens'])
-    tokens[:, :targets.shape[1]] = targets
+    targets = batch['decoder_target_tokens']
+    tokens = jnp.zeros((targets.shape[0], kwargs['max_decode_length']), jnp.int32)
+    tokens = tokens.at[:, :targets.shape[1]].set(targets)  # [batch, max_decode_length]
+    wrong_row = np.zeros(kwargs['max_decode_length'], np.int32)
+    wrong_row[:len(wrong)] = wrong
     for row in wrong_rows:
-      tokens[row] = 0
-      tokens[row, :len(wrong)] = wrong
+      tokens = tokens.at[row].set(wrong_row)
     return tokens
   return predict_batch
 

@@ -160,8 +160,9 @@ def test_uncommitted_step_is_skipped(run_dir):
 
 
 def test_cli_sweep_with_start_checkpoint_writes_report(run_dir, decodes, capsys):
+  # The command decodes on every device (8 fake ones, data parallel): a batch of 8.
   args = ['sweep', run_dir, '--tasks', *TASKS, '--bbh_tasks', '--max_examples', '4',
-          '--batch_size', '4', '--input_length', '256', '--target_length', '80',
+          '--batch_size', '8', '--input_length', '256', '--target_length', '80',
           '--max_decode_length', '8', '--include_start', os.path.join(run_dir, 'checkpoint_2')]
   assert cli.main(args) == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -19,9 +19,11 @@ Terms:
   timing: returned with the metrics as `timing/seconds` (decode, postprocess, metrics) and
     `timing/examples_per_second`.
 
-Sharding: params may be sharded (the trainer's) or host arrays (replicated onto `mesh` once per
-call); with a mesh, batches are split over its 'data' axis. Activation constraints are left to XLA's
-propagation (no axis-rules context): simple and correct, if not the fastest layout.
+Sharding: params may be sharded (the trainer's state as it is, or a checkpoint read straight into
+the same shardings by `inference.restore_params`) or host arrays (replicated onto the mesh once
+per call); batches are split over the mesh's 'data' axis and the decodes gathered to every process
+(`inference.Decoder`). Activation constraints are left to XLA's propagation (no axis-rules
+context): simple and correct, if not the fastest layout.
 """
 import dataclasses
 import difflib
@@ -42,6 +44,7 @@ from specialize_jax.data import storage
 from specialize_jax.evaluation import inference
 from specialize_jax.model import checkpoints
 from specialize_jax.model import models
+from specialize_jax.training import partitioning
 
 Metrics = Dict[str, float]
 FeatureLengths = Union[Tuple[Tuple[str, int], ...], Mapping[str, int]]
@@ -229,10 +232,15 @@ class Evaluator:
     if not config.task_names:
       raise ConfigError('EvalConfig.task_names is empty; name the eval tasks (e.g. '
                         '--gin.EVAL_TASKS="(\'gsm8k_dev_zs_cot\',)").')
-    inference.check_batch_size(config.batch_size, mesh, 'EvalConfig.batch_size')
+    inference.check_batch_size(config.batch_size, mesh, 'EvalConfig.batch_size',
+                               '--gin.EVAL_BATCH_SIZE')
     self.model = model
     self.config = config
     self.mesh = mesh
+    # One decoder for every task and evaluation: decoding compiles once per params sharding.
+    self._decoder = inference.Decoder(model, mesh, config.max_decode_length,
+                                      setting='EvalConfig.batch_size', flag='--gin.EVAL_BATCH_SIZE',
+                                      decode_method=config.decode_method)
     self._data: Dict[str, _TaskData] = {}
     for name in expand_task_names(config.task_names):
       task = seqio.get_mixture_or_task(name)
@@ -267,7 +275,7 @@ class Evaluator:
       raise ValueError(f'Tasks {unknown} are not in this evaluator ({self.task_names}).')
     if self.config.decode_method == 'sample' and rng is None:
       rng = jax.random.fold_in(jax.random.key(0), step)
-    params = inference.place_params(params, self.mesh)
+    params = inference.place_params(params, inference.decode_mesh(self.mesh, params))
     results: Dict[str, Metrics] = {}
     for name in names:
       results[name] = self._evaluate_task(self._data[name], params, step, output_dir, rng)
@@ -277,9 +285,7 @@ class Evaluator:
                      rng: Optional[jax.Array]) -> Metrics:
     task, config = data.task, self.config
     start = time.perf_counter()
-    outputs = inference.predict_tokens(
-        self.model, params, data.features, config.batch_size, config.max_decode_length,
-        mesh=self.mesh, rng=rng, decode_method=config.decode_method)
+    outputs = self._decoder(params, data.features, config.batch_size, rng)
     texts = [inference.decode_ids(data.vocabulary, ids) for ids in outputs]
     predictions = [task.postprocess_fn(t, example=e, is_target=False)
                    for t, e in zip(texts, data.examples, strict=True)]
@@ -364,7 +370,10 @@ def reusable_metrics(path: str, config: EvalConfig) -> Optional[Metrics]:
 
 def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
                          model_config: Any = None, output_dir: Optional[str] = None,
-                         mesh: Optional[Mesh] = None) -> Dict[int, Dict[str, Metrics]]:
+                         mesh: Optional[Mesh] = None,
+                         logical_axis_rules: partitioning.LogicalAxisRules = (
+                             partitioning.STANDARD_LOGICAL_AXIS_RULES)
+                         ) -> Dict[int, Dict[str, Metrics]]:
   """{step: {task: metrics}} for every checkpoint of a run directory, or for one checkpoint.
 
   A directory holding step directories (`checkpoint_<N>` or `<N>`) is swept step by step; any
@@ -373,7 +382,9 @@ def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
   directories (or inside a standalone checkpoint's directory). A (step, task) pair whose metrics
   file records the same eval settings (`reusable_metrics`) is not evaluated again: its metrics are
   read back, and a step whose tasks are all done is not even loaded. `model_config` (T5Config,
-  preset name or dict) replaces the architecture the checkpoint describes or implies.
+  preset name or dict) replaces the architecture the checkpoint describes or implies. Params are
+  read straight into their shardings on `mesh` (default: this process's first device) under
+  `logical_axis_rules`, each process reading only its devices' slices (`restore_params`).
   """
   path = storage.absolute(model_dir_or_checkpoint)
   steps = list_checkpoint_steps(path)
@@ -389,6 +400,9 @@ def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
   if not task_names:
     raise ConfigError('EvalConfig.task_names is empty; name the eval tasks (--gin.EVAL_TASKS).')
 
+  mesh = mesh if mesh is not None else inference.local_mesh()
+  inference.check_batch_size(config.batch_size, mesh, 'EvalConfig.batch_size',
+                             '--gin.EVAL_BATCH_SIZE')
   results: Dict[int, Dict[str, Metrics]] = {}
   evaluator: Optional[Evaluator] = None
   for step, step_path in steps:
@@ -403,7 +417,8 @@ def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
     if not pending:
       logging.info('Step %d: every task already evaluated in %s; skipped.', step, output_dir)
       continue
-    checkpoint_config, params = checkpoints.load_checkpoint(step_path, config=model_config)
+    checkpoint_config, params = inference.restore_params(step_path, mesh, logical_axis_rules,
+                                                         model_config)
     if evaluator is None or evaluator.model.config != checkpoint_config:
       evaluator = Evaluator(models.EncoderDecoderModel(checkpoint_config), config, mesh=mesh)
     logging.info('Evaluating %s (step %d) on %s.', step_path, step, pending)

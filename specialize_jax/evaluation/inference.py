@@ -13,6 +13,10 @@ Terms:
   decode options: keyword arguments of `EncoderDecoderModel.predict_batch` (`decode_method`,
     `num_decodes`, `temperature`, `topk`, `topp`, `alpha`); `max_decode_length` is explicit.
 
+  sharded decoding (`Decoder`): params stay in their mesh shardings (the trainer's, or read
+    straight into them by `restore_params`), each batch is split over the mesh's `data` axis (so
+    the batch size must divide it), and the decoded tokens come back replicated to every process.
+
 The evaluator (`evaluator.py`) builds on these helpers and adds metrics.
 """
 import difflib
@@ -22,15 +26,18 @@ import os
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 import numpy as np
 import seqio
 
+from specialize_jax import xla_cpu_flags
 from specialize_jax.config_errors import ConfigError
 from specialize_jax.data import storage
 from specialize_jax.data import vocabulary as vocabulary_lib
 from specialize_jax.model import checkpoints
 from specialize_jax.model import models
+from specialize_jax.training import partitioning
+from specialize_jax.training import train_state
 
 EVAL_SPLIT = 'test'  # Our eval tasks expose their examples as a single split, 'test'.
 DATA_AXIS = 'data'
@@ -89,27 +96,68 @@ def gold_target(task: seqio.Task, example: Mapping[str, Any]) -> Any:
 # Batching and decoding
 
 
+def local_mesh() -> Mesh:
+  """A one-device `('data', 'model')` mesh on this process's first device (decoding without a
+  configured mesh)."""
+  return partitioning.make_mesh(partitioning.PartitioningConfig(),
+                                devices=[jax.local_devices()[0]])
+
+
+def params_mesh(params: Any) -> Optional[Mesh]:
+  """The mesh of the first parameter that is a `jax.Array` on a `NamedSharding`, if any."""
+  for leaf in jax.tree.leaves(params):
+    if isinstance(leaf, jax.Array) and isinstance(leaf.sharding, NamedSharding):
+      return leaf.sharding.mesh
+  return None
+
+
+def decode_mesh(mesh: Optional[Mesh], params: Any) -> Mesh:
+  """`mesh`, else the params' mesh, else this process's first device."""
+  if mesh is not None:
+    return mesh
+  found = params_mesh(params)
+  return found if found is not None else local_mesh()
+
+
 def place_params(params: Any, mesh: Optional[Mesh] = None) -> Any:
-  """Params on device once (not per batch): host arrays go to the default device, or replicated
-  over `mesh`; arrays already on devices (e.g. the trainer's sharded params) stay as they are."""
-  target = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+  """Params on device once (not per batch): host arrays replicated over `mesh` (default: this
+  process's first device), each process filling its own devices; arrays already on devices (the
+  trainer's sharded params, `restore_params`'s) stay as they are."""
+  target = partitioning.replicated(mesh if mesh is not None else local_mesh())
 
   def place(x):
     if isinstance(x, jax.Array):
       return x
-    return jax.device_put(x, target) if target is not None else jax.device_put(x)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
   return jax.tree.map(place, params)
 
 
-def check_batch_size(batch_size: int, mesh: Optional[Mesh], setting: str) -> None:
-  """Raises unless `batch_size` is positive and splits evenly over the mesh's data axis."""
+def restore_params(checkpoint_path: str, mesh: Mesh,
+                   rules: partitioning.LogicalAxisRules = partitioning.STANDARD_LOGICAL_AXIS_RULES,
+                   model_config: Any = None) -> Tuple[Any, Any]:
+  """(config, params) of a checkpoint, read straight into the mesh shardings that `rules` give
+  the model's logical axes (the trainer's): each process reads only its devices' slices, and no
+  device or host holds a full copy of a sharded parameter."""
+  config, params, _ = checkpoints.load_checkpoint_sharded(
+      checkpoint_path, lambda c: train_state.abstract_params(c, mesh, rules),
+      config=model_config)
+  return config, params
+
+
+def check_batch_size(batch_size: int, mesh: Optional[Mesh], setting: str,
+                     flag: Optional[str] = None) -> None:
+  """Raises a `ConfigError` unless `batch_size` is positive and splits evenly over the mesh's
+  data axis; `flag` is what the user sets (e.g. '--gin.EVAL_BATCH_SIZE')."""
+  flag = flag or setting
   if batch_size < 1:
-    raise ValueError(f'{setting}={batch_size} must be >= 1.')
+    raise ConfigError(f'{setting}={batch_size} must be >= 1; set {flag}.')
   if mesh is not None and DATA_AXIS in mesh.axis_names:
     data_size = mesh.shape[DATA_AXIS]
     if batch_size % data_size:
-      raise ValueError(f'{setting}={batch_size} is not divisible by the data axis ({data_size} '
-                       f'devices); set it to a multiple of {data_size}.')
+      raise ConfigError(f'{setting}={batch_size} is not divisible by the data axis ({data_size} '
+                        f'devices); set {flag} to a multiple of {data_size}, or shrink the data axis with a '
+                        'larger model axis (--gin.NUM_PARTITIONS; sweep: --num_partitions).')
 
 
 def fixed_size_batches(features: Mapping[str, np.ndarray], batch_size: int
@@ -129,33 +177,97 @@ def fixed_size_batches(features: Mapping[str, np.ndarray], batch_size: int
     yield batch, stop - start
 
 
+def _key_data(rng: jax.Array) -> np.ndarray:
+  """The raw bits of a key (typed or a legacy uint32 key) on the host."""
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
+  return np.asarray(rng)
+
+
+class Decoder:
+  """Decodes fixed-size batches on a mesh with one jitted, explicitly sharded step.
+
+  The step takes the params in the shardings they have (the trainer's, or `restore_params`'s:
+  never re-placed), the batch split over `data` (each process feeds its data shard's rows,
+  replicas the same rows: `partitioning.data_layout`) and a replicated key, and returns the tokens
+  replicated, so every process reads the whole batch from its own devices (`addressable_data`)
+  also when not all shards are addressable. One compilation per params sharding and batch shape.
+
+  Args:
+    model: the model whose `predict_batch` decodes.
+    mesh: the mesh of the batches; None: the params' mesh, else this process's first device.
+    max_decode_length, decode_options: as `predict_batch` takes them (static).
+    setting, flag: how the batch size is named in a divisibility error.
+  """
+
+  def __init__(self, model: models.EncoderDecoderModel, mesh: Optional[Mesh],
+               max_decode_length: int, *, setting: str = 'batch_size',
+               flag: Optional[str] = None, **decode_options):
+    self.model = model
+    self.mesh = mesh
+    self.max_decode_length = max_decode_length
+    self.decode_options = decode_options
+    self.setting, self.flag = setting, flag
+    self._steps: Dict[Any, Any] = {}
+
+  def _step(self, params: Any, mesh: Mesh):
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    key = (jax.tree.structure(params), tuple(jax.tree.leaves(shardings)), mesh)
+    if key not in self._steps:
+      model, options = self.model, dict(self.decode_options)
+      max_decode_length = self.max_decode_length
+
+      def step(params, batch, key_data):
+        return model.predict_batch(
+            params, batch, jax.random.wrap_key_data(key_data), max_decode_length=max_decode_length, jit=False,
+            **options)
+
+      replicated = partitioning.replicated(mesh)
+      self._steps[key] = jax.jit(
+          step, in_shardings=(shardings, partitioning.batch_sharding(mesh), replicated),
+          out_shardings=replicated,
+          compiler_options=xla_cpu_flags.decode_compiler_options(jax.default_backend()))
+    return self._steps[key]
+
+  def __call__(self, params: Any, features: Mapping[str, np.ndarray], batch_size: int,
+               rng: Optional[jax.Array] = None) -> List[np.ndarray]:
+    """Decoded ids, one `[max_decode_length]` array per example (EOS then zeros).
+
+    `features` holds at least `encoder_input_tokens` `[num_examples, input_length]` (every
+    process the same); the whole batch goes to `model.predict_batch`. The last batch is padded and its padded rows dropped. Every batch is dispatched before
+    any result is fetched, so host transfers overlap the decoding. Batch `i` uses
+    `fold_in(rng, i)` (default key 0).
+    """
+    mesh = decode_mesh(self.mesh, params)
+    check_batch_size(batch_size, mesh, self.setting, self.flag)
+    params = place_params(params, mesh)
+    step = self._step(params, mesh)
+    layout = partitioning.data_layout(mesh, batch_size)
+    rows = slice(layout.shard_index * layout.local_batch_size,
+                 (layout.shard_index + 1) * layout.local_batch_size)
+    replicated = partitioning.replicated(mesh)
+    rng = jax.random.key(0) if rng is None else rng
+    pending = []
+    for batch_index, (batch, num_real) in enumerate(fixed_size_batches(features, batch_size)):
+      batch = partitioning.global_batch({k: v[rows] for k, v in batch.items()}, mesh, layout)
+      key_data = _key_data(jax.random.fold_in(rng, batch_index))
+      key_data = jax.make_array_from_callback(key_data.shape, replicated,
+                                              lambda index, k=key_data: k[index])
+      pending.append((step(params, batch, key_data), num_real))  # [batch, max_decode_length]
+    result: List[np.ndarray] = []
+    for tokens, num_real in pending:
+      result.extend(np.asarray(tokens.addressable_data(0))[:num_real])
+    return result
+
+
 def predict_tokens(model: models.EncoderDecoderModel, params: Any,
                    features: Mapping[str, np.ndarray], batch_size: int, max_decode_length: int,
                    *, mesh: Optional[Mesh] = None, rng: Optional[jax.Array] = None,
                    **decode_options) -> List[np.ndarray]:
-  """Decoded ids, one `[max_decode_length]` array per example (EOS then zeros).
-
-  `features` holds at least `encoder_input_tokens` `[num_examples, input_length]`; the whole batch
-  goes to `model.predict_batch`. Every batch is dispatched before any result is fetched, so host
-  transfers overlap the decoding. With `mesh`, batches are split over its data axis (the caller
-  checks divisibility with `check_batch_size`). Batch `i` samples with `fold_in(rng, i)`.
-  """
-  sharding = None
-  if mesh is not None:
-    spec = PartitionSpec(DATA_AXIS) if DATA_AXIS in mesh.axis_names else PartitionSpec()
-    sharding = NamedSharding(mesh, spec)
-  pending = []
-  for batch_index, (batch, num_real) in enumerate(fixed_size_batches(features, batch_size)):
-    if sharding is not None:
-      batch = jax.device_put(batch, sharding)
-    batch_rng = None if rng is None else jax.random.fold_in(rng, batch_index)
-    tokens = model.predict_batch(params, batch, batch_rng, max_decode_length=max_decode_length,
-                                 **decode_options)  # [batch_size, max_decode_length]
-    pending.append((tokens, num_real))
-  rows: List[np.ndarray] = []
-  for tokens, num_real in pending:
-    rows.extend(np.asarray(jax.device_get(tokens))[:num_real])
-  return rows
+  """One-off `Decoder(model, mesh, max_decode_length, **decode_options)(params, features,
+  batch_size, rng)` (a `Decoder` kept across calls compiles once)."""
+  return Decoder(model, mesh, max_decode_length, **decode_options)(params, features, batch_size,
+                                                                   rng)
 
 
 def decode_ids(vocabulary: seqio.Vocabulary, ids: Sequence[int]) -> str:
@@ -268,11 +380,11 @@ def infer(model: models.EncoderDecoderModel, params: Any, vocabulary: Optional[s
     max_input_length: pad inputs to this many tokens (error naming the input if one is longer);
       None pads to the longest input.
     max_examples: for a task, decode only its first examples.
-    mesh: split batches over its 'data' axis.
+    mesh: split batches over its 'data' axis (default: the params' mesh, else one device).
     rng: key for decode_method='sample' (default `jax.random.key(0)`).
     decode_options: passed to `model.predict_batch` (decode_method, num_decodes, temperature, ...).
   """
-  check_batch_size(batch_size, mesh, 'batch_size')
+  check_batch_size(batch_size, mesh, 'INFER_BATCH_SIZE', '--gin.INFER_BATCH_SIZE')
   kind, source = _resolve_inputs(inputs)
   targets = None
   if kind == 'task':
@@ -300,9 +412,9 @@ def infer(model: models.EncoderDecoderModel, params: Any, vocabulary: Optional[s
   encoder_input_tokens = _input_tokens(token_rows, max_input_length, where)
   if decode_options.get('decode_method') == 'sample' and rng is None:
     rng = jax.random.key(0)
-  params = place_params(params, mesh)
-  outputs = predict_tokens(model, params, {'encoder_input_tokens': encoder_input_tokens},
-                           batch_size, max_decode_length, mesh=mesh, rng=rng, **decode_options)
+  decoder = Decoder(model, mesh, max_decode_length, setting='INFER_BATCH_SIZE',
+                    flag='--gin.INFER_BATCH_SIZE', **decode_options)
+  outputs = decoder(params, {'encoder_input_tokens': encoder_input_tokens}, batch_size, rng)
   rows = []
   for index, (input_text, ids) in enumerate(zip(input_texts, outputs, strict=True)):
     row = {'index': index, 'input': input_text, 'prediction': decode_ids(vocabulary, ids)}
@@ -316,15 +428,20 @@ def infer(model: models.EncoderDecoderModel, params: Any, vocabulary: Optional[s
 
 def infer_from_checkpoint(checkpoint_path: str, inputs: Union[str, os.PathLike, Iterable[str]],
                           output_path: str, *, vocabulary_path: Optional[str] = None,
-                          model_config: Any = None, **infer_options) -> int:
+                          model_config: Any = None, mesh: Optional[Mesh] = None,
+                          logical_axis_rules: partitioning.LogicalAxisRules = (
+                              partitioning.STANDARD_LOGICAL_AXIS_RULES),
+                          **infer_options) -> int:
   """`infer` with the params (and architecture) of a checkpoint in any format `load_checkpoint`
-  reads. The vocabulary: `vocabulary_path` (a SentencePiece model), else the task's, else the
-  project's T5 vocabulary."""
-  config, params = checkpoints.load_checkpoint(checkpoint_path, config=model_config)
+  reads, read straight into their shardings on `mesh` (default: this process's first device)
+  under `logical_axis_rules` (`restore_params`). The vocabulary: `vocabulary_path` (a
+  SentencePiece model), else the task's, else the project's T5 vocabulary."""
+  mesh = mesh if mesh is not None else local_mesh()
+  config, params = restore_params(checkpoint_path, mesh, logical_axis_rules, model_config)
   model = models.EncoderDecoderModel(config)
   vocabulary = None
   if vocabulary_path:
     vocabulary = seqio.SentencePieceVocabulary(vocabulary_path, extra_ids=100)
   elif not (isinstance(inputs, str) and inputs in seqio.TaskRegistry.names()):
     vocabulary = vocabulary_lib.get_vocabulary()
-  return infer(model, params, vocabulary, inputs, output_path, **infer_options)
+  return infer(model, params, vocabulary, inputs, output_path, mesh=mesh, **infer_options)

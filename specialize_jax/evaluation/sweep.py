@@ -39,6 +39,7 @@ from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import inference
 from specialize_jax.model import checkpoints
 from specialize_jax.model import models
+from specialize_jax.training import partitioning
 
 START_STEP = 0
 MATH_SPLITS = (('gsm8k', 'dev'), ('gsm8k', 'test'), ('multiarith', 'dev'), ('multiarith', 'test'),
@@ -160,6 +161,8 @@ def _reusable(path: str, config: evaluator_lib.EvalConfig, counts: _ExampleCount
 def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
           start_checkpoint: Optional[str] = None, model_config: Any = None,
           mesh: Optional[Mesh] = None,
+          logical_axis_rules: partitioning.LogicalAxisRules = (
+              partitioning.STANDARD_LOGICAL_AXIS_RULES),
           progress: Callable[[str], None] = _stderr) -> SweepResult:
   """Evaluates every committed checkpoint of `model_dir` (and `start_checkpoint` as step 0) on
   `config.task_names`, decoding only the pairs without a reusable eval output.
@@ -169,10 +172,15 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
     config: tasks, shapes and decoding (shared by every checkpoint).
     start_checkpoint: a checkpoint (any format `load_checkpoint` reads) evaluated as START_STEP.
     model_config: architecture overriding what each checkpoint implies (T5Config, preset, dict).
-    mesh: split decode batches over its 'data' axis.
+    mesh: params are read straight into their shardings on it under `logical_axis_rules`, each
+      process reading only its devices' slices, and decode batches split over its 'data' axis
+      (default: this process's first device).
+    logical_axis_rules: the logical axis rules (the trainer's) of the params' shardings.
     progress: receives one line per decoded pair (default: stderr).
   """
   start_time = time.perf_counter()
+  mesh = mesh if mesh is not None else inference.local_mesh()
+  inference.check_batch_size(config.batch_size, mesh, 'EvalConfig.batch_size', '--batch_size')
   model_dir = storage.absolute(model_dir)
   steps = committed_checkpoints(model_dir)
   if start_checkpoint is not None:
@@ -222,8 +230,9 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
       if step not in pending:
         continue
       load_start = time.perf_counter()
-      checkpoint_config, params = checkpoints.load_checkpoint(path, config=model_config)
-      params = inference.place_params(params, mesh)  # once per checkpoint, not once per task
+      # Once per checkpoint, not once per task; into the shardings the trainer's params have.
+      checkpoint_config, params = inference.restore_params(path, mesh, logical_axis_rules,
+                                                           model_config)
       load_seconds += time.perf_counter() - load_start
       if evaluator is None or evaluator.model.config != checkpoint_config:
         # Eval data and the compiled decoder are per evaluator: built once for the whole sweep

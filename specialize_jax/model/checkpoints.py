@@ -532,9 +532,9 @@ def _run(coroutine):
     return pool.submit(asyncio.run, coroutine).result()
 
 
-def load_t5x(directory: os.PathLike, config: Any = None,
-             dtype: str = 'float32') -> Tuple[T5Config, Dict[str, Any]]:
-  """Reads the params (`target`) of a legacy T5X checkpoint directory, skipping optimizer state."""
+def _open_t5x(directory: os.PathLike, config: Any, dtype: str):
+  """(config, flat msgpack leaves, {name: zarr spec or None}, {name: shape}) of a legacy T5X
+  checkpoint, names and shapes checked; only the msgpack file and zarr metadata are read."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
   directory = epath.Path(directory)
   ckpt_dir = os.fspath(directory)
@@ -548,16 +548,27 @@ def load_t5x(directory: os.PathLike, config: Any = None,
   flat = hf_conversion.flatten_params(target, is_leaf=_is_ts_spec)
   specs = {name: _zarr_spec(leaf, ckpt_dir) for name, leaf in flat.items()}
   shapes = {name: _leaf_shape(flat[name], specs[name]) for name in flat}
-  if any(shape is None for shape in shapes.values()):
-    # PLACEHOLDER leaves: shapes come from the zarr metadata, read when the arrays are.
-    arrays = _run(_read_zarr_leaves({n: s for n, s in specs.items() if s is not None}))
-    shapes.update({n: a.shape for n, a in arrays.items()})
-  else:
-    arrays = None
+  unknown = {n: specs[n] for n, shape in shapes.items() if shape is None}
+  if unknown:
+    # PLACEHOLDER leaves: the shapes are in the zarr metadata (opening reads only that).
+    shapes.update(_run(_zarr_shapes(unknown)))
   config = _resolve_config(config, shapes, source, dtype)
   _check_t5x_tree(shapes, config, source)
-  if arrays is None:
-    arrays = _run(_read_zarr_leaves({n: s for n, s in specs.items() if s is not None}))
+  return config, flat, specs, shapes
+
+
+async def _zarr_shapes(specs: Mapping[str, Dict[str, Any]]) -> Dict[str, Tuple[int, ...]]:
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  names = list(specs)
+  stores = await asyncio.gather(*(ts.open(specs[n], open=True, read=True) for n in names))
+  return {n: tuple(store.shape) for n, store in zip(names, stores)}
+
+
+def load_t5x(directory: os.PathLike, config: Any = None,
+             dtype: str = 'float32') -> Tuple[T5Config, Dict[str, Any]]:
+  """Reads the params (`target`) of a legacy T5X checkpoint directory, skipping optimizer state."""
+  config, flat, specs, _ = _open_t5x(directory, config, dtype)
+  arrays = _run(_read_zarr_leaves({n: s for n, s in specs.items() if s is not None}))
   params = {n: np.asarray(arrays[n] if specs[n] is not None else flat[n], np.float32)
             for n in flat}
   return config, hf_conversion.unflatten_params(params)
@@ -652,14 +663,10 @@ def _orbax_checkpointer():
   return ocp, ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
 
 
-def load_orbax(directory: os.PathLike, config: Any = None,
-               dtype: str = 'float32') -> Tuple[T5Config, Dict[str, Any]]:
-  """Reads the params of an orbax PyTree checkpoint (T5X `state` item or `save_orbax` output).
-
-  Only the params subtree is restored (as numpy, on the host); optimizer state stays on disk.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  ocp, checkpointer = _orbax_checkpointer()
+def _open_orbax(directory: os.PathLike, config: Any, dtype: str):
+  """(config, path to the params subtree, its metadata subtree) of an orbax PyTree checkpoint,
+  names and shapes checked; reads metadata only."""
+  _, checkpointer = _orbax_checkpointer()
   source = f'orbax checkpoint {directory}'
   metadata = checkpointer.metadata(os.fspath(directory)).item_metadata
   path, subtree = _find_params(metadata.tree, source)
@@ -669,19 +676,39 @@ def load_orbax(directory: os.PathLike, config: Any = None,
     config = metadata.custom_metadata[_CONFIG_METADATA_KEY]
   config = _resolve_config(config, shapes, source, dtype)
   _check_t5x_tree(shapes, config, source)
+  return config, path, subtree
+
+
+def _restore_orbax_subtree(directory: os.PathLike, path: Tuple[str, ...], item: Any,
+                           restore_args: Any) -> Any:
+  """Restores only the subtree at `path` (`item` and `restore_args` are that subtree's)."""
+  ocp, checkpointer = _orbax_checkpointer()
 
   def nest(value):
     for key in reversed(path):
       value = {key: value}
     return value
 
-  item = nest(jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), subtree))
-  restore_args = nest(jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), subtree))
   restored = checkpointer.restore(
-      os.fspath(directory),
-      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+      os.fspath(directory), args=ocp.args.PyTreeRestore(
+          item=nest(item), restore_args=nest(restore_args), partial_restore=True))
   for key in path:
     restored = restored[key]
+  return restored
+
+
+def load_orbax(directory: os.PathLike, config: Any = None,
+               dtype: str = 'float32') -> Tuple[T5Config, Dict[str, Any]]:
+  """Reads the params of an orbax PyTree checkpoint (T5X `state` item or `save_orbax` output).
+
+  Only the params subtree is restored (as numpy, on the host); optimizer state stays on disk.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  ocp, _ = _orbax_checkpointer()
+  config, path, subtree = _open_orbax(directory, config, dtype)
+  restored = _restore_orbax_subtree(
+      directory, path, jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), subtree),
+      jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), subtree))
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), restored)
   return config, params
 
@@ -721,3 +748,162 @@ def load_checkpoint(path: os.PathLike, fmt: str = 'auto', config: Any = None,
   fmt, resolved = resolve_checkpoint(path, fmt)
   loader = {'hf': load_hf, 't5x': load_t5x, 'orbax': load_orbax}[fmt]
   return loader(resolved, config=config, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded reads
+#
+# Terms:
+#   targets: the params tree as `jax.ShapeDtypeStruct`s with a `.sharding` each (the mesh
+#     shardings a job computes from the config); a sharded read returns `jax.Array`s with exactly
+#     these shapes, dtypes and shardings.
+#   this process's shards: the distinct slices its addressable devices hold (replicas on several
+#     local devices are read once). Nothing else is read: T5X zarr arrays are read slice by slice
+#     with TensorStore, orbax arrays by orbax with the target shardings, and each slice is cast to
+#     the target dtype on its own, so no host holds a whole parameter it does not shard fully.
+#     HF weights are read whole on the host, converted, then only this process's slices are put on
+#     its devices (the conversion reshapes whole tensors).
+#   read stats: the parameter bytes of this process's shards against the checkpoint's total (at
+#     the target dtype), and the bytes TensorStore fetched from storage during the read (its
+#     `/tensorstore/kvstore/<driver>/bytes_read` counters: compressed bytes, chunk metadata and
+#     whole chunks included, so an array stored as one chunk is fetched whole).
+
+# Kvstore drivers that store bytes themselves; the others (ocdbt, zip, ...) read through them.
+_STORAGE_DRIVERS = ('file', 'gcs', 'gcs_grpc', 's3', 'http', 'memory')
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadStats:
+  """What a sharded read asked for and fetched, in bytes (see "read stats" above)."""
+  shard_bytes: int
+  total_bytes: int
+  fetched_bytes: int
+
+  def describe(self) -> str:
+    mb = lambda n: f'{n / 1e6:.2f} MB'
+    return (f'fetched {mb(self.fetched_bytes)} from storage for this process\'s shards '
+            f'({mb(self.shard_bytes)} of the {mb(self.total_bytes)} of parameters)')
+
+
+def storage_bytes_read() -> int:
+  """Bytes TensorStore has read from storage in this process so far (all drivers)."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  total = 0
+  for metric in ts.experimental_collect_matching_metrics('/tensorstore/kvstore/'):
+    parts = metric['name'].strip('/').split('/')
+    if len(parts) == 4 and parts[3] == 'bytes_read' and parts[2] in _STORAGE_DRIVERS:
+      total += sum(int(v.get('value', 0)) for v in metric.get('values', []))
+  return total
+
+
+def _index_key(index: Tuple[slice, ...]) -> Tuple[Tuple[Any, Any, Any], ...]:
+  return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def _local_shards(target: Any) -> Dict[Tuple, Tuple[slice, ...]]:
+  """{key: index} of the distinct slices of `target` this process's devices hold."""
+  shards = {}
+  for index in target.sharding.addressable_devices_indices_map(tuple(target.shape)).values():
+    shards.setdefault(_index_key(index), index)
+  return shards
+
+
+def _slice_size(shape: Tuple[int, ...], index: Tuple[slice, ...]) -> int:
+  return int(np.prod([len(range(*s.indices(d))) for s, d in zip(index, shape)]))
+
+
+def _make_array(target: Any, shard_values: Mapping[Tuple, np.ndarray]) -> Any:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.make_array_from_callback(tuple(target.shape), target.sharding,
+                                      lambda index: shard_values[_index_key(index)],
+                                      dtype=target.dtype)
+
+
+async def _read_zarr_shards(specs: Mapping[str, Dict[str, Any]],
+                            shards: Mapping[str, Mapping[Tuple, Tuple[slice, ...]]],
+                            dtypes: Mapping[str, Any]) -> Dict[str, Dict[Tuple, np.ndarray]]:
+  """{name: {shard key: array}}: every leaf's slices read concurrently, each cast on its own."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  context = ts.Context({'file_io_concurrency': {'limit': 64}})
+
+  async def read(name):
+    store = await ts.open(specs[name], open=True, read=True, context=context)
+    keys = list(shards[name])
+    values = await asyncio.gather(*(store[shards[name][k]].read() for k in keys))
+    return {k: np.asarray(v, dtypes[name]) for k, v in zip(keys, values)}
+
+  names = list(specs)
+  results = await asyncio.gather(*(read(n) for n in names))
+  return dict(zip(names, results))
+
+
+def _check_targets(flat_targets: Mapping[str, Any], shapes: Mapping[str, Tuple[int, ...]],
+                   source: str) -> None:
+  check_shapes(shapes, {n: tuple(t.shape) for n, t in flat_targets.items()}, source,
+               hint='The targets (the model\'s params with their shardings) must name every '
+               'parameter of the checkpoint with its shape; check the model config.')
+  for name, target in flat_targets.items():
+    if getattr(target, 'sharding', None) is None:
+      raise ValueError(f'Target {name} has no sharding; give every leaf a '
+                       'jax.ShapeDtypeStruct(shape, dtype, sharding=...).')
+
+
+def load_checkpoint_sharded(path: os.PathLike, targets_fn: Any, fmt: str = 'auto',
+                            config: Any = None, dtype: str = 'float32'
+                            ) -> Tuple[T5Config, Dict[str, Any], ReadStats]:
+  """(config, params as sharded `jax.Array`s, read stats), reading only this process's shards.
+
+  Args:
+    path, fmt, config, dtype: as for `load_checkpoint` (names and shapes are checked before any
+      array data is read).
+    targets_fn: config -> targets (see "Sharded reads" above); called once the config is known,
+      since T5X and orbax checkpoints may imply their architecture only by their shapes.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  fmt, resolved = resolve_checkpoint(path, fmt)
+  source = f'{fmt} checkpoint {resolved}'
+  fetched_before = storage_bytes_read()
+  if fmt == 't5x':
+    config, flat, specs, shapes = _open_t5x(resolved, config, dtype)
+  elif fmt == 'orbax':
+    config, orbax_path, subtree = _open_orbax(resolved, config, dtype)
+    shapes = {n: tuple(m.shape) for n, m in hf_conversion.flatten_params(subtree).items()}
+  else:
+    config, host_params = load_hf(resolved, config=config, dtype=dtype)
+    host_flat = hf_conversion.flatten_params(host_params)
+    shapes = {n: tuple(np.shape(v)) for n, v in host_flat.items()}
+  targets = targets_fn(config)
+  flat_targets = hf_conversion.flatten_params(targets)
+  _check_targets(flat_targets, shapes, source)
+  shards = {n: _local_shards(t) for n, t in flat_targets.items()}
+
+  if fmt == 'orbax':
+    ocp, _ = _orbax_checkpointer()
+    restored = _restore_orbax_subtree(
+        resolved, orbax_path, targets,
+        jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype,
+                                                    global_shape=tuple(t.shape)), targets))
+    flat_params = hf_conversion.flatten_params(restored)
+  else:
+    if fmt == 't5x':
+      zarr = {n: s for n, s in specs.items() if s is not None}
+      values = _run(_read_zarr_shards(zarr, {n: shards[n] for n in zarr},
+                                      {n: flat_targets[n].dtype for n in zarr}))
+      for name in flat:
+        if specs[name] is None:  # inline in the msgpack file, already in memory
+          host = np.asarray(flat[name])
+          values[name] = {k: np.asarray(host[i], flat_targets[name].dtype)
+                          for k, i in shards[name].items()}
+    else:
+      values = {n: {k: np.asarray(v[i], flat_targets[n].dtype) for k, i in shards[n].items()}
+                for n, v in host_flat.items()}
+    flat_params = {n: _make_array(flat_targets[n], values.pop(n)) for n in list(values)}
+
+  itemsize = lambda t: np.dtype(t.dtype).itemsize
+  stats = ReadStats(
+      shard_bytes=sum(_slice_size(tuple(t.shape), i) * itemsize(t)
+                      for n, t in flat_targets.items() for i in shards[n].values()),
+      total_bytes=sum(int(np.prod(t.shape)) * itemsize(t) for t in flat_targets.values()),
+      fetched_bytes=storage_bytes_read() - fetched_before)
+  logging.info('Read %s (process %d): %s.', source, jax.process_index(), stats.describe())
+  return config, hf_conversion.unflatten_params(flat_params), stats

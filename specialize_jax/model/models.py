@@ -250,7 +250,8 @@ class EncoderDecoderModel:
       decoder_params: Optional[Mapping[str, Any]] = None, return_all_decodes: bool = False,
       num_decodes: int = 1, decode_method: str = 'greedy',
       max_decode_length: Optional[int] = None, temperature: float = 1.0, topk: int = 0,
-      topp: float = 1.0, alpha: float = 0.6) -> Tuple[Array, Mapping[str, Array]]:
+      topp: float = 1.0, alpha: float = 0.6, jit: bool = True
+  ) -> Tuple[Array, Mapping[str, Array]]:
     """Decodes `batch['encoder_input_tokens']`; returns predictions and `{'scores': ...}`.
 
     Args:
@@ -265,6 +266,8 @@ class EncoderDecoderModel:
       max_decode_length: tokens to generate at most (default: the decoder_input_tokens length).
       temperature, topk, topp: sampling options (see `decoding.temperature_sample`).
       alpha: beam brevity penalty exponent.
+      jit: False traces the decoder into the caller's own `jax.jit` (one that sets shardings and
+        compiler options, e.g. `decode_compiler_options`: a nested jit may not set them).
     """
     options = dict(num_decodes=num_decodes, decode_method=decode_method,
                    max_decode_length=max_decode_length, temperature=temperature, topk=topk,
@@ -291,7 +294,8 @@ class EncoderDecoderModel:
     if rng is None:
       rng = jax.random.key(0)
     temperature = jnp.asarray(options.pop('temperature'), jnp.float32)
-    sequences, scores = self._decoder()(
+    decoder = self._decoder() if jit else self._decode_impl
+    sequences, scores = decoder(
         params, batch['encoder_input_tokens'], rng, temperature,
         num_decodes=int(options['num_decodes']), decode_method=method,
         max_decode_length=int(options['max_decode_length']), topk=int(options['topk']),

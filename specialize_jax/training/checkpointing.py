@@ -462,11 +462,6 @@ def _place_params(params: PyTree, abstract_params: PyTree, source: str) -> PyTre
   return jax.tree_util.tree_map(place, params, abstract_params)
 
 
-def _default_load_params(path: str) -> PyTree:
-  _, params = model_checkpoints.load_checkpoint(path)
-  return params
-
-
 def restore_or_initialize(
     model_dir: Union[str, os.PathLike, TrainCheckpointer],
     abstract_state: PyTree,
@@ -485,8 +480,8 @@ def restore_or_initialize(
     init_fn: () -> a sharded train state from scratch (random params, fresh optimizer, step 0).
     initial_checkpoint_path: INITIAL_CHECKPOINT_PATH, used only when MODEL_DIR has no committed
       step: params only (HF, T5X or orbax), optimizer state fresh.
-    load_params_fn: path -> params tree (default: `load_checkpoint(path)[1]`, architecture
-      inferred); pass one that checks the model config.
+    load_params_fn: path -> params tree (default: `load_checkpoint_sharded` into
+      `abstract_state.params`, architecture inferred); pass one that checks the model config.
     log: called with one line saying which source was used.
     init_from_params_fn: placed params -> train state with a fresh optimizer; default
       `init_fn().replace(params=params)` (initialises random params once, then drops them).
@@ -510,7 +505,11 @@ def restore_or_initialize(
 
   if initial_checkpoint_path:
     _check_abstract_state(abstract_state)
-    params = (load_params_fn or _default_load_params)(initial_checkpoint_path)
+    if load_params_fn is None:  # Each process reads only its devices' slices.
+      params = model_checkpoints.load_checkpoint_sharded(
+          initial_checkpoint_path, lambda _: abstract_state.params)[1]
+    else:
+      params = load_params_fn(initial_checkpoint_path)
     params = _place_params(params, abstract_state.params,
                            f'INITIAL_CHECKPOINT_PATH={initial_checkpoint_path}')
     if init_from_params_fn is not None:

@@ -130,6 +130,19 @@ def abstract_train_state(model: Any, optimizer: optax.GradientTransformation, me
   return abstract, shardings
 
 
+def abstract_params(model: Any, mesh: Mesh, rules: partitioning.LogicalAxisRules) -> Params:
+  """The params tree as `ShapeDtypeStruct`s with their mesh shardings (what the train state's
+  params are), allocating nothing: the targets for reading a checkpoint straight into its shards.
+  Raises before compiling when a sharded dimension does not divide its mesh axes."""
+  config = _model_config(model)
+  shapes = network.param_shapes(config)
+  shardings = partitioning.param_shardings(network.logical_axes(config), mesh, rules)
+  partitioning.check_shardable(shapes, shardings)
+  return jax.tree_util.tree_map(
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes,
+      shardings)
+
+
 def _host_params(params: Params, shapes: Params) -> Params:
   """`params` checked against the model's tree and cast to its (float32) dtypes on the host."""
   flat_shapes, treedef = jax.tree_util.tree_flatten_with_path(shapes)

@@ -3,7 +3,9 @@
 Order of events, written down because users debug by it:
 1. mesh from the partitioning config; optimizer and schedule; the abstract (sharded) train state;
 2. restore: the latest checkpoint in `model_dir` (resume), else `initial_checkpoint_path` (params
-   only, any format `specialize_jax.model.checkpoints` reads), else scratch — the choice is logged;
+   only, any format `specialize_jax.model.checkpoints` reads, each process reading only its
+   devices' slices: `load_checkpoint_sharded`), else scratch — the choice and the bytes read are
+   logged;
 3. the input iterator, fast-forwarded to the checkpoint's data position;
 4. the compiled train step (first call timed and logged separately);
 5. the loop: step; every `log_period` fetch metrics, write them and a progress line; every
@@ -107,7 +109,11 @@ def train(model_dir: str,
                                           init_params_fn=lambda: params)[0]
 
   def load_params(path):
-    return model_checkpoints.load_checkpoint(path, config=model.config)[1]
+    # Each process reads only the slices its devices hold, straight into their shardings.
+    _, params, stats = model_checkpoints.load_checkpoint_sharded(
+        path, lambda _: abstract_state.params, config=model.config)
+    log(f"INITIAL_CHECKPOINT_PATH: {stats.describe()}.")
+    return params
 
   checkpointer = checkpointing.TrainCheckpointer(model_dir, checkpoint)
   state, data_position, source = checkpointing.restore_or_initialize(
