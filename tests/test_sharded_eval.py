@@ -1,0 +1,87 @@
+"""Sharded decoding as a user runs it: `specialize infer` with the model axis over 4 of 8 fake CPU
+devices gives the predictions of a one-device run, and the restored parameters are sharded (each
+device holds 1/4 of every model-sharded parameter)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import demo_data
+from specialize_jax.evaluation import inference
+from specialize_jax.training import partitioning
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 600
+TINY = {
+    'TRAIN_STEPS': 2, 'BATCH_SIZE': 8, 'LOG_PERIOD': 1, 'CHECKPOINT_PERIOD': 2, 'EVAL_PERIOD': 0,
+    'WARMUP_STEPS': 1, 'LR_SCHEDULE': "'constant'", 'USE_PACKING': False, 'TENSORBOARD': False,
+    'model_config.T5Config.emb_dim': 32, 'model_config.T5Config.num_heads': 4,
+    'model_config.T5Config.head_dim': 8, 'model_config.T5Config.num_encoder_layers': 1,
+    'model_config.T5Config.num_decoder_layers': 1, 'model_config.T5Config.mlp_dim': 64,
+}
+
+
+def _env(devices: int, data_dir) -> dict:
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(SPECIALIZE_DATA_DIR=str(data_dir), JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             PYTHONPATH=os.pathsep.join([REPO_ROOT] + [
+                 p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+  return env
+
+
+def _specialize(args, env):
+  result = subprocess.run([sys.executable, '-m', 'specialize_jax.cli', *args], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert result.returncode == 0, f'specialize {args[0]} failed:\n{result.stderr[-4000:]}'
+  return result.stdout
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  with demo_data.tiny_demo_data(tmp_path_factory, num_train=200, num_eval=16) as data:
+    model_dir = tmp_path_factory.mktemp('run')
+    _specialize(['train', '--gin_file=experiments/demo_cpu.gin', f"--gin.MODEL_DIR='{model_dir}'"]
+                + [f'--gin.{k}={v}' for k, v in TINY.items()], _env(1, data.parent))
+    yield model_dir, data.parent
+
+
+def _infer(checkpoint, output, env, partitioning_flags):
+  _specialize(['infer', '--gin_file=runs/infer.gin', *partitioning_flags,
+               f"--gin.CHECKPOINT_PATH='{checkpoint}'", "--gin.INFER_INPUTS='demo_id_cot'",
+               f"--gin.INFER_OUTPUT='{output}'", '--gin.INFER_BATCH_SIZE=8',
+               '--gin.MAX_DECODE_LENGTH=12'], env)
+  with open(output, encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+def test_model_parallel_infer_predicts_what_one_device_does(run, tmp_path):
+  model_dir, data_dir = run
+  checkpoint = os.path.join(model_dir, 'checkpoint_2')
+  one = _infer(checkpoint, tmp_path / 'one.jsonl', _env(1, data_dir), [])
+  sharded = _infer(checkpoint, tmp_path / 'sharded.jsonl', _env(8, data_dir),
+                   ['--gin_file=partitioning/data_model.gin', '--gin.NUM_PARTITIONS=4'])
+  assert len(one) == 16
+  assert [r['prediction'] for r in sharded] == [r['prediction'] for r in one]
+
+
+def test_restored_params_hold_a_quarter_of_each_sharded_parameter_per_device(run):
+  model_dir, _ = run
+  assert jax.device_count() == 8
+  mesh = partitioning.make_mesh(partitioning.PartitioningConfig(num_partitions=4))
+  _, params = inference.restore_params(os.path.join(model_dir, 'checkpoint_2'), mesh)
+  sharded = replicated = 0
+  for leaf in jax.tree.leaves(params):
+    shard = int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+    assert len(leaf.addressable_shards) == 8
+    if 'model' in jax.tree.leaves(tuple(leaf.sharding.spec)):
+      assert shard * 4 == leaf.nbytes, (leaf.shape, leaf.sharding.spec)
+      sharded += leaf.nbytes
+    else:
+      assert shard == leaf.nbytes
+      replicated += leaf.nbytes
+  assert sharded > 10 * replicated  # the embeddings, attention and MLP kernels are all split
