@@ -136,6 +136,9 @@ def gcs(tmp_path_factory):
       time.sleep(0.2)
   saved = {k: os.environ.get(k) for k in environ}
   os.environ.update(environ)
+  # epath caches its choice of backend (TensorFlow's, read from EPATH_USE_TF) on first use.
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
   try:
     yield environ
   finally:
@@ -144,6 +147,7 @@ def gcs(tmp_path_factory):
         os.environ.pop(k, None)
       else:
         os.environ[k] = v
+    gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
     server.kill()
     server.wait()
 
