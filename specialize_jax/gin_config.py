@@ -13,7 +13,8 @@ from typing import Any, Iterator, List, Optional, Sequence
 from specialize_jax.config_errors import ConfigError
 
 # The shipped configs (found this way in a source checkout / editable install).
-REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))  # local: this package
+REPO_GIN_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), "gin")
 
 
 def gin_bindings(extra_args: List[str]) -> List[str]:

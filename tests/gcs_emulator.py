@@ -25,7 +25,8 @@ def _download_with_generation(request, response, storage, *args, **kwargs):
 
 objects.download = _download_with_generation
 
-from gcp_storage_emulator import server as server_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+# Imported after the patch: the server builds its routing table from the handlers at import.
+from gcp_storage_emulator import server as server_lib  # pylint: disable=wrong-import-position
 
 
 def main(port: int, bucket: str) -> None:

@@ -94,6 +94,15 @@ def open_file(path: PathLike, mode: str = "r") -> IO:
   return as_path(path).open(mode)
 
 
+def copy_file(src: PathLike, dst: PathLike) -> None:
+  """Streams file `src` to `dst` (either local or a URL; one object on a store), creating
+  `dst`'s directory."""
+  dst = as_path(dst)
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  with as_path(src).open("rb") as fin, dst.open("wb") as fout:
+    shutil.copyfileobj(fin, fout, 1 << 22)
+
+
 def copy_tree(src: PathLike, dst: PathLike) -> None:
   """Copies the files under directory `src` into `dst` (created), local or remote alike.
   Subdirectories go first, then the files, largest first: the small index files a reader opens
@@ -104,16 +113,7 @@ def copy_tree(src: PathLike, dst: PathLike) -> None:
   for child in sorted(c for c in children if c.is_dir()):
     copy_tree(child, dst / child.name)
   for child in sorted((c for c in children if not c.is_dir()), key=lambda c: -c.stat().length):
-    with child.open("rb") as fin, (dst / child.name).open("wb") as fout:
-      shutil.copyfileobj(fin, fout, 1 << 22)
-
-
-def upload(local_path: str, path: PathLike) -> None:
-  """Copies local file `local_path` to `path` (one object on a store; created directories)."""
-  target = as_path(path)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  with open(local_path, "rb") as fin, target.open("wb") as fout:
-    shutil.copyfileobj(fin, fout, 1 << 22)
+    copy_file(child, dst / child.name)
 
 
 def _umask() -> int:
@@ -143,7 +143,7 @@ def atomic_write(path: PathLike, mode: str = "w", durable: bool = True) -> Itera
       if durable and not remote:
         os.fsync(f.fileno())
     if remote:
-      upload(tmp, path)
+      copy_file(tmp, path)
     else:
       os.replace(tmp, path)
   finally:

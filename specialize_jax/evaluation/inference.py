@@ -156,8 +156,9 @@ def check_batch_size(batch_size: int, mesh: Optional[Mesh], setting: str,
     data_size = mesh.shape[DATA_AXIS]
     if batch_size % data_size:
       raise ConfigError(f'{setting}={batch_size} is not divisible by the data axis ({data_size} '
-                        f'devices); set {flag} to a multiple of {data_size}, or shrink the data axis with a '
-                        'larger model axis (--gin.NUM_PARTITIONS; sweep: --num_partitions).')
+                        f'devices); set {flag} to a multiple of {data_size}, or shrink the data '
+                        'axis with a larger model axis (--gin.NUM_PARTITIONS; sweep: '
+                        '--num_partitions).')
 
 
 def fixed_size_batches(features: Mapping[str, np.ndarray], batch_size: int
@@ -218,9 +219,8 @@ class Decoder:
       max_decode_length = self.max_decode_length
 
       def step(params, batch, key_data):
-        return model.predict_batch(
-            params, batch, jax.random.wrap_key_data(key_data), max_decode_length=max_decode_length, jit=False,
-            **options)
+        return model.predict_batch(params, batch, jax.random.wrap_key_data(key_data),
+                                   max_decode_length=max_decode_length, jit=False, **options)
 
       replicated = partitioning.replicated(mesh)
       self._steps[key] = jax.jit(
@@ -234,9 +234,9 @@ class Decoder:
     """Decoded ids, one `[max_decode_length]` array per example (EOS then zeros).
 
     `features` holds at least `encoder_input_tokens` `[num_examples, input_length]` (every
-    process the same); the whole batch goes to `model.predict_batch`. The last batch is padded and its padded rows dropped. Every batch is dispatched before
-    any result is fetched, so host transfers overlap the decoding. Batch `i` uses
-    `fold_in(rng, i)` (default key 0).
+    process the same); the whole batch goes to `model.predict_batch`. The last batch is padded
+    and its padded rows dropped. Every batch is dispatched before any result is fetched, so host
+    transfers overlap the decoding. Batch `i` uses `fold_in(rng, i)` (default key 0).
     """
     mesh = decode_mesh(self.mesh, params)
     check_batch_size(batch_size, mesh, self.setting, self.flag)

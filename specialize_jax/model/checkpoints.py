@@ -297,9 +297,8 @@ def _local_copy(file: epath.Path) -> str:
     return os.fspath(file)
   handle, path = tempfile.mkstemp(prefix='specialize-', suffix=f'-{file.name}')
   os.close(handle)
-  with file.open('rb') as fin, open(path, 'wb') as fout:  # local: temp file
-    shutil.copyfileobj(fin, fout, 1 << 22)  # local: temp file
   _TEMP_COPIES.append(path)
+  storage.copy_file(file, path)
   return path
 
 

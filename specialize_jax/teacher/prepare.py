@@ -230,7 +230,7 @@ def _publish(work_dir: str, output_dir: str, metadata: Dict, files: List[str]) -
   keep = set(files) | {prepared_data.METADATA_FILE}
   if storage.is_url(output_dir):
     for name in sorted(keep - {prepared_data.METADATA_FILE}) + [prepared_data.METADATA_FILE]:
-      storage.upload(os.path.join(work_dir, name), storage.join(output_dir, name))
+      storage.copy_file(os.path.join(work_dir, name), storage.join(output_dir, name))
     shutil.rmtree(work_dir)  # local: work dir
     return
   for name in os.listdir(work_dir):  # local: work dir
