@@ -7,6 +7,7 @@
   specialize convert --from {hf,t5x,auto} SRC --to {hf,orbax,t5x} DST
   specialize train|eval|infer --gin_file=F [--gin_file=F2] [--gin.X=Y ...] [--gin_search_paths=P,...]
       [--multihost | --coordinator_address HOST:PORT --num_processes N --process_id I]
+  specialize plan --gin_file=F [--gin.X=Y ...] --topology {v4-32,v5e-64,v5p-128,8xH100,...} [--no_compile]
   specialize demo [--output_dir runs/demo]
   specialize sweep MODEL_DIR [--tasks T ...] [--bbh_tasks B ...] [--max_examples N] [--include_start CKPT]
       [--num_partitions N] [--fsdp]
@@ -327,6 +328,50 @@ def _cmd_gin_job(args, extra: List[str]) -> int:
   return 0
 
 
+def _plan_request(args, extra: List[str], topology):
+  """The `runs.train` bindings of the gin files as a `memory_plan.PlanRequest` (no task, data or
+  MODEL_DIR is touched; MODEL_DIR may stay unset)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import memory_plan  # pylint: disable=g-import-not-at-top
+  if not args.gin_file:
+    raise ConfigError("give at least one --gin_file (e.g. gin/experiments/flan_t5_xl_gsm8k.gin).")
+  search_paths = [p for p in args.gin_search_paths.split(",") if p]
+  # The plan writes nothing: a placeholder satisfies a required MODEL_DIR (a given one wins).
+  gin_config.parse_gin(args.gin_file, ["MODEL_DIR = 'unused-by-plan'"] +
+                       gin_config.gin_bindings(extra), search_paths)
+  try:
+    bindings = gin.get_bindings("runs.train")
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"gin configuration error: {e}") from e
+  missing = [name for name in ("model", "dataset", "num_train_steps") if name not in bindings]
+  if missing:
+    raise ConfigError(f"the gin files bind no runs.train.{missing[0]}; include runs/specialize.gin "
+                      "(a training config) as `specialize train` would.")
+  from specialize_jax.training import optimizers  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+  return memory_plan.PlanRequest(
+      model=bindings["model"], dataset=bindings["dataset"],
+      num_train_steps=bindings["num_train_steps"],
+      optimizer=bindings.get("optimizer", optimizers.OptimizerConfig()),
+      partitioner=bindings.get("partitioner", partitioning.PartitioningConfig()),
+      num_microbatches=bindings.get("num_microbatches", 1), topology=topology)
+
+
+def _cmd_plan(args, extra: List[str]) -> int:
+  from specialize_jax.training import memory_plan  # pylint: disable=g-import-not-at-top
+  topology = memory_plan.topology(args.topology)
+  import jax  # pylint: disable=g-import-not-at-top
+  # Fake CPU devices, as many as the topology has chips, whatever this machine has: set before
+  # anything starts a backend (main() starts none for this command).
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", topology.num_devices)
+  request = _plan_request(args, extra, topology)
+  result = memory_plan.plan(request, compile_step=not args.no_compile,
+                            log=lambda line: print(line, file=sys.stderr, flush=True))
+  print(memory_plan.format_plan(result))
+  return 0 if result.fits else 1
+
+
 def _cmd_demo(args, extra: List[str]) -> int:
   import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the demo tasks)
   from specialize_jax import demo  # pylint: disable=g-import-not-at-top
@@ -469,6 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gin_search_paths", default="", help="comma-separated gin include paths")
     _add_distributed_flags(p)
     p.set_defaults(fn=_cmd_gin_job, takes_extra=True)
+
+  p = sub.add_parser("plan", help="per-device memory of the train step on a target topology "
+                     "(compiled abstractly on fake CPU devices) and a verdict with the fix; exit 1 "
+                     "when it does not fit")
+  p.add_argument("--gin_file", action="append", default=[],
+                 help="gin file (repeatable; as `specialize train`)")
+  p.add_argument("--gin_search_paths", default="", help="comma-separated gin include paths")
+  p.add_argument("--topology", required=True,
+                 help="e.g. v4-32 (16 chips), v5e-64, v5p-128, 8xH100, 8xA100-40")
+  p.add_argument("--no_compile", action="store_true",
+                 help="analytic rows only (params, optimizer state, gradients): no XLA "
+                 "temporaries, seconds instead of minutes")
+  p.set_defaults(fn=_cmd_plan, takes_extra=True)
 
   p = sub.add_parser("demo", help="train a CoT and an answer-only tiny student on generated "
                      "arithmetic problems and compare them (no download)")

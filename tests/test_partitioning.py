@@ -281,7 +281,7 @@ def _grid(num_processes, devices_per_process, data):
 ])
 def test_data_layout_follows_the_data_coordinates_of_each_process(data, expected):
   grid = _grid(4, 2, data)
-  layouts = [partitioning._layout_of_grid(grid, 16, p) for p in range(4)]
+  layouts = [partitioning.layout_of_grid(grid, 16, p) for p in range(4)]
   assert [(l.shard_index, l.num_shards) for l in layouts] == expected
   assert {l.local_batch_size for l in layouts} == {16 // expected[0][1]}
 
@@ -290,9 +290,9 @@ def test_data_layout_rejects_grids_no_layout_can_feed():
   # Host 0 holds data rows 0 and 2, host 1 rows 1 and 3: not contiguous blocks.
   grid = np.array([[_Device(0)], [_Device(1)], [_Device(0)], [_Device(1)]], dtype=object)
   with pytest.raises(ValueError, match='equal contiguous blocks'):
-    partitioning._layout_of_grid(grid, 8, 0)
+    partitioning.layout_of_grid(grid, 8, 0)
   with pytest.raises(ValueError, match='BATCH_SIZE=6 is not divisible by the data axis'):
-    partitioning._layout_of_grid(_grid(4, 2, 8), 6, 0)
+    partitioning.layout_of_grid(_grid(4, 2, 8), 6, 0)
 
 
 def test_global_batch_takes_this_shards_rows_with_the_global_shape():

@@ -161,6 +161,25 @@ class TrainIterator:
             "mixture_or_task_name": self.config.mixture_or_task_name}
 
 
+def batch_spec(config: DatasetConfig) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
+  """`{feature: (global shape, numpy dtype)}` of the batches `TrainIterator` yields, read from the
+  feature converter (no data is read): `[batch, length]` token features, `[batch, targets, k]`
+  teacher features."""
+  converter = feature_converters.TeacherEncDecFeatureConverter(pack=config.pack,
+                                                               teacher_k=config.teacher_k)
+  dtypes = {name: spec.dtype for name, spec in converter.MODEL_FEATURES.items()}
+  if config.pack:
+    dtypes.update(converter.PACKING_FEATURE_DTYPES)
+  ranks = {name: spec.rank for name, spec in feature_converters.TEACHER_MODEL_FEATURES.items()}
+  dtypes.update({name: spec.dtype for name, spec in
+                 feature_converters.TEACHER_MODEL_FEATURES.items()})
+  spec = {}
+  for name, length in model_feature_lengths(config).items():
+    shape = (config.batch_size, length) + ((config.teacher_k,) * (ranks.get(name, 1) - 1))
+    spec[name] = (shape, np.dtype(dtypes[name].as_numpy_dtype))
+  return spec
+
+
 def input_shapes(config: DatasetConfig) -> Tuple[Tuple[int, int], Tuple[int, int]]:
   """Global `(encoder, decoder)` token shapes, for initialising the model abstractly."""
   lengths = model_feature_lengths(config)

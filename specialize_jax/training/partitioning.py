@@ -241,10 +241,12 @@ def data_layout(mesh: Mesh, batch_size: int, process_index: Optional[int] = None
   layout can feed) or `batch_size` does not divide the data axis.
   """
   process_index = jax.process_index() if process_index is None else process_index
-  return _layout_of_grid(np.asarray(mesh.devices), batch_size, process_index)
+  return layout_of_grid(np.asarray(mesh.devices), batch_size, process_index)
 
 
-def _layout_of_grid(device_grid: np.ndarray, batch_size: int, process_index: int) -> DataLayout:
+def layout_of_grid(device_grid: np.ndarray, batch_size: int, process_index: int) -> DataLayout:
+  """`data_layout` of a `[data, model]` grid of anything with a `process_index` (devices, or
+  stand-ins for the hosts of a topology this process does not run on)."""
   data_size = device_grid.shape[0]
   if batch_size % data_size:
     raise ValueError(f'BATCH_SIZE={batch_size} is not divisible by the data axis ({data_size} '

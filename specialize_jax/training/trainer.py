@@ -59,6 +59,16 @@ def _check_finite(losses, last_checked_step: int, done: int,
         f"(the last good checkpoint is {checkpointer.latest_step()}).")
 
 
+def check_train_arguments(dataset: input_pipeline.DatasetConfig, num_train_steps: int,
+                          num_microbatches: int) -> None:
+  """The checks `train` makes before reading data (`specialize plan` makes them too)."""
+  if num_train_steps < 1:
+    raise ConfigError(f"TRAIN_STEPS={num_train_steps} must be >= 1; set --gin.TRAIN_STEPS.")
+  if num_microbatches < 1 or dataset.batch_size % num_microbatches:
+    raise ConfigError(f"BATCH_SIZE={dataset.batch_size} is not divisible by NUM_MICROBATCHES="
+                      f"{num_microbatches}; change --gin.NUM_MICROBATCHES or --gin.BATCH_SIZE.")
+
+
 def train(model_dir: str,
           model: models.EncoderDecoderModel,
           dataset: input_pipeline.DatasetConfig,
@@ -78,11 +88,7 @@ def train(model_dir: str,
 
   Returns the last logged train metrics plus the last eval metrics.
   """
-  if num_train_steps < 1:
-    raise ConfigError(f"TRAIN_STEPS={num_train_steps} must be >= 1; set --gin.TRAIN_STEPS.")
-  if dataset.batch_size % num_microbatches:
-    raise ConfigError(f"BATCH_SIZE={dataset.batch_size} is not divisible by num_microbatches="
-                      f"{num_microbatches}; change --gin.train.num_microbatches.")
+  check_train_arguments(dataset, num_train_steps, num_microbatches)
   feature_converters.check_vocabulary_fits(input_pipeline.mixture_or_task(dataset),
                                              model.config.vocab_size)
   storage.makedirs(model_dir)
