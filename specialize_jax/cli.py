@@ -7,7 +7,7 @@
   specialize convert --from {hf,t5x,auto} SRC --to {hf,orbax,t5x} DST
   specialize train|eval|infer --gin_file=F [--gin_file=F2] [--gin.X=Y ...] [--gin_search_paths=P,...]
       [--multihost | --coordinator_address HOST:PORT --num_processes N --process_id I]
-  specialize plan --gin_file=F [--gin.X=Y ...] --topology {v4-32,v5e-64,v5p-128,8xH100,...} [--no_compile]
+  specialize plan --gin_file=F [--gin.X=Y ...] [--topology {v4-32,v5e-64,v5p-128,8xH100,...}] [--no_compile]
   specialize demo [--output_dir runs/demo]
   specialize sweep MODEL_DIR [--tasks T ...] [--bbh_tasks B ...] [--max_examples N] [--include_start CKPT]
       [--num_partitions N] [--fsdp]
@@ -314,7 +314,7 @@ def _cmd_gin_job(args, extra: List[str]) -> int:
   from specialize_jax.training import preemption  # pylint: disable=g-import-not-at-top
   if not args.gin_file:
     raise ConfigError("give at least one --gin_file (e.g. gin/experiments/demo_cpu.gin).")
-  search_paths = [p for p in args.gin_search_paths.split(",") if p]
+  search_paths = _search_paths(args)
   gin_config.parse_gin(args.gin_file, gin_config.gin_bindings(extra), search_paths)
   _check_gin_job_inputs(args.command)
   gin_config.write_config(gin_config.macro("MODEL_DIR") if args.command == "train" else None)
@@ -328,17 +328,18 @@ def _cmd_gin_job(args, extra: List[str]) -> int:
   return 0
 
 
-def _plan_request(args, extra: List[str], topology):
-  """The `runs.train` bindings of the gin files as a `memory_plan.PlanRequest` (no task, data or
-  MODEL_DIR is touched; MODEL_DIR may stay unset)."""
+def _search_paths(args) -> List[str]:
+  return [p for p in args.gin_search_paths.split(",") if p]
+
+
+def plan_request(gin_files: List[str], overrides: List[str], search_paths: List[str], topology):
+  """The `runs.train` bindings of the gin files (and `--gin.X=Y` `overrides`) as a
+  `memory_plan.PlanRequest` on `topology`; no task, data or MODEL_DIR is touched."""
   import gin  # pylint: disable=g-import-not-at-top
   from specialize_jax.training import memory_plan  # pylint: disable=g-import-not-at-top
-  if not args.gin_file:
-    raise ConfigError("give at least one --gin_file (e.g. gin/experiments/flan_t5_xl_gsm8k.gin).")
-  search_paths = [p for p in args.gin_search_paths.split(",") if p]
   # The plan writes nothing: a placeholder satisfies a required MODEL_DIR (a given one wins).
-  gin_config.parse_gin(args.gin_file, ["MODEL_DIR = 'unused-by-plan'"] +
-                       gin_config.gin_bindings(extra), search_paths)
+  gin_config.parse_gin(gin_files, ["MODEL_DIR = 'unused-by-plan'"] +
+                       gin_config.gin_bindings(overrides), search_paths)
   try:
     bindings = gin.get_bindings("runs.train")
   except (ValueError, TypeError) as e:
@@ -357,15 +358,31 @@ def _plan_request(args, extra: List[str], topology):
       num_microbatches=bindings.get("num_microbatches", 1), topology=topology)
 
 
+def _plan_topology(args):
+  """`--topology`, else the one the first gin file with a `# Topology:` header line names."""
+  from specialize_jax.data import storage  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import memory_plan  # pylint: disable=g-import-not-at-top
+  name = args.topology
+  if name is None:
+    name = memory_plan.named_topology([storage.read_text(gin_config.find_file(f, _search_paths(args)))
+                                       for f in args.gin_file])
+    if name is None:
+      raise ConfigError("give --topology (e.g. v4-32, v5e-64, 8xH100): no --gin_file names one in "
+                        "a `# Topology:` header line.")
+  return memory_plan.topology(name)
+
+
 def _cmd_plan(args, extra: List[str]) -> int:
   from specialize_jax.training import memory_plan  # pylint: disable=g-import-not-at-top
-  topology = memory_plan.topology(args.topology)
+  if not args.gin_file:
+    raise ConfigError("give at least one --gin_file (e.g. gin/experiments/flan_t5_xl_gsm8k.gin).")
+  topology = _plan_topology(args)
   import jax  # pylint: disable=g-import-not-at-top
   # Fake CPU devices, as many as the topology has chips, whatever this machine has: set before
   # anything starts a backend (main() starts none for this command).
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", topology.num_devices)
-  request = _plan_request(args, extra, topology)
+  request = plan_request(args.gin_file, extra, _search_paths(args), topology)
   result = memory_plan.plan(request, compile_step=not args.no_compile,
                             log=lambda line: print(line, file=sys.stderr, flush=True))
   print(memory_plan.format_plan(result))
@@ -521,8 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--gin_file", action="append", default=[],
                  help="gin file (repeatable; as `specialize train`)")
   p.add_argument("--gin_search_paths", default="", help="comma-separated gin include paths")
-  p.add_argument("--topology", required=True,
-                 help="e.g. v4-32 (16 chips), v5e-64, v5p-128, 8xH100, 8xA100-40")
+  p.add_argument("--topology", default=None,
+                 help="e.g. v4-32 (16 chips), v5e-64, v5p-128, 8xH100, 8xA100-40 (default: the "
+                 "one the gin file's `# Topology:` header line names)")
   p.add_argument("--no_compile", action="store_true",
                  help="analytic rows only (params, optimizer state, gradients): no XLA "
                  "temporaries, seconds instead of minutes")

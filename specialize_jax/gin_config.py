@@ -54,6 +54,17 @@ def file_resolution(search_paths: Sequence[str] = ()) -> Iterator[None]:
     file_readers[:], location_prefixes[:] = saved
 
 
+def find_file(name: str, search_paths: Sequence[str] = ()) -> str:
+  """Where `parse_gin` finds the gin file `name` (the order of `file_resolution`)."""
+  from specialize_jax.data import storage  # pylint: disable=g-import-not-at-top
+  for prefix in ["", *search_paths, REPO_GIN_DIR]:
+    path = storage.join(prefix, name) if prefix else name
+    if storage.isfile(path):
+      return path
+  raise ConfigError(f"gin file {name!r} not found in the working directory, --gin_search_paths "
+                    f"{list(search_paths)} or {REPO_GIN_DIR}.")
+
+
 def parse_gin(gin_files: List[str], bindings: List[str], search_paths: List[str]) -> None:
   """T5X's flag semantics: files in order (later override earlier), then bindings. Unknown
   parameters and `%gin.REQUIRED` macros left unset fail here, before any compilation, as a

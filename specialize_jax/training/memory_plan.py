@@ -24,10 +24,11 @@ Terms:
     compile it to check (`PlanRequest.check_fix`).
 """
 import dataclasses
+import itertools
 import re
 import time
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
 from jax.sharding import AbstractMesh, NamedSharding
@@ -91,6 +92,19 @@ KNOWN_TOPOLOGIES = ('v4-8', 'v4-16', 'v4-32', 'v4-64', 'v4-128', 'v5e-8', 'v5e-1
                     '16xH100', '8xA100-40', '8xA100-80', '8xH200')
 
 
+# The header line naming the topology a shipped experiment gin is meant for: `# Topology: v4-32 ...`.
+TOPOLOGY_LINE = re.compile(r'^#\s*Topology:\s*(\S+)', re.MULTILINE)
+
+
+def named_topology(gin_texts: Sequence[str]) -> Optional[str]:
+  """The topology the first of `gin_texts` that has a `# Topology:` line names (None: none)."""
+  for text in gin_texts:
+    match = TOPOLOGY_LINE.search(text)
+    if match:
+      return match.group(1)
+  return None
+
+
 def topology(name: str) -> Topology:
   """The `Topology` of a name such as `v4-32`, `v5litepod-16`, `v5p-128`, `8xH100`."""
   tpu = re.fullmatch(r'(v4|v5e|v5litepod|v5p|v6e)-(\d+)', name.strip())
@@ -146,6 +160,7 @@ class Plan:
   compiled: bool
   compile_seconds: float = 0.0
   argument_bytes: Optional[int] = None  # XLA's own count of the arguments (a check on ours).
+  problem: Optional[str] = None         # Why the step cannot run as configured (batch split).
   fix: Optional[str] = None
   fix_plan: Optional['Plan'] = None
 
@@ -155,7 +170,7 @@ class Plan:
 
   @property
   def fits(self) -> bool:
-    return self.total_bytes <= self.usable_bytes
+    return self.problem is None and self.total_bytes <= self.usable_bytes
 
   @property
   def other_temp_bytes(self) -> Optional[int]:
@@ -200,38 +215,73 @@ def _abstract_batch(dataset: input_pipeline.DatasetConfig, mesh) -> Dict[str, ja
           for name, (shape, dtype) in input_pipeline.batch_spec(dataset).items()}
 
 
-def _analytic(request: PlanRequest, mesh) -> Tuple[Any, Any, Any, Dict[str, Any], Dict[str, int]]:
+def _batch_problem(request: PlanRequest) -> Optional[str]:
+  """Why the batch cannot be split as configured over the topology's data axis (None: it can)."""
+  data = request.topology.num_devices // request.partitioner.num_partitions
+  batch, k = request.dataset.batch_size, request.num_microbatches
+  if batch % (k * data):
+    return (f'BATCH_SIZE={batch} in {k} micro-batches of {batch / k:g} rows does not split over '
+            f'the {data} data shards (NUM_PARTITIONS={request.partitioner.num_partitions} of '
+            f'{request.topology.num_devices} devices)')
+  return None
+
+
+def _analytic(request: PlanRequest, mesh) -> Tuple[Any, Any, Any, Optional[Dict[str, Any]],
+                                                   Dict[str, int]]:
   """`(optimizer, abstract state, its shardings, abstract batch, per-device bytes)` on `mesh`
-  (abstract or concrete); allocates nothing."""
+  (abstract or concrete); allocates nothing. The batch is None (and counts 0 bytes) when it does
+  not split over the data axis (`_batch_problem`)."""
   rules = request.partitioner.logical_axis_rules
   tx = optimizers.make_optimizer(request.optimizer, request.num_train_steps)
-  partitioning.check_batch_divisible(request.dataset.batch_size, mesh, request.num_microbatches)
   try:
     state, shardings = train_state.abstract_train_state(request.model, tx, mesh, rules)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  batch = _abstract_batch(request.dataset, mesh)
+  batch = None if _batch_problem(request) else _abstract_batch(request.dataset, mesh)
   params = _shard_bytes(state.params, shardings.params)
   gradients = params * (2 if request.num_microbatches > 1 else 1)  # f32, like the params.
   sizes = {
       'params': params,
       'optimizer': _shard_bytes(state.opt_state, shardings.opt_state) + 4,  # + the int32 step.
-      'batch': _shard_bytes(batch, [v.sharding for v in batch.values()]) + 8,  # + the uint32[2] key.
+      'batch': 0 if batch is None else  # + the uint32[2] key:
+               _shard_bytes(batch, [v.sharding for v in batch.values()]) + 8,
       'gradients': gradients,
   }
   return tx, state, shardings, batch, sizes
 
 
-def _estimate(request: PlanRequest, reference: Optional[Plan] = None) -> int:
+def _rows_per_device(request: PlanRequest) -> float:
+  """Micro-batch rows per device, counting a model-axis group as one device's worth."""
+  data = request.topology.num_devices // request.partitioner.num_partitions
+  return request.dataset.batch_size / request.num_microbatches / data / (
+      request.partitioner.num_partitions)
+
+
+def _estimate(request: PlanRequest, reference: Plan) -> int:
   """Analytic total of `request`: exact state, batch and gradients, plus `reference`'s other XLA
-  temporaries scaled by the micro-batch rows per device (activations grow with them)."""
-  sizes = _analytic(request, _abstract_mesh(request))[-1]
-  total = sum(sizes.values())
-  if reference is not None and reference.other_temp_bytes is not None:
-    rows = lambda r: r.dataset.batch_size / r.num_microbatches / (
-        r.topology.num_devices // r.partitioner.num_partitions) / r.partitioner.num_partitions
-    total += int(reference.other_temp_bytes * rows(request) / rows(reference.request))
+  temporaries scaled by the micro-batch rows per device (activations grow with them). Raises
+  `ValueError` when `request` cannot run (its batch does not split, a dimension does not shard)."""
+  problem = _batch_problem(request)
+  if problem:
+    raise ValueError(problem)
+  total = sum(_analytic(request, _abstract_mesh(request))[-1].values())
+  if reference.other_temp_bytes is not None and reference.problem is None:
+    total += int(reference.other_temp_bytes * _rows_per_device(request) /
+                 _rows_per_device(reference.request))
   return total
+
+
+def _analytic_plan(request: PlanRequest) -> Plan:
+  mesh = _abstract_mesh(request)
+  sizes = _analytic(request, mesh)[-1]
+  return Plan(request, dict(mesh.shape), sizes['params'], sizes['optimizer'], sizes['batch'],
+              sizes['gradients'], None, sum(sizes.values()), compiled=False,
+              problem=_batch_problem(request))
+
+
+# At most this many suggested fixes are compiled, in order, before the plan names the first whose
+# analytic estimate fits without the compiled check.
+MAX_FIXES_COMPILED = 2
 
 
 def plan(request: PlanRequest, compile_step: bool = True,
@@ -242,26 +292,32 @@ def plan(request: PlanRequest, compile_step: bool = True,
   Args:
     request: the run and the topology.
     compile_step: compile the step on `topology.num_devices` CPU devices (else: the analytic rows
-      only, on an abstract mesh, and no temporaries).
+      only, on an abstract mesh, and no temporaries). A batch that does not split over the data axis
+      is never compiled: the plan reports it as its `problem`.
     devices: the devices to compile for (default: the first `num_devices` CPU devices).
-    check_fix: when it does not fit, compile the suggested fix too (`Plan.fix_plan`).
+    check_fix: when it does not fit, compile the suggested fixes (up to `MAX_FIXES_COMPILED`, in
+      order) and keep the first that fits as `Plan.fix_plan`.
   """
   _check_request(request)
-  if not compile_step:
-    mesh = _abstract_mesh(request)
-    sizes = _analytic(request, mesh)[-1]
-    result = Plan(request, dict(mesh.shape), sizes['params'], sizes['optimizer'], sizes['batch'],
-                  sizes['gradients'], None, sum(sizes.values()), compiled=False)
-  else:
+  if compile_step and _batch_problem(request) is None:
     result = _compiled_plan(request, devices, log)
+  else:
+    result = _analytic_plan(request)
   if result.fits:
     return result
-  fix, fixed = suggest_fix(result)
-  fix_plan = None
-  if fixed is not None and check_fix and compile_step:
-    log(f'Checking the fix ({fix}) ...')
-    fix_plan = plan(fixed, compile_step=True, devices=devices, check_fix=False, log=log)
-  return dataclasses.replace(result, fix=fix, fix_plan=fix_plan)
+  wanted = MAX_FIXES_COMPILED if compile_step and check_fix else 1
+  fixes = list(itertools.islice(suggest_fixes(result), wanted))
+  if not fixes:
+    return dataclasses.replace(result, fix=(
+        'no change of partitioning or micro-batches fits this topology; use a larger slice (more '
+        'chips) or chips with more memory'))
+  if compile_step and check_fix:
+    for text, fixed in fixes[:MAX_FIXES_COMPILED]:
+      log(f'Checking the fix ({text}) ...')
+      fix_plan = plan(fixed, compile_step=True, devices=devices, check_fix=False, log=log)
+      if fix_plan.fits:
+        return dataclasses.replace(result, fix=text, fix_plan=fix_plan)
+  return dataclasses.replace(result, fix=fixes[0][0])
 
 
 def _compiled_plan(request: PlanRequest, devices: Optional[Sequence[jax.Device]],
@@ -290,50 +346,48 @@ def _compiled_plan(request: PlanRequest, devices: Optional[Sequence[jax.Device]]
               compile_seconds=seconds, argument_bytes=int(stats.argument_size_in_bytes))
 
 
-def _candidates(request: PlanRequest) -> List[Tuple[str, PlanRequest]]:
-  """Fixes in the order we suggest them: shard the state over every device (FSDP), then more
-  micro-batches (smaller activations), then more model partitions."""
-  out = []
+def _candidates(request: PlanRequest) -> Iterator[Tuple[str, PlanRequest]]:
+  """Changes in the order we suggest them: shard the state over every device (FSDP), also with a
+  larger model axis; then other micro-batch counts (more first: smaller activations; fewer only
+  help a batch that does not split); then a larger model axis under the same rules."""
   num_devices = request.topology.num_devices
   parts = request.partitioner.num_partitions
-  rules = request.partitioner.logical_axis_rules
-  if not _is_fsdp(rules):
-    fsdp = dataclasses.replace(request.partitioner,
-                               logical_axis_rules=partitioning.fsdp_logical_axis_rules())
-    out.append((f'include gin/partitioning/fsdp.gin (--gin.NUM_PARTITIONS={parts}): parameters '
-                'and optimizer state shard over all devices', request.replace(partitioner=fsdp)))
-  for partitioner, where in ((request.partitioner, ''),) + (
-      ((fsdp, ' with gin/partitioning/fsdp.gin'),) if not _is_fsdp(rules) else ()):
-    batch, k = request.dataset.batch_size, request.num_microbatches
-    data = num_devices // parts
-    for more in range(k + 1, batch // data + 1):
-      if batch % (more * data) == 0:
-        micro = batch // more
-        out.append((f'--gin.NUM_MICROBATCHES={more}{where} (micro-batch {micro} rows, '
-                    f'{micro // data} per device; BATCH_SIZE={batch} unchanged)',
-                    request.replace(num_microbatches=more, partitioner=partitioner)))
-  for partitioner, where in ((request.partitioner, ''),) + (
-      ((fsdp, ' with gin/partitioning/fsdp.gin'),) if not _is_fsdp(rules) else ()):
-    for more in range(parts + 1, num_devices + 1):
-      if num_devices % more == 0:
-        out.append((f'--gin.NUM_PARTITIONS={more}{where}',
-                    request.replace(partitioner=dataclasses.replace(partitioner,
-                                                                    num_partitions=more))))
-  return out
+  batch, k = request.dataset.batch_size, request.num_microbatches
+  current = request.partitioner
+  more_parts = [p for p in range(parts + 1, num_devices + 1) if num_devices % p == 0]
+  micro_counts = sorted((m for m in range(1, batch + 1) if batch % m == 0 and m != k),
+                        key=lambda m: (m < k, abs(m - k)))
+  with_parts = lambda partitioner, p: dataclasses.replace(partitioner, num_partitions=p)
+  partitioners = [(current, '')]
+  if not _is_fsdp(current.logical_axis_rules):
+    fsdp = dataclasses.replace(current, logical_axis_rules=partitioning.fsdp_logical_axis_rules())
+    partitioners.append((fsdp, ' with gin/partitioning/fsdp.gin'))
+    yield (f'include gin/partitioning/fsdp.gin (--gin.NUM_PARTITIONS={parts}): parameters and '
+           'optimizer state shard over all devices', request.replace(partitioner=fsdp))
+    for p in more_parts:
+      yield (f'include gin/partitioning/fsdp.gin with --gin.NUM_PARTITIONS={p}',
+             request.replace(partitioner=with_parts(fsdp, p)))
+  for partitioner, where in partitioners:
+    data = num_devices // partitioner.num_partitions
+    for m in micro_counts:
+      if batch % (m * data) == 0:
+        yield (f'--gin.NUM_MICROBATCHES={m}{where} (micro-batches of {batch // m} rows, '
+               f'{batch // m // data} per data shard; BATCH_SIZE={batch} unchanged)',
+               request.replace(num_microbatches=m, partitioner=partitioner))
+  for p in more_parts:
+    yield f'--gin.NUM_PARTITIONS={p}', request.replace(partitioner=with_parts(current, p))
 
 
-def suggest_fix(result: Plan) -> Tuple[str, Optional[PlanRequest]]:
-  """The first candidate fix whose analytic estimate fits with the headroom, as
-  `(text, request)`; `(advice, None)` when none does."""
+def suggest_fixes(result: Plan) -> Iterator[Tuple[str, PlanRequest]]:
+  """`(text, request)` of every candidate change whose analytic estimate fits with the headroom,
+  in the order of `_candidates`."""
   for text, candidate in _candidates(result.request):
     try:
       estimate = _estimate(candidate, result)
     except ValueError:
-      continue  # Not shardable or not divisible: not a fix.
+      continue  # Cannot run: not a fix.
     if estimate <= result.usable_bytes:
-      return text, candidate
-  return ('no change of partitioning or micro-batches fits this topology; use a larger slice '
-          '(more chips) or chips with more memory'), None
+      yield text, candidate
 
 
 def host_layout(result: Plan) -> partitioning.DataLayout:
@@ -350,12 +404,19 @@ def _gib(num_bytes: Optional[int]) -> str:
 
 
 def verdict(result: Plan) -> str:
-  share = result.total_bytes / result.request.topology.memory_bytes
+  """One line: fits, DOES NOT FIT or CANNOT RUN, the total against the chip, and the fix."""
+  memory = result.request.topology.memory_bytes
+  amount = f'{_gib(result.total_bytes)} of {_gib(memory)} ({result.total_bytes / memory:.0%})'
+  scope = '' if result.compiled else ', without activations (not compiled)'
   if result.fits:
-    return (f'fits: {_gib(result.total_bytes)} of {_gib(result.request.topology.memory_bytes)} '
-            f'({share:.0%}; headroom {1 - USABLE_FRACTION:.0%} kept)')
-  return (f'DOES NOT FIT: {_gib(result.total_bytes)} of '
-          f'{_gib(result.request.topology.memory_bytes)} ({share:.0%}); fix: {result.fix}')
+    return f'fits: {amount}{scope}; headroom {1 - USABLE_FRACTION:.0%} kept'
+  if result.total_bytes > result.usable_bytes:
+    head = f'DOES NOT FIT: {amount}{scope}'
+    if result.problem:
+      head += f'; and {result.problem}'
+  else:
+    head = f'CANNOT RUN: {result.problem}'
+  return f'{head}; fix: {result.fix}'
 
 
 def format_plan(result: Plan) -> str:
@@ -364,9 +425,15 @@ def format_plan(result: Plan) -> str:
   topo = request.topology
   rules = request.partitioner.logical_axis_rules
   data, parts = result.mesh_shape['data'], result.mesh_shape['model']
-  micro_rows = request.dataset.batch_size // request.num_microbatches
-  layout = host_layout(result)
+  micro_rows = request.dataset.batch_size / request.num_microbatches
   config = request.model.config
+  if result.problem:
+    feed = f'{result.problem}.'
+  else:
+    layout = host_layout(result)
+    feed = (f'{micro_rows // data:g} rows per data shard; each host feeds '
+            f'{layout.local_batch_size} rows per step (data shard {layout.shard_index} of '
+            f'{layout.num_shards} on host 0).')
   lines = [
       f'Topology {topo.name}: {topo.num_devices} x {topo.chip} '
       f'({_gib(topo.memory_bytes)} each), {topo.num_hosts} host(s) of {topo.devices_per_host}.',
@@ -374,9 +441,7 @@ def format_plan(result: Plan) -> str:
       f'params float32, activations {config.dtype}; optimizer '
       f'{request.optimizer.name}.',
       f'Batch {request.dataset.batch_size} = {request.num_microbatches} micro-batches of '
-      f'{micro_rows} rows ({micro_rows // data} per data shard); each host feeds '
-      f'{layout.local_batch_size} rows per step (data shard {layout.shard_index} of '
-      f'{layout.num_shards} on host 0).',
+      f'{micro_rows:g} rows: {feed}',
       '',
       f'{"per device":<46}{"bytes":>12}',
   ]
@@ -396,6 +461,6 @@ def format_plan(result: Plan) -> str:
     lines.append(f'(XLA CPU compile of the SPMD step: {result.compile_seconds:.1f} s; temporaries '
                  'are the CPU compiler\'s, an estimate of the TPU/GPU ones.)')
   if result.fix_plan is not None:
-    lines.append(f'fix checked (compiled): total {_gib(result.fix_plan.total_bytes)}, '
-                 f'{verdict(result.fix_plan).split(":")[0]}.')
+    lines.append(f'fix checked (compiled, mesh data={result.fix_plan.mesh_shape["data"]} x '
+                 f'model={result.fix_plan.mesh_shape["model"]}): {verdict(result.fix_plan)}.')
   return '\n'.join(lines)
