@@ -6,7 +6,6 @@ Compiling a FlanT5 step for a pod takes minutes, so the shipped gins are planned
 compiling (state, optimizer and gradients: what overflows first); one CLI run compiles a FlanT5
 step end to end and `tools/plan_experiments.py` compiles them all for the README's table.
 """
-import dataclasses
 import glob
 import os
 import re
@@ -14,7 +13,6 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 import demo_data

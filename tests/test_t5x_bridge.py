@@ -33,7 +33,7 @@ BRIDGE_MODULE = "specialize_jax.t5x_bridge"
 T5X_NAMES = {
     "t5x.decoding": {"temperature_sample"},
     "t5x.optimizers": {"adamw"},
-    "t5x.partitioning": {"PjitPartitioner"},
+    "t5x.partitioning": {"PjitPartitioner", "standard_logical_axis_rules"},
     "t5x.trainer": {"Trainer"},
     "t5x.utils": {"create_learning_rate_scheduler", "RestoreCheckpointConfig",
                   "SaveCheckpointConfig", "DatasetConfig"},

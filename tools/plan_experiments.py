@@ -40,6 +40,10 @@ def _row(label, result, memory_plan):
   verdict = memory_plan.verdict(result).split(':')[0]
   if result.compiled:
     verdict += f' ({result.compile_seconds:.0f} s compile)'
+  else:
+    verdict += ' (not compiled' + ('; the micro-batch does not split over the '
+                                   f'{result.mesh_shape["data"]} data shards' if result.problem
+                                   else '') + ')'
   cells = [label, request.topology.name, mesh, f'{request.dataset.batch_size}/{micro}',
            _gib(result.params_bytes), _gib(result.optimizer_bytes), _gib(result.gradient_bytes),
            _gib(result.other_temp_bytes), _gib(result.total_bytes),

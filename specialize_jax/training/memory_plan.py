@@ -19,9 +19,10 @@ Terms:
   XLA temporaries: `memory_analysis().temp_size_in_bytes` of the CPU compilation. The CPU compiler
     fuses, schedules and rematerializes differently from the TPU and GPU compilers, so this row is an
     estimate of theirs; `USABLE_FRACTION` leaves headroom for that and for the runtime's reservations.
-  verdict: fits when the total is at most `USABLE_FRACTION` of the chip's memory; otherwise the plan
-    names a fix (FSDP, more partitions, more micro-batches) whose analytic estimate fits, and can
-    compile it to check (`PlanRequest.check_fix`).
+  verdict: fits when the total is at most `USABLE_FRACTION` of the chip's memory; DOES NOT FIT
+    when it is more; CANNOT RUN when the batch does not split over the data axis (that plan is not
+    compiled). Otherwise the plan names a fix (FSDP, a larger model axis, another micro-batch count)
+    whose analytic estimate fits, and compiles it to check (`plan(check_fix=True)`).
 """
 import dataclasses
 import itertools
@@ -31,7 +32,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
-from jax.sharding import AbstractMesh, NamedSharding
+from jax.sharding import AbstractMesh
 import numpy as np
 
 from specialize_jax.config_errors import ConfigError
@@ -41,6 +42,7 @@ from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
 from specialize_jax.training import train_state
 from specialize_jax.training import train_step
+from specialize_jax.training import trainer
 
 GIB = 2**30
 GB = 10**9
@@ -194,7 +196,6 @@ def _shard_bytes(tree: Any, shardings: Any) -> int:
 def _check_request(request: PlanRequest) -> None:
   """The trainer's own checks (`trainer.check_train_arguments`, mesh and batch division), with
   fixes phrased for the topology."""
-  from specialize_jax.training import trainer  # pylint: disable=g-import-not-at-top
   trainer.check_train_arguments(request.dataset, request.num_train_steps, request.num_microbatches)
   num_devices, parts = request.topology.num_devices, request.partitioner.num_partitions
   if num_devices % parts:
