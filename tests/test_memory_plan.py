@@ -88,8 +88,9 @@ def _bytes_on(device, tree):
 def test_state_bytes_per_device_are_what_the_trainer_holds(partitioning_gin):
   request = _request(DEMO + [partitioning_gin], DEMO_OVERRIDES + ['--gin.NUM_PARTITIONS=2'])
   devices = jax.devices()[:8]
-  result = memory_plan.plan(request, devices=devices)
-  assert result.compiled and result.mesh_shape == {'data': 4, 'model': 2}
+  compiled = 'data_model' in partitioning_gin  # The state rows need no compile (one is enough).
+  result = memory_plan.plan(request, compile_step=compiled, devices=devices)
+  assert result.compiled == compiled and result.mesh_shape == {'data': 4, 'model': 2}
 
   mesh = partitioning.make_mesh(request.partitioner, devices)
   tx = optimizers.make_optimizer(request.optimizer, request.num_train_steps)
@@ -103,6 +104,9 @@ def test_state_bytes_per_device_are_what_the_trainer_holds(partitioning_gin):
   sharded = 'fsdp' in partitioning_gin
   assert (result.params_bytes < full_params / 2) == sharded  # FSDP: embed also shards on data.
   assert result.gradient_bytes == 2 * result.params_bytes  # f32 gradients and their accumulator.
+  assert result.fits
+  if not compiled:
+    return
   # XLA's own count of the step's arguments: our state and batch, less what jit prunes as unused
   # (the step counter, the dropout key at rate 0, token positions under relative attention).
   state_bytes = result.params_bytes + result.optimizer_bytes
@@ -110,7 +114,7 @@ def test_state_bytes_per_device_are_what_the_trainer_holds(partitioning_gin):
   assert result.temp_bytes > 0
   # The state's outputs alias its arguments: only the metrics are new outputs.
   assert 0 <= result.total_bytes - result.argument_bytes - result.temp_bytes < 4096
-  assert result.fits and 'fits:' in memory_plan.format_plan(result)
+  assert 'verdict: fits:' in memory_plan.format_plan(result)
 
 
 def test_batch_spec_is_what_the_input_pipeline_yields(tmp_path_factory):

@@ -603,10 +603,16 @@ def init_params(config: T5Config, rng: Array) -> Any:
   return jax.jit(lambda key: nn.meta.unbox(init_boxed(config, key))['params'])(rng)
 
 
+@functools.lru_cache(maxsize=8)
+def _abstract_boxed(config: T5Config) -> Any:
+  """`init_boxed`'s tree as `jax.ShapeDtypeStruct`s with their partitioning boxes, traced once per
+  config (an XXL init takes seconds to trace; the memory plan asks for it per candidate mesh)."""
+  return jax.eval_shape(functools.partial(init_boxed, config), jax.random.key(0))
+
+
 def param_shapes(config: T5Config) -> Any:
   """The parameter tree as `jax.ShapeDtypeStruct`s, computed without allocating."""
-  boxed = jax.eval_shape(functools.partial(init_boxed, config), jax.random.key(0))
-  return nn.meta.unbox(boxed)['params']
+  return nn.meta.unbox(_abstract_boxed(config))['params']
 
 
 def logical_axes(config: T5Config) -> Any:
@@ -614,8 +620,7 @@ def logical_axes(config: T5Config) -> Any:
 
   Map it to mesh shardings with `nn.logical_to_mesh_sharding` and the run's axis rules.
   """
-  boxed = jax.eval_shape(functools.partial(init_boxed, config), jax.random.key(0))
-  specs = nn.get_partition_spec(boxed)['params']
+  specs = nn.get_partition_spec(_abstract_boxed(config))['params']
   return jax.tree_util.tree_map(tuple, specs,
                                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 

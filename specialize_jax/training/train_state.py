@@ -121,7 +121,9 @@ def abstract_train_state(model: Any, optimizer: optax.GradientTransformation, me
   """`(ShapeDtypeStruct tree with .sharding, shardings)` of the state, allocating nothing;
   the target for restoring a checkpoint straight into its shards."""
   config = _model_config(model)
-  shapes = jax.eval_shape(lambda key: _init_state(config, optimizer, key), jax.random.key(0))
+  params = network.param_shapes(config)  # Traced once per config.
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=jax.eval_shape(optimizer.init, params))
   shardings = state_shardings(config, optimizer, mesh, rules)
   partitioning.check_shardable(shapes, shardings, 'train state leaf')
   abstract = jax.tree_util.tree_map(
