@@ -194,8 +194,8 @@ def _shard_bytes(tree: Any, shardings: Any) -> int:
 
 
 def _check_request(request: PlanRequest) -> None:
-  """The trainer's own checks (`trainer.check_train_arguments`, mesh and batch division), with
-  fixes phrased for the topology."""
+  """The trainer's own argument checks and the model axis against the topology's devices (a
+  batch that does not split is not an error here: the plan reports it, `_batch_problem`)."""
   trainer.check_train_arguments(request.dataset, request.num_train_steps, request.num_microbatches)
   num_devices, parts = request.topology.num_devices, request.partitioner.num_partitions
   if num_devices % parts:
