@@ -34,6 +34,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": [
         "pytest==9.0.3",
+        # Two test workers, a whole file each (`.ci/run`): module fixtures run once.
+        "pytest-xdist==3.8.0",
         # Test-only peers for parity checks (CPU wheel of torch is local on the dev machines).
         "torch==2.13.0",
         "transformers==5.24.0",

@@ -233,19 +233,41 @@ MODEL_PARALLEL = {'TRAIN_STEPS': 4, 'CHECKPOINT_PERIOD': 4, 'model_config.T5Conf
                   'model_config.T5Config.head_dim': 4}
 
 
+def _model_axis_overrides(num_partitions):
+  return {**MODEL_PARALLEL, 'partitioning.PartitioningConfig.num_partitions': num_partitions}
+
+
+@pytest.fixture(scope='module')
+def one_process_reference(env, tmp_path_factory):
+  """`reference(num_partitions)`: the one-process run (8 devices, data 8/num_partitions x model
+  num_partitions, 4 steps), run once per mesh: the reference of the four-process runs; the
+  model-8 one's params are also the start checkpoint of the per-shard read below."""
+  runs = {}
+
+  def reference(num_partitions):
+    if num_partitions not in runs:
+      root = tmp_path_factory.mktemp(f'model_axis_{num_partitions}')
+      runs[num_partitions] = Run(env, root / 'one', root / 'logs_one', 1, 8,
+                                 _model_axis_overrides(num_partitions))
+      try:
+        runs[num_partitions].wait()
+      finally:
+        runs[num_partitions].kill()
+    return runs[num_partitions]
+  return reference
+
+
 @pytest.mark.parametrize('num_partitions,layouts', [
     (4, ['shard 0 of 2', 'shard 0 of 2', 'shard 1 of 2', 'shard 1 of 2']),
     (8, ['shard 0 of 1'] * 4)])
 def test_four_processes_with_the_model_axis_across_hosts_equal_one_process(
-    env, tmp_path, num_partitions, layouts):
-  overrides = {**MODEL_PARALLEL, 'partitioning.PartitioningConfig.num_partitions': num_partitions}
-  one = Run(env, tmp_path / 'one', tmp_path / 'logs_one', 1, 8, overrides)
-  four = Run(env, tmp_path / 'four', tmp_path / 'logs_four', 4, 2, overrides)
+    env, one_process_reference, tmp_path, num_partitions, layouts):
+  one = one_process_reference(num_partitions)
+  four = Run(env, tmp_path / 'four', tmp_path / 'logs_four', 4, 2,
+             _model_axis_overrides(num_partitions))
   try:
-    one.wait()
     four.wait()
   finally:
-    one.kill()
     four.kill()
   for process_id, layout in enumerate(layouts):
     text = four.text(process_id)
@@ -332,19 +354,15 @@ FETCHED = re.compile(r'INITIAL_CHECKPOINT_PATH: fetched ([0-9.]+) MB from storag
                      r"process's shards \(([0-9.]+) MB of the ([0-9.]+) MB of parameters\)")
 
 
-def test_four_processes_read_only_their_shards_of_the_start_checkpoint(env, tmp_path):
-  """INITIAL_CHECKPOINT_PATH in T5X's legacy layout (zarr, small chunks), data 1 x model 8 over 4
-  processes: each process fetches less than half of the checkpoint, and the run starts from it
-  (learning rate 1e-30: the saved parameters are the checkpoint's)."""
-  overrides = {**MODEL_PARALLEL, 'TRAIN_STEPS': 1, 'CHECKPOINT_PERIOD': 1,
-               'partitioning.PartitioningConfig.num_partitions': 8}
-  source = Run(env, tmp_path / 'source', tmp_path / 'logs_source', 1, 8, overrides)
-  try:
-    source.wait()
-  finally:
-    source.kill()
-  _, start_params = model_checkpoints.load_checkpoint(os.path.join(source.model_dir,
-                                                                   'checkpoint_1'))
+def test_four_processes_read_only_their_shards_of_the_start_checkpoint(
+    env, one_process_reference, tmp_path):
+  """INITIAL_CHECKPOINT_PATH in T5X's legacy layout (zarr, small chunks; the trained parameters
+  of the one-process data 1 x model 8 run), data 1 x model 8 over 4 processes: each process
+  fetches less than half of the checkpoint, and the run starts from it (learning rate 1e-30:
+  the saved parameters are the checkpoint's)."""
+  overrides = {**_model_axis_overrides(8), 'TRAIN_STEPS': 1, 'CHECKPOINT_PERIOD': 1}
+  _, start_params = model_checkpoints.load_checkpoint(
+      os.path.join(one_process_reference(8).model_dir, 'checkpoint_4'))
   start = model_checkpoints.save_t5x(start_params, tmp_path / 'start' / 'checkpoint_0',
                                      optimizer_state=False, chunk_bytes=1024)
   four = Run(env, tmp_path / 'four', tmp_path / 'logs_four', 4, 2,
