@@ -247,12 +247,12 @@ def one_process_reference(env, tmp_path_factory):
   def reference(num_partitions):
     if num_partitions not in runs:
       root = tmp_path_factory.mktemp(f'model_axis_{num_partitions}')
-      runs[num_partitions] = Run(env, root / 'one', root / 'logs_one', 1, 8,
-                                 _model_axis_overrides(num_partitions))
+      run = Run(env, root / 'one', root / 'logs_one', 1, 8, _model_axis_overrides(num_partitions))
       try:
-        runs[num_partitions].wait()
+        run.wait()
       finally:
-        runs[num_partitions].kill()
+        run.kill()
+      runs[num_partitions] = run  # Kept once it finished; a failed run fails (again) in each test.
     return runs[num_partitions]
   return reference
 
