@@ -361,15 +361,15 @@ def plan_request(gin_files: List[str], overrides: List[str], search_paths: List[
 def _plan_topology(args):
   """`--topology`, else the one the first gin file with a `# Topology:` header line names."""
   from specialize_jax.data import storage  # pylint: disable=g-import-not-at-top
-  from specialize_jax.training import memory_plan  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import topologies  # pylint: disable=g-import-not-at-top
   name = args.topology
   if name is None:
-    name = memory_plan.named_topology([storage.read_text(gin_config.find_file(f, _search_paths(args)))
+    name = topologies.named_topology([storage.read_text(gin_config.find_file(f, _search_paths(args)))
                                        for f in args.gin_file])
     if name is None:
       raise ConfigError("give --topology (e.g. v4-32, v5e-64, 8xH100): no --gin_file names one in "
                         "a `# Topology:` header line.")
-  return memory_plan.topology(name)
+  return topologies.topology(name)
 
 
 def _cmd_plan(args, extra: List[str]) -> int:
@@ -691,6 +691,9 @@ def main(argv: Optional[List[str]] = None) -> int:
       # CPU processes exchange collectives over gloo (NOTES.md); other backends ignore the flag.
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
       _initialize_distributed(args)  # First: before the job touches a backend or writes a file.
+    elif hasattr(args, "multihost"):
+      from specialize_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+      partitioning.check_distributed()
     if getattr(args, "takes_extra", False):
       return args.fn(args, extra)
     if extra:

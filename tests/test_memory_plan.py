@@ -20,6 +20,7 @@ from specialize_jax import cli
 from specialize_jax.config_errors import ConfigError
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import memory_plan
+from specialize_jax.training import topologies
 from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
 from specialize_jax.training import train_state
@@ -31,19 +32,19 @@ GIB = 2**30
 
 
 def test_topology_names_give_chips_memory_and_hosts():
-  v4 = memory_plan.topology('v4-32')  # 32 TensorCores = 16 chips, 4 per host.
+  v4 = topologies.topology('v4-32')  # 32 TensorCores = 16 chips, 4 per host.
   assert (v4.num_devices, v4.memory_bytes, v4.devices_per_host, v4.num_hosts) == (16, 32 * GIB, 4, 4)
-  v5e = memory_plan.topology('v5e-64')  # v5e counts chips.
+  v5e = topologies.topology('v5e-64')  # v5e counts chips.
   assert (v5e.num_devices, v5e.memory_bytes, v5e.num_hosts) == (64, 16 * GIB, 16)
-  assert memory_plan.topology('v5litepod-8').num_hosts == 1
-  v5p = memory_plan.topology('v5p-128')
+  assert topologies.topology('v5litepod-8').num_hosts == 1
+  v5p = topologies.topology('v5p-128')
   assert (v5p.num_devices, v5p.memory_bytes, v5p.num_hosts) == (64, 95 * 10**9, 16)
-  h100 = memory_plan.topology('16xH100')
+  h100 = topologies.topology('16xH100')
   assert (h100.num_devices, h100.memory_bytes, h100.num_hosts) == (16, 80 * 10**9, 2)
   with pytest.raises(ConfigError, match='two per chip'):
-    memory_plan.topology('v4-7')
+    topologies.topology('v4-7')
   with pytest.raises(ConfigError, match=r"unknown --topology 'tpu9'.*v5p-128"):
-    memory_plan.topology('tpu9')
+    topologies.topology('tpu9')
 
 
 def test_every_flan_t5_experiment_names_a_known_topology_in_its_header():
@@ -52,22 +53,28 @@ def test_every_flan_t5_experiment_names_a_known_topology_in_its_header():
     with open(os.path.join(REPO_ROOT, 'gin', name), encoding='utf-8') as f:
       text = f.read()
     header = text[:text.index('\ninclude')]
-    named = memory_plan.named_topology([header])
+    named = topologies.named_topology([header])
     assert named is not None, f'{name} has no "# Topology:" header line'
-    memory_plan.topology(named)
+    topologies.topology(named)
 
 
 def _request(gin_files, overrides, topology='8xH100'):
-  return cli.plan_request(gin_files, overrides, [], memory_plan.topology(topology))
+  return cli.plan_request(gin_files, overrides, [], topologies.topology(topology))
 
 
 @pytest.mark.parametrize('experiment', EXPERIMENTS)
 def test_every_flan_t5_experiment_fits_the_topology_its_header_names(experiment):
   with open(os.path.join(REPO_ROOT, 'gin', experiment), encoding='utf-8') as f:
-    named = memory_plan.named_topology([f.read()])
+    named = topologies.named_topology([f.read()])
   result = memory_plan.plan(_request([experiment], [], named), compile_step=False)
   assert result.problem is None
   assert result.fits, memory_plan.format_plan(result)
+  # The layout the run gets on that slice (make_mesh over stand-ins): every host's rows printed.
+  layouts = memory_plan.host_layouts(result)
+  assert sorted(layouts) == list(range(topologies.topology(named).num_hosts))
+  text = memory_plan.format_plan(result)
+  for host, layout in layouts.items():
+    assert f'  host {host}: {layout.describe()}' in text
   if re.search(r'_(large|xl|xxl)_', experiment):  # FSDP: data parallel Large does not fit v4-8.
     assert ('embed', 'data') in result.request.partitioner.logical_axis_rules
 
@@ -177,6 +184,8 @@ def test_plan_compiles_a_flan_t5_step_on_the_topology_the_header_names():
   out = result.stdout
   assert out.startswith('Topology v4-8: 4 x TPU v4 (32.00 GiB each), 1 host(s) of 4.')
   assert 'Mesh data=4 x model=1 (standard rules)' in out
+  assert re.search(r'^  host 0: rows 0-\d+ of \d+ \(data coordinates \[0, 1, 2, 3\] of 4\)$', out,
+                   re.MULTILINE), out
   # FlanT5-small: 76.96M float32 parameters, whole on every device; AdamW: two moments.
   params = _row(out, 'params')
   assert params == pytest.approx(76_961_152 * 4 / GIB, abs=0.005)
@@ -185,3 +194,15 @@ def test_plan_compiles_a_flan_t5_step_on_the_topology_the_header_names():
   assert total > 5 * params  # State, gradients and accumulator (5x) plus activations.
   assert re.search(rf'^verdict: fits: {total:.2f} GiB of 32\.00 GiB', out, re.MULTILINE)
   assert 'XLA CPU compile of the SPMD step' in out
+
+
+def test_plan_prints_the_interleaved_rows_each_host_of_a_slice_feeds():
+  """FlanT5-XL as shipped (v4-32, FSDP with a model axis of 2): the mesh `specialize train`
+  builds there gives each of the 4 hosts two data coordinates, 4 apart."""
+  result = _plan_cli(['--gin_file', 'gin/experiments/flan_t5_xl_gsm8k.gin', '--no_compile'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  hosts = re.findall(r'^  host (\d): rows .* \(data coordinates \[(\d), (\d)\] of 8\)$',
+                     result.stdout, re.MULTILINE)
+  assert hosts == [('0', '0', '4'), ('1', '1', '5'), ('2', '2', '6'), ('3', '3', '7')], result.stdout
+  assert re.search(r'^  data-axis ring: \d+ chip hops in this order \(\d+ host by host\)\.$',
+                   result.stdout, re.MULTILINE)

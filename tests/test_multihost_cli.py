@@ -15,9 +15,12 @@ The data: the demo's prepared set, unpacked, read with the default layout
 (`partitioning.data_layout`), which are the rows one process would feed those devices, so the
 global batches do not depend on the process count.
 
-  four-process runs: 4 processes x 2 fake CPU devices, with the model axis over 4 devices (data
-    2 x model 4: pairs of processes are replicas of one data shard) and over all 8 (data 1 x
-    model 8: every process feeds the whole batch), against 1 process x 8 devices on the same mesh.
+  four-process runs: 4 processes x 2 fake CPU devices against 1 process x 8 devices on the same
+    mesh: in process order with the model axis over 4 devices (data 2 x model 4: pairs of
+    processes are replicas of one block), and in the interleaved order of a TPU slice
+    (`partitioning.DEVICE_ORDER_ENV`: each process holds data coordinates p and p + 4 of data 8 x
+    model 1, or, as replica pairs, 0 and 2 / 1 and 3 of data 4 x model 2), also killed and
+    resumed; data 1 x model 8 reads its start checkpoint per shard.
 """
 import glob
 import json
@@ -36,6 +39,7 @@ import pytest
 import demo_data
 from specialize_jax.model import checkpoints as model_checkpoints
 from specialize_jax.model import hf_conversion
+from specialize_jax.training import partitioning
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_STEPS = 24
@@ -105,6 +109,43 @@ def test_incomplete_distributed_flags_fail_naming_the_missing_ones(monkeypatch, 
       "num_processes (None) and process_id (None); set the missing ones or none.")
 
 
+@pytest.mark.parametrize('command', [['train', '--gin_file=f.gin'], ['sweep', 'runs/x']])
+def test_several_processes_without_jax_distributed_fail_naming_the_flag(monkeypatch, capsys,
+                                                                      command):
+  """A multi-host slice started without `--multihost`: one line, exit 2, the job never starts."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from specialize_jax import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, 'process_count', lambda: 4)
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
+  monkeypatch.setattr(cli, '_cmd_gin_job', lambda *a: pytest.fail('the job must not start'))
+  monkeypatch.setattr(cli, '_cmd_sweep', lambda *a: pytest.fail('the job must not start'))
+  assert cli.main(command) == 2
+  assert capsys.readouterr().err.strip() == (
+      f'specialize {command[0]}: JAX runs 4 processes but jax.distributed is not initialized; add '
+      '--multihost (or --coordinator_address, --num_processes and --process_id) to the command '
+      'on every host.')
+
+
+def test_without_the_preemption_service_processes_sync_every_few_steps_only(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import preemption  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: True)
+  service = jax.config.jax_enable_preemption_service
+  jax.config.update('jax_enable_preemption_service', False)
+  calls = []
+  monkeypatch.setattr(multihost_utils, 'process_allgather',
+                      lambda flag: calls.append(int(flag)) or np.array([0, len(calls) == 3]))
+  try:
+    watch = preemption.PreemptionWatch()
+    stops = [step for step in range(1, 36) if watch.reached(step)]
+    watch.close()
+  finally:
+    jax.config.update('jax_enable_preemption_service', service)
+  assert len(calls) == 3 and stops == [30]  # Steps 10, 20, 30; process 1's notice at the third.
+
+
 def _free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(('127.0.0.1', 0))
@@ -115,7 +156,7 @@ class Run:
   """The processes of one `specialize train` run into `model_dir`, each logging to its file."""
 
   def __init__(self, env, model_dir, log_dir, num_processes, devices_per_process,
-               overrides=None):
+               overrides=None, interleaved=False):
     self.model_dir = str(model_dir)
     self.logs = []
     self.processes = []
@@ -125,6 +166,8 @@ class Run:
                 f'--gin.{name}={value}' for name, value in {**OVERRIDES,
                                                             **(overrides or {})}.items()]
     environ = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
+    if interleaved:
+      environ[partitioning.DEVICE_ORDER_ENV] = 'interleaved'
     os.makedirs(log_dir, exist_ok=True)
     for process_id in range(num_processes):
       flags = [] if num_processes == 1 else [
@@ -228,8 +271,8 @@ def test_two_processes_through_the_command_equal_one_process(uninterrupted):
   assert records[-1]['loss'] < 0.8 * records[0]['loss']
 
 
-# Heads, MLP and vocabulary (384) divide a model axis of 8; 4 steps each.
-MODEL_PARALLEL = {'TRAIN_STEPS': 4, 'CHECKPOINT_PERIOD': 4, 'model_config.T5Config.num_heads': 8,
+# Heads, MLP and vocabulary (384) divide a model axis of 8; 4 steps each, a checkpoint every 2.
+MODEL_PARALLEL = {'TRAIN_STEPS': 4, 'CHECKPOINT_PERIOD': 2, 'model_config.T5Config.num_heads': 8,
                   'model_config.T5Config.head_dim': 4}
 
 
@@ -241,7 +284,7 @@ def _model_axis_overrides(num_partitions):
 def one_process_reference(env, tmp_path_factory):
   """`reference(num_partitions)`: the one-process run (8 devices, data 8/num_partitions x model
   num_partitions, 4 steps), run once per mesh: the reference of the four-process runs; the
-  model-8 one's params are also the start checkpoint of the per-shard read below."""
+  model-2 one's params are also the start checkpoint of the per-shard read below."""
   runs = {}
 
   def reference(num_partitions):
@@ -257,28 +300,90 @@ def one_process_reference(env, tmp_path_factory):
   return reference
 
 
-@pytest.mark.parametrize('num_partitions,layouts', [
-    (4, ['shard 0 of 2', 'shard 0 of 2', 'shard 1 of 2', 'shard 1 of 2']),
-    (8, ['shard 0 of 1'] * 4)])
-def test_four_processes_with_the_model_axis_across_hosts_equal_one_process(
-    env, one_process_reference, tmp_path, num_partitions, layouts):
-  one = one_process_reference(num_partitions)
-  four = Run(env, tmp_path / 'four', tmp_path / 'logs_four', 4, 2,
-             _model_axis_overrides(num_partitions))
-  try:
-    four.wait()
-  finally:
-    four.kill()
+def _check_four_equal_one(four, one, layouts):
   for process_id, layout in enumerate(layouts):
     text = four.text(process_id)
     assert f'Process {process_id} of 4; 2 local / 8 global devices.' in text
-    assert f'this process feeds data shard {layout.split()[1]} of {layout.split()[3]}' in text
+    assert f'Data layout: this process feeds {layout} per step.' in text, text[-3000:]
   losses = [four.logged_losses(i) for i in range(4)]
   assert sorted(losses[0]) == [1, 2, 3, 4] and all(l == losses[0] for l in losses)
   np.testing.assert_allclose([r['loss'] for r in _records(four.model_dir)],
                              [r['loss'] for r in _records(one.model_dir)], rtol=1e-6)
   worst = _largest_difference(_params(four.model_dir, 4), _params(one.model_dir, 4))
   assert worst[0] <= 1e-6, f'largest parameter difference {worst[0]} in {worst[1]}'
+
+
+# Interleaved (`SPECIALIZE_TEST_DEVICE_ORDER`): mesh position i belongs to process i % 4, as a TPU
+# slice interleaves hosts along `data`; batches of 8 rows.
+INTERLEAVED_LAYOUTS = {
+    # data 8 x model 1: process p holds data coordinates p and p + 4.
+    1: [f'rows {p}, {p + 4} of 8 (data coordinates [{p}, {p + 4}] of 8)' for p in range(4)],
+    # data 4 x model 2: processes 0 and 1 are replicas holding coordinates 0 and 2, 2 and 3 hold
+    # 1 and 3.
+    2: ['rows 0-1, 4-5 of 8 (data coordinates [0, 2] of 4)'] * 2 +
+       ['rows 2-3, 6-7 of 8 (data coordinates [1, 3] of 4)'] * 2,
+}
+
+
+@pytest.fixture(scope='module')
+def interleaved_runs(env, tmp_path_factory):
+  """`run(num_partitions)`: 4 processes x 2 devices in the interleaved order, run once per mesh."""
+  runs = {}
+
+  def run(num_partitions):
+    if num_partitions not in runs:
+      root = tmp_path_factory.mktemp(f'interleaved_{num_partitions}')
+      four = Run(env, root / 'four', root / 'logs_four', 4, 2,
+                 _model_axis_overrides(num_partitions), interleaved=True)
+      try:
+        four.wait()
+      finally:
+        four.kill()
+      runs[num_partitions] = four
+    return runs[num_partitions]
+  return run
+
+
+@pytest.mark.parametrize('num_partitions', [1, 2])
+def test_four_processes_in_a_tpu_like_interleaved_order_equal_one_process(
+    one_process_reference, interleaved_runs, num_partitions):
+  _check_four_equal_one(interleaved_runs(num_partitions), one_process_reference(num_partitions),
+                        INTERLEAVED_LAYOUTS[num_partitions])
+
+
+def test_four_processes_with_the_model_axis_across_hosts_equal_one_process(
+    env, one_process_reference, tmp_path):
+  """Process order, data 2 x model 4: pairs of processes are replicas of one block."""
+  one = one_process_reference(4)
+  four = Run(env, tmp_path / 'four', tmp_path / 'logs_four', 4, 2, _model_axis_overrides(4))
+  try:
+    four.wait()
+  finally:
+    four.kill()
+  _check_four_equal_one(four, one, ['rows 0-3 of 8 (data coordinates [0] of 2)'] * 2 +
+                        ['rows 4-7 of 8 (data coordinates [1] of 2)'] * 2)
+
+
+def test_interleaved_processes_killed_after_a_checkpoint_resume_bit_identical(
+    env, interleaved_runs, tmp_path):
+  """The whole interleaved job SIGKILLed once step 2 is committed (a slice's preemption), then
+  the same command: parameters and logged losses equal the uninterrupted interleaved run's."""
+  reference = interleaved_runs(1)
+  overrides = _model_axis_overrides(1)
+  run = Run(env, tmp_path / 'run', tmp_path / 'logs', 4, 2, overrides, interleaved=True)
+  committed = os.path.join(run.model_dir, 'checkpoint_2', 'commit_success.txt')
+  run.wait_for(lambda: os.path.exists(committed), 'the commit of checkpoint 2')
+  for process in run.processes:
+    process.send_signal(signal.SIGKILL)
+  run.wait(expect_codes=(-signal.SIGKILL, 0))
+  rerun = Run(env, tmp_path / 'run', tmp_path / 'logs', 4, 2, overrides, interleaved=True)
+  rerun.wait()
+  resumed = re.search(r'Starting at step (\d+) from resume', rerun.text(0))
+  assert resumed and int(resumed.group(1)) >= 2, rerun.text(0)[-3000:]
+  worst = _largest_difference(_params(run.model_dir, 4), _params(reference.model_dir, 4))
+  assert worst[0] == 0.0, f'largest parameter difference {worst[0]} in {worst[1]}'
+  losses = {r['step']: r['loss'] for r in _records(reference.model_dir)}
+  assert all(r['loss'] == losses[r['step']] for r in _records(run.model_dir))
 
 
 def _preempted_step(text: str) -> int:
@@ -357,12 +462,12 @@ FETCHED = re.compile(r'INITIAL_CHECKPOINT_PATH: fetched ([0-9.]+) MB from storag
 def test_four_processes_read_only_their_shards_of_the_start_checkpoint(
     env, one_process_reference, tmp_path):
   """INITIAL_CHECKPOINT_PATH in T5X's legacy layout (zarr, small chunks; the trained parameters
-  of the one-process data 1 x model 8 run), data 1 x model 8 over 4 processes: each process
+  of the one-process data 4 x model 2 run), data 1 x model 8 over 4 processes: each process
   fetches less than half of the checkpoint, and the run starts from it (learning rate 1e-30:
   the saved parameters are the checkpoint's)."""
   overrides = {**_model_axis_overrides(8), 'TRAIN_STEPS': 1, 'CHECKPOINT_PERIOD': 1}
   _, start_params = model_checkpoints.load_checkpoint(
-      os.path.join(one_process_reference(8).model_dir, 'checkpoint_4'))
+      os.path.join(one_process_reference(2).model_dir, 'checkpoint_4'))
   start = model_checkpoints.save_t5x(start_params, tmp_path / 'start' / 'checkpoint_0',
                                      optimizer_state=False, chunk_bytes=1024)
   four = Run(env, tmp_path / 'four', tmp_path / 'logs_four', 4, 2,

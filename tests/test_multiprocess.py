@@ -47,15 +47,15 @@ def test_processes_read_their_rows_of_the_same_global_batches(demo_dir):
   (`shard_by_process=False`); with SeqIO shards (the default) they read disjoint examples."""
   sharded = input_pipeline.DatasetConfig('demo_train_cot', {'inputs': 128, 'targets': 64},
                                          batch_size=8, shuffle=False)
-  shards = [input_pipeline.TrainIterator(sharded, shard_index=i, num_shards=2)
+  shards = [input_pipeline.TrainIterator(sharded, shards=[(i, 2)])
             for i in range(2)]
   seen = [{row.tobytes() for _ in range(3) for row in next(s)['decoder_target_tokens']}
           for s in shards]
   assert len(seen[0]) > 1 and not seen[0] & seen[1]
   config = input_pipeline.DatasetConfig('demo_train_cot', {'inputs': 128, 'targets': 64},
                                         batch_size=8, shard_by_process=False)
-  one = input_pipeline.TrainIterator(config, shard_index=0, num_shards=1)
-  halves = [input_pipeline.TrainIterator(config, shard_index=i, num_shards=2)
+  one = input_pipeline.TrainIterator(config, shards=[(0, 1)])
+  halves = [input_pipeline.TrainIterator(config, shards=[(i, 2)])
             for i in range(2)]
   for _ in range(3):
     expected = next(one)
@@ -65,13 +65,12 @@ def test_processes_read_their_rows_of_the_same_global_batches(demo_dir):
       assert parts[0][name].shape[0] == 4
       np.testing.assert_array_equal(np.concatenate([p[name] for p in parts]), value, err_msg=name)
   # A resumed process continues with its rows of the next global batch.
-  resumed = input_pipeline.TrainIterator(config, position=halves[1].position(), shard_index=1,
-                                         num_shards=2)
+  resumed = input_pipeline.TrainIterator(config, position=halves[1].position(), shards=[(1, 2)])
   expected = next(one)
   np.testing.assert_array_equal(next(resumed)['decoder_target_tokens'],
                                 expected['decoder_target_tokens'][4:])
   with pytest.raises(ValueError, match='BATCH_SIZE=8 is not divisible by the number of data shards'):
-    input_pipeline.TrainIterator(config, shard_index=0, num_shards=3)
+    input_pipeline.TrainIterator(config, shards=[(0, 3)])
 
 
 def _free_port() -> int:

@@ -272,25 +272,34 @@ def _grid(num_processes, devices_per_process, data):
 
 
 @pytest.mark.parametrize('data,expected', [
-    # 4 hosts x 2 devices: data 8 x model 1 -> one shard per host.
-    (8, [(0, 4), (1, 4), (2, 4), (3, 4)]),
-    # data 2 x model 4: the model axis spans two hosts, which are replicas of one data shard.
-    (2, [(0, 2), (0, 2), (1, 2), (1, 2)]),
+    # 4 hosts x 2 devices: data 8 x model 1 -> one block per host.
+    (8, [((0, 1),), ((2, 3),), ((4, 5),), ((6, 7),)]),
+    # data 2 x model 4: the model axis spans two hosts, which are replicas of one block.
+    (2, [((0,),), ((0,),), ((1,),), ((1,),)]),
     # data 1 x model 8: every host feeds the whole batch.
-    (1, [(0, 1), (0, 1), (0, 1), (0, 1)]),
+    (1, [((0,),)] * 4),
 ])
 def test_data_layout_follows_the_data_coordinates_of_each_process(data, expected):
   grid = _grid(4, 2, data)
   layouts = [partitioning.layout_of_grid(grid, 16, p) for p in range(4)]
-  assert [(l.shard_index, l.num_shards) for l in layouts] == expected
-  assert {l.local_batch_size for l in layouts} == {16 // expected[0][1]}
+  assert [l.coordinates for l in [*layouts]] == [e[0] for e in expected]
+  assert [l.shards for l in layouts] == [((l.coordinates[0] // len(l.coordinates),
+                                           data // len(l.coordinates)),) for l in layouts]
+  assert {l.local_batch_size for l in layouts} == {16 // data * len(expected[0][0])}
 
 
-def test_data_layout_rejects_grids_no_layout_can_feed():
-  # Host 0 holds data rows 0 and 2, host 1 rows 1 and 3: not contiguous blocks.
+def test_data_layout_feeds_interleaved_coordinates_as_their_rows_in_global_order():
+  """A TPU host's chips at interleaved data coordinates: host 0 holds 0 and 2, host 1 1 and 3."""
   grid = np.array([[_Device(0)], [_Device(1)], [_Device(0)], [_Device(1)]], dtype=object)
-  with pytest.raises(ValueError, match='equal contiguous blocks'):
-    partitioning.layout_of_grid(grid, 8, 0)
+  layouts = [partitioning.layout_of_grid(grid, 8, p) for p in range(2)]
+  assert [l.coordinates for l in layouts] == [(0, 2), (1, 3)]
+  assert [l.row_ranges for l in layouts] == [((0, 2), (4, 6)), ((2, 4), (6, 8))]
+  np.testing.assert_array_equal(layouts[1].row_indices, [2, 3, 6, 7])
+  assert [l.shards for l in layouts] == [((0, 4), (2, 4)), ((1, 4), (3, 4))]
+  assert layouts[0].describe() == 'rows 0-1, 4-5 of 8 (data coordinates [0, 2] of 4)'
+  # Aligned pairs merge into blocks of two coordinates: (0, 1) and (4, 5) of 8.
+  pairs = np.array([[_Device(p)] for p in (0, 0, 1, 1, 0, 0, 1, 1)], dtype=object)
+  assert partitioning.layout_of_grid(pairs, 16, 0).shards == ((0, 4), (2, 4))
   with pytest.raises(ValueError, match='BATCH_SIZE=6 is not divisible by the data axis'):
     partitioning.layout_of_grid(_grid(4, 2, 8), 6, 0)
 
@@ -298,7 +307,7 @@ def test_data_layout_rejects_grids_no_layout_can_feed():
 def test_global_batch_takes_this_shards_rows_with_the_global_shape():
   mesh = make_mesh(4, 2)
   layout = partitioning.data_layout(mesh, 8)
-  assert (layout.shard_index, layout.num_shards, layout.local_batch_size) == (0, 1, 8)
+  assert (layout.shards, layout.local_batch_size) == (((0, 1),), 8)
   with pytest.raises(ValueError, match='has 4 rows; this process feeds 8 of the global batch'):
     partitioning.global_batch({'x': np.zeros((4, 3))}, mesh, layout)
   batch = partitioning.global_batch({'x': np.arange(24.).reshape(8, 3)}, mesh, layout)

@@ -141,12 +141,12 @@ def test_a_resumed_train_iterator_starts_at_its_batch_without_rereading(toy_set,
                                       ("zs_cot", "zs_ao"), vocabulary_path=str(vocab_path))
   config = input_pipeline.DatasetConfig("toy_prepared", {"inputs": 32, "targets": 32},
                                         batch_size=8, seed=4)
-  shards = [input_pipeline.TrainIterator(config, shard_index=s, num_shards=2) for s in range(2)]
+  shards = [input_pipeline.TrainIterator(config, shards=[(s, 2)]) for s in range(2)]
   for _ in range(5):
     for shard in shards:
       next(shard)
-  resumed = [input_pipeline.TrainIterator(config, position=s.position(), shard_index=i,
-                                          num_shards=2) for i, s in enumerate(shards)]
+  resumed = [input_pipeline.TrainIterator(config, position=s.position(), shards=[(i, 2)])
+             for i, s in enumerate(shards)]
   sixth = []
   for _ in range(3):
     for shard, again in zip(shards, resumed):
@@ -156,9 +156,18 @@ def test_a_resumed_train_iterator_starts_at_its_batch_without_rereading(toy_set,
         np.testing.assert_array_equal(got[name], value, err_msg=name)
   # Resumed on one data shard (another host count): global batch 6 holds the same examples.
   one = input_pipeline.TrainIterator(config, position={"batches_consumed": 5, "seed": 4},
-                                     shard_index=0, num_shards=1)
-  rows = lambda batch: sorted(r.tobytes() for r in batch["decoder_target_tokens"])
-  assert rows(next(one)) == sorted(rows(sixth[0]) + rows(sixth[1]))
+                                     shards=[(0, 1)])
+  sixth_global = next(one)
+  for name, value in sixth_global.items():
+    np.testing.assert_array_equal(np.concatenate([sixth[0][name], sixth[1][name]]), value)
+  # Resumed on interleaved blocks, as a TPU host feeds them (`DataLayout.shards`: rows 0-1 and
+  # 4-5 of every batch of 8, and rows 2-3 and 6-7): the same rows of global batch 6, in order.
+  interleaved = [input_pipeline.TrainIterator(config, position={"batches_consumed": 5, "seed": 4},
+                                              shards=[(i, 4), (i + 2, 4)]) for i in range(2)]
+  parts = [next(it) for it in interleaved]
+  for name, value in sixth_global.items():
+    np.testing.assert_array_equal(parts[0][name], value[[0, 1, 4, 5]], err_msg=name)
+    np.testing.assert_array_equal(parts[1][name], value[[2, 3, 6, 7]], err_msg=name)
 
 
 def test_prepare_resumes_and_never_replaces_a_good_set(tmp_path, vocab_path, caplog):

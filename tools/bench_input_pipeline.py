@@ -83,7 +83,7 @@ def _side(args) -> dict:
   config = input_pipeline.DatasetConfig(name, lengths, batch_size=args.batch, seed=0,
                                         teacher_k=args.teacher_k if args.side == "ours" else None)
   start = time.perf_counter()
-  iterator = input_pipeline.TrainIterator(config, shard_index=0, num_shards=1)
+  iterator = input_pipeline.TrainIterator(config, shards=[(0, 1)])
   next(iterator)
   first_batch_s = time.perf_counter() - start
   start = time.perf_counter()
@@ -96,7 +96,7 @@ def _side(args) -> dict:
     resumed = input_pipeline.TrainIterator(
         input_pipeline.DatasetConfig(name, lengths, batch_size=args.resume_batch, seed=0,
                                      teacher_k=config.teacher_k),
-        position={"batches_consumed": args.resume_step, "seed": 0}, shard_index=0, num_shards=1)
+        position={"batches_consumed": args.resume_step, "seed": 0}, shards=[(0, 1)])
     next(resumed)
     result["resume_s"] = time.perf_counter() - start
   result["peak_rss_mb"] = _peak_rss_mb()

@@ -46,7 +46,7 @@ def main() -> None:
   data = input_pipeline.DatasetConfig("demo_train_cot", {"inputs": 128, "targets": 64},
                                       args.batch, pack=False, seed=0)
   feature_converters.check_vocabulary_fits(input_pipeline.mixture_or_task(data), config.vocab_size)
-  iterator = input_pipeline.TrainIterator(data, shard_index=0, num_shards=1)
+  iterator = input_pipeline.TrainIterator(data, shards=[(0, 1)])
   batches = [next(iterator) for _ in range(args.steps)]
   shapes = {"encoder_input_tokens": (2, 8), "decoder_input_tokens": (2, 8)}
   params = flax.core.meta.unbox(

@@ -58,12 +58,13 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   sys.path.insert(0, REPO_ROOT)
   from specialize_jax.training import memory_plan  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import topologies  # pylint: disable=g-import-not-at-top
   plans = [p for p in _plans() if not args.only or any(
       f'flan_t5_{size}_' in p[0] for size in args.only.split(','))]
   named = {}
   for gin_file, _, _ in plans:
     with open(os.path.join(REPO_ROOT, 'gin', gin_file), encoding='utf-8') as f:
-      named[gin_file] = memory_plan.topology(memory_plan.named_topology([f.read()]))
+      named[gin_file] = topologies.topology(topologies.named_topology([f.read()]))
 
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_platforms', 'cpu')

@@ -190,7 +190,7 @@ class Decoder:
 
   The step takes the params in the shardings they have (the trainer's, or `restore_params`'s:
   never re-placed), the batch split over `data` (each process feeds its data shard's rows,
-  replicas the same rows: `partitioning.data_layout`) and a replicated key, and returns the tokens
+  replicas the same rows, interleaved on TPU: `partitioning.data_layout`) and a replicated key, and returns the tokens
   replicated, so every process reads the whole batch from its own devices (`addressable_data`)
   also when not all shards are addressable. One compilation per params sharding and batch shape.
 
@@ -243,8 +243,7 @@ class Decoder:
     params = place_params(params, mesh)
     step = self._step(params, mesh)
     layout = partitioning.data_layout(mesh, batch_size)
-    rows = slice(layout.shard_index * layout.local_batch_size,
-                 (layout.shard_index + 1) * layout.local_batch_size)
+    rows = layout.row_indices
     replicated = partitioning.replicated(mesh)
     rng = jax.random.key(0) if rng is None else rng
     pending = []

@@ -2,10 +2,11 @@
 
 Terms:
 - global batch: `batch_size` examples per step over all processes. The engine's data layout
-  (`partitioning.data_layout`) splits it into data shards of `L = batch_size / num_shards` rows,
-  one per group of processes holding the same `data` coordinates (replicas feed identical rows);
-  `partitioning.global_batch` places them. Two ways to get a shard's rows
-  (`DatasetConfig.shard_by_process`):
+  (`partitioning.data_layout`) says which rows a process feeds: one block of the global batch on
+  CPU and GPU hosts, several interleaved blocks on a TPU host (`DataLayout.shards`); replicas
+  feed identical rows and `partitioning.global_batch` places them. A data shard is one such block
+  of `L = batch_size / num_shards` rows; a process reads each of its shards and concatenates
+  them in order. Two ways to get a shard's rows (`DatasetConfig.shard_by_process`):
   * True (default, T5X's way): each data shard reads only its SeqIO shard
     (`ShardInfo(shard, num_shards)`) and batches `L` rows. For prepared sets
     (`teacher.prepared_data`), shard s reads rows [s*L, (s+1)*L) of every global batch of one
@@ -22,11 +23,12 @@ Terms:
   first N batches are read again and skipped.
 """
 import dataclasses
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 import seqio
+import tensorflow as tf
 
 from specialize_jax.config_errors import ConfigError
 from specialize_jax.data import feature_converters
@@ -82,28 +84,27 @@ def _is_prepared(config: DatasetConfig) -> bool:
   return isinstance(source, prepared_data.PreparedSource)
 
 
-def _dataset(config: DatasetConfig, shard_index: int, num_shards: int, start_example: int = 0):
-  mixture_or_task(config)  # An unknown name fails here, with suggestions.
+def _shard_dataset(config: DatasetConfig, shard: seqio.ShardInfo, start_example: int = 0):
+  """Batches of the `B / shard.num_shards` rows of block `shard.index` of every global batch."""
   converter = feature_converters.TeacherEncDecFeatureConverter(pack=config.pack,
                                                                teacher_k=config.teacher_k)
-  local_rows = local_batch_size(config, num_shards)
-  if not 0 <= shard_index < num_shards:
-    raise ValueError(f"shard_index={shard_index} must be in [0, {num_shards}) (the number of data "
-                     "shards).")
+  local_rows = local_batch_size(config, shard.num_shards)
+  if not 0 <= shard.index < shard.num_shards:
+    raise ValueError(f"shard index {shard.index} must be in [0, {shard.num_shards}) (the number "
+                     "of data shards).")
   prepared = _is_prepared(config)
   if start_example and not prepared:
     raise ValueError(f"{config.mixture_or_task_name} is not a prepared set: it cannot start at an "
                      "example (resume skips batches instead).")
-  if config.shard_by_process and num_shards > 1:
+  if config.shard_by_process and shard.num_shards > 1:
     # A prepared set gives each shard its block of rows of every global batch (`stream`).
     split = (prepared_data.split_with_start(config.split, start_example, local_rows) if prepared
              else config.split)
     dataset = seqio.get_dataset(
         config.mixture_or_task_name, task_feature_lengths=dict(config.task_feature_lengths),
         dataset_split=split, shuffle=config.shuffle, num_epochs=None,
-        feature_converter=converter,
-        shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
-        seed=config.seed, use_cached=config.use_cached)
+        feature_converter=converter, shard_info=shard, seed=config.seed,
+        use_cached=config.use_cached)
     return dataset.batch(local_rows, drop_remainder=True)
   # The same global stream on every process: see "global batch" above.
   split = prepared_data.split_with_start(config.split, start_example) if prepared else config.split
@@ -112,25 +113,54 @@ def _dataset(config: DatasetConfig, shard_index: int, num_shards: int, start_exa
       dataset_split=split, shuffle=config.shuffle, num_epochs=None,
       feature_converter=converter, seed=config.seed, use_cached=config.use_cached)
   dataset = dataset.batch(config.batch_size, drop_remainder=True)
-  if num_shards == 1:
+  if shard.num_shards == 1:
     return dataset
-  start = shard_index * local_rows
+  start = shard.index * local_rows
   return dataset.map(lambda batch: {name: value[start:start + local_rows]  # [L, ...]
                                     for name, value in batch.items()})
 
 
-class TrainIterator:
-  """This data shard's numpy batches with a saveable position.
+def _dataset(config: DatasetConfig, shards: Sequence[seqio.ShardInfo], batches_consumed: int):
+  """This process's batches: each shard's rows, concatenated in shard order, from batch
+  `batches_consumed` on (a prepared set, unpacked, starts there in O(1); others skip)."""
+  mixture_or_task(config)  # An unknown name fails here, with suggestions.
+  if not config.shard_by_process and len(shards) > 1:
+    # One read of the global stream, cut into this process's blocks.
+    whole = _dataset(config, [seqio.ShardInfo(0, 1)], batches_consumed)
+    blocks = [(s.index * local_batch_size(config, s.num_shards),
+               (s.index + 1) * local_batch_size(config, s.num_shards)) for s in shards]
+    return whole.map(lambda batch: {name: tf.concat([value[a:b] for a, b in blocks], axis=0)
+                                    for name, value in batch.items()})
+  starts_at_example = batches_consumed and _is_prepared(config) and not config.pack
+  datasets = []
+  for shard in shards:
+    if starts_at_example:
+      # Every batch took exactly its rows from the stream read here: start right after them.
+      reads_own_shard = config.shard_by_process and shard.num_shards > 1
+      rows = local_batch_size(config, shard.num_shards) if reads_own_shard else config.batch_size
+      datasets.append(_shard_dataset(config, shard, start_example=batches_consumed * rows))
+    else:
+      datasets.append(_shard_dataset(config, shard).skip(batches_consumed))
+  if len(datasets) == 1:
+    return datasets[0]
+  return tf.data.Dataset.zip(tuple(datasets)).map(
+      lambda *parts: {name: tf.concat([part[name] for part in parts], axis=0)
+                      for name in parts[0]})
 
-  `shard_index` / `num_shards` are the data layout's (`partitioning.data_layout`); by default one
-  shard per process.
+
+class TrainIterator:
+  """This process's numpy batches with a saveable position.
+
+  `shards` are the blocks of the global batch this process feeds, `(index, count)` pairs
+  (`partitioning.DataLayout.shards`: one on CPU and GPU hosts, one per interleaved block on a TPU
+  host); by default one block per process.
   """
 
   def __init__(self, config: DatasetConfig, position: Optional[Mapping[str, Any]] = None,
-               shard_index: Optional[int] = None, num_shards: Optional[int] = None):
+               shards: Optional[Sequence[Tuple[int, int]]] = None):
     self.config = config
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    num_shards = jax.process_count() if num_shards is None else num_shards
+    if shards is None:
+      shards = [(jax.process_index(), jax.process_count())]
     self._batches_consumed = 0
     if position:
       if position.get("seed", config.seed) != config.seed:
@@ -138,14 +168,8 @@ class TrainIterator:
                           f"{position['seed']}, but the run uses seed {config.seed}; resume with "
                           f"the same --gin.train/DatasetConfig.seed.")
       self._batches_consumed = int(position.get("batches_consumed", 0))
-    if self._batches_consumed and _is_prepared(config) and not config.pack:
-      # Every batch took exactly its rows from the stream read here: start right after them.
-      reads_own_shard = config.shard_by_process and num_shards > 1
-      rows = local_batch_size(config, num_shards) if reads_own_shard else config.batch_size
-      start = self._batches_consumed * rows
-      dataset = _dataset(config, shard_index, num_shards, start_example=start)
-    else:
-      dataset = _dataset(config, shard_index, num_shards).skip(self._batches_consumed)
+    dataset = _dataset(config, [seqio.ShardInfo(index=i, num_shards=n) for i, n in shards],
+                       self._batches_consumed)
     self._iterator: Iterator[Dict[str, np.ndarray]] = dataset.as_numpy_iterator()
 
   def __iter__(self):

@@ -6,9 +6,8 @@ trainer's own jitted step (`train_step.make_train_step`) and reads XLA's memory 
 SPMD-partitioned program, which is the program of one device.
 
 Terms:
-  topology: a named slice or GPU box (`v4-32`, `v5e-64`, `v5p-128`, `8xH100`): chips (JAX devices),
-    memory per chip and chips per host. TPU v4 and v5p names count TensorCores (two per chip, one
-    JAX device per chip: megacore); v5e and v6e names count chips.
+  topology: a named slice or GPU box (`topologies`); its hosts' data rows come from
+    `partitioning.make_mesh` over stand-in devices laid out as the real slice (`host_layouts`).
   state: parameters, optimizer state and step, donated to the step and aliased by its outputs, so
     counted once. Their per-device bytes are exact: each leaf's shard shape under its sharding times
     its item size.
@@ -19,7 +18,8 @@ Terms:
   XLA temporaries: `memory_analysis().temp_size_in_bytes` of the CPU compilation. The CPU compiler
     fuses, schedules and rematerializes differently from the TPU and GPU compilers, so this row is an
     estimate of theirs; `USABLE_FRACTION` leaves headroom for that and for the runtime's reservations.
-  verdict: fits when the total is at most `USABLE_FRACTION` of the chip's memory; DOES NOT FIT
+  verdict: fits when the total is at most `USABLE_FRACTION` of the chip's memory (on GPUs no more
+    than JAX preallocates: `XLA_PYTHON_CLIENT_MEM_FRACTION`, 0.75 unless set); DOES NOT FIT
     when it is more; CANNOT RUN when the batch does not split over the data axis (that plan is not
     compiled). Otherwise the plan names a fix (FSDP, a larger model axis, another micro-batch count)
     whose analytic estimate fits, and compiles it to check (`plan(check_fix=True)`).
@@ -28,8 +28,7 @@ import dataclasses
 import itertools
 import re
 import time
-from types import SimpleNamespace
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 from jax.sharding import AbstractMesh
@@ -40,97 +39,15 @@ from specialize_jax.model import models
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
+from specialize_jax.training import topologies
 from specialize_jax.training import train_state
 from specialize_jax.training import train_step
 from specialize_jax.training import trainer
 
-GIB = 2**30
-GB = 10**9
+GIB = topologies.GIB
 # The total must stay under this fraction of the chip's memory: the TPU/GPU runtime reserves some
 # (program, collectives, fragmentation), and the CPU compiler's temporaries only estimate theirs.
 USABLE_FRACTION = 0.9
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-  """A slice or GPU box: `num_devices` JAX devices of `memory_bytes` each, `devices_per_host` per
-  process."""
-  name: str
-  chip: str
-  num_devices: int
-  memory_bytes: int
-  devices_per_host: int
-
-  @property
-  def num_hosts(self) -> int:
-    return max(1, self.num_devices // self.devices_per_host)
-
-
-# Public figures. TPUs: cloud.google.com/tpu/docs/system-architecture-tpu-vm and the per-version
-# pages (tpu/docs/v4, v5e, v5p, v6e): v4 32 GiB HBM2 per chip, 4 chips per host, v4-N has N/2 chips
-# (N TensorCores); v5e 16 GiB HBM2 per chip, v5litepod-N has N chips, 8 on the single host of
-# v5litepod-8 and 4 per host on larger slices; v5p "95GB" HBM2e per chip, 4 chips per host,
-# v5p-N has N/2 chips; v6e (Trillium) 32 GB per chip, v6e-N has N chips, 4 per host (8 on v6e-8).
-# GPUs (nvidia.com data sheets): A100 40/80 GB, H100 SXM 80 GB, H200 141 GB; 8 per host. Decimal
-# units are taken as written (GB = 10^9 bytes): the conservative reading.
-_TPU_FAMILIES = {
-    # name prefix: (chip, bytes per chip, accelerator-type units per chip, chips per host)
-    'v4': ('TPU v4', 32 * GIB, 2, 4),
-    'v5e': ('TPU v5e', 16 * GIB, 1, 4),
-    'v5litepod': ('TPU v5e', 16 * GIB, 1, 4),
-    'v5p': ('TPU v5p', 95 * GB, 2, 4),
-    'v6e': ('TPU v6e', 32 * GB, 1, 4),
-}
-_GPUS = {
-    'A100-40': ('NVIDIA A100 40GB', 40 * GB),
-    'A100-80': ('NVIDIA A100 80GB', 80 * GB),
-    'A100': ('NVIDIA A100 80GB', 80 * GB),
-    'H100': ('NVIDIA H100 80GB', 80 * GB),
-    'H200': ('NVIDIA H200 141GB', 141 * GB),
-}
-GPUS_PER_HOST = 8
-KNOWN_TOPOLOGIES = ('v4-8', 'v4-16', 'v4-32', 'v4-64', 'v4-128', 'v5e-8', 'v5e-16', 'v5e-64',
-                    'v5e-256', 'v5p-8', 'v5p-32', 'v5p-128', 'v6e-8', 'v6e-64', '1xH100', '8xH100',
-                    '16xH100', '8xA100-40', '8xA100-80', '8xH200')
-
-
-# The header line naming the topology a shipped experiment gin is meant for: `# Topology: v4-32 ...`.
-TOPOLOGY_LINE = re.compile(r'^#\s*Topology:\s*(\S+)', re.MULTILINE)
-
-
-def named_topology(gin_texts: Sequence[str]) -> Optional[str]:
-  """The topology the first of `gin_texts` that has a `# Topology:` line names (None: none)."""
-  for text in gin_texts:
-    match = TOPOLOGY_LINE.search(text)
-    if match:
-      return match.group(1)
-  return None
-
-
-def topology(name: str) -> Topology:
-  """The `Topology` of a name such as `v4-32`, `v5litepod-16`, `v5p-128`, `8xH100`."""
-  tpu = re.fullmatch(r'(v4|v5e|v5litepod|v5p|v6e)-(\d+)', name.strip())
-  gpu = re.fullmatch(r'(\d+)x(A100-40|A100-80|A100|H100|H200)', name.strip(), flags=re.I)
-  if tpu:
-    chip, memory, units_per_chip, per_host = _TPU_FAMILIES[tpu.group(1)]
-    units = int(tpu.group(2))
-    if units < units_per_chip or units % units_per_chip:
-      raise ConfigError(f'--topology {name}: {tpu.group(1)}-N counts TensorCores, two per chip; '
-                        f'N must be a multiple of {units_per_chip} (e.g. {tpu.group(1)}-32).')
-    chips = units // units_per_chip
-    if units_per_chip == 1 and chips <= 8:
-      per_host = chips  # v5e / v6e slices of up to 8 chips are one host.
-    return Topology(name, chip, chips, memory, min(per_host, chips))
-  if gpu:
-    count = int(gpu.group(1))
-    key = next(k for k in _GPUS if k.lower() == gpu.group(2).lower())
-    chip, memory = _GPUS[key]
-    if count < 1:
-      raise ConfigError(f'--topology {name}: the GPU count must be >= 1 (e.g. 8xH100).')
-    return Topology(name, chip, count, memory, min(GPUS_PER_HOST, count))
-  raise ConfigError(f'unknown --topology {name!r}; known: {", ".join(KNOWN_TOPOLOGIES)} (TPU '
-                    'v4/v5p-N: N TensorCores, 2 per chip; v5e/v6e-N: N chips; GPUs: COUNTxH100, '
-                    'A100-40, A100-80, H200).')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +59,7 @@ class PlanRequest:
   optimizer: optimizers.OptimizerConfig
   partitioner: partitioning.PartitioningConfig
   num_microbatches: int
-  topology: Topology
+  topology: topologies.Topology
 
   def replace(self, **changes) -> 'PlanRequest':
     return dataclasses.replace(self, **changes)
@@ -167,8 +84,12 @@ class Plan:
   fix_plan: Optional['Plan'] = None
 
   @property
+  def usable_fraction(self) -> float:
+    return topologies.usable_fraction(self.request.topology, USABLE_FRACTION)
+
+  @property
   def usable_bytes(self) -> int:
-    return int(USABLE_FRACTION * self.request.topology.memory_bytes)
+    return int(self.usable_fraction * self.request.topology.memory_bytes)
 
   @property
   def fits(self) -> bool:
@@ -391,13 +312,31 @@ def suggest_fixes(result: Plan) -> Iterator[Tuple[str, PlanRequest]]:
       yield text, candidate
 
 
-def host_layout(result: Plan) -> partitioning.DataLayout:
-  """The data layout of process 0 on the real topology (devices numbered host by host)."""
+def host_grid(result: Plan) -> np.ndarray:
+  """The `[data, model]` device grid of the real topology: `partitioning.make_mesh`, the code
+  `specialize train` runs, over stand-ins with the slice's coordinates and hosts."""
   request = result.request
-  grid = np.array([SimpleNamespace(process_index=i // request.topology.devices_per_host)
-                   for i in range(request.topology.num_devices)], dtype=object)
-  grid = grid.reshape(result.mesh_shape['data'], result.mesh_shape['model'])
-  return partitioning.layout_of_grid(grid, request.dataset.batch_size, 0)
+  devices = topologies.stand_in_devices(request.topology)
+  return np.asarray(partitioning.make_mesh(request.partitioner, devices).devices)
+
+
+def host_layouts(result: Plan) -> Dict[int, partitioning.DataLayout]:
+  """`{host: its data layout}` on the real topology (see `host_grid`)."""
+  grid = host_grid(result)
+  hosts = partitioning.data_rows_by_process(grid)
+  return {h: partitioning.layout_of_grid(grid, result.request.dataset.batch_size, h)
+          for h in hosts}
+
+
+def format_layout(result: Plan) -> List[str]:
+  """Lines: the rows of every global batch each host feeds, and the data axis's ring length."""
+  grid, topo = host_grid(result), result.request.topology
+  lines = [f'  host {h}: {layout.describe()}' for h, layout in host_layouts(result).items()]
+  if not topo.is_gpu and grid.shape[0] > 1:
+    by_host = np.asarray(topologies.host_contiguous(list(grid.flat)), dtype=object)
+    lines.append(f'  data-axis ring: {topologies.ring_hops(grid, topo)} chip hops in this order '
+                 f'({topologies.ring_hops(by_host.reshape(grid.shape), topo)} host by host).')
+  return lines
 
 
 def _gib(num_bytes: Optional[int]) -> str:
@@ -410,7 +349,7 @@ def verdict(result: Plan) -> str:
   amount = f'{_gib(result.total_bytes)} of {_gib(memory)} ({result.total_bytes / memory:.0%})'
   scope = '' if result.compiled else ', without activations (not compiled)'
   if result.fits:
-    return f'fits: {amount}{scope}; headroom {1 - USABLE_FRACTION:.0%} kept'
+    return f'fits: {amount}{scope}; headroom {1 - result.usable_fraction:.0%} kept'
   if result.total_bytes > result.usable_bytes:
     head = f'DOES NOT FIT: {amount}{scope}'
     if result.problem:
@@ -429,12 +368,12 @@ def format_plan(result: Plan) -> str:
   micro_rows = request.dataset.batch_size / request.num_microbatches
   config = request.model.config
   if result.problem:
-    feed = f'{result.problem}.'
+    feed, layout_lines = f'{result.problem}.', []
   else:
-    layout = host_layout(result)
-    feed = (f'{micro_rows // data:g} rows per data shard; each host feeds '
-            f'{layout.local_batch_size} rows per step (data shard {layout.shard_index} of '
-            f'{layout.num_shards} on host 0).')
+    layouts = host_layouts(result)
+    feed = (f'{micro_rows // data:g} rows per data coordinate; each host feeds '
+            f'{layouts[0].local_batch_size} rows per step, the rows its chips hold:')
+    layout_lines = format_layout(result)
   lines = [
       f'Topology {topo.name}: {topo.num_devices} x {topo.chip} '
       f'({_gib(topo.memory_bytes)} each), {topo.num_hosts} host(s) of {topo.devices_per_host}.',
@@ -443,6 +382,7 @@ def format_plan(result: Plan) -> str:
       f'{request.optimizer.name}.',
       f'Batch {request.dataset.batch_size} = {request.num_microbatches} micro-batches of '
       f'{micro_rows:g} rows: {feed}',
+      *layout_lines,
       '',
       f'{"per device":<46}{"bytes":>12}',
   ]
@@ -454,7 +394,8 @@ def format_plan(result: Plan) -> str:
       ('other XLA temporaries (activations, ...)', result.other_temp_bytes),
       ('batch (+ key)', result.batch_bytes),
       ('total' + ('' if result.compiled else ' (not compiled: no activations)'), result.total_bytes),
-      (f'chip memory (usable {USABLE_FRACTION:.0%})', topo.memory_bytes),
+      (f'chip memory (usable {result.usable_fraction:.0%}'
+       f'{", JAX preallocation" if topo.is_gpu else ""})', topo.memory_bytes),
   ]
   lines += [f'{name:<46}{_gib(value):>12}' for name, value in rows]
   lines.append(f'verdict: {verdict(result)}')

@@ -23,10 +23,12 @@ Multi-host: every process runs the same program; `initialize_distributed` connec
 """
 import contextlib
 import dataclasses
-from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple
+import os
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
@@ -120,8 +122,19 @@ class PartitioningConfig:
 
 
 def make_mesh(config: PartitioningConfig,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A `('data', 'model')` mesh with Auto axis types over `devices` (default: all devices)."""
+              devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """A `('data', 'model')` mesh with Auto axis types over `devices` (default: all devices).
+
+  The device order is `jax.make_mesh`'s: on TPU it follows the chips' torus positions, so that
+  neighbours along the mesh axes are neighbours on the interconnect and the step's collectives
+  (the gradient reduction over `data`, FSDP's gathers, the model axis's reductions) run on short
+  rings. One host's chips then sit at interleaved `data` coordinates (a v4 host's 2x2 chips: rows
+  0, 4, 8 and 12 of a v4-32 data axis), which `DataLayout` feeds as they are. The alternative, a
+  host-by-host order (a contiguous data block per host), is never shorter: around the `data` axis
+  it takes 30 chip-grid hops against 16 on a v5e-16, 22 against 14 on the v5p-64 XXL mesh, and as
+  many on v4 slices (`topologies.ring_hops`; `specialize plan` prints both). `devices` may be
+  stand-ins (`topologies.stand_in_devices`).
+  """
   devices = list(jax.devices() if devices is None else devices)
   num_devices = len(devices)
   if num_devices % config.num_partitions:
@@ -129,8 +142,36 @@ def make_mesh(config: PartitioningConfig,
                       f'divide the {num_devices} devices; set '
                       f'--gin.PartitioningConfig.num_partitions to a divisor of {num_devices}.')
   shape = (num_devices // config.num_partitions, config.num_partitions)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=devices)
+  devices = _ordered_for_test(devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * 2
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  except NotImplementedError:
+    # jax.make_mesh splits physical axes on v5e only; a v6e 8x8 torus needs it for a model axis
+    # of 4 (no logical axis of 16 x 4 matches whole physical axes): split them, as on v5e.
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+# Test hook: CPU fake devices always come in process order; `interleaved` gives mesh position i to
+# process i % P (its local device i // P), the way a TPU slice interleaves hosts along `data`, so
+# multi-process CPU tests run the layouts a slice gets through the same feeding code.
+DEVICE_ORDER_ENV = 'SPECIALIZE_TEST_DEVICE_ORDER'
+
+
+def _ordered_for_test(devices: Sequence[Any]) -> Sequence[Any]:
+  order = os.environ.get(DEVICE_ORDER_ENV, '')
+  if not order:
+    return devices
+  if order != 'interleaved':
+    raise ConfigError(f'{DEVICE_ORDER_ENV}={order!r}: the only order is "interleaved" (or unset).')
+  by_process: Dict[int, list] = {}
+  for device in sorted(devices, key=lambda d: (d.process_index, d.id)):
+    by_process.setdefault(device.process_index, []).append(device)
+  hosts = list(by_process.values())
+  if len({len(h) for h in hosts}) != 1:
+    raise ConfigError(f'{DEVICE_ORDER_ENV}=interleaved needs the same device count per process.')
+  return [hosts[i % len(hosts)][i // len(hosts)] for i in range(len(devices))]
 
 
 def _is_logical_leaf(x: Any) -> bool:
@@ -210,35 +251,87 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, num_microbatches: int = 1
 
 @dataclasses.dataclass(frozen=True)
 class DataLayout:
-  """Which rows of every global batch this process feeds (T5X's data layout).
+  """Which rows of every global batch this process feeds (T5X's data layout, for any device order).
 
-  The global batch of `batch_size` rows is split into `num_shards` equal blocks of
-  `local_batch_size` rows along the mesh's `data` axis; this process feeds block `shard_index`.
-  Processes whose devices hold the same `data` coordinates (the `model` axis spans hosts) are
-  replicas: they have the same `shard_index` and must feed identical rows.
+  The mesh's `data` axis has `data_size` coordinates; coordinate c holds rows
+  `[c * R, (c + 1) * R)` of every global batch (`R = rows_per_coordinate = batch_size / data_size`).
+  A process feeds the rows of every coordinate its devices hold, concatenated in global order,
+  which is what `jax.make_array_from_process_local_data` takes (it places a process's
+  non-contiguous slices itself). On CPU and GPU hosts the coordinates are one contiguous block per
+  process; on a TPU slice they are interleaved (`make_mesh`). Processes holding the same
+  coordinates (the `model` axis spans hosts) are replicas and feed identical rows.
+
+  Attributes:
+    batch_size: rows of the global batch.
+    data_size: coordinates of the mesh's `data` axis.
+    coordinates: the sorted `data` coordinates this process's devices hold.
   """
   batch_size: int
-  shard_index: int
-  num_shards: int
+  data_size: int
+  coordinates: Tuple[int, ...]
+
+  @property
+  def rows_per_coordinate(self) -> int:
+    return self.batch_size // self.data_size
 
   @property
   def local_batch_size(self) -> int:
-    return self.batch_size // self.num_shards
+    return len(self.coordinates) * self.rows_per_coordinate
+
+  @property
+  def row_ranges(self) -> Tuple[Tuple[int, int], ...]:
+    """`(start, stop)` of each run of consecutive global rows this process feeds, in order."""
+    ranges = []
+    for c in self.coordinates:
+      start, stop = c * self.rows_per_coordinate, (c + 1) * self.rows_per_coordinate
+      if ranges and ranges[-1][1] == start:
+        ranges[-1] = (ranges[-1][0], stop)
+      else:
+        ranges.append((start, stop))
+    return tuple(ranges)
+
+  @property
+  def row_indices(self) -> np.ndarray:
+    """int64 `[local_batch_size]`: the global rows this process feeds, in the order it feeds them."""
+    return np.concatenate([np.arange(a, b) for a, b in self.row_ranges])
+
+  @property
+  def shards(self) -> Tuple[Tuple[int, int], ...]:
+    """The fewest equal, aligned blocks of the global batch covering this process's rows, as
+    `(index, count)`: block `index` of `count` is rows `[index * B / count, (index + 1) * B / count)`.
+
+    One block when the coordinates are contiguous and aligned (CPU, GPU, one TPU host): exactly
+    the one-shard-per-process reading of T5X. An input pipeline reads each block as a data shard
+    of its own and concatenates them (`input_pipeline.TrainIterator`).
+    """
+    held = self.coordinates
+    for size in range(len(held), 0, -1):
+      if len(held) % size or self.data_size % size:
+        continue
+      blocks = [held[i:i + size] for i in range(0, len(held), size)]
+      if all(b[0] % size == 0 and list(b) == list(range(b[0], b[0] + size)) for b in blocks):
+        return tuple((b[0] // size, self.data_size // size) for b in blocks)
+    raise AssertionError(f'unreachable: blocks of one coordinate always fit {held}')
+
+  def describe(self) -> str:
+    """One line for the logs, e.g. `rows 0-1, 8-9 of 16 (data coordinates [0, 4] of 8)`."""
+    rows = ', '.join(f'{a}-{b - 1}' if b - a > 1 else f'{a}' for a, b in self.row_ranges)
+    return (f'rows {rows} of {self.batch_size} (data coordinates {list(self.coordinates)} of '
+            f'{self.data_size})')
 
 
-def _data_rows_by_process(device_grid: np.ndarray) -> dict:
+def data_rows_by_process(device_grid: np.ndarray) -> Dict[int, Tuple[int, ...]]:
   """`{process_index: sorted data coordinates its devices hold}` of a `[data, model]` grid."""
   rows: dict = {}
   for (data_index, _), device in np.ndenumerate(device_grid):
     rows.setdefault(device.process_index, set()).add(data_index)
-  return {p: sorted(r) for p, r in rows.items()}
+  return {p: tuple(sorted(r)) for p, r in sorted(rows.items())}
 
 
 def data_layout(mesh: Mesh, batch_size: int, process_index: Optional[int] = None) -> DataLayout:
   """This process's `DataLayout` from which `data` coordinates of `mesh` its devices hold.
 
-  Raises when the processes' coordinates are not equal contiguous blocks (a device order no data
-  layout can feed) or `batch_size` does not divide the data axis.
+  Raises when `batch_size` does not divide the data axis.
   """
   process_index = jax.process_index() if process_index is None else process_index
   return layout_of_grid(np.asarray(mesh.devices), batch_size, process_index)
@@ -246,37 +339,26 @@ def data_layout(mesh: Mesh, batch_size: int, process_index: Optional[int] = None
 
 def layout_of_grid(device_grid: np.ndarray, batch_size: int, process_index: int) -> DataLayout:
   """`data_layout` of a `[data, model]` grid of anything with a `process_index` (devices, or
-  stand-ins for the hosts of a topology this process does not run on)."""
+  stand-ins for the hosts of a topology this process does not run on: `topologies`)."""
   data_size = device_grid.shape[0]
   if batch_size % data_size:
-    raise ValueError(f'BATCH_SIZE={batch_size} is not divisible by the data axis ({data_size} '
-                     f'devices); set --gin.BATCH_SIZE to a multiple of {data_size}.')
-  rows = _data_rows_by_process(device_grid)
+    raise ConfigError(f'BATCH_SIZE={batch_size} is not divisible by the data axis ({data_size} '
+                      f'devices); set --gin.BATCH_SIZE to a multiple of {data_size}.')
+  rows = data_rows_by_process(device_grid)
   if process_index not in rows:
     raise ValueError(f'Process {process_index} holds no device of the mesh; every process must '
                      'contribute devices (check PartitioningConfig and the process count).')
-  block = rows[process_index]
-  size = len(block)
-  for process, held in rows.items():
-    contiguous = held == list(range(held[0], held[0] + len(held)))
-    aligned = len(held) == size and held[0] % size == 0
-    if not (contiguous and aligned):
-      raise ValueError(
-          f'Process {process} holds data coordinates {held} of the mesh and process '
-          f'{process_index} holds {block}: the data axis must split into equal contiguous blocks '
-          'per process (or groups of processes). Choose --gin.PartitioningConfig.num_partitions so '
-          'that the model axis fits inside one host or spans whole hosts.')
-  return DataLayout(batch_size=batch_size, shard_index=block[0] // size,
-                    num_shards=data_size // size)
+  return DataLayout(batch_size=batch_size, data_size=data_size, coordinates=rows[process_index])
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
                  layout: Optional[DataLayout] = None) -> dict:
   """One global `jax.Array` per feature, batch-sharded on `data`, from this process's rows.
 
-  Each process passes the `layout.local_batch_size` rows of its data shard (replicas pass the same
-  rows); the global shape is explicit, so JAX places them on the right devices also when the model
-  axis spans processes. Without `layout`, the rows are the whole batch of a single process.
+  Each process passes its `layout.local_batch_size` rows, `layout.row_indices` of the global batch
+  in that order (replicas pass the same rows); the global shape is explicit, so JAX places them on
+  the right devices also when the coordinates are interleaved or the model axis spans processes.
+  Without `layout`, every process is taken to feed an equal share (one process: the whole batch).
   """
   sharding = batch_sharding(mesh)
   result = {}
@@ -290,7 +372,7 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
     if value.shape[0] != layout.local_batch_size:
       raise ValueError(f'Batch feature {name!r} has {value.shape[0]} rows; this process feeds '
                        f'{layout.local_batch_size} of the global batch of {layout.batch_size} '
-                       f'(data shard {layout.shard_index} of {layout.num_shards}).')
+                       f'({layout.describe()}).')
     global_shape = (layout.batch_size,) + value.shape[1:]
     result[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
   return result
@@ -317,6 +399,16 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
   return True
+
+
+def check_distributed() -> None:
+  """Raises when JAX runs several processes that `jax.distributed` does not connect (a multi-host
+  slice started without `--multihost`): they could not agree on checkpoints or preemption steps
+  without a host sync at every step."""
+  if jax.process_count() > 1 and not jax.distributed.is_initialized():
+    raise ConfigError(f'JAX runs {jax.process_count()} processes but jax.distributed is not '
+                      'initialized; add --multihost (or --coordinator_address, --num_processes '
+                      'and --process_id) to the command on every host.')
 
 
 @contextlib.contextmanager

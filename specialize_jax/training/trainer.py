@@ -97,12 +97,10 @@ def train(model_dir: str,
   rules = partitioner.logical_axis_rules
   tx = optimizers.make_optimizer(optimizer, num_train_steps)
   layout = partitioning.data_layout(mesh, dataset.batch_size)
-  log(f"Data layout: this process feeds data shard {layout.shard_index} of {layout.num_shards} "
-      f"({layout.local_batch_size} of {layout.batch_size} rows per step).")
+  log(f"Data layout: this process feeds {layout.describe()} per step.")
   # The input pipeline reads its files now, so a missing one fails before anything compiles; a
   # resumed run builds it again at its saved position.
-  batches = input_pipeline.TrainIterator(dataset, shard_index=layout.shard_index,
-                                         num_shards=layout.num_shards)
+  batches = input_pipeline.TrainIterator(dataset, shards=layout.shards)
   rng = jax.random.PRNGKey(seed)
   init_rng, step_rng = jax.random.split(rng)
   abstract_state, state_shardings = train_state.abstract_train_state(model, tx, mesh, rules)
@@ -130,9 +128,7 @@ def train(model_dir: str,
   log(f"Starting at step {start_step} from {source}; training to step {num_train_steps}.")
 
   if data_position:
-    batches = input_pipeline.TrainIterator(dataset, position=data_position,
-                                           shard_index=layout.shard_index,
-                                           num_shards=layout.num_shards)
+    batches = input_pipeline.TrainIterator(dataset, position=data_position, shards=layout.shards)
   step_fn = train_step.make_train_step(model, tx, state_shardings, mesh, num_microbatches,
                                        rules=rules)
   writer = metric_writers.MetricWriter(model_dir, enable_tensorboard=tensorboard)
