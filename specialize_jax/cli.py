@@ -10,9 +10,9 @@
   specialize plan --gin_file=F [--gin.X=Y ...] [--topology {v4-32,v5e-64,v5p-128,8xH100,...}] [--no_compile]
   specialize demo [--output_dir runs/demo]
   specialize sweep MODEL_DIR [--tasks T ...] [--bbh_tasks B ...] [--max_examples N] [--include_start CKPT]
-      [--num_partitions N] [--fsdp]
+      [--num_partitions N] [--fsdp] [--dtype {float32,bfloat16}]
       [--multihost | --coordinator_address HOST:PORT --num_processes N --process_id I]
-  specialize compare RUN_A RUN_B ... [--labels A B ...] --output DIR
+  specialize compare RUN_A RUN_B ... [--labels A B ...] --output DIR [--dtype {float32,bfloat16}]
   specialize prepare --output DIR [--teacher TEACHER.jsonl] [--aligned ALIGNED.jsonl] [--workers N]
   specialize align --input TEACHER.jsonl --output ALIGNED.jsonl --vocab SPM_MODEL [--mode {default,paper}]
   specialize teacher --base_url URL --model NAME --api {completions,chat} --output FILE.jsonl [...]
@@ -432,7 +432,8 @@ def _cmd_sweep(args) -> int:
                             else partitioning.STANDARD_LOGICAL_AXIS_RULES))
     result = sweep.sweep(args.model_dir, config, start_checkpoint=args.include_start,
                          mesh=partitioning.make_mesh(partitioner),
-                         logical_axis_rules=partitioner.logical_axis_rules)
+                         logical_axis_rules=partitioner.logical_axis_rules,
+                         dtype=args.dtype or gin_config.recorded_model_dtype(args.model_dir))
   except (ValueError, FileNotFoundError) as e:
     print(f"specialize sweep: {e}", file=sys.stderr)
     return 2
@@ -452,6 +453,7 @@ def _cmd_sweep(args) -> int:
                     "selected_step": chosen.step, "rule": rule.name, "score": chosen.score,
                     "in_distribution_pick": written.alternative.step,
                     "decoded_pairs": len(result.decoded), "reused_pairs": result.reused,
+                    "dtype": result.dtype,
                     "timing": {k: round(v, 3) for k, v in result.timing.items()}}))
   return 0
 
@@ -465,7 +467,8 @@ def _cmd_compare(args) -> int:
           file=sys.stderr)
     return 2
   try:
-    runs = [(label, storage.absolute(run), sweep.read_accuracy_table(run))
+    runs = [(label, storage.absolute(run), sweep.read_accuracy_table(
+        run, args.dtype or gin_config.recorded_model_dtype(run)))
             for label, run in zip(labels, args.runs)]
     files = report.write_comparison(runs, args.output, rule=_selection_rule(args),
                                     start_step=None if args.no_start else sweep.START_STEP)
@@ -523,8 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(fn=_cmd_convert)
 
   for job, help_text in (("train", "train with gin configs (T5X-style flags)"),
-                         ("eval", "evaluate a checkpoint or every checkpoint of a run"),
-                         ("infer", "write predictions JSONL for a task or a text file")):
+                         ("eval", "evaluate a checkpoint or every checkpoint of a run, in the "
+                          "dtype of the model the run trained (--gin.DECODE_DTYPE overrides)"),
+                         ("infer", "write predictions JSONL for a task or a text file, in the "
+                          "dtype of the model the run trained (--gin.DECODE_DTYPE overrides)")):
     p = sub.add_parser(job, help=help_text)
     p.add_argument("--gin_file", action="append", default=[],
                    help="gin file (repeatable; later files override earlier)")
@@ -576,6 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--fsdp", action="store_true",
                  help="shard the params' embed dimension on the data axis too (as "
                  "gin/partitioning/fsdp.gin)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="compute dtype of decoding (default: that of the model the run trained, "
+                 "from MODEL_DIR/config.gin, as its in-loop evaluation; else float32); pairs "
+                 "recorded in another dtype are decoded again")
   _add_rule_flags(p)
   _add_distributed_flags(p)
   p.set_defaults(fn=_cmd_sweep)
@@ -587,6 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--output", required=True)
   p.add_argument("--no_start", action="store_true",
                  help="step 0 is a real checkpoint of the runs, not a start checkpoint")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="use only results decoded in this dtype (default: each run's model dtype, "
+                 "from its config.gin; without one, a run's results must share one dtype)")
   _add_rule_flags(p)
   p.set_defaults(fn=_cmd_compare)
 

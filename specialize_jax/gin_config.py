@@ -3,7 +3,8 @@
 `--gin_file` files parse in order (later override earlier), then `--gin.X=Y` bindings. A relative
 gin file or include is looked up as a file relative to the working directory, then to each
 `--gin_search_paths` entry, then to this repository's `gin/` folder. The configuration of a run is
-logged and written to `MODEL_DIR/config.gin`.
+logged and written to `MODEL_DIR/config.gin`, where later jobs read the model's compute dtype
+(`recorded_model_dtype`).
 """
 import contextlib
 import logging
@@ -15,6 +16,7 @@ from specialize_jax.config_errors import ConfigError
 # The shipped configs (found this way in a source checkout / editable install).
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))  # local: this package
 REPO_GIN_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), "gin")
+RUN_CONFIG_FILE = "config.gin"
 
 
 def gin_bindings(extra_args: List[str]) -> List[str]:
@@ -87,7 +89,7 @@ def write_config(model_dir: Optional[str]) -> None:
   logging.info("Gin config:\n%s", text)
   if model_dir and jax.process_index() == 0:
     from specialize_jax.data import storage  # pylint: disable=g-import-not-at-top
-    storage.write_text(storage.join(model_dir, "config.gin"), text)
+    storage.write_text(storage.join(model_dir, RUN_CONFIG_FILE), text)
 
 
 def macro(name: str):
@@ -110,3 +112,51 @@ def bound_value(selector: str) -> Any:
       value.scoped_selector.endswith("/gin.macro")):
     value = macro(value.scoped_selector[:-len("/gin.macro")])
   return value
+
+
+def recorded_model_dtype(path: str) -> Optional[str]:
+  """The compute dtype of the model a run trained: the unscoped `T5Config.dtype` binding (macros
+  resolved; T5Config's default when unbound) in the `config.gin` of `path`, a run directory, or of
+  its parent (`path` a step directory). None when neither holds one that configures a T5Config,
+  or it does not parse (a warning).
+
+  Read with gin's parser alone: nothing is bound, so a job's own configuration stays as it is.
+  """
+  from gin import config_parser  # pylint: disable=g-import-not-at-top
+  from specialize_jax.data import storage  # pylint: disable=g-import-not-at-top
+  from specialize_jax.model.config import T5Config  # pylint: disable=g-import-not-at-top
+  path = str(path).rstrip("/")
+  candidates = [storage.join(path, RUN_CONFIG_FILE),
+                storage.join(storage.dirname(path), RUN_CONFIG_FILE)]
+  config_file = next((c for c in candidates if storage.isfile(c)), None)
+  if config_file is None:
+    return None
+
+  class Delegate(config_parser.ParserDelegate):
+    def configurable_reference(self, scoped_name, evaluate):
+      return ("@", scoped_name, evaluate)
+
+    def macro(self, name):
+      return ("%", name)
+
+  macros, dtype, configured = {}, T5Config.dtype, False
+  try:
+    for statement in config_parser.ConfigParser(storage.read_text(config_file), Delegate()):
+      if not isinstance(statement, config_parser.BindingStatement) or statement.scope:
+        continue
+      if not statement.arg_name:
+        macros[statement.selector] = statement.value
+      elif statement.selector.rsplit(".", 1)[-1] == "T5Config":
+        configured = True
+        if statement.arg_name == "dtype":
+          dtype = statement.value
+  except (SyntaxError, ValueError) as e:
+    logging.warning("%s does not parse (%s); its model dtype is not used.", config_file, e)
+    return None
+  for _ in range(len(macros) + 1):  # A chain of macros ends within as many steps as there are.
+    if isinstance(dtype, tuple) and dtype[0] == "%":
+      dtype = macros.get(dtype[1])
+  if not configured or not isinstance(dtype, str):
+    return None
+  logging.info("%s: the run's model computes in %s.", config_file, dtype)
+  return dtype

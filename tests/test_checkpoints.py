@@ -137,6 +137,27 @@ def test_orbax_params_roundtrip_keeps_config(tmp_path):
     checkpoints.save_orbax(params, ODD_CONFIG, tmp_path / 'ckpt')
 
 
+def test_compute_dtype_is_the_given_or_stored_configs(params, tmp_path):
+  """Import keeps the dtype of `config=` or of the config an orbax export stored (else float32);
+  only `dtype=` replaces it. Params stay float32 (`_assert_same`)."""
+  bf16 = dataclasses.replace(CONFIG, dtype='bfloat16')
+  t5x_dir = str(tmp_path / 't5x' / 'checkpoint_0')
+  checkpoints.save_t5x(params, t5x_dir, durable=False)
+  hf_dir = checkpoints.save_hf(params, CONFIG, tmp_path / 'hf')
+  for path in (t5x_dir, hf_dir):
+    assert checkpoints.load_checkpoint(path)[0] == CONFIG
+    config, restored = checkpoints.load_checkpoint(path, config=bf16)
+    assert config == bf16
+    _assert_same(params, restored)
+    assert checkpoints.load_checkpoint(path, config=bf16, dtype='float32')[0] == CONFIG
+  orbax_dir = checkpoints.save_orbax(params, bf16, tmp_path / 'orbax')
+  config, restored = checkpoints.load_checkpoint(orbax_dir)
+  assert config == bf16
+  _assert_same(params, restored)
+  assert checkpoints.load_checkpoint(orbax_dir, dtype='float32')[0] == CONFIG
+  assert checkpoints.load_checkpoint(orbax_dir, config=CONFIG)[0] == CONFIG
+
+
 def test_orbax_t5x_train_state_layout(params, tmp_path):
   """Current T5X: model_dir/checkpoint_<step>/state holds {'target': params, 'state': ...}."""
   moments = jax.tree.map(lambda x: np.zeros(x.shape[:1], np.float32), params)

@@ -217,7 +217,9 @@ def test_evaluate_checkpoints_sweeps_every_step_and_resumes(evaluator, params_pa
   for step in (10, 20):
     record = evaluator_lib.read_metrics_record(evaluator_lib.metrics_path(out, TASK, step))
     assert record['num_examples'] == 2
-    assert record[evaluator_lib.SETTINGS_KEY] == evaluator_lib.eval_settings(fewer)
+    # The settings, with the decode dtype (none given: T5Config's default).
+    assert record[evaluator_lib.SETTINGS_KEY] == evaluator_lib.eval_settings(fewer, 'float32')
+    assert record[evaluator_lib.SETTINGS_KEY]['dtype'] == 'float32'
 
 
 def test_infer_matches_evaluator_decodes(evaluator, params_pair, tmp_path, monkeypatch):

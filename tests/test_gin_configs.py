@@ -118,3 +118,38 @@ def test_gin_flags_become_bindings():
       "TRAIN_STEPS = 20", 'MODEL_DIR = "a b"']
   with pytest.raises(ConfigError, match="unrecognized argument '--steps=3'"):
     gin_config.gin_bindings(["--steps=3"])
+
+
+def _recorded_dtype_of(config_text, tmp_path):
+  run = tmp_path / "run"
+  (run / "checkpoint_4").mkdir(parents=True, exist_ok=True)
+  (run / "config.gin").write_text(config_text)
+  from_step = gin_config.recorded_model_dtype(str(run / "checkpoint_4"))
+  assert gin_config.recorded_model_dtype(str(run)) == from_step
+  return from_step
+
+
+@pytest.mark.parametrize("files, bindings, expected", [
+    (["experiments/flan_t5_small_gsm8k.gin"], [], "bfloat16"),  # MODEL_DTYPE's default
+    (["experiments/flan_t5_small_gsm8k.gin"], ["MODEL_DTYPE = 'float32'"], "float32"),
+    (["experiments/demo_cpu.gin"], ["model_config.T5Config.dtype = 'bfloat16'"], "bfloat16"),
+    (["experiments/demo_cpu.gin"], [], "float32"),
+])
+def test_recorded_model_dtype_reads_what_train_wrote(files, bindings, expected, tmp_path):
+  """The dtype of the model a run trained, from the config.gin `specialize train` writes (the
+  run directory or a step directory in it), without touching the caller's gin configuration."""
+  gin_config.parse_gin(files, ["MODEL_DIR = '/tmp/x'"] + bindings, [])
+  written = gin.config_str()
+  assert _recorded_dtype_of(written, tmp_path) == expected
+  assert gin.config_str() == written
+  gin.clear_config()
+
+
+def test_recorded_model_dtype_without_a_model_config(tmp_path):
+  assert gin_config.recorded_model_dtype(str(tmp_path)) is None  # no config.gin
+  assert _recorded_dtype_of("STEPS = 3\n", tmp_path) is None  # no T5Config in it
+  # A T5Config without a dtype binding has T5Config's default.
+  assert _recorded_dtype_of("from __gin__ import dynamic_registration\n"
+                            "from specialize_jax.model import config\n"
+                            "config.T5Config.emb_dim = 16\n", tmp_path) == "float32"
+  assert _recorded_dtype_of("not gin (\n", tmp_path) is None  # a warning, not a failure

@@ -1,5 +1,6 @@
 """`specialize sweep` on a real tiny run: each (checkpoint, task) pair is decoded once, a second sweep
-decodes nothing, an interrupted sweep resumes, other eval settings are evaluated again.
+decodes nothing, an interrupted sweep resumes, other eval settings or another decode dtype are
+evaluated again.
 
 The run: a tiny T5 (1+1 layers, width 32, the demo's 384-piece vocabulary) trained 6 steps on
 `demo_train_cot` with a checkpoint every 2 steps (checkpoints 2, 4, 6); eval on 4 examples of two
@@ -84,7 +85,7 @@ def test_each_pair_decoded_once_and_second_sweep_decodes_nothing(run_dir, decode
     with open(evaluator_lib.metrics_path(os.path.join(run_dir, 'eval'), task, step),
               encoding='utf-8') as f:
       record = json.load(f)
-    assert record[evaluator_lib.SETTINGS_KEY] == evaluator_lib.eval_settings(CONFIG)
+    assert record[evaluator_lib.SETTINGS_KEY] == evaluator_lib.eval_settings(CONFIG, 'float32')
     assert record['num_examples'] == 4
     assert first.accuracy_table()[step][task] == record['metrics']['accuracy']
   assert 0 < first.timing['compile_seconds'] < first.timing['total_seconds']
@@ -148,6 +149,58 @@ def test_other_settings_are_evaluated_again_and_legacy_files_checked(run_dir, de
   assert len(decodes) == len(STEPS) * len(TASKS)
 
 
+def _set_settings(path, **changes):
+  """Rewrites a metrics file's eval settings (a key set to None is removed)."""
+  with open(path, encoding='utf-8') as f:
+    record = json.load(f)
+  settings = {**record[evaluator_lib.SETTINGS_KEY], **changes}
+  record[evaluator_lib.SETTINGS_KEY] = {k: v for k, v in settings.items() if v is not None}
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(record, f)
+
+
+def test_results_in_another_dtype_are_decoded_again(run_dir, decodes, capsys):
+  """A sweep decodes every pair in one dtype: pairs recorded in another are decoded again, and a
+  run's accuracy table holds one dtype. The command's default is the dtype of the model the run
+  trained (its config.gin); a file recording no dtype counts as float32."""
+  pairs = [(s, t) for s in STEPS for t in TASKS]
+  eval_dir = os.path.join(run_dir, 'eval')
+  first = sweep_lib.sweep(run_dir, CONFIG, progress=_quiet)
+  assert first.dtype == 'float32' and sorted(first.decoded) == pairs
+
+  # A float32 file without a dtype (written before it was recorded) is reused as float32.
+  legacy = (STEPS[0], TASKS[0])
+  _set_settings(evaluator_lib.metrics_path(eval_dir, legacy[1], legacy[0]), dtype=None)
+  decodes.clear()
+  assert sweep_lib.sweep(run_dir, CONFIG, progress=_quiet).reused == len(pairs)
+  assert decodes == []
+
+  # The run trained in bfloat16 (the config.gin `specialize train` writes, macro and all): the
+  # command decodes every pair again, the legacy one included.
+  with open(os.path.join(run_dir, 'config.gin'), 'w', encoding='utf-8') as f:
+    f.write("from __gin__ import dynamic_registration\n"
+            "from specialize_jax.model import config as model_config\n"
+            "MODEL_DTYPE = 'bfloat16'\n"
+            "model_config.T5Config.dtype = %MODEL_DTYPE\n")
+  args = ['sweep', run_dir, '--tasks', *TASKS, '--bbh_tasks', '--max_examples', '4',
+          '--batch_size', '8', '--input_length', '256', '--target_length', '80',
+          '--max_decode_length', '8']  # CONFIG's eval settings
+  assert cli.main(args) == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary['dtype'] == 'bfloat16' and summary['reused_pairs'] == 0
+  assert sorted(decodes) == pairs
+  for step, task in pairs:
+    record = evaluator_lib.read_metrics_record(evaluator_lib.metrics_path(eval_dir, task, step))
+    assert record[evaluator_lib.SETTINGS_KEY] == evaluator_lib.eval_settings(CONFIG, 'bfloat16')
+
+  # A float32 file among bfloat16 ones: left out of the bfloat16 table; no table mixes them.
+  _set_settings(evaluator_lib.metrics_path(eval_dir, legacy[1], legacy[0]), dtype='float32')
+  table = sweep_lib.read_accuracy_table(run_dir, 'bfloat16')
+  assert sorted((s, t) for s, row in table.items() for t in row) == sorted(set(pairs) - {legacy})
+  with pytest.raises(ValueError, match=r"\['bfloat16', 'float32'\]"):
+    sweep_lib.read_accuracy_table(run_dir)
+
+
 def test_uncommitted_step_is_skipped(run_dir):
   os.remove(os.path.join(run_dir, f'checkpoint_{STEPS[-1]}', checkpointing.COMMIT_MARKER))
   metadata = os.path.join(run_dir, f'checkpoint_{STEPS[-1]}', checkpointing.STEP_METADATA_FILE)
@@ -167,6 +220,7 @@ def test_cli_sweep_with_start_checkpoint_writes_report(run_dir, decodes, capsys)
   assert cli.main(args) == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary['decoded_pairs'] == (len(STEPS) + 1) * len(TASKS)
+  assert summary['dtype'] == 'float32'  # the run records no model dtype (no config.gin)
   assert sorted({s for s, _ in decodes}) == [0, *STEPS]
   # The demo sets are test sets: no rule may select on them, so nothing is selected.
   assert summary['selected_step'] is None

@@ -389,3 +389,55 @@ def test_cli_run_trains_saves_evaluates_and_writes_metrics(demo_dir, tmp_path, c
   assert scalars[('loss', 30)] == pytest.approx(train[-1]['loss'], rel=1e-6)
   eval_scalars = _tensorboard_scalars(model_dir / 'tensorboard' / 'eval')
   assert eval_scalars[(f'{task}/accuracy', 15)] == pytest.approx(evals[0][f'{task}/accuracy'])
+
+
+def _eval_output(eval_dir, task, step):
+  """(metrics file text, its record, prediction rows) of one eval output."""
+  with open(evaluator_lib.metrics_path(str(eval_dir), task, step), encoding='utf-8') as f:
+    text = f.read()
+  with open(evaluator_lib.predictions_path(str(eval_dir), task, step), encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f]
+  return text, json.loads(text), rows
+
+
+def test_cli_eval_scores_a_checkpoint_as_the_training_loop_did(demo_dir, tmp_path):
+  """A bfloat16 model (bound with --gin.): `specialize eval` of the run's checkpoint, given no
+  MODEL, decodes in the dtype the run trained in (its config.gin) and writes the in-loop
+  evaluation's metrics and predictions exactly; DECODE_DTYPE overrides, and a result in another
+  dtype is decoded again."""
+  model_dir, task, step = tmp_path / 'run', 'demo_id_cot', 4
+  # The shapes of the test above: its float32 decoding program is in the compilation cache.
+  eval_flags = {'EVAL_TASKS': "('demo_id_cot',)", 'EVAL_MAX_EXAMPLES': 16, 'EVAL_BATCH_SIZE': 16,
+                'EVAL_MAX_DECODE_LENGTH': 48,
+                'EVAL_FEATURE_LENGTHS': "{'inputs': 256, 'targets': 80}"}  # demo_cpu.gin's
+  overrides = {
+      'MODEL_DIR': f"'{model_dir}'", 'TRAIN_STEPS': step, 'BATCH_SIZE': BATCH_SIZE,
+      'LEARNING_RATE': 3e-3, 'WARMUP_STEPS': 1, 'LOG_PERIOD': 2, 'CHECKPOINT_PERIOD': step,
+      'EVAL_PERIOD': step, 'TENSORBOARD': False, 'model_config.T5Config.dtype': "'bfloat16'",
+      **eval_flags,
+      **{f'model_config.T5Config.{name}': getattr(TINY, name)
+         for name in ('emb_dim', 'num_heads', 'head_dim', 'num_encoder_layers',
+                      'num_decoder_layers', 'mlp_dim')}}
+  assert cli.main(['train', '--gin_file=experiments/demo_cpu.gin'] + [
+      f'--gin.{name}={value}' for name, value in overrides.items()]) == 0
+  in_loop_text, in_loop, in_loop_rows = _eval_output(model_dir / 'eval', task, step)
+  assert in_loop[evaluator_lib.SETTINGS_KEY]['dtype'] == 'bfloat16'
+  assert any(r['prediction'] for r in in_loop_rows)
+
+  eval_argv = ['eval', '--gin_file=runs/eval.gin', f"--gin.CHECKPOINT_PATH='{model_dir}'"] + [
+      f'--gin.{name}={value}' for name, value in eval_flags.items()]
+  # The in-loop result has the settings and dtype `specialize eval` decodes in: reused as is.
+  assert cli.main(eval_argv) == 0
+  assert _eval_output(model_dir / 'eval', task, step)[0] == in_loop_text
+  # Decoded again (the in-loop output moved away): the same metrics and predictions.
+  os.rename(model_dir / 'eval', tmp_path / 'in_loop_eval')
+  assert cli.main(eval_argv) == 0
+  _, record, rows = _eval_output(model_dir / 'eval', task, step)
+  assert record['metrics'] == in_loop['metrics']
+  assert record[evaluator_lib.SETTINGS_KEY] == in_loop[evaluator_lib.SETTINGS_KEY]
+  assert rows == in_loop_rows
+  # An explicit dtype wins; the bfloat16 result does not count for it.
+  assert cli.main(eval_argv + ['--gin.DECODE_DTYPE="float32"']) == 0
+  _, record, _ = _eval_output(model_dir / 'eval', task, step)
+  assert record[evaluator_lib.SETTINGS_KEY] == {**in_loop[evaluator_lib.SETTINGS_KEY],
+                                                'dtype': 'float32'}

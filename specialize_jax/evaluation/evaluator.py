@@ -10,6 +10,9 @@ Terms:
   prediction: the decoded text (up to EOS) after the task's `postprocess_fn(text, example=...,
     is_target=False)`; target: `postprocess_fn(None, example=..., is_target=True)` (our tasks'
     gold answer, see `tasks/common.py`). The metrics are the task's `predict_metric_fns` merged.
+  decode dtype: the compute dtype of the model that decodes (`T5Config.dtype`). The in-loop
+    evaluation decodes in the trained model's; a job restoring a checkpoint resolves one for all
+    its checkpoints (`decode_dtype`), so the same checkpoint scores the same in both.
   eval output: `output_dir/{task}/metrics_step{step}.json` (`{"task", "step", "num_examples",
     "metrics", "timing", "eval_settings"}`, the last from `eval_settings`) and
     `output_dir/{task}/predictions_step{step}.jsonl` (every example: `index`, `input`, `target`,
@@ -43,6 +46,7 @@ from specialize_jax.data import feature_converters
 from specialize_jax.data import storage
 from specialize_jax.evaluation import inference
 from specialize_jax.model import checkpoints
+from specialize_jax.model import config as config_lib
 from specialize_jax.model import models
 from specialize_jax.training import partitioning
 
@@ -57,6 +61,12 @@ EVAL_SUBDIR = 'eval'
 # in-progress `<N>.orbax-checkpoint-tmp-*` directories do not match).
 _STEP_DIR_RE = re.compile(r'(?:checkpoint_)?(\d+)')
 _ACCURACY = 'accuracy'
+# The dtype of a metrics file whose eval settings have none (written before the dtype was
+# recorded): `specialize eval` and `sweep` then always decoded in float32, the in-loop evaluation
+# in the model's dtype. The jobs default to the dtype of the model the run trained (`runs.py`,
+# `cli.py`), so a run trained in bfloat16 decodes such files again; only forcing float32 on it
+# (DECODE_DTYPE, `sweep --dtype`) would take its old in-loop (bfloat16) files for float32 ones.
+LEGACY_DTYPE = 'float32'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +123,24 @@ class EvalConfig:
     return dict(self.feature_lengths)
 
 
-def eval_settings(config: EvalConfig) -> Dict[str, Any]:
-  """The settings that change an evaluation's result (JSON-ready; not the batch size)."""
+def eval_settings(config: EvalConfig, dtype: str) -> Dict[str, Any]:
+  """The settings that change an evaluation's result (JSON-ready; not the batch size), with the
+  decode dtype."""
   return {'max_examples': config.max_examples, 'feature_lengths': config.lengths,
-          'max_decode_length': config.max_decode_length, 'decode_method': config.decode_method}
+          'max_decode_length': config.max_decode_length, 'decode_method': config.decode_method,
+          'dtype': dtype}
+
+
+def decode_dtype(dtype: Optional[str] = None, model_config: Any = None) -> str:
+  """The compute dtype a job decodes its checkpoints in: `dtype`, else `model_config`'s (a
+  T5Config, preset name or dict), else T5Config's default (float32)."""
+  if dtype is None:
+    config = checkpoints.as_config(model_config)
+    dtype = config.dtype if config is not None else config_lib.T5Config.dtype  # its default
+  if dtype not in config_lib.DTYPES:
+    raise ConfigError(f'Decode dtype {dtype!r} is not supported; use one of {config_lib.DTYPES} '
+                      '(--gin.DECODE_DTYPE, sweep: --dtype).')
+  return dtype
 
 
 def expand_task_names(names: Sequence[str]) -> List[str]:
@@ -312,7 +336,8 @@ class Evaluator:
       inference.write_jsonl(predictions_path(output_dir, task.name, step), rows)
       inference.write_json(metrics_path(output_dir, task.name, step), {
           'task': task.name, 'step': int(step), 'num_examples': num_examples,
-          'metrics': metrics, 'timing': timing, SETTINGS_KEY: eval_settings(config)})
+          'metrics': metrics, 'timing': timing,
+          SETTINGS_KEY: eval_settings(config, self.model.config.dtype)})
     return {**metrics, **{f'timing/{k}': v for k, v in timing.items()}}
 
 
@@ -347,14 +372,28 @@ def record_metrics(record: Mapping[str, Any]) -> Metrics:
   return {**record['metrics'], **{f'timing/{k}': v for k, v in record.get('timing', {}).items()}}
 
 
-def metrics_if_settings_match(record: Mapping[str, Any], config: EvalConfig,
-                              path: str) -> Optional[Metrics]:
-  """A metrics file's metrics if the file (read from `path`) records `config`'s eval settings.
+def recorded_settings(record: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+  """A metrics file's eval settings (None if it has none), a missing dtype read as
+  `LEGACY_DTYPE`."""
+  settings = record.get(SETTINGS_KEY)
+  return None if settings is None else {'dtype': LEGACY_DTYPE, **settings}
 
-  A file with other settings (a `max_examples=20` smoke run, other lengths or decoding) or none
-  (written before settings were recorded) is not reused: it is evaluated again and overwritten.
+
+def record_dtype(record: Mapping[str, Any]) -> str:
+  """The dtype a metrics file was decoded in (`LEGACY_DTYPE` when it records none)."""
+  return (recorded_settings(record) or {}).get('dtype', LEGACY_DTYPE)
+
+
+def metrics_if_settings_match(record: Mapping[str, Any], config: EvalConfig, path: str,
+                              dtype: str) -> Optional[Metrics]:
+  """A metrics file's metrics if the file (read from `path`) records `config`'s eval settings
+  and the decode dtype `dtype`.
+
+  A file with other settings (a `max_examples=20` smoke run, other lengths, decoding or dtype) or
+  none (written before settings were recorded) is not reused: it is evaluated again and
+  overwritten.
   """
-  recorded, wanted = record.get(SETTINGS_KEY), eval_settings(config)
+  recorded, wanted = recorded_settings(record), eval_settings(config, dtype)
   if recorded != wanted:
     logging.info('%s was computed with eval settings %s, not %s: evaluating again.', path,
                  recorded, wanted)
@@ -362,27 +401,29 @@ def metrics_if_settings_match(record: Mapping[str, Any], config: EvalConfig,
   return record_metrics(record)
 
 
-def reusable_metrics(path: str, config: EvalConfig) -> Optional[Metrics]:
-  """The metrics in `path` if it exists and records `config`'s eval settings, else None."""
+def reusable_metrics(path: str, config: EvalConfig, dtype: str) -> Optional[Metrics]:
+  """The metrics in `path` if it exists and records `config`'s eval settings and `dtype`, else
+  None."""
   record = read_metrics_record(path)
-  return None if record is None else metrics_if_settings_match(record, config, path)
+  return None if record is None else metrics_if_settings_match(record, config, path, dtype)
 
 
 def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
                          model_config: Any = None, output_dir: Optional[str] = None,
                          mesh: Optional[Mesh] = None,
                          logical_axis_rules: partitioning.LogicalAxisRules = (
-                             partitioning.STANDARD_LOGICAL_AXIS_RULES)
-                         ) -> Dict[int, Dict[str, Metrics]]:
+                             partitioning.STANDARD_LOGICAL_AXIS_RULES),
+                         dtype: Optional[str] = None) -> Dict[int, Dict[str, Metrics]]:
   """{step: {task: metrics}} for every checkpoint of a run directory, or for one checkpoint.
 
   A directory holding step directories (`checkpoint_<N>` or `<N>`) is swept step by step; any
   other path is one checkpoint (any format `load_checkpoint` reads), at the step its directory
   name gives (0 if none). Results go to `output_dir`, by default `eval/` beside the step
   directories (or inside a standalone checkpoint's directory). A (step, task) pair whose metrics
-  file records the same eval settings (`reusable_metrics`) is not evaluated again: its metrics are
-  read back, and a step whose tasks are all done is not even loaded. `model_config` (T5Config,
-  preset name or dict) replaces the architecture the checkpoint describes or implies. Params are
+  file records the same eval settings and dtype (`reusable_metrics`) is not evaluated again: its
+  metrics are read back, and a step whose tasks are all done is not even loaded. `model_config`
+  (T5Config, preset name or dict) replaces the architecture the checkpoint describes or implies.
+  Every checkpoint decodes in `decode_dtype(dtype, model_config)` (default float32). Params are
   read straight into their shardings on `mesh` (default: this process's first device) under
   `logical_axis_rules`, each process reading only its devices' slices (`restore_params`).
   """
@@ -400,6 +441,7 @@ def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
   if not task_names:
     raise ConfigError('EvalConfig.task_names is empty; name the eval tasks (--gin.EVAL_TASKS).')
 
+  dtype = decode_dtype(dtype, model_config)
   mesh = mesh if mesh is not None else inference.local_mesh()
   inference.check_batch_size(config.batch_size, mesh, 'EvalConfig.batch_size',
                              '--gin.EVAL_BATCH_SIZE')
@@ -409,7 +451,7 @@ def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
     results[step] = {}
     pending = []
     for name in task_names:
-      found = reusable_metrics(metrics_path(output_dir, name, step), config)
+      found = reusable_metrics(metrics_path(output_dir, name, step), config, dtype)
       if found is None:
         pending.append(name)
       else:
@@ -418,9 +460,9 @@ def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
       logging.info('Step %d: every task already evaluated in %s; skipped.', step, output_dir)
       continue
     checkpoint_config, params = inference.restore_params(step_path, mesh, logical_axis_rules,
-                                                         model_config)
+                                                         model_config, dtype)
     if evaluator is None or evaluator.model.config != checkpoint_config:
       evaluator = Evaluator(models.EncoderDecoderModel(checkpoint_config), config, mesh=mesh)
-    logging.info('Evaluating %s (step %d) on %s.', step_path, step, pending)
+    logging.info('Evaluating %s (step %d, %s) on %s.', step_path, step, dtype, pending)
     results[step].update(evaluator.evaluate(params, step, output_dir, task_names=pending))
   return results

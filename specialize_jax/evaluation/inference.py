@@ -135,13 +135,15 @@ def place_params(params: Any, mesh: Optional[Mesh] = None) -> Any:
 
 def restore_params(checkpoint_path: str, mesh: Mesh,
                    rules: partitioning.LogicalAxisRules = partitioning.STANDARD_LOGICAL_AXIS_RULES,
-                   model_config: Any = None) -> Tuple[Any, Any]:
+                   model_config: Any = None, dtype: Optional[str] = None) -> Tuple[Any, Any]:
   """(config, params) of a checkpoint, read straight into the mesh shardings that `rules` give
   the model's logical axes (the trainer's): each process reads only its devices' slices, and no
-  device or host holds a full copy of a sharded parameter."""
+  device or host holds a full copy of a sharded parameter. The config's compute dtype is `dtype`
+  (None: `model_config`'s, else the checkpoint's stored config's, else float32); params stay
+  float32."""
   config, params, _ = checkpoints.load_checkpoint_sharded(
       checkpoint_path, lambda c: train_state.abstract_params(c, mesh, rules),
-      config=model_config)
+      config=model_config, dtype=dtype)
   return config, params
 
 
@@ -430,13 +432,15 @@ def infer_from_checkpoint(checkpoint_path: str, inputs: Union[str, os.PathLike, 
                           model_config: Any = None, mesh: Optional[Mesh] = None,
                           logical_axis_rules: partitioning.LogicalAxisRules = (
                               partitioning.STANDARD_LOGICAL_AXIS_RULES),
-                          **infer_options) -> int:
+                          dtype: Optional[str] = None, **infer_options) -> int:
   """`infer` with the params (and architecture) of a checkpoint in any format `load_checkpoint`
   reads, read straight into their shardings on `mesh` (default: this process's first device)
-  under `logical_axis_rules` (`restore_params`). The vocabulary: `vocabulary_path` (a
-  SentencePiece model), else the task's, else the project's T5 vocabulary."""
+  under `logical_axis_rules` (`restore_params`), decoding in `dtype` (as `restore_params`). The
+  vocabulary: `vocabulary_path` (a SentencePiece model), else the task's, else the project's T5
+  vocabulary."""
   mesh = mesh if mesh is not None else local_mesh()
-  config, params = restore_params(checkpoint_path, mesh, logical_axis_rules, model_config)
+  config, params = restore_params(checkpoint_path, mesh, logical_axis_rules, model_config, dtype)
+  logging.info('Decoding %s in %s.', checkpoint_path, config.dtype)
   model = models.EncoderDecoderModel(config)
   vocabulary = None
   if vocabulary_path:

@@ -9,12 +9,16 @@ Terms:
   pair: one (step, task); its eval output is `MODEL_DIR/eval/<task>/metrics_step<N>.json` (the
     evaluator's files, see `evaluator.py`), shared with the trainer's in-loop evaluation and
     `specialize eval`.
+  decode dtype: the compute dtype every checkpoint of a sweep decodes in (`sweep(dtype=...)`;
+    the command's default is the dtype of the model the run trained, as its in-loop evaluation).
   eval settings: what changes a pair's result (`evaluator.eval_settings`: `max_examples`,
-    `feature_lengths`, `max_decode_length`, `decode_method`; not the batch size), recorded in each
-    file. A pair is reused when its file records the same settings. Files without them (written
-    before the evaluator recorded them) are reused when their `num_examples` is the number this
-    sweep would evaluate; their lengths cannot be checked. Any other file is evaluated again and
-    overwritten, so a `--max_examples 20` smoke sweep never stands in for a full one.
+    `feature_lengths`, `max_decode_length`, `decode_method`, `dtype`; not the batch size),
+    recorded in each file. A pair is reused when its file records the same settings (a file
+    without a dtype counts as `evaluator.LEGACY_DTYPE`, float32). Files without settings (written
+    before the evaluator recorded them) are reused in a float32 sweep when their `num_examples` is
+    the number this sweep would evaluate; their lengths cannot be checked. Any other file is
+    evaluated again and overwritten, so a `--max_examples 20` smoke sweep never stands in for a
+    full one, nor a float32 decode for a bfloat16 one.
   timing: `total_seconds` of the sweep, `decode_seconds` (evaluator calls), `compile_seconds`
     (JAX's compile events during the sweep: tracing, lowering, XLA compilation) and their share.
 
@@ -84,6 +88,7 @@ class SweepResult:
     reused: how many pairs were read from their files.
     timing: total_seconds, decode_seconds, load_seconds, compile_seconds, compile_share.
     start_step: START_STEP when a start checkpoint was included, else None.
+    dtype: the decode dtype of every pair in `metrics`.
   """
   checkpoints: Dict[int, str]
   metrics: Dict[int, Dict[str, Dict[str, float]]]
@@ -91,6 +96,7 @@ class SweepResult:
   reused: int
   timing: Dict[str, float]
   start_step: Optional[int] = None
+  dtype: str = evaluator_lib.LEGACY_DTYPE
 
   def accuracy_table(self) -> Dict[int, Dict[str, Optional[float]]]:
     """{step: {task: accuracy %}} (the selection and report input)."""
@@ -140,14 +146,18 @@ class _ExampleCounts:
     return self._counts[task_name]
 
 
-def _reusable(path: str, config: evaluator_lib.EvalConfig, counts: _ExampleCounts, task: str
-              ) -> Optional[Dict[str, float]]:
+def _reusable(path: str, config: evaluator_lib.EvalConfig, counts: _ExampleCounts, task: str,
+              dtype: str) -> Optional[Dict[str, float]]:
   """The metrics of a reusable eval output file, or None (absent or other settings)."""
   record = evaluator_lib.read_metrics_record(path)
   if record is None:
     return None
   if evaluator_lib.SETTINGS_KEY in record:
-    return evaluator_lib.metrics_if_settings_match(record, config, path)
+    return evaluator_lib.metrics_if_settings_match(record, config, path, dtype)
+  if dtype != evaluator_lib.LEGACY_DTYPE:
+    logging.info('%s records no settings (decoded in %s): evaluating again in %s.', path,
+                 evaluator_lib.LEGACY_DTYPE, dtype)
+    return None
   num = record.get('num_examples')
   expected_max = counts.max_examples
   # A file of max_examples examples is right whatever the task's size; otherwise count.
@@ -163,7 +173,8 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
           mesh: Optional[Mesh] = None,
           logical_axis_rules: partitioning.LogicalAxisRules = (
               partitioning.STANDARD_LOGICAL_AXIS_RULES),
-          progress: Callable[[str], None] = _stderr) -> SweepResult:
+          progress: Callable[[str], None] = _stderr,
+          dtype: Optional[str] = None) -> SweepResult:
   """Evaluates every committed checkpoint of `model_dir` (and `start_checkpoint` as step 0) on
   `config.task_names`, decoding only the pairs without a reusable eval output.
 
@@ -177,8 +188,11 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
       (default: this process's first device).
     logical_axis_rules: the logical axis rules (the trainer's) of the params' shardings.
     progress: receives one line per decoded pair (default: stderr).
+    dtype: the decode dtype of every checkpoint (`evaluator.decode_dtype`: None means
+      `model_config`'s, else float32); pairs recorded in another dtype are decoded again.
   """
   start_time = time.perf_counter()
+  dtype = evaluator_lib.decode_dtype(dtype, model_config)
   mesh = mesh if mesh is not None else inference.local_mesh()
   inference.check_batch_size(config.batch_size, mesh, 'EvalConfig.batch_size', '--batch_size')
   model_dir = storage.absolute(model_dir)
@@ -204,7 +218,8 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
   for step, _ in steps:
     metrics[step] = {}
     for name in task_names:
-      found = _reusable(evaluator_lib.metrics_path(output_dir, name, step), config, counts, name)
+      found = _reusable(evaluator_lib.metrics_path(output_dir, name, step), config, counts, name,
+                        dtype)
       if found is None:
         pending.setdefault(step, []).append(name)
       else:
@@ -232,7 +247,7 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
       load_start = time.perf_counter()
       # Once per checkpoint, not once per task; into the shardings the trainer's params have.
       checkpoint_config, params = inference.restore_params(path, mesh, logical_axis_rules,
-                                                           model_config)
+                                                           model_config, dtype)
       load_seconds += time.perf_counter() - load_start
       if evaluator is None or evaluator.model.config != checkpoint_config:
         # Eval data and the compiled decoder are per evaluator: built once for the whole sweep
@@ -257,19 +272,26 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
   progress(f'sweep: done in {total:.1f} s ({len(decoded)} pairs decoded, {reused} reused; '
            f'compilation {compile_seconds[0]:.1f} s = {100 * timing["compile_share"]:.0f}%).')
   return SweepResult(dict(steps), metrics, decoded, reused, timing,
-                     START_STEP if start_checkpoint is not None else None)
+                     START_STEP if start_checkpoint is not None else None, dtype)
 
 
 _METRICS_FILE_RE = re.compile(r'metrics_step(\d+)\.json')
 
 
-def read_accuracy_table(model_dir: str) -> Dict[int, Dict[str, Optional[float]]]:
-  """{step: {task: accuracy %}} from every eval output under `MODEL_DIR/eval/` (no decoding):
-  what the trainer's in-loop evaluation, `specialize eval` and sweeps wrote."""
+def read_accuracy_table(model_dir: str, dtype: Optional[str] = None
+                        ) -> Dict[int, Dict[str, Optional[float]]]:
+  """{step: {task: accuracy %}} from the eval outputs under `MODEL_DIR/eval/` (no decoding):
+  what the trainer's in-loop evaluation, `specialize eval` and sweeps wrote.
+
+  Results of one decode dtype only (`evaluator.record_dtype`): `dtype`'s, the others left out and
+  counted in a warning; with None, outputs in more than one dtype raise.
+  """
   eval_dir = storage.join(model_dir, evaluator_lib.EVAL_SUBDIR)
   table: Dict[int, Dict[str, Optional[float]]] = {}
   if not storage.isdir(eval_dir):
     return table
+  other_dtypes: Dict[str, int] = {}
+  found_dtypes = set()
   for task in storage.listdir(eval_dir):
     task_dir = storage.join(eval_dir, task)
     if not storage.isdir(task_dir):
@@ -279,5 +301,17 @@ def read_accuracy_table(model_dir: str) -> Dict[int, Dict[str, Optional[float]]]
       if not match:
         continue
       record = json.loads(storage.read_text(storage.join(task_dir, name)))
+      record_dtype = evaluator_lib.record_dtype(record)
+      found_dtypes.add(record_dtype)
+      if dtype is not None and record_dtype != dtype:
+        other_dtypes[record_dtype] = other_dtypes.get(record_dtype, 0) + 1
+        continue
       table.setdefault(int(match.group(1)), {})[task] = record['metrics'].get('accuracy')
+  if dtype is None and len(found_dtypes) > 1:
+    raise ValueError(f'{eval_dir} holds results decoded in {sorted(found_dtypes)}; they are not '
+                     'comparable: choose one (--dtype), or run `specialize sweep` to decode the '
+                     'checkpoints again in one dtype.')
+  if other_dtypes:
+    logging.warning('%s: left out %s results not decoded in %s.', eval_dir,
+                    ', '.join(f'{n} {d}' for d, n in sorted(other_dtypes.items())), dtype)
   return dict(sorted(table.items()))

@@ -18,6 +18,10 @@ Loading checks every name and shape before reading array data; a mismatch raises
 `CheckpointMismatchError` listing missing, unexpected and wrong-shape parameters. T5X and orbax
 checkpoints carry no architecture, so without `config=` it is inferred from the shapes (see
 `infer_config`); `save_orbax` stores the config in the checkpoint's custom metadata.
+
+The config returned keeps the compute dtype it was given (`config=`) or stored with (`save_orbax`
+metadata), else T5Config's default (float32); an explicit `dtype=` replaces it. Params are float32
+whatever the dtype.
 """
 import asyncio
 import atexit
@@ -248,7 +252,8 @@ def infer_config(shapes: Mapping[str, Tuple[int, ...]], source: str, **overrides
   return T5Config(**fields)
 
 
-def _as_config(config: Any) -> Optional[T5Config]:
+def as_config(config: Any) -> Optional[T5Config]:
+  """`config` (a T5Config, preset name or dict) as a T5Config; None stays None."""
   if config is None or isinstance(config, T5Config):
     return config
   if isinstance(config, str):
@@ -331,7 +336,7 @@ def _read_hf_tensors(directory: epath.Path) -> Tuple[Dict[str, Tuple[int, ...]],
 
 
 def load_hf(directory: os.PathLike, config: Any = None,
-            dtype: str = 'float32') -> Tuple[T5Config, Dict[str, Any]]:
+            dtype: Optional[str] = None) -> Tuple[T5Config, Dict[str, Any]]:
   """Reads an HF T5 directory; `config`, when given, must describe the same architecture."""
   directory = epath.Path(directory)
   hf_config = json.loads((directory / HF_CONFIG_FILE).read_text())
@@ -341,9 +346,13 @@ def load_hf(directory: os.PathLike, config: Any = None,
   untied_head = head in shapes and (
       hf_conversion.HF_EMBEDDING_NAME not in shapes or
       not np.array_equal(load(head), load(hf_conversion.HF_EMBEDDING_NAME)))
-  ours = hf_conversion.config_from_hf(hf_config, untied_head=untied_head, dtype=dtype,
+  wanted = as_config(config)
+  if dtype is None and wanted is not None:
+    dtype = wanted.dtype
+  ours = hf_conversion.config_from_hf(hf_config, untied_head=untied_head,
                                       source=os.fspath(directory / HF_CONFIG_FILE))
-  wanted = _as_config(config)
+  if dtype is not None:
+    ours = dataclasses.replace(ours, dtype=dtype)
   if wanted is not None and _architecture(wanted) != _architecture(ours):
     raise ValueError(f'{directory} holds {ours}, not the requested {wanted}; drop config= to use '
                      'the checkpoint\'s architecture.')
@@ -531,7 +540,7 @@ def _run(coroutine):
     return pool.submit(asyncio.run, coroutine).result()
 
 
-def _open_t5x(directory: os.PathLike, config: Any, dtype: str):
+def _open_t5x(directory: os.PathLike, config: Any, dtype: Optional[str]):
   """(config, flat msgpack leaves, {name: zarr spec or None}, {name: shape}) of a legacy T5X
   checkpoint, names and shapes checked; only the msgpack file and zarr metadata are read."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
@@ -564,7 +573,7 @@ async def _zarr_shapes(specs: Mapping[str, Dict[str, Any]]) -> Dict[str, Tuple[i
 
 
 def load_t5x(directory: os.PathLike, config: Any = None,
-             dtype: str = 'float32') -> Tuple[T5Config, Dict[str, Any]]:
+             dtype: Optional[str] = None) -> Tuple[T5Config, Dict[str, Any]]:
   """Reads the params (`target`) of a legacy T5X checkpoint directory, skipping optimizer state."""
   config, flat, specs, _ = _open_t5x(directory, config, dtype)
   arrays = _run(_read_zarr_leaves({n: s for n, s in specs.items() if s is not None}))
@@ -573,11 +582,12 @@ def load_t5x(directory: os.PathLike, config: Any = None,
   return config, hf_conversion.unflatten_params(params)
 
 
-def _resolve_config(config: Any, shapes, source: str, dtype: str) -> T5Config:
-  config = _as_config(config)
+def _resolve_config(config: Any, shapes, source: str, dtype: Optional[str]) -> T5Config:
+  """`config` (else inferred from `shapes`), its dtype replaced by `dtype` when one is given."""
+  config = as_config(config)
   if config is None:
     config = infer_config(shapes, source)
-  return dataclasses.replace(config, dtype=dtype)
+  return config if dtype is None else dataclasses.replace(config, dtype=dtype)
 
 
 def _chunk_shape(shape: Tuple[int, ...], itemsize: int, chunk_bytes: int) -> Tuple[int, ...]:
@@ -662,7 +672,7 @@ def _orbax_checkpointer():
   return ocp, ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
 
 
-def _open_orbax(directory: os.PathLike, config: Any, dtype: str):
+def _open_orbax(directory: os.PathLike, config: Any, dtype: Optional[str]):
   """(config, path to the params subtree, its metadata subtree) of an orbax PyTree checkpoint,
   names and shapes checked; reads metadata only."""
   _, checkpointer = _orbax_checkpointer()
@@ -697,7 +707,7 @@ def _restore_orbax_subtree(directory: os.PathLike, path: Tuple[str, ...], item: 
 
 
 def load_orbax(directory: os.PathLike, config: Any = None,
-               dtype: str = 'float32') -> Tuple[T5Config, Dict[str, Any]]:
+               dtype: Optional[str] = None) -> Tuple[T5Config, Dict[str, Any]]:
   """Reads the params of an orbax PyTree checkpoint (T5X `state` item or `save_orbax` output).
 
   Only the params subtree is restored (as numpy, on the host); optimizer state stays on disk.
@@ -737,12 +747,13 @@ def save_orbax(params: Mapping[str, Any], config: T5Config, directory: os.PathLi
 
 
 def load_checkpoint(path: os.PathLike, fmt: str = 'auto', config: Any = None,
-                    dtype: str = 'float32') -> Tuple[T5Config, Dict[str, Any]]:
+                    dtype: Optional[str] = None) -> Tuple[T5Config, Dict[str, Any]]:
   """(config, float32 numpy params) from an HF, T5X legacy or orbax checkpoint.
 
   `path` may be a model directory (its latest step is used), a step directory or the T5X
   `checkpoint` file; `config` (T5Config, preset name or dict) is checked against the checkpoint
-  and, for T5X and orbax, replaces shape inference; `dtype` is the compute dtype of the result.
+  and, for T5X and orbax, replaces shape inference; `dtype` ('float32' or 'bfloat16') is the
+  compute dtype of the returned config (None: `config`'s, else the stored config's, else float32).
   """
   fmt, resolved = resolve_checkpoint(path, fmt)
   loader = {'hf': load_hf, 't5x': load_t5x, 'orbax': load_orbax}[fmt]
@@ -848,7 +859,7 @@ def _check_targets(flat_targets: Mapping[str, Any], shapes: Mapping[str, Tuple[i
 
 
 def load_checkpoint_sharded(path: os.PathLike, targets_fn: Any, fmt: str = 'auto',
-                            config: Any = None, dtype: str = 'float32'
+                            config: Any = None, dtype: Optional[str] = None
                             ) -> Tuple[T5Config, Dict[str, Any], ReadStats]:
   """(config, params as sharded `jax.Array`s, read stats), reading only this process's shards.
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 # The T5 SentencePiece model has 32,000 pieces; T5X pads the embedding to a multiple of 128.
 T5_VOCAB_SIZE = 32128
-_DTYPES = ('float32', 'bfloat16')
+DTYPES = ('float32', 'bfloat16')  # compute dtypes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +39,8 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
 
   def __post_init__(self):
-    if self.dtype not in _DTYPES:
-      raise ValueError(f'T5Config.dtype={self.dtype!r} is not supported; use one of {_DTYPES}.')
+    if self.dtype not in DTYPES:
+      raise ValueError(f'T5Config.dtype={self.dtype!r} is not supported; use one of {DTYPES}.')
     # gin and json hand over lists; a tuple keeps the config hashable (it is a jit static arg).
     object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
     for field in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim',

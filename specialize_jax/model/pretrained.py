@@ -151,13 +151,15 @@ class PretrainedModel:
     return [decode(r) for r in sequences]
 
 
-def load_pretrained(path: Union[str, os.PathLike], dtype: str = 'float32', vocabulary: Any = None,
-                    fmt: str = 'auto', config: Any = None) -> PretrainedModel:
+def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
+                    vocabulary: Any = None, fmt: str = 'auto',
+                    config: Any = None) -> PretrainedModel:
   """Loads an HF directory, T5X checkpoint or orbax checkpoint (format detected) for inference.
 
   Args:
     path: checkpoint directory (a T5X/orbax model directory resolves to its latest step).
-    dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32).
+    dtype: compute dtype, 'float32' or 'bfloat16' (params stay float32); None: `config`'s, else
+      the one an orbax export stored, else float32.
     vocabulary: SentencePiece model path or vocabulary object, for string inputs/outputs.
     fmt: 'auto', 'hf', 't5x' or 'orbax'.
     config: architecture for T5X/orbax checkpoints (T5Config, preset name or dict); inferred from
