@@ -60,8 +60,12 @@ def decided_by_process_zero(decide: Callable[[], Any], what: str) -> Any:
       raise error
     kind = {c.__name__: c for c in _FORWARDED_ERRORS}.get(received['kind'], RuntimeError)
     raise kind(f'{received["error"]} (process 0, deciding {what})')
-  logging.info('Process %d follows process 0 on %s (%d bytes).', jax.process_index(), what,
-               len(received_bytes))
+  if jax.process_index() == 0:
+    logging.info('Process 0 decided %s for all %d processes (%d bytes).', what,
+                 jax.process_count(), len(received_bytes))
+  else:
+    logging.info('Process %d follows process 0 on %s (%d bytes).', jax.process_index(), what,
+                 len(received_bytes))
   return received['decision']
 
 
