@@ -14,11 +14,11 @@ Terms:
     "metrics", "timing", "eval_settings"}`, the last from `eval_settings`) and
     `output_dir/{task}/predictions_step{step}.jsonl` (every example: `index`, `input`, `target`,
     `prediction`, and `correct` when a metric reports `accuracy`), each
-    written atomically by process 0 alone.
+    written atomically by process 0 alone. The JSONL is the file `specialize score` reads, so
+    re-scoring it gives the metrics file's values (for tasks whose postprocessor keeps the text).
   committed step: a step directory whose save finished (`checkpoints.is_committed_step_dir`);
     `evaluate_checkpoints` reads only those, and on several processes follows process 0's
-    listing (`process_zero.py`). The JSONL is the file `specialize score` reads, so
-    re-scoring it gives the metrics file's values (for tasks whose postprocessor keeps the text).
+    listing (`process_zero.py`).
   timing: returned with the metrics as `timing/seconds` (decode, postprocess, metrics) and
     `timing/examples_per_second`.
 
@@ -401,14 +401,14 @@ def _evaluation_plan(path: str, config: EvalConfig, output_dir: Optional[str],
     run_dir = path
     steps = committed_checkpoint_steps(path)
     if not steps:
-      raise ValueError(f'{path} holds no committed checkpoint_<N> directory yet (every one is a '
-                       'save in flight or cut short); evaluate again once the trainer has saved.')
+      raise ConfigError(f'{path} holds no committed checkpoint_<N> directory yet (every one is a '
+                        'save in flight or cut short); evaluate again once the trainer has saved.')
   else:
     match = _STEP_DIR_RE.fullmatch(storage.basename(path))
     if match and not checkpoints.is_committed_step_dir(path):
-      raise ValueError(f'{path} is not committed (a save in flight or cut short: no '
-                       f'{checkpoints.ORBAX_COMMIT_MARKER}); evaluate it once the trainer has '
-                       'finished saving it, or pick a committed step.')
+      raise ConfigError(f'{path} is not committed (a save in flight or cut short: no '
+                        f'{checkpoints.ORBAX_COMMIT_MARKER}); evaluate it once the trainer has '
+                        'finished saving it, or pick a committed step.')
     # The concrete checkpoint directory, so every process reads the one process 0 resolved.
     _, resolved = checkpoints.resolve_checkpoint(path)  # fails early, naming what it expected
     steps = [(int(match.group(1)) if match else 0, str(resolved))]
