@@ -13,6 +13,7 @@ import pytest
 import demo_data
 from specialize_jax import cli
 from specialize_jax.evaluation import evaluator as evaluator_lib
+from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import sweep as sweep_lib
 from specialize_jax.model import models
 from specialize_jax.model.config import T5Config
@@ -167,6 +168,18 @@ def _uncommit(step_dir):
   return commit
 
 
+def _restored_paths(monkeypatch):
+  """The checkpoint paths `inference.restore_params` reads, in order."""
+  paths = []
+  original = inference.restore_params
+
+  def recording(path, *args, **kwargs):
+    paths.append(str(path))
+    return original(path, *args, **kwargs)
+  monkeypatch.setattr(inference, 'restore_params', recording)
+  return paths
+
+
 def test_step_committed_mid_sweep_is_read_by_the_next_sweep_only(run_dir, decodes, monkeypatch):
   """A save in flight (the last step, uncommitted) is skipped by `sweep` and `specialize eval`'s
   `evaluate_checkpoints`, never read; committed while the sweep decodes, it waits for the next
@@ -174,6 +187,9 @@ def test_step_committed_mid_sweep_is_read_by_the_next_sweep_only(run_dir, decode
   last = os.path.join(run_dir, f'checkpoint_{STEPS[-1]}')
   commit = _uncommit(last)
   assert [s for s, _ in evaluator_lib.committed_checkpoint_steps(run_dir)] == list(STEPS[:-1])
+  # pylint: disable-next=protected-access
+  plan = evaluator_lib._evaluation_plan(run_dir, CONFIG, None, TASKS)
+  assert [entry['step'] for entry in plan['steps']] == list(STEPS[:-1])
   with pytest.raises(ValueError, match='is not committed'):
     evaluator_lib.evaluate_checkpoints(last, CONFIG)
   restore = _restored_paths(monkeypatch)
@@ -196,19 +212,6 @@ def test_step_committed_mid_sweep_is_read_by_the_next_sweep_only(run_dir, decode
   decodes.clear()
   results = evaluator_lib.evaluate_checkpoints(run_dir, CONFIG)
   assert decodes == [] and results == second.metrics
-
-
-def _restored_paths(monkeypatch):
-  """The checkpoint paths `inference.restore_params` reads, in order."""
-  from specialize_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
-  paths = []
-  original = inference.restore_params
-
-  def recording(path, *args, **kwargs):
-    paths.append(str(path))
-    return original(path, *args, **kwargs)
-  monkeypatch.setattr(inference, 'restore_params', recording)
-  return paths
 
 
 def test_cli_sweep_with_start_checkpoint_writes_report(run_dir, decodes, capsys):
