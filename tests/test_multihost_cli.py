@@ -1,5 +1,6 @@
 """`specialize train` as a pod user runs it: several processes joined by the command's own flags,
-preempted by SIGTERM, killed by SIGKILL, and restarted with the same command.
+preempted by SIGTERM, killed by SIGKILL, and restarted with the same command; then `specialize
+eval`, `sweep` and `infer` over the run beside a half-written checkpoint, with 1 and 2 processes.
 
 Every run is a subprocess typing the same command (`python -m specialize_jax.cli train ...`, a tiny
 model on the tiny demo data, 24 steps, a checkpoint every 4) into a fresh MODEL_DIR:
@@ -9,6 +10,11 @@ Terms:
   two-process run: 2 processes with 2 fake CPU devices each, joined on loopback by
     `--coordinator_address 127.0.0.1:PORT --num_processes 2 --process_id i` (gloo collectives):
     one 4-device mesh.
+  in-loop evaluation: the uninterrupted one- and two-process runs evaluate at steps 12 and 24
+    (two demo tasks, 4 examples, 8 new tokens) and must write the same eval outputs.
+  save in flight: `checkpoint_28`, step metadata without a commit and no arrays, as an orbax save
+    on an object store looks midway; eval, sweep and infer must skip it (reading it fails), and
+    only process 0 lists the run (`process_zero.py`).
 
 The data: the demo's prepared set, unpacked, read with the default layout
 (`shard_by_process=True`): each process reads only its data shard's rows of every global batch
@@ -27,6 +33,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,6 +63,13 @@ OVERRIDES = {
     'USE_PACKING': False,
 }
 PROGRESS_LINE = re.compile(r'step (\d+)/\d+ \| loss ([0-9.naninf]+)')
+# The in-loop evaluation of the uninterrupted runs (steps 12 and 24), and what `specialize eval`,
+# `sweep` and `infer` decode: 4 examples of two demo tasks, 8 new tokens, batches of 4.
+EVAL_TASKS = ('demo_id_cot', 'demo_ood_cot')
+EVAL_PERIOD = 12
+IN_LOOP_EVAL = {'EVAL_PERIOD': EVAL_PERIOD, 'EVAL_TASKS': repr(EVAL_TASKS), 'EVAL_MAX_EXAMPLES': 4,
+                'EVAL_BATCH_SIZE': 4, 'EVAL_MAX_DECODE_LENGTH': 8}
+EVAL_FEATURE_LENGTHS = {'inputs': 256, 'targets': 80}  # the demo's
 
 
 @pytest.fixture(scope='module')
@@ -153,18 +167,23 @@ def _free_port() -> int:
 
 
 class Run:
-  """The processes of one `specialize train` run into `model_dir`, each logging to its file."""
+  """The processes of one `specialize` command (by default `train` into `model_dir`), each
+  logging to its file."""
 
   def __init__(self, env, model_dir, log_dir, num_processes, devices_per_process,
-               overrides=None, interleaved=False):
+               overrides=None, args=None, interleaved=False):
+    """`args`: the command line after `specialize` (default: `train` into `model_dir` with
+    OVERRIDES and `overrides`); `interleaved`: the device order of a TPU slice."""
     self.model_dir = str(model_dir)
     self.logs = []
     self.processes = []
     address = f'127.0.0.1:{_free_port()}'
-    argv = [sys.executable, '-m', 'specialize_jax.cli', 'train',
-            '--gin_file=experiments/demo_cpu.gin', f"--gin.MODEL_DIR='{self.model_dir}'"] + [
-                f'--gin.{name}={value}' for name, value in {**OVERRIDES,
-                                                            **(overrides or {})}.items()]
+    if args is None:
+      args = ['train', '--gin_file=experiments/demo_cpu.gin',
+              f"--gin.MODEL_DIR='{self.model_dir}'"] + [
+                  f'--gin.{name}={value}' for name, value in {**OVERRIDES,
+                                                              **(overrides or {})}.items()]
+    argv = [sys.executable, '-m', 'specialize_jax.cli'] + args
     environ = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
     if interleaved:
       environ[partitioning.DEVICE_ORDER_ENV] = 'interleaved'
@@ -233,10 +252,10 @@ def _largest_difference(actual, expected):
 
 @pytest.fixture(scope='module')
 def uninterrupted(env, tmp_path_factory):
-  """The one-process and the two-process run, side by side: (one, two)."""
+  """The one-process and the two-process run, side by side, evaluating in the loop: (one, two)."""
   root = tmp_path_factory.mktemp('uninterrupted')
-  one = Run(env, root / 'one', root / 'logs_one', 1, 4)
-  two = Run(env, root / 'two', root / 'logs_two', 2, 2)
+  one = Run(env, root / 'one', root / 'logs_one', 1, 4, IN_LOOP_EVAL)
+  two = Run(env, root / 'two', root / 'logs_two', 2, 2, IN_LOOP_EVAL)
   try:
     one.wait()
     two.wait()
@@ -256,8 +275,8 @@ def test_two_processes_through_the_command_equal_one_process(uninterrupted):
   assert sorted(losses[0]) == list(range(1, TRAIN_STEPS + 1)) and losses[0] == losses[1]
   finals = [json.loads(two.text(i).strip().splitlines()[-1]) for i in range(2)]
   timing = ('steps_per_s', 'target_tokens_per_s')
-  assert ({k: v for k, v in finals[0].items() if k not in timing} ==
-          {k: v for k, v in finals[1].items() if k not in timing})
+  assert ({k: v for k, v in finals[0].items() if k not in timing and '/timing/' not in k} ==
+          {k: v for k, v in finals[1].items() if k not in timing and '/timing/' not in k})
 
   # Only process 0 wrote the run's files: one record per step, one config.
   records, reference = _records(two.model_dir), _records(one.model_dir)
@@ -269,6 +288,152 @@ def test_two_processes_through_the_command_equal_one_process(uninterrupted):
   assert worst[0] <= 1e-6, f'largest parameter difference {worst[0]} in {worst[1]}'
   # Updates were applied, so equal params are not frozen ones.
   assert records[-1]['loss'] < 0.8 * records[0]['loss']
+
+
+def _eval_outputs(eval_dir):
+  """{'task/file': content} of an eval output directory: metrics files without their timing,
+  predictions files as rows."""
+  outputs = {}
+  for path in sorted(glob.glob(os.path.join(eval_dir, '*', '*'))):
+    with open(path, encoding='utf-8') as f:
+      if path.endswith('.jsonl'):
+        content = [json.loads(line) for line in f]
+      else:
+        content = json.load(f)
+        del content['timing']
+    outputs[os.path.relpath(path, eval_dir)] = content
+  return outputs
+
+
+def _eval_files(steps):
+  return sorted(f'{task}/{kind}_step{step}.{ext}' for task in EVAL_TASKS for step in steps
+                for kind, ext in (('metrics', 'json'), ('predictions', 'jsonl')))
+
+
+def test_in_loop_evaluation_of_two_processes_equals_one_process(uninterrupted):
+  one, two = uninterrupted
+  expected = _eval_outputs(os.path.join(one.model_dir, 'eval'))
+  assert sorted(expected) == _eval_files((EVAL_PERIOD, TRAIN_STEPS))
+  assert all(len(rows) == 4 for name, rows in expected.items() if name.endswith('.jsonl'))
+  assert _eval_outputs(os.path.join(two.model_dir, 'eval')) == expected
+  for process_id in range(2):
+    assert re.search(rf'Evaluation at step {TRAIN_STEPS} took', two.text(process_id))
+
+
+HALF_WRITTEN_STEP = TRAIN_STEPS + CHECKPOINT_PERIOD
+
+
+def _copy_with_a_save_in_flight(model_dir, target):
+  """`model_dir`'s checkpoints (20 and 24) copied to `target`, plus `checkpoint_28` as a save on
+  an object store looks midway (orbax writes in place there): its step metadata without a commit
+  timestamp, no commit marker, no arrays. Reading it would fail."""
+  shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns('eval', 'tensorboard'))
+  in_flight = os.path.join(target, f'checkpoint_{HALF_WRITTEN_STEP}')
+  os.makedirs(in_flight)
+  metadata = model_checkpoints.ORBAX_STEP_METADATA_FILE
+  with open(os.path.join(target, f'checkpoint_{TRAIN_STEPS}', metadata), encoding='utf-8') as f:
+    record = json.load(f)
+  record.pop('commit_timestamp_nsecs', None)
+  with open(os.path.join(in_flight, metadata), 'w', encoding='utf-8') as f:
+    json.dump(record, f)
+  return str(target)
+
+
+def _eval_command(command, run_dir, output=None):
+  """`specialize eval`, `sweep` or `infer` over `run_dir`, with the in-loop evaluation's
+  settings; `infer` writes `output`."""
+  settings = [f'--gin.EVAL_FEATURE_LENGTHS={EVAL_FEATURE_LENGTHS}'] + [
+      f'--gin.{k}={v}' for k, v in IN_LOOP_EVAL.items() if k != 'EVAL_PERIOD']
+  return {
+      'eval': lambda: ['eval', '--gin_file=runs/eval.gin', f"--gin.CHECKPOINT_PATH='{run_dir}'",
+                       *settings],
+      'sweep': lambda: ['sweep', str(run_dir), '--tasks', *EVAL_TASKS, '--bbh_tasks',
+                        '--max_examples', '4', '--batch_size', '4',
+                        '--input_length', str(EVAL_FEATURE_LENGTHS['inputs']),
+                        '--target_length', str(EVAL_FEATURE_LENGTHS['targets']),
+                        '--max_decode_length', '8'],
+      'infer': lambda: ['infer', '--gin_file=runs/infer.gin',
+                        f"--gin.CHECKPOINT_PATH='{run_dir}'", "--gin.INFER_INPUTS='demo_id_cot'",
+                        f"--gin.INFER_OUTPUT='{output}'", '--gin.INFER_BATCH_SIZE=4',
+                        '--gin.MAX_DECODE_LENGTH=8']}[command]()
+
+
+@pytest.fixture(scope='module')
+def evaluated(env, uninterrupted, tmp_path_factory):
+  """Copies of the one-process run (checkpoints 20 and 24, and a half-written checkpoint_28)
+  evaluated by `specialize eval` with 1 process x 4 devices (the reference, also of the sweep:
+  the same settings write the same files) and 2 processes x 2 devices, by `specialize sweep` with
+  2 processes, and read by `specialize infer` with 1 and 2 processes: {(command, number of
+  processes): Run}; `Run.model_dir` is the copy it evaluated (`infer`: the predictions file)."""
+  one, _ = uninterrupted
+  root = tmp_path_factory.mktemp('evaluated')
+  rounds = ([('eval', 1), ('eval', 2), ('sweep', 2)], [('infer', 1), ('infer', 2)])
+  finished = {}
+  for jobs in rounds:  # Two rounds of at most 5 processes, not 8 at once, to bound memory.
+    started = {}
+    for command, num_processes in jobs:
+      name = f'{command}_by_{num_processes}'
+      run_dir = _copy_with_a_save_in_flight(one.model_dir, root / name)
+      output = root / f'{name}.jsonl'
+      started[command, num_processes] = Run(
+          env, output if command == 'infer' else run_dir, root / f'logs_{name}', num_processes,
+          4 // num_processes, args=_eval_command(command, run_dir, output))
+    try:
+      for run in started.values():
+        run.wait()
+    finally:
+      for run in started.values():
+        run.kill()
+    finished.update(started)
+  return finished
+
+
+def _only_process_zero_listed(run):
+  """Process 0 alone listed the run (it alone warns about the save in flight); process 1
+  followed its decision."""
+  skipped = f'checkpoint_{HALF_WRITTEN_STEP}'
+  assert 'Skipping uncommitted step directories' in run.text(0) and skipped in run.text(0)
+  assert skipped not in run.text(1)
+  assert 'Process 1 follows process 0' in run.text(1)
+
+
+@pytest.mark.parametrize('command', ['eval', 'sweep'])
+def test_two_processes_evaluate_every_committed_checkpoint_as_one_process_does(
+    evaluated, uninterrupted, command):
+  """Same metrics files and predictions with 2 processes as `specialize eval` writes with 1; the
+  half-written step is skipped (never read: reading it fails); step 24's files equal the in-loop
+  evaluation's."""
+  one, two = evaluated['eval', 1], evaluated[command, 2]
+  expected = _eval_outputs(os.path.join(one.model_dir, 'eval'))
+  assert sorted(expected) == _eval_files((TRAIN_STEPS - CHECKPOINT_PERIOD, TRAIN_STEPS))
+  assert _eval_outputs(os.path.join(two.model_dir, 'eval')) == expected
+  in_loop = _eval_outputs(os.path.join(uninterrupted[0].model_dir, 'eval'))
+  last = f'_step{TRAIN_STEPS}.'
+  assert ({k: v for k, v in expected.items() if last in k} ==
+          {k: v for k, v in in_loop.items() if last in k})
+  _only_process_zero_listed(two)
+  if command == 'sweep':
+    summaries = [json.loads(line) for line in two.text(0).splitlines()
+                 if line.startswith('{"report"')]
+    assert [s['decoded_pairs'] for s in summaries] == [2 * len(EVAL_TASKS)]
+    assert os.path.exists(os.path.join(two.model_dir, 'report', 'report.md'))
+    assert '{"report"' not in two.text(1)  # process 0 alone writes the report
+
+
+def test_two_processes_infer_from_a_run_directory_as_one_process_does(evaluated):
+  """A run directory is its latest committed step (24, not the half-written 28), as process 0
+  resolves it."""
+  one, two = evaluated['infer', 1], evaluated['infer', 2]
+  rows = []
+  for run in (one, two):
+    with open(run.model_dir, encoding='utf-8') as f:
+      rows.append([json.loads(line) for line in f])
+  assert len(rows[0]) == 32 and rows[1] == rows[0]
+  latest = f'Using the latest step directory {one.model_dir[:-len(".jsonl")]}/checkpoint_'
+  assert f'{latest}{TRAIN_STEPS}' in one.text(0)
+  assert 'Using the latest step directory' in two.text(0)
+  assert 'Using the latest step directory' not in two.text(1)
+  assert 'Process 1 follows process 0 on the checkpoint to read' in two.text(1)
 
 
 # Heads, MLP and vocabulary (384) divide a model axis of 8; 4 steps each, a checkpoint every 2.

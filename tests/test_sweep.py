@@ -14,6 +14,7 @@ import pytest
 import demo_data
 from specialize_jax import cli
 from specialize_jax.evaluation import evaluator as evaluator_lib
+from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import sweep as sweep_lib
 from specialize_jax.model import models
 from specialize_jax.model.config import T5Config
@@ -45,7 +46,7 @@ def trained_run(demo_dir, tmp_path_factory):  # pylint: disable=unused-argument
   trainer.train(str(model_dir), models.EncoderDecoderModel(TINY), dataset, STEPS[-1],
                 optimizer=optimizers.OptimizerConfig(learning_rate=3e-3, warmup_steps=1),
                 checkpoint=checkpointing.CheckpointConfig(period=2, keep_last=5), log_period=2)
-  assert [s for s, _ in sweep_lib.committed_checkpoints(str(model_dir))] == list(STEPS)
+  assert [s for s, _ in evaluator_lib.committed_checkpoint_steps(str(model_dir))] == list(STEPS)
   return model_dir
 
 
@@ -201,15 +202,69 @@ def test_results_in_another_dtype_are_decoded_again(run_dir, decodes, capsys):
     sweep_lib.read_accuracy_table(run_dir)
 
 
-def test_uncommitted_step_is_skipped(run_dir):
-  os.remove(os.path.join(run_dir, f'checkpoint_{STEPS[-1]}', checkpointing.COMMIT_MARKER))
-  metadata = os.path.join(run_dir, f'checkpoint_{STEPS[-1]}', checkpointing.STEP_METADATA_FILE)
+def _uncommit(step_dir):
+  """Makes `step_dir` look like a save in flight: no commit marker, no commit timestamp."""
+  marker = os.path.join(step_dir, checkpointing.COMMIT_MARKER)
+  os.remove(marker)
+  metadata = os.path.join(step_dir, checkpointing.STEP_METADATA_FILE)
   with open(metadata, encoding='utf-8') as f:
     record = json.load(f)
-  record.pop('commit_timestamp_nsecs', None)
+  timestamp = record.pop('commit_timestamp_nsecs', None)
   with open(metadata, 'w', encoding='utf-8') as f:
     json.dump(record, f)
-  assert [s for s, _ in sweep_lib.committed_checkpoints(run_dir)] == list(STEPS[:-1])
+
+  def commit():
+    with open(metadata, 'w', encoding='utf-8') as f:
+      json.dump({**record, 'commit_timestamp_nsecs': timestamp}, f)
+    with open(marker, 'w', encoding='utf-8') as f:
+      f.write('committed')
+  return commit
+
+
+def _restored_paths(monkeypatch):
+  """The checkpoint paths `inference.restore_params` reads, in order."""
+  paths = []
+  original = inference.restore_params
+
+  def recording(path, *args, **kwargs):
+    paths.append(str(path))
+    return original(path, *args, **kwargs)
+  monkeypatch.setattr(inference, 'restore_params', recording)
+  return paths
+
+
+def test_step_committed_mid_sweep_is_read_by_the_next_sweep_only(run_dir, decodes, monkeypatch):
+  """A save in flight (the last step, uncommitted) is skipped by `sweep` and `specialize eval`'s
+  `evaluate_checkpoints`, never read; committed while the sweep decodes, it waits for the next
+  sweep, which decodes only it."""
+  last = os.path.join(run_dir, f'checkpoint_{STEPS[-1]}')
+  commit = _uncommit(last)
+  assert [s for s, _ in evaluator_lib.committed_checkpoint_steps(run_dir)] == list(STEPS[:-1])
+  # pylint: disable-next=protected-access
+  plan = evaluator_lib._evaluation_plan(run_dir, CONFIG, None, TASKS, 'float32')
+  assert [entry['step'] for entry in plan['steps']] == list(STEPS[:-1])
+  with pytest.raises(ValueError, match='is not committed'):
+    evaluator_lib.evaluate_checkpoints(last, CONFIG)
+  restore = _restored_paths(monkeypatch)
+  original = evaluator_lib.Evaluator.evaluate  # the counting wrapper
+
+  def commit_during_the_first_decode(self, *args, **kwargs):
+    commit()
+    return original(self, *args, **kwargs)
+  monkeypatch.setattr(evaluator_lib.Evaluator, 'evaluate', commit_during_the_first_decode)
+  first = sweep_lib.sweep(run_dir, CONFIG, progress=_quiet)
+  assert sorted(first.metrics) == list(STEPS[:-1])
+  assert sorted(decodes) == [(s, t) for s in STEPS[:-1] for t in TASKS]
+  assert last not in restore and len(restore) == len(STEPS) - 1
+
+  monkeypatch.setattr(evaluator_lib.Evaluator, 'evaluate', original)
+  decodes.clear()
+  second = sweep_lib.sweep(run_dir, CONFIG, progress=_quiet)
+  assert decodes == [(STEPS[-1], t) for t in TASKS] and sorted(second.metrics) == list(STEPS)
+  # `specialize eval` over the run reuses every pair now.
+  decodes.clear()
+  results = evaluator_lib.evaluate_checkpoints(run_dir, CONFIG)
+  assert decodes == [] and results == second.metrics
 
 
 def test_cli_sweep_with_start_checkpoint_writes_report(run_dir, decodes, capsys):

@@ -17,8 +17,11 @@ Terms:
     "metrics", "timing", "eval_settings"}`, the last from `eval_settings`) and
     `output_dir/{task}/predictions_step{step}.jsonl` (every example: `index`, `input`, `target`,
     `prediction`, and `correct` when a metric reports `accuracy`), each
-    written atomically by process 0. The JSONL is the file `specialize score` reads, so
+    written atomically by process 0 alone. The JSONL is the file `specialize score` reads, so
     re-scoring it gives the metrics file's values (for tasks whose postprocessor keeps the text).
+  committed step: a step directory whose save finished (`checkpoints.is_committed_step_dir`);
+    `evaluate_checkpoints` reads only those, and on several processes follows process 0's
+    listing (`process_zero.py`).
   timing: returned with the metrics as `timing/seconds` (decode, postprocess, metrics) and
     `timing/examples_per_second`.
 
@@ -45,6 +48,7 @@ from specialize_jax.config_errors import ConfigError
 from specialize_jax.data import feature_converters
 from specialize_jax.data import storage
 from specialize_jax.evaluation import inference
+from specialize_jax.evaluation import process_zero
 from specialize_jax.model import checkpoints
 from specialize_jax.model import config as config_lib
 from specialize_jax.model import models
@@ -346,7 +350,8 @@ class Evaluator:
 
 
 def list_checkpoint_steps(directory: str) -> List[Tuple[int, str]]:
-  """(step, path) of the step directories (`checkpoint_<N>` or `<N>`) in `directory`, by step.
+  """(step, path) of the step directories (`checkpoint_<N>` or `<N>`) in `directory`, by step,
+  committed or not (see `committed_checkpoint_steps`).
 
   Listed here rather than by the checkpoint layer, which resolves only the latest step.
   """
@@ -358,6 +363,25 @@ def list_checkpoint_steps(directory: str) -> List[Tuple[int, str]]:
     if match and storage.isdir(storage.join(directory, name)):
       steps.append((int(match.group(1)), storage.join(directory, name)))
   return sorted(steps)
+
+
+def committed_checkpoint_steps(directory: str) -> List[Tuple[int, str]]:
+  """(step, path) of the committed step directories in `directory`, by step.
+
+  A step directory without orbax's commit (`checkpoints.is_committed_step_dir`: a save in flight
+  beside a running trainer, or one cut short) is skipped with a warning, never read half-written;
+  a later sweep or `specialize eval` picks it up once committed.
+  """
+  committed, skipped = [], []
+  for step, path in list_checkpoint_steps(directory):
+    if checkpoints.is_committed_step_dir(path):
+      committed.append((step, path))
+    else:
+      skipped.append(path)
+  if skipped:
+    logging.warning('Skipping uncommitted step directories (saves in flight or cut short): %s',
+                    skipped)
+  return committed
 
 
 def read_metrics_record(path: str) -> Optional[Dict[str, Any]]:
@@ -408,54 +432,81 @@ def reusable_metrics(path: str, config: EvalConfig, dtype: str) -> Optional[Metr
   return None if record is None else metrics_if_settings_match(record, config, path, dtype)
 
 
+def _evaluation_plan(path: str, config: EvalConfig, output_dir: Optional[str],
+                     task_names: Sequence[str], dtype: str) -> Dict[str, Any]:
+  """What `evaluate_checkpoints` does, read off storage (process 0's decision, JSON-ready):
+  {'output_dir', 'steps': [{'step', 'path' (what to load), 'pending': [task], 'done': {task:
+  metrics}}]}."""
+  if list_checkpoint_steps(path):
+    run_dir = path
+    steps = committed_checkpoint_steps(path)
+    if not steps:
+      raise ConfigError(f'{path} holds no committed checkpoint_<N> directory yet (every one is a '
+                        'save in flight or cut short); evaluate again once the trainer has saved.')
+  else:
+    match = _STEP_DIR_RE.fullmatch(storage.basename(path))
+    if match and not checkpoints.is_committed_step_dir(path):
+      raise ConfigError(f'{path} is not committed (a save in flight or cut short: no '
+                        f'{checkpoints.ORBAX_COMMIT_MARKER}); evaluate it once the trainer has '
+                        'finished saving it, or pick a committed step.')
+    # The concrete checkpoint directory, so every process reads the one process 0 resolved.
+    _, resolved = checkpoints.resolve_checkpoint(path)  # fails early, naming what it expected
+    steps = [(int(match.group(1)) if match else 0, str(resolved))]
+    run_dir = storage.dirname(path) if match else path
+  output_dir = output_dir or storage.join(run_dir, EVAL_SUBDIR)
+  plan_steps = []
+  for step, step_path in steps:
+    entry = {'step': step, 'path': step_path, 'pending': [], 'done': {}}
+    for name in task_names:
+      found = reusable_metrics(metrics_path(output_dir, name, step), config, dtype)
+      if found is None:
+        entry['pending'].append(name)
+      else:
+        entry['done'][name] = found
+    plan_steps.append(entry)
+  return {'output_dir': output_dir, 'steps': plan_steps}
+
+
 def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
                          model_config: Any = None, output_dir: Optional[str] = None,
                          mesh: Optional[Mesh] = None,
                          logical_axis_rules: partitioning.LogicalAxisRules = (
                              partitioning.STANDARD_LOGICAL_AXIS_RULES),
                          dtype: Optional[str] = None) -> Dict[int, Dict[str, Metrics]]:
-  """{step: {task: metrics}} for every checkpoint of a run directory, or for one checkpoint.
+  """{step: {task: metrics}} for every committed checkpoint of a run directory, or for one
+  checkpoint.
 
-  A directory holding step directories (`checkpoint_<N>` or `<N>`) is swept step by step; any
-  other path is one checkpoint (any format `load_checkpoint` reads), at the step its directory
-  name gives (0 if none). Results go to `output_dir`, by default `eval/` beside the step
+  A directory holding step directories (`checkpoint_<N>` or `<N>`) is swept step by step, its
+  uncommitted steps skipped (`committed_checkpoint_steps`); any other path is one checkpoint (any
+  format `load_checkpoint` reads; an uncommitted step directory is refused), at the step its
+  directory name gives (0 if none). Results go to `output_dir`, by default `eval/` beside the step
   directories (or inside a standalone checkpoint's directory). A (step, task) pair whose metrics
   file records the same eval settings and dtype (`reusable_metrics`) is not evaluated again: its
-  metrics are read back, and a step whose tasks are all done is not even loaded. `model_config`
-  (T5Config, preset name or dict) replaces the architecture the checkpoint describes or implies.
-  Every checkpoint decodes in `decode_dtype(dtype, model_config)` (default float32). Params are
-  read straight into their shardings on `mesh` (default: this process's first device) under
-  `logical_axis_rules`, each process reading only its devices' slices (`restore_params`).
+  metrics are read back, and a step whose tasks are all done is not even loaded. Process 0 lists
+  the steps and reads the metrics files; every process follows that plan (`process_zero`), so a
+  step committed meanwhile is left for the next call. `model_config` (T5Config, preset name or
+  dict) replaces the architecture the checkpoint describes or implies. Every checkpoint decodes in
+  `decode_dtype(dtype, model_config)` (default float32). Params are read straight into their
+  shardings on `mesh` (default: this process's first device) under `logical_axis_rules`, each
+  process reading only its devices' slices (`restore_params`).
   """
   path = storage.absolute(model_dir_or_checkpoint)
-  steps = list_checkpoint_steps(path)
-  if steps:
-    run_dir = path
-  else:
-    match = _STEP_DIR_RE.fullmatch(storage.basename(path))
-    checkpoints.resolve_checkpoint(path)  # fails early, naming what it expected
-    steps = [(int(match.group(1)) if match else 0, path)]
-    run_dir = storage.dirname(path) if match else path
-  output_dir = output_dir or storage.join(run_dir, EVAL_SUBDIR)
   task_names = expand_task_names(config.task_names)
   if not task_names:
     raise ConfigError('EvalConfig.task_names is empty; name the eval tasks (--gin.EVAL_TASKS).')
-
   dtype = decode_dtype(dtype, model_config)
   mesh = mesh if mesh is not None else inference.local_mesh()
   inference.check_batch_size(config.batch_size, mesh, 'EvalConfig.batch_size',
                              '--gin.EVAL_BATCH_SIZE')
+  plan = process_zero.decided_by_process_zero(
+      lambda: _evaluation_plan(path, config, output_dir, task_names, dtype),
+      'the checkpoints and tasks to evaluate')
+  output_dir = plan['output_dir']
   results: Dict[int, Dict[str, Metrics]] = {}
   evaluator: Optional[Evaluator] = None
-  for step, step_path in steps:
-    results[step] = {}
-    pending = []
-    for name in task_names:
-      found = reusable_metrics(metrics_path(output_dir, name, step), config, dtype)
-      if found is None:
-        pending.append(name)
-      else:
-        results[step][name] = found
+  for entry in plan['steps']:
+    step, step_path, pending = entry['step'], entry['path'], entry['pending']
+    results[step] = dict(entry['done'])
     if not pending:
       logging.info('Step %d: every task already evaluated in %s; skipped.', step, output_dir)
       continue

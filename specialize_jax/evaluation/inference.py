@@ -34,6 +34,7 @@ from specialize_jax import xla_cpu_flags
 from specialize_jax.config_errors import ConfigError
 from specialize_jax.data import storage
 from specialize_jax.data import vocabulary as vocabulary_lib
+from specialize_jax.evaluation import process_zero
 from specialize_jax.model import checkpoints
 from specialize_jax.model import models
 from specialize_jax.training import partitioning
@@ -437,10 +438,13 @@ def infer_from_checkpoint(checkpoint_path: str, inputs: Union[str, os.PathLike, 
   reads, read straight into their shardings on `mesh` (default: this process's first device)
   under `logical_axis_rules` (`restore_params`), decoding in `dtype` (as `restore_params`). The
   vocabulary: `vocabulary_path` (a SentencePiece model), else the task's, else the project's T5
-  vocabulary."""
+  vocabulary. A run directory is its latest committed step as process 0 resolves it: every process
+  reads that one."""
   mesh = mesh if mesh is not None else local_mesh()
-  config, params = restore_params(checkpoint_path, mesh, logical_axis_rules, model_config, dtype)
-  logging.info('Decoding %s in %s.', checkpoint_path, config.dtype)
+  resolved = process_zero.decided_by_process_zero(
+      lambda: str(checkpoints.resolve_checkpoint(checkpoint_path)[1]), 'the checkpoint to read')
+  config, params = restore_params(resolved, mesh, logical_axis_rules, model_config, dtype)
+  logging.info('Decoding %s in %s.', resolved, config.dtype)
   model = models.EncoderDecoderModel(config)
   vocabulary = None
   if vocabulary_path:

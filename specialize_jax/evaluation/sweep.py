@@ -22,6 +22,10 @@ Terms:
   timing: `total_seconds` of the sweep, `decode_seconds` (evaluator calls), `compile_seconds`
     (JAX's compile events during the sweep: tracing, lowering, XLA compilation) and their share.
 
+Multi-process: process 0 lists the committed checkpoints and reads the eval outputs; the other
+processes follow its plan (`process_zero.py`), never their own listing, and only process 0
+writes eval outputs, the report and BEST.
+
 Speed: one `Evaluator` (eval data built once, decoding compiled once per shape) serves every
 checkpoint; only the params change. Every task shares `feature_lengths` and the batch size, so a
 whole sweep compiles the decoder once.
@@ -41,6 +45,7 @@ import seqio
 from specialize_jax.data import storage
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import inference
+from specialize_jax.evaluation import process_zero
 from specialize_jax.model import checkpoints
 from specialize_jax.model import models
 from specialize_jax.training import partitioning
@@ -61,20 +66,6 @@ _COMPILE_EVENT_PREFIX = '/jax/core/compile/'
 
 def bbh_task_names(subtasks: Sequence[str], formats: Sequence[str] = BBH_FORMATS) -> List[str]:
   return [f'bbh_{subtask}_{fmt}' for subtask in subtasks for fmt in formats]
-
-
-def committed_checkpoints(model_dir: str) -> List[Tuple[int, str]]:
-  """(step, path) of the committed step directories of a run, by step."""
-  committed, skipped = [], []
-  for step, path in evaluator_lib.list_checkpoint_steps(model_dir):
-    if checkpoints.is_committed_step_dir(path):
-      committed.append((step, path))
-    else:
-      skipped.append(path)
-  if skipped:
-    logging.warning('Skipping uncommitted step directories (saves in flight or cut short): %s',
-                    skipped)
-  return committed
 
 
 @dataclasses.dataclass
@@ -168,6 +159,41 @@ def _reusable(path: str, config: evaluator_lib.EvalConfig, counts: _ExampleCount
   return evaluator_lib.record_metrics(record)
 
 
+def _sweep_plan(model_dir: str, config: evaluator_lib.EvalConfig,
+                start_checkpoint: Optional[str], task_names: Sequence[str],
+                output_dir: str, dtype: str) -> Dict[str, Any]:
+  """What `sweep` decodes, read off storage (process 0's decision, JSON-ready): {'steps':
+  [[step, path as reported, path to load]], 'metrics': {step: {task: metrics}} of the reusable
+  pairs, 'pending': {step: [task]}} (steps as strings: JSON keys)."""
+  steps = [(step, path, path)
+           for step, path in evaluator_lib.committed_checkpoint_steps(model_dir)]
+  if start_checkpoint is not None:
+    if any(step == START_STEP for step, _, _ in steps):
+      raise ValueError(f'{model_dir} has a checkpoint at step {START_STEP}, where the start '
+                       f'checkpoint {start_checkpoint} would be evaluated; drop --include_start '
+                       '(that checkpoint is the start).')
+    # The concrete checkpoint (a run directory resolves to its latest step), so every process
+    # loads the one process 0 resolved; fails early, naming what it expected.
+    _, resolved = checkpoints.resolve_checkpoint(start_checkpoint)
+    steps = [(START_STEP, storage.absolute(start_checkpoint), str(resolved))] + steps
+  if not steps:
+    raise ValueError(f'No committed checkpoint_<N> directories in {model_dir}; point at a run '
+                     'directory (MODEL_DIR) the trainer has saved to.')
+  counts = _ExampleCounts(config.max_examples)
+  metrics: Dict[str, Dict[str, Dict[str, float]]] = {}
+  pending: Dict[str, List[str]] = {}
+  for step, _, _ in steps:
+    metrics[str(step)] = {}
+    for name in task_names:
+      found = _reusable(evaluator_lib.metrics_path(output_dir, name, step), config, counts, name,
+                        dtype)
+      if found is None:
+        pending.setdefault(str(step), []).append(name)
+      else:
+        metrics[str(step)][name] = found
+  return {'steps': steps, 'metrics': metrics, 'pending': pending}
+
+
 def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
           start_checkpoint: Optional[str] = None, model_config: Any = None,
           mesh: Optional[Mesh] = None,
@@ -177,6 +203,10 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
           dtype: Optional[str] = None) -> SweepResult:
   """Evaluates every committed checkpoint of `model_dir` (and `start_checkpoint` as step 0) on
   `config.task_names`, decoding only the pairs without a reusable eval output.
+
+  Process 0 lists the committed checkpoints and reads the eval outputs; every process follows
+  that plan (`process_zero`), so all of them load the same checkpoints and decode the same pairs
+  in the same order, and a step committed after the listing waits for the next sweep.
 
   Args:
     model_dir: the run directory.
@@ -196,34 +226,16 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
   mesh = mesh if mesh is not None else inference.local_mesh()
   inference.check_batch_size(config.batch_size, mesh, 'EvalConfig.batch_size', '--batch_size')
   model_dir = storage.absolute(model_dir)
-  steps = committed_checkpoints(model_dir)
-  if start_checkpoint is not None:
-    if any(step == START_STEP for step, _ in steps):
-      raise ValueError(f'{model_dir} has a checkpoint at step {START_STEP}, where the start '
-                       f'checkpoint {start_checkpoint} would be evaluated; drop --include_start '
-                       '(that checkpoint is the start).')
-    checkpoints.resolve_checkpoint(start_checkpoint)  # fails early, naming what it expected
-    steps = [(START_STEP, storage.absolute(start_checkpoint))] + steps
-  if not steps:
-    raise ValueError(f'No committed checkpoint_<N> directories in {model_dir}; point at a run '
-                     'directory (MODEL_DIR) the trainer has saved to.')
   task_names = evaluator_lib.expand_task_names(config.task_names)
   if not task_names:
     raise ValueError('No eval tasks; give --tasks and/or --bbh_tasks.')
   output_dir = storage.join(model_dir, evaluator_lib.EVAL_SUBDIR)
-  counts = _ExampleCounts(config.max_examples)
-
-  metrics: Dict[int, Dict[str, Dict[str, float]]] = {}
-  pending: Dict[int, List[str]] = {}
-  for step, _ in steps:
-    metrics[step] = {}
-    for name in task_names:
-      found = _reusable(evaluator_lib.metrics_path(output_dir, name, step), config, counts, name,
-                        dtype)
-      if found is None:
-        pending.setdefault(step, []).append(name)
-      else:
-        metrics[step][name] = found
+  plan = process_zero.decided_by_process_zero(
+      lambda: _sweep_plan(model_dir, config, start_checkpoint, task_names, output_dir, dtype),
+      'the checkpoints and tasks to sweep')
+  steps = [(step, load_path) for step, _, load_path in plan['steps']]
+  metrics = {step: dict(plan['metrics'][str(step)]) for step, _ in steps}
+  pending = {int(step): names for step, names in plan['pending'].items()}
   num_pending = sum(len(v) for v in pending.values())
   reused = len(steps) * len(task_names) - num_pending
   progress(f'sweep: {len(steps)} checkpoints x {len(task_names)} tasks; {reused} pairs done '
@@ -271,8 +283,8 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
             'compile_share': compile_seconds[0] / total if total > 0 else 0.0}
   progress(f'sweep: done in {total:.1f} s ({len(decoded)} pairs decoded, {reused} reused; '
            f'compilation {compile_seconds[0]:.1f} s = {100 * timing["compile_share"]:.0f}%).')
-  return SweepResult(dict(steps), metrics, decoded, reused, timing,
-                     START_STEP if start_checkpoint is not None else None, dtype)
+  return SweepResult({step: path for step, path, _ in plan['steps']}, metrics, decoded, reused,
+                     timing, START_STEP if start_checkpoint is not None else None, dtype)
 
 
 _METRICS_FILE_RE = re.compile(r'metrics_step(\d+)\.json')

@@ -371,7 +371,7 @@ def format_plan(result: Plan) -> str:
     feed, layout_lines = f'{result.problem}.', []
   else:
     layouts = host_layouts(result)
-    feed = (f'{micro_rows // data:g} rows per data coordinate; each host feeds '
+    feed = (f'{micro_rows // data:g} of them per data coordinate; each host feeds '
             f'{layouts[0].local_batch_size} rows per step, the rows its chips hold:')
     layout_lines = format_layout(result)
   lines = [
