@@ -36,7 +36,6 @@ import pytest
 import demo_data
 from specialize_jax.model import checkpoints as model_checkpoints
 from specialize_jax.model import hf_conversion
-from specialize_jax.training import metric_writers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_STEPS = 24
@@ -175,7 +174,8 @@ class Run:
 
 
 def _records(model_dir):
-  return [r for r in metric_writers.read_metrics(str(model_dir)) if r['split'] == 'train']
+  with open(os.path.join(model_dir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [r for r in map(json.loads, f) if r['split'] == 'train']
 
 
 def _params(model_dir, step=TRAIN_STEPS):
