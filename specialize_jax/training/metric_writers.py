@@ -18,7 +18,7 @@ from specialize_jax.data import storage
 
 
 METRICS_FILE = "metrics.jsonl"
-# Events TensorBoard's writer holds between flushes (its default, 10, flushes at nearly every write).
+# Events TensorBoard's writer holds between flushes (its default, 10, flushes nearly every write).
 TENSORBOARD_MAX_QUEUE = 100_000
 
 
