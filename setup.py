@@ -12,6 +12,9 @@ INSTALL_REQUIRES = [
     # The path layer (specialize_jax/data/storage.py): local paths and gs:// alike, as orbax uses.
     "etils[epath]==1.15.0",
     "seqio==0.0.20",
+    # Prepared training sets (teacher/prepared_data.py), local or gs:// (a GCS reader from 0.8 on;
+    # 0.8.6 verified against the GCS emulator by tests/test_storage.py).
+    "array-record==0.8.6",
     # tensorflow-text pulls full tensorflow even beside tensorflow-cpu, so depend on it directly.
     "tensorflow==2.21.0",
     "tensorflow-text==2.21.1",

@@ -9,6 +9,7 @@ from specialize_jax import cli
 from specialize_jax.data import metrics
 from specialize_jax.teacher import aligned_data
 from specialize_jax.teacher import teacher_data
+from specialize_jax.training import metric_writers
 import openai_server
 import shared_data
 
@@ -31,8 +32,7 @@ def _last_json(capsys):
 
 
 def _records(model_dir, split):
-  with open(model_dir / "metrics.jsonl", encoding="utf-8") as f:
-    return [r for r in map(json.loads, f) if r["split"] == split]
+  return [r for r in metric_writers.read_metrics(str(model_dir)) if r["split"] == split]
 
 
 def test_sample_filter_align_train_eval(teacher_server, tmp_path, capsys, monkeypatch):

@@ -28,6 +28,7 @@ import multiprocess_worker
 from specialize_jax.model import checkpoints as model_checkpoints
 from specialize_jax.model import hf_conversion
 from specialize_jax.training import input_pipeline
+from specialize_jax.training import metric_writers
 from specialize_jax.training import partitioning
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,8 +105,8 @@ def _wait_all(jobs, deadline):
 
 
 def _train_records(model_dir):
-  with open(os.path.join(model_dir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return {r['step']: r for r in map(json.loads, f) if r['split'] == 'train'}
+  return {r['step']: r for r in metric_writers.read_metrics(str(model_dir))
+          if r['split'] == 'train'}
 
 
 def _final_params(model_dir):

@@ -37,6 +37,7 @@ from specialize_jax.model import network
 from specialize_jax.model.config import T5Config
 from specialize_jax.training import checkpointing
 from specialize_jax.training import input_pipeline
+from specialize_jax.training import metric_writers
 from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
 from specialize_jax.training import preemption
@@ -103,8 +104,7 @@ def _params(step_dir):
 
 
 def _records(model_dir, split):
-  with open(os.path.join(model_dir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [r for r in map(json.loads, f) if r['split'] == split]
+  return [r for r in metric_writers.read_metrics(str(model_dir)) if r['split'] == split]
 
 
 def _step_dirs(model_dir):

@@ -12,8 +12,14 @@ Atomic writes: `atomic_write(path)` yields a file object; a reader sees the old 
 never half of it. Locally: a temp file beside `path`, flushed, fsync'ed and `os.replace`d onto it.
 On an object store: a local temp file uploaded as one object at the end (an object becomes visible
 only when its upload completes). On any exception `path` is untouched (absent stays absent).
+
+Append-only logs (`AppendLog`, read by `read_log`): a file appended in place locally; on an object
+store, which cannot append, a folder of part objects, one per flush, so a log costs bytes linear in
+its length.
 """
+import concurrent.futures
 import contextlib
+import datetime
 import os
 import shutil
 import tempfile
@@ -158,14 +164,67 @@ def write_text(path: PathLike, text: str) -> None:
     f.write(text)
 
 
-def append_lines(path: PathLike, lines: List[str]) -> None:
-  """Appends `lines` to text file `path`. Object stores cannot append: the object is rewritten
-  whole (atomically), which suits small logs such as metrics.jsonl."""
-  if not is_url(path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
+class AppendLog:
+  """An append-only text log at `path` (such as MODEL_DIR/metrics.jsonl), written by one process
+  at a time.
+
+  Locally `path` is one file, appended to and flushed to the OS at every `append`. Object stores
+  cannot append, and rewriting the whole object at every write moves bytes quadratic in the log's
+  length and stalls the writer more the longer a run goes. So on a store `path` is a folder of part
+  objects: `append` keeps the lines in memory and `flush` uploads the lines since the last flush as
+  the next part. Every byte is uploaded once; a part is a new object that becomes visible only once
+  whole, so nothing readable is ever replaced, and a crash (SIGKILL, a preempted VM) loses only the
+  lines not yet flushed; the caller decides how often that is (the metric writer: at checkpoints,
+  at exit and at most a minute apart).
+
+  Parts are named `part-<writer start, UTC, to the microsecond>-<flush number><suffix>`, so names
+  sort in the order written, across resumed runs too, and a writer never lists the folder (a
+  listing may be stale: gcsfs caches them). `read_log` gives the text either way (on a store as
+  `gsutil cat 'PATH/*'` does).
+  """
+
+  def __init__(self, path: PathLike):
+    self._path = os.fspath(path)
+    self._remote = is_url(self._path)
+    self._pending: List[str] = []
+    self._start = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    self._num_parts = 0
+
+  def append(self, lines: List[str]) -> None:
+    if self._remote:
+      self._pending.extend(lines)
+      return
+    os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
+    with open(self._path, "a", encoding="utf-8") as f:
       f.write("".join(lines))
       f.flush()
-    return
-  old = read_text(path) if exists(path) else ""
-  write_text(path, old + "".join(lines))
+
+  def flush(self) -> None:
+    """Uploads the lines appended since the last flush as one new part (nothing locally, where
+    `append` has written them already). On an upload error the lines stay pending."""
+    if not self._pending:
+      return
+    name = f"{_PART_PREFIX}{self._start}-{self._num_parts:06d}{os.path.splitext(self._path)[1]}"
+    # One write call, then close: the object is created whole at close, or not at all.
+    with open_file(join(self._path, name), "w") as f:
+      f.write("".join(self._pending))
+    self._pending = []
+    self._num_parts += 1
+
+  def close(self) -> None:
+    self.flush()
+
+
+_PART_PREFIX = "part-"
+
+
+def read_log(path: PathLike) -> str:
+  """The text of the `AppendLog` at `path`: the file, or its parts concatenated in order."""
+  path = os.fspath(path)
+  if isfile(path):
+    return read_text(path)
+  if not exists(path):
+    raise FileNotFoundError(f"No log at {path}.")
+  parts = [join(path, name) for name in listdir(path) if name.startswith(_PART_PREFIX)]
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(16, len(parts)))) as pool:
+    return "".join(pool.map(read_text, parts))

@@ -23,6 +23,11 @@ Why ArrayRecord: random access by record index (what grain and MaxText read, wha
 the order is a function of the seed and the position alone: no shuffle buffer, every process reads
 only its own rows, and a resumed run starts at its position without reading what came before.
 
+Where: a local directory or `gs://` (what `array_record` opens: from 0.8, through Google Cloud's C++
+storage client, which finds credentials as every Google client does and honours
+`CLOUD_STORAGE_EMULATOR_ENDPOINT`, as the tests use). A record read from a bucket is a ranged read
+of that record alone. The metadata and question files go through `storage` (etils epath).
+
 Terms:
   stream: the infinite, seeded sequence of examples a training task yields. Data shard s of S,
     feeding L rows of every batch of B = S * L, reads positions [k * B + s * L, k * B + (s + 1) * L)
@@ -39,6 +44,7 @@ Terms:
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import logging
 import re
@@ -50,6 +56,7 @@ import tensorflow as tf
 
 from specialize_jax.config_errors import ConfigError
 from specialize_jax.data import feature_converters
+from specialize_jax.data import storage
 
 SCHEMA = "specialize_jax.prepared/1"
 METADATA_FILE = "metadata.json"
@@ -76,7 +83,7 @@ def questions_file(format_name: str) -> str:
 
 def file_sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with tf.io.gfile.GFile(path, "rb") as f:
+  with storage.open_file(path, "rb") as f:
     for block in iter(functools.partial(f.read, 1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -184,14 +191,13 @@ class PreparedSet:
   def open(cls, directory: str, fix: Optional[str] = None) -> "PreparedSet":
     """The set at `directory`; `fix` replaces the advice given when it is missing."""
     path = f"{directory.rstrip('/')}/{METADATA_FILE}"
-    if not tf.io.gfile.exists(path):
+    if not storage.exists(path):
       state = (f"not a complete prepared set (no {METADATA_FILE})"
-               if tf.io.gfile.exists(directory) else "missing")
+               if storage.exists(directory) else "missing")
       fix = fix or (f"write it with `specialize prepare --output {directory}` (rerunning resumes "
                     "an interrupted prepare) and point $SPECIALIZE_PREPARED_DATA at it")
       raise PreparedDataError(f"The prepared training set {directory} is {state}; {fix}.")
-    with tf.io.gfile.GFile(path, "r") as f:
-      metadata = json.load(f)
+    metadata = json.loads(storage.read_text(path))
     if metadata.get("schema") != SCHEMA:
       raise PreparedDataError(f"{path} has schema {metadata.get('schema')!r}, expected {SCHEMA!r}; "
                               "prepare it again with this version (`specialize prepare`).")
@@ -208,8 +214,8 @@ class PreparedSet:
     return [f"{self.directory}/{name}" for name in self.metadata["formats"][format_name]["files"]]
 
   def questions(self, format_name: str) -> np.ndarray:
-    with tf.io.gfile.GFile(f"{self.directory}/{questions_file(format_name)}", "rb") as f:
-      return np.load(f)
+    return np.load(io.BytesIO(storage.read_bytes(
+        f"{self.directory}/{questions_file(format_name)}")))
 
   @property
   def teacher_k(self) -> Optional[int]:
@@ -363,6 +369,11 @@ class PreparedSource(seqio.DataSource):
     order = ExampleOrder([prepared.num_examples(f) for f in names],
                          [prepared.questions(f) for f in names], [quota[f] for f in names],
                          seed, shuffle, shard_info.index, shard_info.num_shards, rows_per_batch)
+    if storage.is_url(prepared.directory) and not prepared.directory.startswith("gs://"):
+      raise PreparedDataError(
+          f"{prepared.directory}: prepared sets are read with array_record, which opens local "
+          "paths and gs:// only; copy the set to one of those and point $SPECIALIZE_PREPARED_DATA "
+          "at it.")
     # Imported here: array_record is only needed once a set is read.
     from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
     readers = [array_record_data_source.ArrayRecordDataSource(prepared.files(f)) for f in names]

@@ -69,6 +69,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from specialize_jax.config_errors import ConfigError
+from specialize_jax.data import storage
 from specialize_jax.model import checkpoints as model_checkpoints
 
 STEP_PREFIX = 'checkpoint'  # T5X's `checkpoint_<step>`; `load_checkpoint` resolves it.
@@ -227,7 +228,11 @@ class TrainCheckpointer:
         best_mode=config.best_mode,
         keep_checkpoints_without_metrics=False,
         enable_async_checkpointing=config.async_save,
-        cleanup_tmp_directories=not read_only,
+        # On an object store orbax's cleanup deletes every directory of MODEL_DIR without its
+        # commit marker (eval/, tensorboard/, metrics.jsonl/, bad_checkpoints/ too), taking each
+        # for a torn step. There a torn step keeps its final name and `restore` sets it aside, so
+        # the cleanup runs only on local disks, where it removes `*.orbax-checkpoint-tmp-*` alone.
+        cleanup_tmp_directories=not read_only and not storage.is_url(model_dir),
         read_only=read_only,
         create=not read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options,

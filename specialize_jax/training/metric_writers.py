@@ -1,30 +1,56 @@
 """Where training and evaluation numbers go: `MODEL_DIR/metrics.jsonl` (one JSON object per write,
 `{"step": N, "split": "train"|"eval", ...}`), TensorBoard event files under `MODEL_DIR/tensorboard/`,
-and the console. Only process 0 writes."""
+and the console. Only process 0 writes.
+
+`metrics.jsonl` is a `storage.AppendLog`: locally a file appended at every write; on an object
+store a folder of parts, one per flush, so a run's log costs bytes linear in its length. Read it
+with `read_metrics`, which handles both.
+"""
 import json
 import logging
 import math
 import time
-from typing import Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 import jax
 
 from specialize_jax.data import storage
 
 
+METRICS_FILE = "metrics.jsonl"
+# Events TensorBoard's writer holds between flushes (its default, 10, flushes nearly every write).
+TENSORBOARD_MAX_QUEUE = 100_000
+
+
+def read_metrics(model_dir: str) -> List[Dict]:
+  """The records of `MODEL_DIR/metrics.jsonl` in the order written, local or on a store."""
+  text = storage.read_log(storage.join(model_dir, METRICS_FILE))
+  return [json.loads(line) for line in text.splitlines() if line]
+
+
 class MetricWriter:
-  def __init__(self, model_dir: str, enable_tensorboard: bool = True):
+  """Writes `metrics.jsonl` and TensorBoard (process 0). Both are flushed (on a store: uploaded)
+  at the first write, then at a write at least `flush_secs` after the last flush, at `flush()` (the
+  loop calls it before every checkpoint save, so a resumed run finds every record up to its
+  checkpoint) and at `close()`. A store then holds all but at most `flush_secs` of records while a
+  run goes, at one small upload per flush for metrics.jsonl. TensorFlow's GCS client uploads an
+  event file whole at each flush, hence TensorBoard too flushes on this schedule only."""
+
+  def __init__(self, model_dir: str, enable_tensorboard: bool = True, flush_secs: float = 60.0):
     self._is_primary = jax.process_index() == 0
-    self._path = storage.join(model_dir, "metrics.jsonl")
+    self._log = storage.AppendLog(storage.join(model_dir, METRICS_FILE))
     self._tensorboard = {}
     self._enable_tensorboard = enable_tensorboard and self._is_primary
     self._model_dir = model_dir
+    self._flush_secs = flush_secs
+    self._last_flush = -math.inf  # The first record is flushed at once: the run is seen started.
 
   def _summary_writer(self, split: str):
     if split not in self._tensorboard:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tensorboard[split] = tf.summary.create_file_writer(
-          storage.join(self._model_dir, "tensorboard", split))
+          storage.join(self._model_dir, "tensorboard", split), max_queue=TENSORBOARD_MAX_QUEUE,
+          flush_millis=int(self._flush_secs * 1000))
     return self._tensorboard[split]
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
@@ -32,15 +58,28 @@ class MetricWriter:
       return
     record = {"step": int(step), "split": split, "time": round(time.time(), 3),
               **{k: float(v) for k, v in scalars.items()}}
-    storage.append_lines(self._path, [json.dumps(record) + "\n"])
+    self._log.append([json.dumps(record) + "\n"])
     if self._enable_tensorboard:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       with self._summary_writer(split).as_default():
         for name, value in scalars.items():
           tf.summary.scalar(name, float(value), step=int(step))
-      self._summary_writer(split).flush()
+    if time.monotonic() - self._last_flush >= self._flush_secs:
+      self.flush()
+
+  def flush(self) -> None:
+    """Makes every record written so far durable (on a store: uploads the new ones as one part)."""
+    if not self._is_primary:
+      return
+    self._log.flush()
+    for writer in self._tensorboard.values():
+      writer.flush()
+    self._last_flush = time.monotonic()
 
   def close(self) -> None:
+    if not self._is_primary:
+      return
+    self._log.close()
     for writer in self._tensorboard.values():
       writer.close()
 

@@ -177,6 +177,7 @@ def train(model_dir: str,
         log(f"Evaluation at step {done} took {time.perf_counter() - eval_start:.1f} s: " +
             ", ".join(f"{k}={v:.4g}" for k, v in sorted(last_eval.items())))
       if save_now:
+        writer.flush()  # The records up to a checkpoint are stored before it is.
         checkpointer.save(done, state, batches.position(), metrics=last_eval if eval_now else None,
                           force=True)
       if preempted:
