@@ -195,14 +195,3 @@ def test_plan_compiles_a_flan_t5_step_on_the_topology_the_header_names():
   assert re.search(rf'^verdict: fits: {total:.2f} GiB of 32\.00 GiB', out, re.MULTILINE)
   assert 'XLA CPU compile of the SPMD step' in out
 
-
-def test_plan_prints_the_interleaved_rows_each_host_of_a_slice_feeds():
-  """FlanT5-XL as shipped (v4-32, FSDP with a model axis of 2): the mesh `specialize train`
-  builds there gives each of the 4 hosts two data coordinates, 4 apart."""
-  result = _plan_cli(['--gin_file', 'gin/experiments/flan_t5_xl_gsm8k.gin', '--no_compile'])
-  assert result.returncode == 0, result.stderr[-3000:]
-  hosts = re.findall(r'^  host (\d): rows .* \(data coordinates \[(\d), (\d)\] of 8\)$',
-                     result.stdout, re.MULTILINE)
-  assert hosts == [('0', '0', '4'), ('1', '1', '5'), ('2', '2', '6'), ('3', '3', '7')], result.stdout
-  assert re.search(r'^  data-axis ring: \d+ chip hops in this order \(\d+ host by host\)\.$',
-                   result.stdout, re.MULTILINE)

@@ -22,11 +22,10 @@ The data: the demo's prepared set, unpacked, read with the default layout
 global batches do not depend on the process count.
 
   four-process runs: 4 processes x 2 fake CPU devices against 1 process x 8 devices on the same
-    mesh: in process order with the model axis over 4 devices (data 2 x model 4: pairs of
-    processes are replicas of one block), and in the interleaved order of a TPU slice
-    (`partitioning.DEVICE_ORDER_ENV`: each process holds data coordinates p and p + 4 of data 8 x
-    model 1, or, as replica pairs, 0 and 2 / 1 and 3 of data 4 x model 2), also killed and
-    resumed; data 1 x model 8 reads its start checkpoint per shard.
+    mesh, in the interleaved order of a TPU slice (`partitioning.DEVICE_ORDER_ENV`: each process
+    holds data coordinates p and p + 4 of data 8 x model 1, or, as replica pairs across the model
+    axis, 0 and 2 / 1 and 3 of data 4 x model 2), also killed and resumed; data 1 x model 8 (every
+    process feeds the whole batch) reads its start checkpoint per shard.
 """
 import glob
 import json
@@ -514,19 +513,6 @@ def test_four_processes_in_a_tpu_like_interleaved_order_equal_one_process(
     one_process_reference, interleaved_runs, num_partitions):
   _check_four_equal_one(interleaved_runs(num_partitions), one_process_reference(num_partitions),
                         INTERLEAVED_LAYOUTS[num_partitions])
-
-
-def test_four_processes_with_the_model_axis_across_hosts_equal_one_process(
-    env, one_process_reference, tmp_path):
-  """Process order, data 2 x model 4: pairs of processes are replicas of one block."""
-  one = one_process_reference(4)
-  four = Run(env, tmp_path / 'four', tmp_path / 'logs_four', 4, 2, _model_axis_overrides(4))
-  try:
-    four.wait()
-  finally:
-    four.kill()
-  _check_four_equal_one(four, one, ['rows 0-3 of 8 (data coordinates [0] of 2)'] * 2 +
-                        ['rows 4-7 of 8 (data coordinates [1] of 2)'] * 2)
 
 
 def test_interleaved_processes_killed_after_a_checkpoint_resume_bit_identical(
