@@ -441,7 +441,10 @@ MODEL_PARALLEL = {'TRAIN_STEPS': 4, 'CHECKPOINT_PERIOD': 2, 'model_config.T5Conf
 
 
 def _model_axis_overrides(num_partitions):
-  return {**MODEL_PARALLEL, 'partitioning.PartitioningConfig.num_partitions': num_partitions}
+  overrides = {**MODEL_PARALLEL, 'partitioning.PartitioningConfig.num_partitions': num_partitions}
+  if num_partitions == 2:  # Data 4 x model 2 also decodes: the in-loop evaluation at step 4.
+    overrides.update(IN_LOOP_EVAL, EVAL_PERIOD=MODEL_PARALLEL['TRAIN_STEPS'])
+  return overrides
 
 
 @pytest.fixture(scope='module')
@@ -511,8 +514,13 @@ def interleaved_runs(env, tmp_path_factory):
 @pytest.mark.parametrize('num_partitions', [1, 2])
 def test_four_processes_in_a_tpu_like_interleaved_order_equal_one_process(
     one_process_reference, interleaved_runs, num_partitions):
-  _check_four_equal_one(interleaved_runs(num_partitions), one_process_reference(num_partitions),
-                        INTERLEAVED_LAYOUTS[num_partitions])
+  four, one = interleaved_runs(num_partitions), one_process_reference(num_partitions)
+  _check_four_equal_one(four, one, INTERLEAVED_LAYOUTS[num_partitions])
+  if num_partitions == 2:
+    # Decoding feeds each process's interleaved rows too; the gathered predictions are the same.
+    expected = _eval_outputs(os.path.join(one.model_dir, 'eval'))
+    assert sorted(expected) == _eval_files((MODEL_PARALLEL['TRAIN_STEPS'],))
+    assert _eval_outputs(os.path.join(four.model_dir, 'eval')) == expected
 
 
 def test_interleaved_processes_killed_after_a_checkpoint_resume_bit_identical(
