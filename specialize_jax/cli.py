@@ -364,8 +364,9 @@ def _plan_topology(args):
   from specialize_jax.training import topologies  # pylint: disable=g-import-not-at-top
   name = args.topology
   if name is None:
-    name = topologies.named_topology([storage.read_text(gin_config.find_file(f, _search_paths(args)))
-                                       for f in args.gin_file])
+    texts = [storage.read_text(gin_config.find_file(f, _search_paths(args)))
+             for f in args.gin_file]
+    name = topologies.named_topology(texts)
     if name is None:
       raise ConfigError("give --topology (e.g. v4-32, v5e-64, 8xH100): no --gin_file names one in "
                         "a `# Topology:` header line.")

@@ -84,7 +84,8 @@ def test_a_tpu_host_holds_interleaved_data_coordinates():
   """What broke every multi-host slice: `jax.make_mesh` orders chips by torus position."""
   _, layouts = _layouts('v4-32', 1, 32)
   assert layouts[0].coordinates == (0, 4, 8, 12)
-  assert layouts[0].describe() == 'rows 0-1, 8-9, 16-17, 24-25 of 32 (data coordinates [0, 4, 8, 12] of 16)'
+  assert layouts[0].describe() == ('rows 0-1, 8-9, 16-17, 24-25 of 32 '
+                                   '(data coordinates [0, 4, 8, 12] of 16)')
   _, layouts = _layouts('v5p-64', 4, 16)  # The XXL setting: hosts 0 and 1 are replicas.
   assert layouts[0].coordinates == layouts[1].coordinates == (0, 4)
   _, layouts = _layouts('8xH100', 1, 16)  # GPUs: one host, in order.

@@ -192,10 +192,10 @@ class Decoder:
   """Decodes fixed-size batches on a mesh with one jitted, explicitly sharded step.
 
   The step takes the params in the shardings they have (the trainer's, or `restore_params`'s:
-  never re-placed), the batch split over `data` (each process feeds its data shard's rows,
-  replicas the same rows, interleaved on TPU: `partitioning.data_layout`) and a replicated key, and returns the tokens
-  replicated, so every process reads the whole batch from its own devices (`addressable_data`)
-  also when not all shards are addressable. One compilation per params sharding and batch shape.
+  never re-placed), the batch split over `data` (each process feeds the rows of the data
+  coordinates it holds, interleaved on TPU, replicas the same rows: `partitioning.data_layout`)
+  and a replicated key, and returns the tokens replicated, so every process reads the whole batch
+  from its own devices (`addressable_data`) also when not all shards are addressable. One compilation per params sharding and batch shape.
 
   Args:
     model: the model whose `predict_batch` decodes.

@@ -26,7 +26,6 @@ Terms:
 """
 import dataclasses
 import itertools
-import re
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 

@@ -292,13 +292,14 @@ class DataLayout:
 
   @property
   def row_indices(self) -> np.ndarray:
-    """int64 `[local_batch_size]`: the global rows this process feeds, in the order it feeds them."""
+    """int64 `[local_batch_size]`: the global rows this process feeds, in feeding order."""
     return np.concatenate([np.arange(a, b) for a, b in self.row_ranges])
 
   @property
   def shards(self) -> Tuple[Tuple[int, int], ...]:
     """The fewest equal, aligned blocks of the global batch covering this process's rows, as
-    `(index, count)`: block `index` of `count` is rows `[index * B / count, (index + 1) * B / count)`.
+    `(index, count)`: block `index` of `count` is rows `[index * B / count, (index + 1) * B /
+    count)`.
 
     One block when the coordinates are contiguous and aligned (CPU, GPU, one TPU host): exactly
     the one-shard-per-process reading of T5X. An input pipeline reads each block as a data shard

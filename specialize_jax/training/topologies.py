@@ -62,7 +62,7 @@ KNOWN_TOPOLOGIES = ('v4-8', 'v4-16', 'v4-32', 'v4-64', 'v4-128', 'v5e-8', 'v5e-1
 GPU_DEFAULT_MEM_FRACTION = 0.75
 GPU_MEM_FRACTION_ENV = 'XLA_PYTHON_CLIENT_MEM_FRACTION'
 
-# The header line naming the topology a shipped experiment gin is meant for: `# Topology: v4-32 ...`.
+# The header line naming the topology a shipped experiment gin is meant for (`# Topology: v4-32`).
 TOPOLOGY_LINE = re.compile(r'^#\s*Topology:\s*(\S+)', re.MULTILINE)
 
 
