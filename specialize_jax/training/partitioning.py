@@ -359,7 +359,7 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
   Each process passes its `layout.local_batch_size` rows, `layout.row_indices` of the global batch
   in that order (replicas pass the same rows); the global shape is explicit, so JAX places them on
   the right devices also when the coordinates are interleaved or the model axis spans processes.
-  Without `layout`, every process is taken to feed an equal share (one process: the whole batch).
+  Without `layout` (one process only), the rows are the whole batch.
   """
   sharding = batch_sharding(mesh)
   result = {}
@@ -369,7 +369,10 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
       raise ValueError(f'Batch feature {name!r} is a scalar; every feature needs a leading batch '
                        'dimension.')
     if layout is None:
-      layout = data_layout(mesh, value.shape[0] * jax.process_count())
+      if jax.process_count() > 1:
+        raise ValueError('global_batch needs the data layout with several processes (what each '
+                         'feeds depends on the device order): pass data_layout(mesh, batch_size).')
+      layout = data_layout(mesh, value.shape[0])
     if value.shape[0] != layout.local_batch_size:
       raise ValueError(f'Batch feature {name!r} has {value.shape[0]} rows; this process feeds '
                        f'{layout.local_batch_size} of the global batch of {layout.batch_size} '
