@@ -53,7 +53,13 @@ setuptools.setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["specialize_jax", "specialize_jax.*", "tasks", "tasks.*"]),
+    # The repository keeps the SeqIO registrations in tasks/ and the configs in gin/ at its top
+    # level; an install carries them as `specialize_jax.tasks` and `specialize_jax/gin/`, so no
+    # top-level `tasks` package is installed and the configs travel with a wheel.
+    packages=setuptools.find_packages(include=["specialize_jax", "specialize_jax.*"]) + [
+        "specialize_jax.tasks", "specialize_jax.gin"],
+    package_dir={"specialize_jax.tasks": "tasks", "specialize_jax.gin": "gin"},
+    package_data={"specialize_jax.gin": ["*/*.gin"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["specialize=specialize_jax.cli:main"]},

@@ -38,10 +38,10 @@ import sys
 import time
 from typing import List, Optional
 
-from specialize_jax import gin_config
-from specialize_jax import host_malloc
-from specialize_jax import xla_cpu_flags
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.jobs import gin_config
+from specialize_jax.runtime import allocator
+from specialize_jax.runtime import xla_flags
+from specialize_jax.errors import ConfigError
 from specialize_jax.data import storage
 
 USER_ERRORS = (ConfigError, FileNotFoundError)
@@ -54,7 +54,7 @@ def _quiet_tensorflow() -> None:
 def _registered_task(name: str):
   import difflib  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
+  import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
   if name not in seqio.TaskRegistry.names():
     close = difflib.get_close_matches(name, seqio.TaskRegistry.names(), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else " List them with `specialize tasks`."
@@ -95,7 +95,7 @@ def _cmd_download(args) -> int:
 
 def _cmd_tasks(args) -> int:
   import seqio  # pylint: disable=g-import-not-at-top
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import
   for name in sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names()):
     if args.filter in name:
       print(name)
@@ -114,7 +114,7 @@ def _cmd_prepare_tfds(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-  from specialize_jax.model import convert  # pylint: disable=g-import-not-at-top
+  from specialize_jax.checkpoints import convert  # pylint: disable=g-import-not-at-top
   try:
     result = convert.convert(args.src, args.src_format, args.dst, args.dst_format)
   except (ValueError, FileNotFoundError) as e:
@@ -201,7 +201,7 @@ def _cmd_teacher_filter(args) -> int:
 
 
 GIN_JOBS = {"train": "train", "eval": "evaluate", "infer": "infer"}
-REPO_GIN_DIR = gin_config.REPO_GIN_DIR
+SHIPPED_GIN_DIR = gin_config.SHIPPED_GIN_DIR
 
 
 def _wants_distributed(args) -> bool:
@@ -239,7 +239,7 @@ def _add_distributed_flags(p) -> None:
 
 
 def _cmd_align(args) -> int:
-  from specialize_jax.teacher import alignment  # pylint: disable=g-import-not-at-top
+  from specialize_jax.align import alignment  # pylint: disable=g-import-not-at-top
   from specialize_jax.teacher import teacher_data  # pylint: disable=g-import-not-at-top
   try:
     summary = alignment.align_file(args.input, args.output, args.vocab, mode=args.mode,
@@ -253,7 +253,7 @@ def _cmd_align(args) -> int:
 
 def _cmd_prepare(args) -> int:
   from specialize_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
-  from specialize_jax.teacher import prepare  # pylint: disable=g-import-not-at-top
+  from specialize_jax.prepared import prepare  # pylint: disable=g-import-not-at-top
   from specialize_jax.teacher import teacher_data  # pylint: disable=g-import-not-at-top
   try:
     rates = json.loads(args.rates) if args.rates else dict(prepare.DEFAULT_FORMAT_RATES)
@@ -275,7 +275,7 @@ def _cmd_prepare(args) -> int:
 def _check_gin_job_inputs(command: str) -> None:
   """Fails before anything compiles when a task the job reads is unknown or its data or
   vocabulary is missing (the tasks named by the shipped gin files' bindings)."""
-  from specialize_jax import preflight  # pylint: disable=g-import-not-at-top
+  from specialize_jax.jobs import preflight  # pylint: disable=g-import-not-at-top
   eval_tasks = gin_config.bound_value("evaluator.EvalConfig.task_names") or ()
   eval_tasks = (eval_tasks,) if isinstance(eval_tasks, str) else tuple(eval_tasks)
   checks = []  # (task names, where they are set, whether to read their data here)
@@ -309,8 +309,8 @@ def _report_preempted(error) -> int:
 
 def _cmd_gin_job(args, extra: List[str]) -> int:
   import gin  # pylint: disable=g-import-not-at-top
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
-  from specialize_jax import runs  # pylint: disable=g-import-not-at-top
+  import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
+  from specialize_jax.jobs import runs  # pylint: disable=g-import-not-at-top
   from specialize_jax.training import preemption  # pylint: disable=g-import-not-at-top
   if not args.gin_file:
     raise ConfigError("give at least one --gin_file (e.g. gin/experiments/demo_cpu.gin).")
@@ -336,7 +336,7 @@ def plan_request(gin_files: List[str], overrides: List[str], search_paths: List[
   """The `runs.train` bindings of the gin files (and `--gin.X=Y` `overrides`) as a
   `memory_plan.PlanRequest` on `topology`; no task, data or MODEL_DIR is touched."""
   import gin  # pylint: disable=g-import-not-at-top
-  from specialize_jax.training import memory_plan  # pylint: disable=g-import-not-at-top
+  from specialize_jax.planning import memory_plan  # pylint: disable=g-import-not-at-top
   # The plan writes nothing: a placeholder satisfies a required MODEL_DIR (a given one wins).
   gin_config.parse_gin(gin_files, ["MODEL_DIR = 'unused-by-plan'"] +
                        gin_config.gin_bindings(overrides), search_paths)
@@ -361,7 +361,7 @@ def plan_request(gin_files: List[str], overrides: List[str], search_paths: List[
 def _plan_topology(args):
   """`--topology`, else the one the first gin file with a `# Topology:` header line names."""
   from specialize_jax.data import storage  # pylint: disable=g-import-not-at-top
-  from specialize_jax.training import topologies  # pylint: disable=g-import-not-at-top
+  from specialize_jax.planning import topologies  # pylint: disable=g-import-not-at-top
   name = args.topology
   if name is None:
     texts = [storage.read_text(gin_config.find_file(f, _search_paths(args)))
@@ -374,7 +374,7 @@ def _plan_topology(args):
 
 
 def _cmd_plan(args, extra: List[str]) -> int:
-  from specialize_jax.training import memory_plan  # pylint: disable=g-import-not-at-top
+  from specialize_jax.planning import memory_plan  # pylint: disable=g-import-not-at-top
   if not args.gin_file:
     raise ConfigError("give at least one --gin_file (e.g. gin/experiments/flan_t5_xl_gsm8k.gin).")
   topology = _plan_topology(args)
@@ -391,10 +391,10 @@ def _cmd_plan(args, extra: List[str]) -> int:
 
 
 def _cmd_demo(args, extra: List[str]) -> int:
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the demo tasks)
-  from specialize_jax import demo  # pylint: disable=g-import-not-at-top
+  import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the demo tasks)
+  from specialize_jax.demo import miniature as demo  # pylint: disable=g-import-not-at-top
   from specialize_jax.training import preemption  # pylint: disable=g-import-not-at-top
-  from tasks import demo as demo_tasks  # pylint: disable=g-import-not-at-top
+  from specialize_jax.tasks import demo as demo_tasks  # pylint: disable=g-import-not-at-top
   if extra:
     raise ConfigError(f"unrecognized arguments {extra}.")
   try:
@@ -410,12 +410,12 @@ def _selection_rule(args):
 
 
 def _cmd_sweep(args) -> int:
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
+  import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
   from specialize_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   from specialize_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   from specialize_jax.evaluation import selection  # pylint: disable=g-import-not-at-top
   from specialize_jax.evaluation import sweep  # pylint: disable=g-import-not-at-top
-  from specialize_jax import preflight  # pylint: disable=g-import-not-at-top
+  from specialize_jax.jobs import preflight  # pylint: disable=g-import-not-at-top
   try:
     rule = _selection_rule(args)
     config = evaluator.EvalConfig(
@@ -690,9 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
   if argv is None and sys.argv[1:2] in (["train"], ["demo"]):
     # Run as a training program (not called from Python): CPU step buffers stay for reuse.
-    host_malloc.reexec_with_tunables()
+    allocator.reexec_with_tunables()
   _quiet_tensorflow()
-  xla_cpu_flags.apply()  # Before anything starts JAX; a no-op once a backend is running.
+  xla_flags.apply()  # Before anything starts JAX; a no-op once a backend is running.
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   # Orbax and absl log every save at INFO; keep the console for the run's own progress.
   for name in ("absl", "orbax", "jax._src.xla_bridge"):

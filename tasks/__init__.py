@@ -7,10 +7,10 @@ kept out of the library: `specialize_jax` never imports `tasks`). Names are list
 - `tasks.distillation`: `gsm8k_distill_{format}` and the mixture `gsm8k_distill`
 - `tasks.demo`: `demo_train_{cot,ao}`, `demo_{id,ood,long}_{cot,ao}` (the generated CPU demo)
 """
-from tasks import bbh
-from tasks import demo
-from tasks import distillation
-from tasks import math_eval
+from specialize_jax.tasks import bbh
+from specialize_jax.tasks import demo
+from specialize_jax.tasks import distillation
+from specialize_jax.tasks import math_eval
 
 math_eval.register()
 bbh.register()

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from specialize_jax.data import metrics
 from specialize_jax.data import readers
-from tasks import common
+from specialize_jax.tasks import common
 
 EVAL_SPLIT = "test"
 FORMATS = ("cot", "ao")

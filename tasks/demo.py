@@ -1,7 +1,7 @@
 """SeqIO tasks of the embedded demo (`specialize demo`): generated arithmetic word problems.
 
 Registered by `register_demo_tasks` (the `register` of this module), all with the demo vocabulary
-(`<demo dir>/spm.model`, a 384-piece BPE model, see `specialize_jax.teacher.synthetic`):
+(`<demo dir>/spm.model`, a 384-piece BPE model, see `specialize_jax.demo.synthetic`):
 - training, split `train`: `demo_train_cot` (inputs `Q: {q}\\nLet's think step by step`, targets the
   gold chain of thought) and `demo_train_ao` (inputs `Q: {q} A:`, targets `The answer is N`), over
   the demo's prepared set (`<demo dir>/prepared`, written with the demo data from `train.jsonl` by
@@ -28,10 +28,10 @@ import tensorflow as tf
 from specialize_jax.data import data_dir
 from specialize_jax.data import formats
 from specialize_jax.data import metrics
-from specialize_jax.teacher import synthetic
+from specialize_jax.demo import synthetic
 from specialize_jax.teacher import teacher_data
-from tasks import common
-from tasks import distillation
+from specialize_jax.tasks import common
+from specialize_jax.tasks import distillation
 
 DEMO_SUBDIR = "demo"
 TRAIN_SPLIT = "train"

@@ -9,7 +9,7 @@ Registered at import:
   `teacher_topk_logprobs`), for the `distribution` loss; the set must have been prepared with
   `--aligned` and that `--teacher_k` (5: the completions API and the paper's Codex data; 20: chat).
 
-The prepared set (`specialize prepare`, see `specialize_jax.teacher.prepare`) is the directory
+The prepared set (`specialize prepare`, see `specialize_jax.prepared.prepare`) is the directory
 named by `$SPECIALIZE_PREPARED_DATA`, else `<data dir>/prepared/gsm8k_gold` (the GSM8K gold
 rationales: `specialize prepare` with no `--teacher`). It is opened when a dataset is built, so
 registering needs no data. Every example was decided when the set was written (exemplars, held-out
@@ -27,8 +27,8 @@ import tensorflow as tf
 from specialize_jax.data import data_dir
 from specialize_jax.data import formats
 from specialize_jax.data import vocabulary
-from specialize_jax.teacher import prepared_data
-from tasks import common
+from specialize_jax.prepared import prepared_data
+from specialize_jax.tasks import common
 
 PREPARED_DATA_ENV = "SPECIALIZE_PREPARED_DATA"
 DEFAULT_PREPARED_SUBDIR = "prepared/gsm8k_gold"

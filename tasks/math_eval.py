@@ -16,7 +16,7 @@ from specialize_jax.data import metrics
 from specialize_jax.data import readers
 from specialize_jax.data import splits
 from specialize_jax.data import tfds_gsm8k
-from tasks import common
+from specialize_jax.tasks import common
 
 EVAL_SPLIT = "test"
 MATH_METRICS = (metrics.math_accuracy, common.paper_variant(metrics.math_accuracy_paper))

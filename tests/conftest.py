@@ -5,8 +5,8 @@ import sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-from specialize_jax import xla_cpu_flags  # noqa: E402  (the CPU settings `specialize` runs with)
-xla_cpu_flags.apply()
+from specialize_jax.runtime import xla_flags  # noqa: E402  (the CPU settings `specialize` runs with)
+xla_flags.apply()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -39,7 +39,7 @@ def vocab_path():
 def codex_aligned_files(tmp_path_factory):
   """The paper's code-davinci-002 samples of GSM8K train[0] (top-5 logprobs) as a teacher file, and
   its aligned file: `(teacher_path, aligned_path, records)`."""
-  from specialize_jax.teacher import alignment  # pylint: disable=g-import-not-at-top
+  from specialize_jax.align import alignment  # pylint: disable=g-import-not-at-top
   from specialize_jax.teacher import teacher_data  # pylint: disable=g-import-not-at-top
   from specialize_jax.teacher import teacher_sources  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("codex_teacher")
@@ -56,7 +56,7 @@ def codex_aligned_files(tmp_path_factory):
 def prepare_gsm8k_set(output_dir, teacher_path=None, aligned_path=None, teacher_k=None, **config):
   """`specialize prepare`'s work in-process: a prepared set of a GSM8K teacher file (default: the
   gold rationales) in the shared T5 vocabulary; returns its directory. Needs SPECIALIZE_DATA_DIR."""
-  from specialize_jax.teacher import prepare  # pylint: disable=g-import-not-at-top
+  from specialize_jax.prepared import prepare  # pylint: disable=g-import-not-at-top
   vocab = shared_data.shared_file("tokenizer/t5_spiece.model")
   config = prepare.PrepareConfig(output_dir=str(output_dir), vocab_path=str(vocab),
                                  teacher_k=teacher_k, **config)

@@ -2,7 +2,7 @@
 import contextlib
 import os
 
-from specialize_jax.teacher import synthetic
+from specialize_jax.demo import synthetic
 
 
 @contextlib.contextmanager
@@ -15,7 +15,7 @@ def tiny_demo_data(tmp_path_factory, num_train: int = 2000, num_eval: int = 32):
   old = os.environ.get('SPECIALIZE_DATA_DIR')
   os.environ['SPECIALIZE_DATA_DIR'] = str(data)
   # Importing `tasks` registers every task (the demo's over the default directory) ...
-  from tasks import demo  # pylint: disable=g-import-not-at-top
+  from specialize_jax.tasks import demo  # pylint: disable=g-import-not-at-top
   # ... then the demo's move to this directory.
   demo.register_demo_tasks(str(directory))
   try:

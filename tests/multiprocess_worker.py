@@ -26,7 +26,7 @@ def train(model_dir: str, log=print) -> dict:
   # pylint: disable=g-import-not-at-top
   from specialize_jax.model import models
   from specialize_jax.model.config import T5Config
-  from specialize_jax.training import checkpointing
+  from specialize_jax.training import checkpoint_manager
   from specialize_jax.training import input_pipeline
   from specialize_jax.training import optimizers
   from specialize_jax.training import trainer
@@ -39,7 +39,7 @@ def train(model_dir: str, log=print) -> dict:
   return trainer.train(
       model_dir, models.EncoderDecoderModel(config), dataset, TRAIN_STEPS,
       optimizer=optimizers.OptimizerConfig(learning_rate=3e-3, warmup_steps=1),
-      checkpoint=checkpointing.CheckpointConfig(period=1000), log_period=1, log=log)
+      checkpoint=checkpoint_manager.CheckpointConfig(period=1000), log_period=1, log=log)
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
     partitioning.initialize_distributed(args.coordinator_address, args.num_processes,
                                         args.process_id)
 
-  from tasks import demo  # pylint: disable=g-import-not-at-top
+  from specialize_jax.tasks import demo  # pylint: disable=g-import-not-at-top
   demo.register_demo_tasks(args.demo_dir)
   log = lambda message: print(f'[{time.monotonic() - START:5.1f} s] {message}', flush=True)
   log('imported and connected')

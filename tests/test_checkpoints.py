@@ -17,12 +17,12 @@ import pytest
 from safetensors import numpy as safetensors_numpy
 
 import specialize_jax
-from specialize_jax.model import checkpoints
-from specialize_jax.model import convert as convert_lib
-from specialize_jax.model import hf_conversion
+from specialize_jax.checkpoints import formats as checkpoints
+from specialize_jax.checkpoints import convert as convert_lib
+from specialize_jax.checkpoints import hf_conversion
 from specialize_jax.model import network
 from specialize_jax.model.config import PRESETS
-from specialize_jax.model.pretrained import load_pretrained
+from specialize_jax.checkpoints.pretrained import load_pretrained
 
 # Inference cannot recover relative_attention_max_distance, so 128 (T5X's) keeps configs equal.
 CONFIG = dataclasses.replace(PRESETS['tiny'], vocab_size=96, num_decoder_layers=3)

@@ -7,7 +7,7 @@ import pytest
 
 from specialize_jax import cli
 from specialize_jax.data import metrics
-from specialize_jax.teacher import aligned_data
+from specialize_jax.align import aligned_data
 from specialize_jax.teacher import teacher_data
 from specialize_jax.training import metric_writers
 import openai_server

@@ -19,7 +19,7 @@ from shared_data import shared_data_dir
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import scoring
-from specialize_jax.model import checkpoints
+from specialize_jax.checkpoints import formats as checkpoints
 from specialize_jax.model import config as config_lib
 from specialize_jax.model import models
 from specialize_jax.model import network
@@ -37,7 +37,7 @@ def registry():
   data = shared_data_dir()
   os.environ['SPECIALIZE_DATA_DIR'] = str(data)
   os.environ['SPECIALIZE_VOCAB_PATH'] = str(data / 'tokenizer' / 't5_spiece.model')
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import
   return seqio.TaskRegistry
 
 

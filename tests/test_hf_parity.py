@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
 
-from specialize_jax.model import checkpoints
-from specialize_jax.model import hf_conversion
-from specialize_jax.model.pretrained import load_pretrained
+from specialize_jax.checkpoints import formats as checkpoints
+from specialize_jax.checkpoints import hf_conversion
+from specialize_jax.checkpoints.pretrained import load_pretrained
 
 # Model-level tolerance (STYLE.md §6), float32.
 LOGITS_ATOL = 1e-4

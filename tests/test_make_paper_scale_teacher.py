@@ -14,7 +14,7 @@ import sentencepiece
 import shared_data
 from specialize_jax.data import answers
 from specialize_jax.data import formats
-from specialize_jax.teacher import aligned_data
+from specialize_jax.align import aligned_data
 from specialize_jax.teacher import teacher_data
 from specialize_jax.teacher import teacher_sources
 

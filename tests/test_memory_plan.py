@@ -17,10 +17,10 @@ import pytest
 
 import demo_data
 from specialize_jax import cli
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 from specialize_jax.training import input_pipeline
-from specialize_jax.training import memory_plan
-from specialize_jax.training import topologies
+from specialize_jax.planning import memory_plan
+from specialize_jax.planning import topologies
 from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
 from specialize_jax.training import train_state

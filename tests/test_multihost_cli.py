@@ -43,8 +43,8 @@ import numpy as np
 import pytest
 
 import demo_data
-from specialize_jax.model import checkpoints as model_checkpoints
-from specialize_jax.model import hf_conversion
+from specialize_jax.checkpoints import formats as model_checkpoints
+from specialize_jax.checkpoints import hf_conversion
 from specialize_jax.training import partitioning
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -25,8 +25,8 @@ import pytest
 import demo_data
 
 import multiprocess_worker
-from specialize_jax.model import checkpoints as model_checkpoints
-from specialize_jax.model import hf_conversion
+from specialize_jax.checkpoints import formats as model_checkpoints
+from specialize_jax.checkpoints import hf_conversion
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import metric_writers
 from specialize_jax.training import partitioning

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import seqio
 
-from specialize_jax.teacher import prepare
-from specialize_jax.teacher import prepared_data
+from specialize_jax.prepared import prepare
+from specialize_jax.prepared import prepared_data
 from specialize_jax.teacher import teacher_data
-from specialize_jax.teacher import teacher_features
+from specialize_jax.align import teacher_features
 from specialize_jax.training import input_pipeline
 
 NUM_QUESTIONS = 4096
@@ -136,7 +136,7 @@ def test_a_stream_starts_at_any_position(toy_set):
 
 
 def test_a_resumed_train_iterator_starts_at_its_batch_without_rereading(toy_set, vocab_path):
-  from tasks import distillation  # pylint: disable=g-import-not-at-top
+  from specialize_jax.tasks import distillation  # pylint: disable=g-import-not-at-top
   distillation.register_prepared_task("toy_prepared", lambda: toy_set.directory,
                                       ("zs_cot", "zs_ao"), vocabulary_path=str(vocab_path))
   config = input_pipeline.DatasetConfig("toy_prepared", {"inputs": 32, "targets": 32},
@@ -235,7 +235,7 @@ def test_a_set_that_does_not_fit_the_task_fails_before_training(toy_set, tmp_pat
 def test_sample_and_distribution_tasks_read_the_same_examples(tmp_path, vocab_path):
   """One set serves both losses: the top-k task adds teacher rows to exactly the examples, in
   exactly the order, of the sample task."""
-  from tasks import distillation  # pylint: disable=g-import-not-at-top
+  from specialize_jax.tasks import distillation  # pylint: disable=g-import-not-at-top
   target = "Box 0 holds 0 apples, way 0.\nThe answer is 0."
   import sentencepiece  # pylint: disable=g-import-not-at-top
   ids = np.asarray(sentencepiece.SentencePieceProcessor(model_file=str(vocab_path))

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 from specialize_jax.evaluation import process_zero
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

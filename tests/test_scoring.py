@@ -20,7 +20,7 @@ def gsm8k_task():
   data = shared_data_dir()
   os.environ["SPECIALIZE_DATA_DIR"] = str(data)
   os.environ["SPECIALIZE_VOCAB_PATH"] = str(data / "tokenizer" / "t5_spiece.model")
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import
   return seqio.get_mixture_or_task("gsm8k_test_zs_cot")
 
 

@@ -31,9 +31,9 @@ import seqio
 
 import demo_data
 from specialize_jax.data import storage
-from specialize_jax.teacher import prepare
-from specialize_jax.teacher import prepared_data
-from specialize_jax.teacher import synthetic
+from specialize_jax.prepared import prepare
+from specialize_jax.prepared import prepared_data
+from specialize_jax.demo import synthetic
 from specialize_jax.teacher import teacher_data
 from specialize_jax.training import metric_writers
 
@@ -54,8 +54,8 @@ LOCAL_ONLY_FILES = {
     'specialize_jax/data/download.py': 'downloads public datasets into the local data directory',
     'specialize_jax/data/tfds_gsm8k.py': 'builds the TFDS dataset in the local data directory',
     'specialize_jax/data/data_dir.py': 'resolves the local data directory',
-    'specialize_jax/teacher/synthetic.py': "the demo's data, generated in the local data directory",
-    'specialize_jax/demo.py': 'the demo writes its local runs/ folder',
+    'specialize_jax/demo/synthetic.py': "the demo's data, generated in the local data directory",
+    'specialize_jax/demo/miniature.py': 'the demo writes its local runs/ folder',
     'tasks/demo.py': "the demo's tasks over the local data directory",
     'specialize_jax/teacher/teacher_client.py': 'appends one durable line per teacher response: a '
                                                 'local file (a URL --output is refused)',
@@ -375,10 +375,10 @@ def test_a_run_lives_in_a_bucket(gcs, demo, bucket_set, tmp_path_factory):
   export = f'gs://{BUCKET}/export/tiny_hf'
   _specialize(['convert', f'{run}/checkpoint_6', '--to', 'hf', export], env, cwd)
   assert storage.listdir(export) == ['config.json', 'model.safetensors']
-  from specialize_jax.model import checkpoints  # pylint: disable=g-import-not-at-top
+  from specialize_jax.checkpoints import formats as checkpoints  # pylint: disable=g-import-not-at-top
   _, exported = checkpoints.load_checkpoint(export)
   _, trained = checkpoints.load_checkpoint(f'{run}/checkpoint_6')
-  from specialize_jax.model import hf_conversion  # pylint: disable=g-import-not-at-top
+  from specialize_jax.checkpoints import hf_conversion  # pylint: disable=g-import-not-at-top
   a, b = hf_conversion.flatten_params(exported), hf_conversion.flatten_params(trained)
   assert sorted(a) == sorted(b)
   for name in a:

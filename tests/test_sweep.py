@@ -18,7 +18,7 @@ from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import sweep as sweep_lib
 from specialize_jax.model import models
 from specialize_jax.model.config import T5Config
-from specialize_jax.training import checkpointing
+from specialize_jax.training import checkpoint_manager
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import optimizers
 from specialize_jax.training import trainer
@@ -45,7 +45,7 @@ def trained_run(demo_dir, tmp_path_factory):  # pylint: disable=unused-argument
                                          batch_size=8)
   trainer.train(str(model_dir), models.EncoderDecoderModel(TINY), dataset, STEPS[-1],
                 optimizer=optimizers.OptimizerConfig(learning_rate=3e-3, warmup_steps=1),
-                checkpoint=checkpointing.CheckpointConfig(period=2, keep_last=5), log_period=2)
+                checkpoint=checkpoint_manager.CheckpointConfig(period=2, keep_last=5), log_period=2)
   assert [s for s, _ in evaluator_lib.committed_checkpoint_steps(str(model_dir))] == list(STEPS)
   return model_dir
 
@@ -204,9 +204,9 @@ def test_results_in_another_dtype_are_decoded_again(run_dir, decodes, capsys):
 
 def _uncommit(step_dir):
   """Makes `step_dir` look like a save in flight: no commit marker, no commit timestamp."""
-  marker = os.path.join(step_dir, checkpointing.COMMIT_MARKER)
+  marker = os.path.join(step_dir, checkpoint_manager.COMMIT_MARKER)
   os.remove(marker)
-  metadata = os.path.join(step_dir, checkpointing.STEP_METADATA_FILE)
+  metadata = os.path.join(step_dir, checkpoint_manager.STEP_METADATA_FILE)
   with open(metadata, encoding='utf-8') as f:
     record = json.load(f)
   timestamp = record.pop('commit_timestamp_nsecs', None)

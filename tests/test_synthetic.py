@@ -11,7 +11,7 @@ import sentencepiece
 from sentencepiece import sentencepiece_model_pb2
 
 from specialize_jax.data import answers
-from specialize_jax.teacher import synthetic
+from specialize_jax.demo import synthetic
 from specialize_jax.teacher import teacher_data
 
 NUM_TRAIN, NUM_EVAL = 2000, 60
@@ -265,7 +265,7 @@ def test_accuracy_by_steps():
 
 @pytest.fixture
 def demo_tasks(demo_dir):
-  from tasks import demo  # pylint: disable=g-import-not-at-top
+  from specialize_jax.tasks import demo  # pylint: disable=g-import-not-at-top
   names = demo.register_demo_tasks(str(demo_dir))
   assert demo.register_demo_tasks(str(demo_dir)) == names  # Registering twice is fine.
   yield demo, names
@@ -318,7 +318,7 @@ def test_eval_task_holds_the_whole_split(demo_tasks, splits):
 
 
 def test_missing_data_names_the_fix(tmp_path):
-  from tasks import demo  # pylint: disable=g-import-not-at-top
+  from specialize_jax.tasks import demo  # pylint: disable=g-import-not-at-top
   demo.register_demo_tasks(str(tmp_path / "absent"))  # Registration reads nothing.
   try:
     task = seqio.get_mixture_or_task("demo_id_cot")

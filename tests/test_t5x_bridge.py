@@ -1,4 +1,4 @@
-"""The T5X bridge (gin/t5x/, specialize_jax/t5x_bridge.py).
+"""The T5X bridge (gin/t5x/, specialize_jax/integrations/t5x_bridge.py).
 
 Without T5X (CI): every name the gin files import, include, bind or reference exists in our package
 or among the T5X names they rely on, and `import specialize_jax` never imports T5X. With T5X
@@ -21,13 +21,13 @@ import pytest
 from gin import config_parser
 import specialize_jax
 from specialize_jax import cli
-from specialize_jax.model import checkpoints
-from specialize_jax.model import hf_conversion
+from specialize_jax.checkpoints import formats as checkpoints
+from specialize_jax.checkpoints import hf_conversion
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GIN_DIR = ROOT / "gin"
 T5X_GIN_FILES = sorted((GIN_DIR / "t5x").glob("*.gin"))
-BRIDGE_MODULE = "specialize_jax.t5x_bridge"
+BRIDGE_MODULE = "specialize_jax.integrations.t5x_bridge"
 # The T5X names the gin files use: their modules and the attributes bound or referenced, and the
 # T5X config files they include. Checked against T5X itself when it is installed.
 T5X_NAMES = {
@@ -89,7 +89,7 @@ def _resolve(module_name: str, attribute: str):
     if not _has_t5x():
       return None
   if module_name == BRIDGE_MODULE and not _has_t5x():
-    tree = ast.parse((ROOT / "specialize_jax" / "t5x_bridge.py").read_text(encoding="utf-8"))
+    tree = ast.parse((ROOT / "specialize_jax" / "integrations" / "t5x_bridge.py").read_text(encoding="utf-8"))
     names = {node.name for node in tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
     assert attribute in names, f"{module_name} has no {attribute}"
     return None
@@ -114,7 +114,7 @@ def test_gin_files_reference_only_existing_names(path):
       alias = statement.alias or statement.module.split(".")[-1]
       modules[alias] = statement.module
       if statement.module == BRIDGE_MODULE:
-        assert (ROOT / "specialize_jax" / "t5x_bridge.py").is_file()
+        assert (ROOT / "specialize_jax" / "integrations" / "t5x_bridge.py").is_file()
       elif statement.module.split(".")[0] in ("specialize_jax", "tasks", "seqio", "optax"):
         importlib.import_module(statement.module)
       else:
@@ -159,7 +159,7 @@ def test_every_flan_t5_size_has_a_t5x_config():
 def test_importing_the_package_never_imports_t5x():
   code = ("import sys, specialize_jax, specialize_jax.cli, specialize_jax.model.models; "
           "print(sorted(m for m in sys.modules if m.split('.')[0] == 't5x' or "
-          "m == 'specialize_jax.t5x_bridge'))")
+          "m == 'specialize_jax.integrations.t5x_bridge'))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
 

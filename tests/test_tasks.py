@@ -6,7 +6,7 @@ import pytest
 import seqio
 
 from shared_data import shared_data_dir
-from specialize_jax.teacher import prepared_data
+from specialize_jax.prepared import prepared_data
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def registry(gsm8k_gold_set):
   data = shared_data_dir()
   os.environ["SPECIALIZE_DATA_DIR"] = str(data)
   os.environ["SPECIALIZE_VOCAB_PATH"] = str(data / "tokenizer" / "t5_spiece.model")
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import
   return seqio.TaskRegistry
 
 
@@ -84,7 +84,7 @@ def test_distillation_mixture_rates_and_held_out_questions(registry):
   source = seqio.get_mixture_or_task("gsm8k_distill").source
   assert source.mixture_quotas(source.prepared()) == {
       "zs_ao": 5, "zs_cot": 200, "icl_ao": 5, "icl_cot": 790}
-  from specialize_jax.teacher import prepare  # pylint: disable=g-import-not-at-top
+  from specialize_jax.prepared import prepare  # pylint: disable=g-import-not-at-top
   held_out = prepare.gsm8k_held_out()
   assert len(held_out.ids) == 200 + 1319
   task = seqio.get_mixture_or_task("gsm8k_distill_zs_ao")

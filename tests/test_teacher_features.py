@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import seqio
 
-from specialize_jax.teacher import aligned_data
+from specialize_jax.align import aligned_data
 from specialize_jax.data import feature_converters as fc
-from specialize_jax.teacher import teacher_features
+from specialize_jax.align import teacher_features
 
 K = 5
 
@@ -18,7 +18,7 @@ def _register(prefix, teacher_path, aligned_path, k=K, rates=None):
   """Prepares the teacher file with its aligned file (as `specialize prepare --aligned`) and
   registers the distillation tasks over the set."""
   from conftest import prepare_gsm8k_set  # pylint: disable=g-import-not-at-top
-  from tasks import distillation  # pylint: disable=g-import-not-at-top
+  from specialize_jax.tasks import distillation  # pylint: disable=g-import-not-at-top
   output = pathlib.Path(aligned_path).parent / f"prepared_{prefix}_{pathlib.Path(aligned_path).stem}"
   directory = prepare_gsm8k_set(output, teacher_path, aligned_path, teacher_k=k,
                                 format_names=("zs_ao", "zs_cot"), num_chunks=1)

@@ -28,7 +28,7 @@ def test_prepared_splits_match_the_jsonl(tfds_dir):
 
 
 def test_tfds_task_matches_jsonl_task(tfds_dir):
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import
+  import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import
   seqio.set_tfds_data_dir_override(tfds_dir)
   try:
     def examples(name):

@@ -30,12 +30,12 @@ import tensorflow as tf
 from specialize_jax import cli
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import scoring
-from specialize_jax.model import checkpoints as model_checkpoints
-from specialize_jax.model import hf_conversion
+from specialize_jax.checkpoints import formats as model_checkpoints
+from specialize_jax.checkpoints import hf_conversion
 from specialize_jax.model import models
 from specialize_jax.model import network
 from specialize_jax.model.config import T5Config
-from specialize_jax.training import checkpointing
+from specialize_jax.training import checkpoint_manager
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import metric_writers
 from specialize_jax.training import optimizers
@@ -51,7 +51,7 @@ BATCH_SIZE = 8
 # Constant 3e-3 after 5 warm-up steps; the first update's rate is 0 (optimizers' docstring).
 OPTIMIZER = optimizers.OptimizerConfig(learning_rate=3e-3, warmup_steps=5)
 RUN_A_STEPS = 20
-CHECKPOINTS = checkpointing.CheckpointConfig(period=10, keep_last=3)
+CHECKPOINTS = checkpoint_manager.CheckpointConfig(period=10, keep_last=3)
 
 # After the corrupted checkpoint fails to read, orbax's pending TensorStore reads finish on an
 # event loop that has closed; Python reports that later, in whichever test is running.
@@ -134,7 +134,7 @@ def run_a(demo_dir, model, tmp_path_factory):
 def _corrupt_arrays(step_dir):
   """Deletes the array data files (OCDBT `d/` files) of the step's train state."""
   removed = 0
-  for root, _, files in os.walk(os.path.join(step_dir, checkpointing.STATE_ITEM)):
+  for root, _, files in os.walk(os.path.join(step_dir, checkpoint_manager.STATE_ITEM)):
     if os.path.basename(root) == 'd':
       for name in files:
         os.remove(os.path.join(root, name))
@@ -171,7 +171,7 @@ def test_resumed_run_ends_identical_to_uninterrupted_run(run_a, model, tmp_path,
   assert any(line.startswith('Starting at step 10 from resume') for line in lines), lines
   assert _step_dirs(model_dir) == ['checkpoint_10', 'checkpoint_20']
   # The damaged step was moved aside, not deleted.
-  moved = os.listdir(model_dir / checkpointing.BAD_SUBDIR)
+  moved = os.listdir(model_dir / checkpoint_manager.BAD_SUBDIR)
   assert len(moved) == 1 and moved[0].startswith('checkpoint_20.unreadable-'), moved
   _assert_params_equal(_params(model_dir / 'checkpoint_20'), expected)
 
@@ -244,7 +244,7 @@ def test_a_non_finite_state_is_never_checkpointed(demo_dir, model, tmp_path):
   optimizer = optimizers.OptimizerConfig(learning_rate=1e30, warmup_steps=2)
   with pytest.raises(FloatingPointError, match=r'between steps 3 and 4; nothing was saved'):
     _train(tmp_path, model, 10, optimizer=optimizer, log_period=10,
-           checkpoint=checkpointing.CheckpointConfig(period=2, async_save=False))
+           checkpoint=checkpoint_manager.CheckpointConfig(period=2, async_save=False))
   assert _step_dirs(tmp_path) == ['checkpoint_2']
   assert not os.path.exists(tmp_path / 'metrics.jsonl')  # no logged step was reached
 
@@ -274,7 +274,7 @@ def test_an_unknown_task_name_fails_before_anything_is_written_with_suggestions(
 
 def _saved_partition_specs(step_dir):
   """{'params/encoder/...': (mesh shape, partition spec)} from orbax's `_sharding` file."""
-  path = os.path.join(step_dir, checkpointing.STATE_ITEM, '_sharding')
+  path = os.path.join(step_dir, checkpoint_manager.STATE_ITEM, '_sharding')
   with open(path, encoding='utf-8') as f:
     raw = json.load(f)
   specs = {}

@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from specialize_jax.teacher import alignment  # noqa: E402
+from specialize_jax.align import alignment  # noqa: E402
 from specialize_jax.teacher import teacher_data  # noqa: E402
 from specialize_jax.teacher import teacher_sources  # noqa: E402
 

@@ -31,15 +31,15 @@ def main() -> None:
   parser.add_argument('--torch_threads', type=int, default=0, help='0: torch default')
   args = parser.parse_args()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  from specialize_jax import xla_cpu_flags  # pylint: disable=g-import-not-at-top
-  xla_cpu_flags.apply()  # As `specialize` runs.
+  from specialize_jax.runtime import xla_flags  # pylint: disable=g-import-not-at-top
+  xla_flags.apply()  # As `specialize` runs.
 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from specialize_jax.model import checkpoints  # pylint: disable=g-import-not-at-top
+  from specialize_jax.checkpoints import formats as checkpoints  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import config as config_lib  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import models  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import network  # pylint: disable=g-import-not-at-top

@@ -39,9 +39,9 @@ def _register_peer(teacher_path: str, num_questions: int) -> str:
   from specialize_jax.data import formats  # pylint: disable=g-import-not-at-top
   from specialize_jax.data import splits  # pylint: disable=g-import-not-at-top
   from specialize_jax.data import vocabulary  # pylint: disable=g-import-not-at-top
-  from specialize_jax.teacher import prepare  # pylint: disable=g-import-not-at-top
+  from specialize_jax.prepared import prepare  # pylint: disable=g-import-not-at-top
   from specialize_jax.teacher import teacher_data  # pylint: disable=g-import-not-at-top
-  from tasks import common  # pylint: disable=g-import-not-at-top
+  from specialize_jax.tasks import common  # pylint: disable=g-import-not-at-top
 
   def source(format_name):
     def dataset_fn(split, shuffle_files, seed=None):  # pylint: disable=unused-argument
@@ -72,7 +72,7 @@ def _register_peer(teacher_path: str, num_questions: int) -> str:
 def _side(args) -> dict:
   """One side in this process: first batch, throughput, (ours) resume, peak RSS."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
+  import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers the tasks)
   from specialize_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
   lengths = {"inputs": args.inputs, "targets": args.targets}
   if args.side == "ours":

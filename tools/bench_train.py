@@ -108,7 +108,7 @@ def _peer(args, np_batch, on_accelerator: bool):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
-  from specialize_jax.model import hf_conversion  # pylint: disable=g-import-not-at-top
+  from specialize_jax.checkpoints import hf_conversion  # pylint: disable=g-import-not-at-top
   config = model_config.get_config(args.preset, dropout_rate=0.0)
   hf_config = transformers.T5Config(**hf_conversion.config_to_hf(config))
   hf_config.dropout_rate = 0.0
@@ -154,10 +154,10 @@ def main() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if not args.skip_peer:  # On a GPU, leave PyTorch room beside JAX's pool (75 % by default).
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-  from specialize_jax import host_malloc  # pylint: disable=g-import-not-at-top
-  from specialize_jax import xla_cpu_flags  # pylint: disable=g-import-not-at-top
-  host_malloc.reexec_with_tunables()  # As `specialize train` runs; both sides share it.
-  xla_cpu_flags.apply()  # As `specialize` runs.
+  from specialize_jax.runtime import allocator  # pylint: disable=g-import-not-at-top
+  from specialize_jax.runtime import xla_flags  # pylint: disable=g-import-not-at-top
+  allocator.reexec_with_tunables()  # As `specialize train` runs; both sides share it.
+  xla_flags.apply()  # As `specialize` runs.
   import numpy as np  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
   vocab = model_config.get_config(args.preset).vocab_size

@@ -23,8 +23,8 @@ def main() -> None:
   parser.add_argument("--hf_init", action="store_true", help="PyTorch keeps transformers' init")
   args = parser.parse_args()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  from specialize_jax import xla_cpu_flags  # pylint: disable=g-import-not-at-top
-  xla_cpu_flags.apply()
+  from specialize_jax.runtime import xla_flags  # pylint: disable=g-import-not-at-top
+  xla_flags.apply()
   # pylint: disable=g-import-not-at-top
   import flax
   import jax
@@ -33,10 +33,10 @@ def main() -> None:
   import optax
   import torch
   import transformers
-  import tasks  # pylint: disable=unused-import  (registers the demo tasks)
+  import specialize_jax.tasks  # pylint: disable=unused-import  (registers the demo tasks)
   from specialize_jax.data import feature_converters
   from specialize_jax.model import config as model_config
-  from specialize_jax.model import hf_conversion
+  from specialize_jax.checkpoints import hf_conversion
   from specialize_jax.model import models
   from specialize_jax.training import input_pipeline
   # pylint: enable=g-import-not-at-top

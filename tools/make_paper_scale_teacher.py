@@ -64,7 +64,7 @@ from specialize_jax.data import answers  # noqa: E402
 from specialize_jax.data import storage  # noqa: E402
 from specialize_jax.data import formats  # noqa: E402
 from specialize_jax.data import readers  # noqa: E402
-from specialize_jax.teacher import aligned_data  # noqa: E402
+from specialize_jax.align import aligned_data  # noqa: E402
 from specialize_jax.teacher import teacher_data  # noqa: E402
 from specialize_jax.teacher import teacher_sources  # noqa: E402
 

@@ -57,8 +57,8 @@ def main(argv=None) -> int:
   parser.add_argument('--only', default='', help='comma-separated sizes, e.g. xl,xxl')
   args = parser.parse_args(argv)
   sys.path.insert(0, REPO_ROOT)
-  from specialize_jax.training import memory_plan  # pylint: disable=g-import-not-at-top
-  from specialize_jax.training import topologies  # pylint: disable=g-import-not-at-top
+  from specialize_jax.planning import memory_plan  # pylint: disable=g-import-not-at-top
+  from specialize_jax.planning import topologies  # pylint: disable=g-import-not-at-top
   plans = [p for p in _plans() if not args.only or any(
       f'flan_t5_{size}_' in p[0] for size in args.only.split(','))]
   named = {}

@@ -45,7 +45,7 @@ from typing import Dict, Mapping, Optional, Union
 import seqio
 import tensorflow as tf
 
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 
 TEACHER_TOPK_IDS = "teacher_topk_ids"
 TEACHER_TOPK_LOGPROBS = "teacher_topk_logprobs"

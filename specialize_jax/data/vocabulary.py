@@ -13,6 +13,8 @@ from specialize_jax.data import data_dir
 VOCAB_PATH_ENV = "SPECIALIZE_VOCAB_PATH"
 PUBLIC_T5_VOCAB_PATH = "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
 LOCAL_VOCAB_FILE = "tokenizer/t5_spiece.model"
+# The embedded demo's own vocabulary, in its data directory (written by `specialize demo`).
+DEMO_VOCAB_FILE = "spm.model"
 
 
 def vocabulary_path() -> str:

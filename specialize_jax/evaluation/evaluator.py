@@ -44,12 +44,12 @@ from jax.sharding import Mesh
 import numpy as np
 import seqio
 
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 from specialize_jax.data import feature_converters
 from specialize_jax.data import storage
 from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import process_zero
-from specialize_jax.model import checkpoints
+from specialize_jax.checkpoints import formats as checkpoints
 from specialize_jax.model import config as config_lib
 from specialize_jax.model import models
 from specialize_jax.training import partitioning

@@ -30,12 +30,12 @@ from jax.sharding import Mesh, NamedSharding
 import numpy as np
 import seqio
 
-from specialize_jax import xla_cpu_flags
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.runtime import xla_flags
+from specialize_jax.errors import ConfigError
 from specialize_jax.data import storage
 from specialize_jax.data import vocabulary as vocabulary_lib
 from specialize_jax.evaluation import process_zero
-from specialize_jax.model import checkpoints
+from specialize_jax.checkpoints import formats as checkpoints
 from specialize_jax.model import models
 from specialize_jax.training import partitioning
 from specialize_jax.training import train_state
@@ -229,7 +229,7 @@ class Decoder:
       self._steps[key] = jax.jit(
           step, in_shardings=(shardings, partitioning.batch_sharding(mesh), replicated),
           out_shardings=replicated,
-          compiler_options=xla_cpu_flags.decode_compiler_options(jax.default_backend()))
+          compiler_options=xla_flags.decode_compiler_options(jax.default_backend()))
     return self._steps[key]
 
   def __call__(self, params: Any, features: Mapping[str, np.ndarray], batch_size: int,

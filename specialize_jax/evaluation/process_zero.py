@@ -18,7 +18,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 
 # A failure on process 0 is raised on every process, as the first of these classes it is an
 # instance of (so every process of a CLI job exits with the same code), else as RuntimeError.

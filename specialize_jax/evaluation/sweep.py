@@ -46,7 +46,7 @@ from specialize_jax.data import storage
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import process_zero
-from specialize_jax.model import checkpoints
+from specialize_jax.checkpoints import formats as checkpoints
 from specialize_jax.model import models
 from specialize_jax.training import partitioning
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 
-from specialize_jax import xla_cpu_flags
+from specialize_jax.runtime import xla_flags
 from specialize_jax.model import decoding
 from specialize_jax.model import distillation_loss
 from specialize_jax.model import losses
@@ -100,13 +100,13 @@ class EncoderDecoderModel:
     """The jitted `_decode_impl`, one compilation per static option set.
 
     Built at the first decode, when the backend is known, with that backend's decoder compiler
-    options (`xla_cpu_flags.decode_compiler_options`: on CPU, XLA's own dots, not YNNPACK).
+    options (`xla_flags.decode_compiler_options`: on CPU, XLA's own dots, not YNNPACK).
     """
     if self._decode_jit is None:
       self._decode_jit = jax.jit(
           self._decode_impl, static_argnames=('num_decodes', 'decode_method',
                                               'max_decode_length', 'topk', 'topp', 'alpha'),
-          compiler_options=xla_cpu_flags.decode_compiler_options(jax.default_backend()))
+          compiler_options=xla_flags.decode_compiler_options(jax.default_backend()))
     return self._decode_jit
 
   # -- variables -------------------------------------------------------------------------------

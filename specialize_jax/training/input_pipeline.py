@@ -30,9 +30,9 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 from specialize_jax.data import feature_converters
-from specialize_jax.teacher import prepared_data
+from specialize_jax.prepared import prepared_data
 
 
 @dataclasses.dataclass(frozen=True)

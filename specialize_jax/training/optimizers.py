@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 
 OPTIMIZERS = ('adamw', 'adafactor')
 SCHEDULES = ('constant', 'linear', 'cosine', 'rsqrt')

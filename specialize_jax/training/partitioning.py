@@ -32,7 +32,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 
 LogicalAxisRules = Tuple[Tuple[str, Any], ...]
 

@@ -3,7 +3,7 @@
 Order of events, written down because users debug by it:
 1. mesh from the partitioning config; optimizer and schedule; the abstract (sharded) train state;
 2. restore: the latest checkpoint in `model_dir` (resume), else `initial_checkpoint_path` (params
-   only, any format `specialize_jax.model.checkpoints` reads, each process reading only its
+   only, any format `specialize_jax.checkpoints.formats` reads, each process reading only its
    devices' slices: `load_checkpoint_sharded`), else scratch — the choice and the bytes read are
    logged;
 3. the input iterator, fast-forwarded to the checkpoint's data position;
@@ -26,12 +26,12 @@ from typing import Callable, Dict, Mapping, Optional
 import jax
 import numpy as np
 
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 from specialize_jax.data import feature_converters
 from specialize_jax.data import storage
-from specialize_jax.model import checkpoints as model_checkpoints
+from specialize_jax.checkpoints import formats as model_checkpoints
 from specialize_jax.model import models
-from specialize_jax.training import checkpointing
+from specialize_jax.training import checkpoint_manager
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import metric_writers
 from specialize_jax.training import optimizers
@@ -49,7 +49,7 @@ def _mean_metrics(history) -> Dict[str, float]:
 
 
 def _check_finite(losses, last_checked_step: int, done: int,
-                  checkpointer: checkpointing.TrainCheckpointer) -> None:
+                  checkpointer: checkpoint_manager.TrainCheckpointer) -> None:
   """Raises naming the steps when a loss since `last_checked_step` is not finite."""
   values = np.asarray(jax.device_get(losses), np.float64)
   if not np.all(np.isfinite(values)):
@@ -75,7 +75,7 @@ def train(model_dir: str,
           num_train_steps: int,
           optimizer: optimizers.OptimizerConfig = optimizers.OptimizerConfig(),
           partitioner: partitioning.PartitioningConfig = partitioning.PartitioningConfig(),
-          checkpoint: checkpointing.CheckpointConfig = checkpointing.CheckpointConfig(),
+          checkpoint: checkpoint_manager.CheckpointConfig = checkpoint_manager.CheckpointConfig(),
           num_microbatches: int = 1,
           seed: int = 0,
           initial_checkpoint_path: Optional[str] = None,
@@ -119,8 +119,8 @@ def train(model_dir: str,
     log(f"INITIAL_CHECKPOINT_PATH: {stats.describe()}.")
     return params
 
-  checkpointer = checkpointing.TrainCheckpointer(model_dir, checkpoint)
-  state, data_position, source = checkpointing.restore_or_initialize(
+  checkpointer = checkpoint_manager.TrainCheckpointer(model_dir, checkpoint)
+  state, data_position, source = checkpoint_manager.restore_or_initialize(
       checkpointer, abstract_state, init_from_scratch,
       initial_checkpoint_path=initial_checkpoint_path, load_params_fn=load_params, log=log,
       init_from_params_fn=init_from_params)

@@ -37,9 +37,9 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 from etils import epath
 import numpy as np
 
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 from specialize_jax.data import storage
-from specialize_jax.model import hf_conversion
+from specialize_jax.checkpoints import hf_conversion
 from specialize_jax.model.config import T5Config
 
 FORMATS = ('hf', 't5x', 'orbax')

@@ -33,12 +33,12 @@ import jax
 from jax.sharding import AbstractMesh
 import numpy as np
 
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 from specialize_jax.model import models
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
-from specialize_jax.training import topologies
+from specialize_jax.planning import topologies
 from specialize_jax.training import train_state
 from specialize_jax.training import train_step
 from specialize_jax.training import trainer

@@ -25,7 +25,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from specialize_jax.data import feature_converters
-from specialize_jax.teacher import aligned_data
+from specialize_jax.align import aligned_data
 
 
 def dense_rows(topk_ids: Sequence[Sequence[int]], topk_logprobs: Sequence[Sequence[float]],

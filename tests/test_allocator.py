@@ -1,4 +1,4 @@
-"""host_malloc: when the CPU malloc settings apply, and that a re-executed process reuses memory."""
+"""The allocator: when the CPU malloc settings apply, and that a re-executed process reuses memory."""
 import ast
 import os
 import platform
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from specialize_jax import host_malloc
+from specialize_jax.runtime import allocator
 
 
 @pytest.mark.parametrize('environ, system, libc, accelerator, wanted', [
@@ -23,15 +23,15 @@ from specialize_jax import host_malloc
     ({}, 'Linux', '', False, False),  # musl
 ])
 def test_tunables_wanted(environ, system, libc, accelerator, wanted):
-  assert host_malloc.tunables_wanted(environ, system, libc, accelerator) is wanted
+  assert allocator.tunables_wanted(environ, system, libc, accelerator) is wanted
 
 
 # A thread (as XLA's workers) allocates, touches and frees 128 MiB twice; the second round's page
 # faults show whether the freed block was kept for reuse.
 _CHILD = textwrap.dedent('''
     import ctypes, os, resource, sys, threading
-    from specialize_jax import host_malloc
-    host_malloc.reexec_with_tunables()
+    from specialize_jax.runtime import allocator
+    allocator.reexec_with_tunables()
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
@@ -64,7 +64,7 @@ def test_reexecuted_process_reuses_freed_memory():
   environ = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
   environ['JAX_PLATFORMS'] = 'cpu'
   tunables, faults = _second_round_faults(environ)
-  assert tunables == host_malloc.TUNABLES
+  assert tunables == allocator.TUNABLES
   assert faults < 1000, faults  # 32,768 pages would fault in again without the settings
   # The opt-out: an empty GLIBC_TUNABLES is left alone, and glibc unmaps and re-faults the block.
   tunables, faults = _second_round_faults({**environ, 'GLIBC_TUNABLES': ''})
@@ -88,4 +88,4 @@ def test_training_commands_restart_with_the_settings(command, restarted):
   assert done.returncode == 0, done.stderr
   printed = [ast.literal_eval(line) for line in done.stdout.splitlines()
              if line == 'None' or line.startswith("'glibc")]
-  assert printed == ([None, host_malloc.TUNABLES] if restarted else [None])
+  assert printed == ([None, allocator.TUNABLES] if restarted else [None])

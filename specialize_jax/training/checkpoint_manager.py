@@ -2,7 +2,7 @@
 
 Terms:
   MODEL_DIR: the run directory. Checkpoints live directly in it, in T5X's layout, so that
-    `specialize_jax.model.checkpoints.load_checkpoint(MODEL_DIR)` (and `load_pretrained`) read the
+    `specialize_jax.checkpoints.formats.load_checkpoint(MODEL_DIR)` (and `load_pretrained`) read the
     params of the latest step without knowing about training:
 
       MODEL_DIR/
@@ -68,9 +68,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 from specialize_jax.data import storage
-from specialize_jax.model import checkpoints as model_checkpoints
+from specialize_jax.checkpoints import formats as model_checkpoints
 
 STEP_PREFIX = 'checkpoint'  # T5X's `checkpoint_<step>`; `load_checkpoint` resolves it.
 STATE_ITEM = 'state'  # First in `model_checkpoints.ORBAX_ITEM_NAMES`.

@@ -58,9 +58,10 @@ import numpy as np
 
 from specialize_jax.data import answers
 from specialize_jax.data import storage
+from specialize_jax.data import vocabulary
 from specialize_jax.data import formats
-from specialize_jax.teacher import prepare
-from specialize_jax.teacher import prepared_data
+from specialize_jax.prepared import prepare
+from specialize_jax.prepared import prepared_data
 from specialize_jax.teacher import teacher_data
 
 SOURCE = "demo"
@@ -83,7 +84,7 @@ LONG_STEPS = (4,)
 VOCAB_SIZE = 384
 # One piece per value: no problem holds a number above MAX_VALUE.
 NUMBER_PIECES = tuple(f"\u2581{n}" for n in range(MAX_VALUE + 1))
-VOCAB_FILE = "spm.model"
+VOCAB_FILE = vocabulary.DEMO_VOCAB_FILE
 # The prepared training set (`prepare_training_set`): the demo trains zero-shot formats only.
 PREPARED_SUBDIR = "prepared"
 PREPARED_FORMATS = ("zs_cot", "zs_ao")

@@ -14,8 +14,8 @@ import os
 import time
 from typing import Dict, Optional
 
-from specialize_jax import gin_config
-from specialize_jax.teacher import synthetic
+from specialize_jax.jobs import gin_config
+from specialize_jax.demo import synthetic
 
 STUDENTS = (("cot", "CoT", "experiments/demo_cpu.gin"),
             ("ao", "answer-only", "experiments/demo_cpu_answer_only.gin"))
@@ -68,7 +68,7 @@ def run_demo(output_dir: str, demo_dir: str, only_data: bool = False,
              train_steps: Optional[int] = None) -> int:
   """Needs the demo tasks registered (`import tasks`, done by the CLI) over `demo_dir`."""
   import gin  # pylint: disable=g-import-not-at-top
-  from specialize_jax import runs  # pylint: disable=g-import-not-at-top
+  from specialize_jax.jobs import runs  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   paths = synthetic.write_demo_data(demo_dir)
   logging.info("Demo data in %s (%.1f s).", paths["train"].parent, time.perf_counter() - start)

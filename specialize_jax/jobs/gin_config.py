@@ -2,20 +2,28 @@
 
 `--gin_file` files parse in order (later override earlier), then `--gin.X=Y` bindings. A relative
 gin file or include is looked up as a file relative to the working directory, then to each
-`--gin_search_paths` entry, then to this repository's `gin/` folder. The configuration of a run is
-logged and written to `MODEL_DIR/config.gin`, where later jobs read the model's compute dtype
-(`recorded_model_dtype`).
+`--gin_search_paths` entry, then to the shipped configs (the checkout's `gin/`, or the package's
+copy in a wheel). The configuration of a run is logged and written to `MODEL_DIR/config.gin`, where
+later jobs read the model's compute dtype (`recorded_model_dtype`).
 """
 import contextlib
 import logging
 import os
+import pathlib
 from typing import Any, Iterator, List, Optional, Sequence
 
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 
-# The shipped configs (found this way in a source checkout / editable install).
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))  # local: this package
-REPO_GIN_DIR = os.path.join(os.path.dirname(_PACKAGE_DIR), "gin")
+
+
+def _shipped_gin_dir() -> str:
+  """The shipped configs: inside the package when installed from a wheel, else the checkout's gin/."""
+  package_dir = pathlib.Path(__file__).resolve().parent.parent  # local: this package's files
+  installed = package_dir / "gin"
+  return str(installed if installed.is_dir() else package_dir.parent / "gin")
+
+
+SHIPPED_GIN_DIR = _shipped_gin_dir()
 RUN_CONFIG_FILE = "config.gin"
 
 
@@ -34,7 +42,7 @@ def gin_bindings(extra_args: List[str]) -> List[str]:
 @contextlib.contextmanager
 def file_resolution(search_paths: Sequence[str] = ()) -> Iterator[None]:
   """Within the block, gin finds relative files only as plain files under `search_paths`, then
-  `REPO_GIN_DIR` (the working directory first, as gin always does).
+  `SHIPPED_GIN_DIR` (the working directory first, as gin always does).
 
   gin also registers a reader that treats `runs/specialize.gin` as the resource `specialize.gin` of
   a Python package `runs`: it logs "ERROR Path not found" for each location it probes in a run that
@@ -49,7 +57,7 @@ def file_resolution(search_paths: Sequence[str] = ()) -> Iterator[None]:
   from specialize_jax.data import storage  # pylint: disable=g-import-not-at-top
   saved = list(file_readers), list(location_prefixes)
   file_readers[:] = [(storage.open_file, storage.isfile)]  # local files and gs:// alike
-  location_prefixes[:] = ["", *search_paths, REPO_GIN_DIR]
+  location_prefixes[:] = ["", *search_paths, SHIPPED_GIN_DIR]
   try:
     yield
   finally:
@@ -59,12 +67,12 @@ def file_resolution(search_paths: Sequence[str] = ()) -> Iterator[None]:
 def find_file(name: str, search_paths: Sequence[str] = ()) -> str:
   """Where `parse_gin` finds the gin file `name` (the order of `file_resolution`)."""
   from specialize_jax.data import storage  # pylint: disable=g-import-not-at-top
-  for prefix in ["", *search_paths, REPO_GIN_DIR]:
+  for prefix in ["", *search_paths, SHIPPED_GIN_DIR]:
     path = storage.join(prefix, name) if prefix else name
     if storage.isfile(path):
       return path
   raise ConfigError(f"gin file {name!r} not found in the working directory, --gin_search_paths "
-                    f"{list(search_paths)} or {REPO_GIN_DIR}.")
+                    f"{list(search_paths)} or {SHIPPED_GIN_DIR}.")
 
 
 def parse_gin(gin_files: List[str], bindings: List[str], search_paths: List[str]) -> None:

@@ -17,8 +17,8 @@ from typing import Any, Union
 
 import numpy as np
 
-from specialize_jax.model import checkpoints
-from specialize_jax.model import hf_conversion
+from specialize_jax.checkpoints import formats as checkpoints
+from specialize_jax.checkpoints import hf_conversion
 
 SOURCE_FORMATS = ('hf', 't5x', 'orbax', 'auto')
 DESTINATION_FORMATS = ('hf', 'orbax', 't5x')

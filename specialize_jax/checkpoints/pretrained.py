@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specialize_jax.model import checkpoints
+from specialize_jax.checkpoints import formats as checkpoints
 from specialize_jax.data import storage
 from specialize_jax.model import decoding
 from specialize_jax.model import models

@@ -15,9 +15,8 @@ from typing import Iterable, List
 import seqio
 import tensorflow as tf
 
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 from specialize_jax.data import data_dir
-from specialize_jax.teacher import synthetic
 from specialize_jax.data import vocabulary as vocabulary_lib
 
 _FETCH_TOKENIZER = "`specialize download --only tokenizer`"
@@ -39,7 +38,7 @@ def _missing_vocabulary(path: str, task_name: str, reason: str) -> FileNotFoundE
     fix = (f"point ${vocabulary_lib.VOCAB_PATH_ENV} at a SentencePiece model, or unset it to use "
            f"{data_dir.data_dir() / vocabulary_lib.LOCAL_VOCAB_FILE} (fetched by "
            f"{_FETCH_TOKENIZER})")
-  elif os.path.basename(path) == synthetic.VOCAB_FILE:
+  elif os.path.basename(path) == vocabulary_lib.DEMO_VOCAB_FILE:
     fix = "write the demo data first: `specialize demo --only_data`"
   else:
     fix = (f"fetch the T5 vocabulary with {_FETCH_TOKENIZER}, or set "

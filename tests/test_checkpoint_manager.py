@@ -20,10 +20,10 @@ import optax
 import pytest
 
 import specialize_jax
-from specialize_jax.model import checkpoints as model_checkpoints
-from specialize_jax.model import hf_conversion
+from specialize_jax.checkpoints import formats as model_checkpoints
+from specialize_jax.checkpoints import hf_conversion
 from specialize_jax.model.config import PRESETS
-from specialize_jax.training import checkpointing
+from specialize_jax.training import checkpoint_manager
 
 # Inference cannot recover relative_attention_max_distance; the preset's 128 is T5X's default.
 CONFIG = dataclasses.replace(PRESETS['tiny'], vocab_size=64)
@@ -106,7 +106,7 @@ def _assert_identical(a, b):
 def _checkpointer(path, **config):
   config.setdefault('period', 1)
   config.setdefault('async_save', False)
-  return checkpointing.TrainCheckpointer(path, checkpointing.CheckpointConfig(**config))
+  return checkpoint_manager.TrainCheckpointer(path, checkpoint_manager.CheckpointConfig(**config))
 
 
 def test_round_trip_is_bit_identical_and_period_decides(tmp_path, mesh):
@@ -122,7 +122,7 @@ def test_round_trip_is_bit_identical_and_period_decides(tmp_path, mesh):
   assert sorted(os.listdir(tmp_path / 'checkpoint_4')) == [
       '_CHECKPOINT_METADATA', 'commit_success.txt', 'meta', 'state']
 
-  reader = checkpointing.TrainCheckpointer(tmp_path, read_only=True)
+  reader = checkpoint_manager.TrainCheckpointer(tmp_path, read_only=True)
   assert reader.all_steps() == [4, 5] and reader.latest_step() == 5
   restored, data_position, step = reader.restore(_abstract(state, mesh, sharded=False))
   assert step == 5 and data_position == {'batches_consumed': 5, 'seed': 3}
@@ -130,7 +130,7 @@ def test_round_trip_is_bit_identical_and_period_decides(tmp_path, mesh):
 
   # The older step restores once the newer one is gone; its metrics and position are intact.
   shutil.rmtree(tmp_path / 'checkpoint_5')
-  reader = checkpointing.TrainCheckpointer(tmp_path, read_only=True)
+  reader = checkpoint_manager.TrainCheckpointer(tmp_path, read_only=True)
   restored, data_position, step = reader.restore(_abstract(state, mesh, sharded=False))
   assert step == 4 and data_position == position
   _assert_identical(restored, state)
@@ -149,7 +149,7 @@ def test_restore_into_mesh_shardings(tmp_path, mesh):
   ckpt.save(2, state, {'batches_consumed': 2})
   ckpt.close()
   abstract = _abstract(state, mesh)
-  restored, _, _ = checkpointing.TrainCheckpointer(tmp_path, read_only=True).restore(abstract)
+  restored, _, _ = checkpoint_manager.TrainCheckpointer(tmp_path, read_only=True).restore(abstract)
   _assert_identical(restored, state)
   kernel = restored.params['encoder']['layers_0']['mlp']['wo']['kernel']  # [mlp=32, embed=16]
   assert kernel.sharding.is_equivalent_to(NamedSharding(mesh, P('data', 'model')), 2)
@@ -196,7 +196,7 @@ def test_keeps_last_n_and_best_n(tmp_path, mode, values, kept):
 
 def test_best_metric_must_be_in_the_metrics(tmp_path):
   with pytest.raises(ValueError, match='best_metric'):
-    checkpointing.CheckpointConfig(keep_best=1)
+    checkpoint_manager.CheckpointConfig(keep_best=1)
   ckpt = _checkpointer(tmp_path, keep_best=1, best_metric=METRIC)
   with pytest.raises(ValueError, match=r"closest: \['gsm8k_dev_icl_cot/accuracy_'\]"):
     ckpt.save(1, _state(seed=0), {}, metrics={'gsm8k_dev_icl_cot/accuracy_': 0.5})
@@ -224,7 +224,7 @@ def _uncommit(step_dir):
 def _step_locations(model_dir):
   """{step directory name: where it is}: in MODEL_DIR itself or moved into `bad_checkpoints/`."""
   found = {name: 'in place' for name in os.listdir(model_dir) if name.startswith('checkpoint_')}
-  bad = os.path.join(model_dir, checkpointing.BAD_SUBDIR)
+  bad = os.path.join(model_dir, checkpoint_manager.BAD_SUBDIR)
   for name in (os.listdir(bad) if os.path.isdir(bad) else ()):
     found.setdefault(name.split('.')[0], f'moved to {name}')
   return found
@@ -257,15 +257,15 @@ def test_bad_latest_steps_fall_back_with_warnings(tmp_path, mesh, caplog):
   assert locations['checkpoint_1'] == 'in place'
   assert locations['checkpoint_2'].startswith('moved to checkpoint_2.uncommitted-')
   assert locations['checkpoint_3'].startswith('moved to checkpoint_3.unreadable-')
-  assert f'moved it to {tmp_path / checkpointing.BAD_SUBDIR / locations["checkpoint_3"][9:]}' in (
+  assert f'moved it to {tmp_path / checkpoint_manager.BAD_SUBDIR / locations["checkpoint_3"][9:]}' in (
       warnings)
 
   # The resumed run's next save is not blocked by their numbers.
   assert ckpt.save(2, _state(seed=9, step=2), {'batches_consumed': 2})
   ckpt.close()
-  assert sorted(os.listdir(tmp_path)) == [checkpointing.BAD_SUBDIR, 'checkpoint_1',
+  assert sorted(os.listdir(tmp_path)) == [checkpoint_manager.BAD_SUBDIR, 'checkpoint_1',
                                           'checkpoint_2']
-  restored, _, step = checkpointing.TrainCheckpointer(tmp_path, read_only=True).restore(
+  restored, _, step = checkpoint_manager.TrainCheckpointer(tmp_path, read_only=True).restore(
       _abstract(states[1], mesh))
   assert step == 2
   _assert_identical(restored, _state(seed=9, step=2))
@@ -278,7 +278,7 @@ def test_no_good_step_raises_with_reasons(tmp_path, mesh):
   ckpt.close()
   _truncate_arrays(tmp_path / 'checkpoint_1')
   os.remove(tmp_path / 'checkpoint_2' / 'state' / '_METADATA')
-  reader = checkpointing.TrainCheckpointer(tmp_path, read_only=True)
+  reader = checkpoint_manager.TrainCheckpointer(tmp_path, read_only=True)
   with pytest.raises(ValueError) as error:
     reader.restore(_abstract(_state(seed=0), mesh))
   message = str(error.value)
@@ -299,7 +299,7 @@ def _saved_steps(path, steps=(1, 2, 3), **config):
 def _fail_reads(monkeypatch, times, error=OSError('UNAVAILABLE: injected storage error')):
   """Makes orbax's next `times` restores raise `error`; returns the list of calls."""
   calls = []
-  restore = checkpointing.ocp.CheckpointManager.restore
+  restore = checkpoint_manager.ocp.CheckpointManager.restore
 
   def flaky(manager, step, *args, **kwargs):
     calls.append(step)
@@ -307,7 +307,7 @@ def _fail_reads(monkeypatch, times, error=OSError('UNAVAILABLE: injected storage
       raise error
     return restore(manager, step, *args, **kwargs)
 
-  monkeypatch.setattr(checkpointing.ocp.CheckpointManager, 'restore', flaky)
+  monkeypatch.setattr(checkpoint_manager.ocp.CheckpointManager, 'restore', flaky)
   return calls
 
 
@@ -338,7 +338,7 @@ def test_persistent_read_errors_fail_loudly_and_move_nothing(tmp_path, mesh, mon
     shapes = dict(TOY_SHAPES, **{'encoder/encoder_norm/scale': (24,)})  # another model width
     abstract = _abstract(_state(seed=0, step=3).replace(params=_random_params(0, shapes)), mesh)
     abstract = abstract.replace(opt_state=_abstract(states[3], mesh).opt_state)
-  with pytest.raises(checkpointing.CheckpointReadError,
+  with pytest.raises(checkpoint_manager.CheckpointReadError,
                      match=r'step 3 of .* failed 3 times.*Nothing was skipped, moved or deleted'):
     ckpt.restore(abstract)
   if cause == 'storage':
@@ -358,7 +358,7 @@ def test_interrupted_save_is_ignored(tmp_path, mesh):
   _uncommit(torn)
   _truncate_arrays(torn)
 
-  reader = checkpointing.TrainCheckpointer(tmp_path, read_only=True)
+  reader = checkpoint_manager.TrainCheckpointer(tmp_path, read_only=True)
   assert reader.all_steps() == [1] and reader.uncommitted_steps() == {}
   restored, _, step = reader.restore(_abstract(good, mesh))
   assert step == 1
@@ -384,7 +384,7 @@ def test_restore_or_initialize_sources(tmp_path, mesh, caplog):
     return sharded
 
   messages = []
-  state, position, source = checkpointing.restore_or_initialize(
+  state, position, source = checkpoint_manager.restore_or_initialize(
       tmp_path / 'empty', abstract, init_fn, log=messages.append)
   assert source == 'scratch' and position is None and calls == ['init']
   _assert_identical(state, scratch)
@@ -392,7 +392,7 @@ def test_restore_or_initialize_sources(tmp_path, mesh, caplog):
 
   pretrained = _random_params(seed=7)
   model_checkpoints.save_orbax(pretrained, CONFIG, tmp_path / 'pretrained')
-  state, position, source = checkpointing.restore_or_initialize(
+  state, position, source = checkpoint_manager.restore_or_initialize(
       tmp_path / 'empty', abstract, init_fn, initial_checkpoint_path=str(tmp_path / 'pretrained'),
       log=messages.append)
   assert source == 'initial_checkpoint' and position is None
@@ -404,7 +404,7 @@ def test_restore_or_initialize_sources(tmp_path, mesh, caplog):
 
   # init_from_params_fn receives the placed params.
   seen = []
-  state, _, _ = checkpointing.restore_or_initialize(
+  state, _, _ = checkpoint_manager.restore_or_initialize(
       tmp_path / 'empty', abstract, init_fn, initial_checkpoint_path=str(tmp_path / 'pretrained'),
       init_from_params_fn=lambda p: seen.append(p) or sharded.replace(params=p))
   assert seen[0] is state.params
@@ -418,7 +418,7 @@ def test_restore_or_initialize_sources(tmp_path, mesh, caplog):
       State(step=jax.ShapeDtypeStruct((), jnp.int32), params=wrong_params, opt_state=()), mesh)
   with pytest.raises(model_checkpoints.CheckpointMismatchError,
                      match=r'encoder/layers_0/mlp/wo/kernel.*expected shape \(48, 16\)'):
-    checkpointing.restore_or_initialize(tmp_path / 'empty', wrong_abstract, init_fn,
+    checkpoint_manager.restore_or_initialize(tmp_path / 'empty', wrong_abstract, init_fn,
                                         initial_checkpoint_path=str(tmp_path / 'pretrained'))
 
   # A run directory with a committed step resumes, whatever INITIAL_CHECKPOINT_PATH says; an
@@ -430,7 +430,7 @@ def test_restore_or_initialize_sources(tmp_path, mesh, caplog):
   ckpt.close()
   _uncommit(tmp_path / 'run' / 'checkpoint_40')
   with caplog.at_level(logging.WARNING):
-    state, position, source = checkpointing.restore_or_initialize(
+    state, position, source = checkpoint_manager.restore_or_initialize(
         tmp_path / 'run', abstract, init_fn, initial_checkpoint_path=str(tmp_path / 'pretrained'),
         log=messages.append)
   assert source == 'resume' and position == {'batches_consumed': 30, 'seed': 0}
@@ -444,11 +444,11 @@ def test_restore_or_initialize_sources(tmp_path, mesh, caplog):
   # Only uncommitted steps: not a resume; the loop's checkpointer moves them aside.
   shutil.rmtree(tmp_path / 'run' / 'checkpoint_30')
   ckpt = _checkpointer(tmp_path / 'run', period=10)
-  _, _, source = checkpointing.restore_or_initialize(ckpt, abstract, init_fn)
+  _, _, source = checkpoint_manager.restore_or_initialize(ckpt, abstract, init_fn)
   assert source == 'scratch'
   assert ckpt.save(10, sharded, {'batches_consumed': 10})
   ckpt.close()
-  assert sorted(os.listdir(tmp_path / 'run')) == [checkpointing.BAD_SUBDIR, 'checkpoint_10']
+  assert sorted(os.listdir(tmp_path / 'run')) == [checkpoint_manager.BAD_SUBDIR, 'checkpoint_10']
   assert _step_locations(tmp_path / 'run')['checkpoint_40'].startswith('moved to')
 
 

@@ -10,11 +10,11 @@ scores the same in the training loop and in `specialize eval`.
 import logging
 from typing import Dict, Optional
 
-from specialize_jax import gin_config
+from specialize_jax.jobs import gin_config
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import inference
 from specialize_jax.model import models
-from specialize_jax.training import checkpointing
+from specialize_jax.training import checkpoint_manager
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
@@ -32,7 +32,7 @@ def train(model_dir: str,
           num_train_steps: int,
           optimizer: optimizers.OptimizerConfig = optimizers.OptimizerConfig(),
           partitioner: partitioning.PartitioningConfig = partitioning.PartitioningConfig(),
-          checkpoint: checkpointing.CheckpointConfig = checkpointing.CheckpointConfig(),
+          checkpoint: checkpoint_manager.CheckpointConfig = checkpoint_manager.CheckpointConfig(),
           num_microbatches: int = 1,
           seed: int = 0,
           initial_checkpoint_path: Optional[str] = None,

@@ -59,7 +59,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from specialize_jax.teacher import aligned_data
+from specialize_jax.align import aligned_data
 from specialize_jax.data import storage
 from specialize_jax.data import formats
 

@@ -54,7 +54,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from specialize_jax.config_errors import ConfigError
+from specialize_jax.errors import ConfigError
 from specialize_jax.data import feature_converters
 from specialize_jax.data import storage
 

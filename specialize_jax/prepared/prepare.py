@@ -32,9 +32,9 @@ from specialize_jax.data import readers
 from specialize_jax.data import splits
 from specialize_jax.data import storage
 from specialize_jax.data.records import MathExample
-from specialize_jax.teacher import prepared_data
+from specialize_jax.prepared import prepared_data
 from specialize_jax.teacher import teacher_data
-from specialize_jax.teacher import teacher_features
+from specialize_jax.align import teacher_features
 from specialize_jax.teacher import teacher_sources
 
 DEFAULT_FORMAT_RATES = {"icl_cot": 0.79, "zs_cot": 0.20, "icl_ao": 0.005, "zs_ao": 0.005}

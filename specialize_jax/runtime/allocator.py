@@ -30,7 +30,7 @@ import platform
 import sys
 from typing import Mapping, Optional, Sequence
 
-from specialize_jax import jax_platforms
+from specialize_jax.runtime import platforms
 
 TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
             f'glibc.malloc.trim_threshold={2**46}')
@@ -41,7 +41,7 @@ def tunables_wanted(environ: Mapping[str, str], system: str, libc: str,
   """Whether a process with this environment and platform should run with `TUNABLES`."""
   if system != 'Linux' or libc != 'glibc' or 'GLIBC_TUNABLES' in environ:
     return False
-  return jax_platforms.cpu_is_default(environ, accelerator_installed)
+  return platforms.cpu_is_default(environ, accelerator_installed)
 
 
 def reexec_with_tunables(argv: Optional[Sequence[str]] = None) -> None:
@@ -53,7 +53,7 @@ def reexec_with_tunables(argv: Optional[Sequence[str]] = None) -> None:
   """
   if not sys.executable or not tunables_wanted(os.environ, platform.system(),
                                                platform.libc_ver()[0],
-                                               jax_platforms.accelerator_installed()):
+                                               platforms.accelerator_installed()):
     return  # (an embedded interpreter has no executable to restart)
   argv = list(sys.orig_argv if argv is None else argv)
   sys.stdout.flush()

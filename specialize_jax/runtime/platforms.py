@@ -2,7 +2,7 @@
 
 JAX starts the platforms `JAX_PLATFORMS` names (comma-separated; the first is the default). Unset,
 it starts the CPU and every accelerator whose plugin is installed, and an accelerator becomes the
-default. Settings made for the CPU backend (`xla_cpu_flags`, `host_malloc`) ask here first.
+default. Settings made for the CPU backend (`xla_flags`, `allocator`) ask here first.
 """
 import importlib.util
 from typing import List, Mapping

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from specialize_jax import jax_platforms
-from specialize_jax import xla_cpu_flags
+from specialize_jax.runtime import platforms
+from specialize_jax.runtime import xla_flags
 
 
 @pytest.fixture(autouse=True)
@@ -15,52 +15,52 @@ def cpu_only(monkeypatch):
 
 def test_adds_missing_flags_once(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  first = xla_cpu_flags.apply()
+  first = xla_flags.apply()
   assert first == ("--xla_force_host_platform_device_count=8 "
                    "--xla_cpu_experimental_ynn_fusion_type=dot")
-  assert xla_cpu_flags.apply() == first
+  assert xla_flags.apply() == first
 
 
 def test_user_setting_wins(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise")
-  assert xla_cpu_flags.apply() == "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise"
+  assert xla_flags.apply() == "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise"
 
 
 def test_works_without_xla_flags(monkeypatch):
   monkeypatch.delenv("XLA_FLAGS", raising=False)
-  assert xla_cpu_flags.apply() == "--xla_cpu_experimental_ynn_fusion_type=dot"
+  assert xla_flags.apply() == "--xla_cpu_experimental_ynn_fusion_type=dot"
 
 
 def test_decoding_on_cpu_drops_ynnpack_unless_the_user_chose_a_setting(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
-  assert xla_cpu_flags.decode_compiler_options("cpu") == {
+  assert xla_flags.decode_compiler_options("cpu") == {
       "xla_cpu_experimental_ynn_fusion_type": ""}
   monkeypatch.delenv("XLA_FLAGS")
-  assert xla_cpu_flags.decode_compiler_options("cpu") == {
+  assert xla_flags.decode_compiler_options("cpu") == {
       "xla_cpu_experimental_ynn_fusion_type": ""}
-  assert xla_cpu_flags.decode_compiler_options("gpu") == {}
-  assert xla_cpu_flags.decode_compiler_options("tpu") == {}
+  assert xla_flags.decode_compiler_options("gpu") == {}
+  assert xla_flags.decode_compiler_options("tpu") == {}
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise")
-  assert xla_cpu_flags.decode_compiler_options("cpu") == {}
+  assert xla_flags.decode_compiler_options("cpu") == {}
 
 
 def test_the_decoder_option_is_one_this_jaxlib_accepts():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  double = jax.jit(lambda x: x @ x, compiler_options=xla_cpu_flags.DECODE_CPU_OPTIONS)
+  double = jax.jit(lambda x: x @ x, compiler_options=xla_flags.DECODE_CPU_OPTIONS)
   assert float(double(jnp.full((2, 2), 1.0))[0, 0]) == 2.0
 
 
 @pytest.mark.parametrize("platforms", ["tpu", "cuda", "gpu", "rocm", "cpu,tpu", "cuda,cpu"])
-@pytest.mark.parametrize("xla_flags", [None, "--xla_force_host_platform_device_count=8"])
-def test_accelerator_platforms_leave_the_environment_untouched(monkeypatch, platforms, xla_flags):
+@pytest.mark.parametrize("existing_flags", [None, "--xla_force_host_platform_device_count=8"])
+def test_accelerator_platforms_leave_the_environment_untouched(monkeypatch, platforms, existing_flags):
   monkeypatch.setenv("JAX_PLATFORMS", platforms)
-  if xla_flags is None:
+  if existing_flags is None:
     monkeypatch.delenv("XLA_FLAGS", raising=False)
   else:
-    monkeypatch.setenv("XLA_FLAGS", xla_flags)
+    monkeypatch.setenv("XLA_FLAGS", existing_flags)
   before = dict(os.environ)
-  assert xla_cpu_flags.apply() == (xla_flags or "")
+  assert xla_flags.apply() == (existing_flags or "")
   assert dict(os.environ) == before
 
 
@@ -69,8 +69,8 @@ def test_accelerator_platforms_leave_the_environment_untouched(monkeypatch, plat
 def test_unset_platforms_follow_the_installed_plugins(monkeypatch, installed, expected):
   monkeypatch.delenv("JAX_PLATFORMS")
   monkeypatch.delenv("XLA_FLAGS", raising=False)
-  monkeypatch.setattr(jax_platforms, "accelerator_installed", lambda: installed)
-  xla_cpu_flags.apply()
+  monkeypatch.setattr(platforms, "accelerator_installed", lambda: installed)
+  xla_flags.apply()
   assert os.environ.get("XLA_FLAGS") == expected
 
 
@@ -84,5 +84,5 @@ def test_unset_platforms_follow_the_installed_plugins(monkeypatch, installed, ex
     ({"JAX_PLATFORMS": ""}, True, False, False),  # empty means unset
 ])
 def test_platform_decisions(environ, accelerator, default, only):
-  assert jax_platforms.cpu_is_default(environ, accelerator) is default
-  assert jax_platforms.cpu_only(environ, accelerator) is only
+  assert platforms.cpu_is_default(environ, accelerator) is default
+  assert platforms.cpu_only(environ, accelerator) is only

@@ -9,7 +9,7 @@ The flag names exist in the pinned jaxlib (an unknown XLA flag aborts the proces
 upgrade must re-check them). A flag the user already set in `XLA_FLAGS` is left as the user set it.
 `XLA_FLAGS` is read by every XLA backend a process starts, and a TPU or GPU plugin ships its own XLA
 that may not know a CPU flag, so `apply` sets them only when the CPU is the only backend JAX will
-start (`jax_platforms.cpu_only`); TPU and GPU processes keep their environment untouched.
+start (`platforms.cpu_only`); TPU and GPU processes keep their environment untouched.
 
 Decoding is the exception to "YNNPACK for dots": a decode step multiplies a few rows (`[32, 512]`)
 by weights that no longer sit in the cache, and there XLA's own (Eigen) dots are faster. Measured
@@ -19,7 +19,7 @@ keeps YNNPACK and decoding does not.
 """
 import os
 
-from specialize_jax import jax_platforms
+from specialize_jax.runtime import platforms
 
 _YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 CPU_FLAGS = {_YNN_FUSION_FLAG: "dot"}
@@ -37,7 +37,7 @@ def apply() -> str:
   """Adds `CPU_FLAGS` to `$XLA_FLAGS` when JAX will run on the CPU only (call before JAX
   initializes a backend); returns the value ("" when unset)."""
   current = os.environ.get("XLA_FLAGS", "")
-  if not jax_platforms.cpu_only(os.environ, jax_platforms.accelerator_installed()):
+  if not platforms.cpu_only(os.environ, platforms.accelerator_installed()):
     return current
   present = _flag_values()
   extra = [f"{name}={value}" for name, value in CPU_FLAGS.items() if name not in present]
