@@ -1,7 +1,7 @@
 """specialize_jax: specializing small T5/FlanT5 students for multi-step reasoning, in JAX."""
 import setuptools
 
-# Versions verified together on Python 3.11 (see ../shared/docs/NOTES.md and README "Install").
+# Versions verified together on Python 3.11 (docs/benchmarks.md records the suite on them).
 INSTALL_REQUIRES = [
     "jax==0.10.2",
     "jaxlib==0.10.2",
@@ -12,7 +12,7 @@ INSTALL_REQUIRES = [
     # The path layer (specialize_jax/data/storage.py): local paths and gs:// alike, as orbax uses.
     "etils[epath]==1.15.0",
     "seqio==0.0.20",
-    # Prepared training sets (teacher/prepared_data.py), local or gs:// (a GCS reader from 0.8 on;
+    # Prepared training sets (prepared/prepared_data.py), local or gs:// (a GCS reader from 0.8 on;
     # 0.8.6 verified against the GCS emulator by tests/test_storage.py).
     "array-record==0.8.6",
     # tensorflow-text pulls full tensorflow even beside tensorflow-cpu, so depend on it directly.

@@ -1,5 +1,7 @@
-"""SeqIO task and mixture registrations. Importing this package registers them all (a side effect
-kept out of the library: `specialize_jax` never imports `tasks`). Names are listed in README.md.
+"""SeqIO task and mixture registrations, kept in the repository's tasks/ and installed as
+`specialize_jax.tasks`. Importing this package registers them all (a side effect only the command
+line, the T5X gin files and tests cause; the library layers never import it). docs/data.md lists
+the names.
 
 - `tasks.math_eval`: `{gsm8k_test,gsm8k_dev,multiarith_dev,multiarith_test,asdiv_test,svamp_test,
   addsub_test,singleeq_test,gsm8k_tfds_test}_{zs_ao,zs_cot,icl_ao,icl_cot}`

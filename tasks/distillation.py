@@ -1,4 +1,4 @@
-"""Distillation (training) tasks: the four formats of METHOD.md §2 from a prepared training set.
+"""Distillation (training) tasks: the four formats (docs/method.md) from a prepared training set.
 
 Registered at import:
 - `gsm8k_distill_{zs_ao,zs_cot,icl_ao,icl_cot}` (one format each) and `gsm8k_distill` (the four

@@ -3,7 +3,7 @@ the paper's 207,135 chains (the original needed 58 minutes), and the ratio to a 
 pure-Python DTW (the original's loops) run in the same process on a subset.
 
   python tools/bench_align.py [--num_samples 10000] [--workers 2] [--mode default]
-      [--reference_samples 100] [--data_dir ../shared/data]
+      [--reference_samples 100] [--data_dir DIR]
 
 Samples are the real Codex samples (train[0] x 50, train[1], train[32]) cycled, each copy with its
 digits permuted (text, tokens and candidates alike) so numbers, and therefore SentencePiece pieces
@@ -21,6 +21,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from specialize_jax.align import alignment  # noqa: E402
+from specialize_jax.data import data_dir  # noqa: E402
 from specialize_jax.teacher import teacher_data  # noqa: E402
 from specialize_jax.teacher import teacher_sources  # noqa: E402
 
@@ -38,9 +39,9 @@ def _permuted(sample: teacher_data.TeacherSample, table) -> teacher_data.Teacher
       offsets=sample.offsets)
 
 
-def build_records(data_dir: pathlib.Path, num_samples: int, seed: int = 0):
+def build_records(data_root: pathlib.Path, num_samples: int, seed: int = 0):
   base = []
-  folder = data_dir / "teacher_outputs" / "fu2023_codex_notebook"
+  folder = data_root / "teacher_outputs" / "fu2023_codex_notebook"
   for name in ("codex_gsm8k_train0_50samples_top5.json", "codex_gsm8k_train_extra_samples_top5.json"):
     for record in teacher_sources.records_from_fu2023_codex(folder / name):
       base.extend((record, s) for s in record.samples if alignment.target_span(s.text))
@@ -81,12 +82,11 @@ def main() -> None:
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--mode", choices=alignment.MODES, default="default")
   parser.add_argument("--reference_samples", type=int, default=100)
-  parser.add_argument("--data_dir", default=str(pathlib.Path(__file__).resolve().parents[2] /
-                                                "shared" / "data"))
+  parser.add_argument("--data_dir", default=str(data_dir.data_dir()))
   args = parser.parse_args()
-  data_dir = pathlib.Path(args.data_dir)
-  spm_path = str(data_dir / "tokenizer" / "t5_spiece.model")
-  records, base = build_records(data_dir, args.num_samples)
+  data_root = pathlib.Path(args.data_dir)
+  spm_path = str(data_root / "tokenizer" / "t5_spiece.model")
+  records, base = build_records(data_root, args.num_samples)
   tokens = [len(s.tokens) for r in records for s in r.samples]
 
   begin = time.perf_counter()

@@ -2,10 +2,10 @@
 
   python tools/make_paper_scale_teacher.py --output_dir DIR [--num_questions 7473]
       [--samples_per_question 28] [--top_k 5] [--seed 0] [--vocab PATH]
-      [--data_dir ../shared/data] [--workers 2] [--questions_per_chunk 32]
+      [--data_dir DIR] [--workers 2] [--questions_per_chunk 32]
 
 The paper distilled 207,135 correct code-davinci-002 chains (~28 per GSM8K train question, ~130
-teacher tokens each, top-5 log-probabilities at every position: METHOD.md §1). We have only a few
+teacher tokens each, top-5 log-probabilities at every position, as the paper's Codex teacher). We have only a few
 real samples, so this tool makes stand-ins of the same size and shape, to measure and test what runs
 on the full data (reading, filtering, feature building, input pipelines, training throughput):
 
@@ -61,6 +61,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from specialize_jax.data import answers  # noqa: E402
+from specialize_jax.data import data_dir  # noqa: E402
 from specialize_jax.data import storage  # noqa: E402
 from specialize_jax.data import formats  # noqa: E402
 from specialize_jax.data import readers  # noqa: E402
@@ -476,7 +477,7 @@ def run(output_dir: pathlib.Path, golds: Sequence[teacher_data.TeacherRecord], s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  default_data = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+  default_data = data_dir.data_dir()
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--output_dir", required=True)
   parser.add_argument("--num_questions", type=int, default=PAPER_QUESTIONS,
@@ -498,12 +499,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.error(f"--top_k={args.top_k} exceeds the schema's {teacher_data.MAX_TOP_LOGPROBS}")
   if args.seed < 0:
     parser.error(f"--seed={args.seed} must be >= 0")
-  data_dir = pathlib.Path(args.data_dir)
-  train_path = data_dir / readers.GSM8K_FILES["train"]
-  vocab = pathlib.Path(args.vocab) if args.vocab else data_dir / "tokenizer" / "t5_spiece.model"
+  data_root = pathlib.Path(args.data_dir)
+  train_path = data_root / readers.GSM8K_FILES["train"]
+  vocab = pathlib.Path(args.vocab) if args.vocab else data_root / "tokenizer" / "t5_spiece.model"
   for path, flag in ((train_path, "--data_dir"), (vocab, "--vocab")):
     if not path.is_file():
-      parser.error(f"{path} does not exist; pass {flag} (the shared copy is ../shared/data)")
+      parser.error(f"{path} does not exist; pass {flag} (`specialize download` fills the data directory)")
   begin = time.perf_counter()
   golds = teacher_sources.records_from_gsm8k_gold(train_path)
   if args.num_questions > len(golds):

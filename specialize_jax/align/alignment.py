@@ -1,6 +1,6 @@
 """Cross-tokenizer alignment: the teacher's per-token top-k moved onto the student's pieces.
 
-METHOD.md §3. The teacher (GPT byte-level BPE) and the student (T5 SentencePiece) cut the same text
+docs/method.md. The teacher (GPT byte-level BPE) and the student (T5 SentencePiece) cut the same text
 into different tokens, so a teacher distribution at teacher position j has to be re-homed onto a
 student position i before it can be a distillation target.
 
@@ -390,8 +390,8 @@ class Aligner:
     _check_mode(mode)
     path = os.fspath(spm_model_path)
     if not storage.isfile(path):
-      raise FileNotFoundError(f"SentencePiece model {path} does not exist; pass --vocab (the shared "
-                              "copy is ../shared/data/tokenizer/t5_spiece.model)")
+      raise FileNotFoundError(f"SentencePiece model {path} does not exist; pass --vocab (`specialize "
+                              "download --only tokenizer` fetches the T5 vocabulary)")
     self.mode = mode
     self.spm_model_path = path
     self._processor = sentencepiece.SentencePieceProcessor(model_proto=storage.read_bytes(path))

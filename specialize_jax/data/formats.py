@@ -1,4 +1,4 @@
-"""The four prompt formats of METHOD.md §2, for training (distillation) and for evaluation.
+"""The four prompt formats (docs/method.md), for training (distillation) and for evaluation.
 
 Terms:
 - *answer-only (ao)* targets are `The answer is X`; *chain-of-thought (cot)* targets are a full
@@ -54,7 +54,7 @@ def cot_target(example: MathExample) -> str:
 
 
 def cut_after_answer_line(text: str) -> Optional[str]:
-  """Teacher text up to the end of its first line that contains `answer is` (METHOD.md §1); None
+  """Teacher text up to the end of its first line that contains `answer is` (the original's cut); None
   when there is no such line (a malformed sample)."""
   match = _ANSWER_LINE.search(text)
   return text[:match.end()].strip() if match else None
@@ -97,7 +97,7 @@ def question_suffix(question: str, format_name: str) -> str:
 
 
 def build_input(question: str, format_name: str, exemplars: Sequence[MathExample] = ()) -> str:
-  """The encoder input of one example in one training format (METHOD.md §2, exactly)."""
+  """The encoder input of one example in one training format (the original's text, exactly)."""
   check_format(format_name)
   if not is_in_context(format_name):
     return question_suffix(question, format_name)
@@ -106,7 +106,7 @@ def build_input(question: str, format_name: str, exemplars: Sequence[MathExample
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluation prompts (METHOD.md §5): the original's fixed 4-shot test prompt.
+# Evaluation prompts: the original's fixed 4-shot test prompt.
 
 
 def eval_template(format_name: str, cot_prompt: str = "",
@@ -129,7 +129,7 @@ def eval_template(format_name: str, cot_prompt: str = "",
 
 def eval_input(question: str, format_name: str, cot_prompt: str = "",
                answer_only_prompt: str = "") -> str:
-  """The encoder input at evaluation time (METHOD.md §5)."""
+  """The encoder input at evaluation time."""
   prefix, suffix = eval_template(format_name, cot_prompt, answer_only_prompt)
   return f"{prefix}{question}{suffix}"
 

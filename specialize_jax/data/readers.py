@@ -88,7 +88,7 @@ def _number_text(value: float) -> str:
 
 
 def strip_calculator_annotations(text: str) -> str:
-  """Removes GSM8K's `<<48/2=24>>` calculator notes (METHOD.md §2: exemplar rationales have none)."""
+  """Removes GSM8K's `<<48/2=24>>` calculator notes (the exemplar rationales have none)."""
   return _CALCULATOR_ANNOTATION.sub("", text)
 
 

@@ -32,9 +32,8 @@ Vocabulary: a SentencePiece BPE model of VOCAB_SIZE=384 pieces trained in-proces
 texts as the model sees them (`vocabulary_text`: both input formats and the CoT targets; under a
 second). Every value a problem can hold is one piece: `▁0`..`▁99` are user-defined pieces and digits
 are not split, so `17 + 8 = 25.` is five tokens and each sits at a fixed offset from the result.
-Measured here (600 steps of the demo's CoT student, same problems): whole-number pieces reached
-49.3 % in-distribution where split digits (one token per digit, 256 pieces) reached 33.0 %; the
-split-digit student's own arithmetic was wrong in 55 % of its lines, mostly in the units digit.
+Whole-number pieces let the demo's CoT student learn far more arithmetic in the same steps than
+split digits, whose errors sat mostly in the units digit (docs/benchmarks.md, "Demo settings").
 Ids follow T5: pad 0, eos 1, unk 2, no bos, no byte fallback. Every ASCII letter, digit and common
 punctuation mark is a required character, so OOD names never map to unk; the merges are learned
 from in-distribution text only, so OOD words split into short pieces (part of the shift). Newlines
@@ -69,8 +68,8 @@ SOURCE = "demo"
 # well; the CoT-vs-answer-only gap then shows on the multi-step problems. Every value has at most two
 # digits (three-digit values, generator version 1, left the CoT student at 12 % in-distribution) and
 # added or removed amounts have one digit: with amounts up to 20 (and one piece per number) the CoT
-# student got 37 % of its additions right and reached 49.3 % in-distribution, with amounts up to 9
-# 58 % and 65.0 % (600 steps each, measured here, README "Measured").
+# student got far fewer additions right than with amounts up to 9 (docs/benchmarks.md, "Demo
+# settings").
 MAX_VALUE = 99
 MIN_START, MAX_START = 2, 20
 MIN_AMOUNT, MAX_AMOUNT = 2, 9  # Added or removed objects; removals also leave at least 1.

@@ -107,7 +107,7 @@ def first_argmax(logits: Array) -> Array:
 
   Written as a max and a min over an index where the max is hit, two plain reductions that XLA's
   CPU backend vectorizes, rather than `argmax`'s paired (value, index) reduction that it does not:
-  about 3 % of a t5-small greedy decode on CPU (README "Measured").
+  a few percent of a t5-small greedy decode on CPU (docs/benchmarks.md).
   """
   top = jnp.max(logits, axis=-1, keepdims=True)
   index = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)

@@ -1,4 +1,4 @@
-"""Distribution matching: the forward KL from the teacher's top-k to the student (METHOD.md §3).
+"""Distribution matching: the forward KL from the teacher's top-k to the student (docs/method.md).
 
 Terms:
   teacher features: `teacher_topk_ids` `[batch, length, k]` int and `teacher_topk_logprobs`

@@ -32,7 +32,7 @@ Terms:
 
 Departures from T5X, all output-preserving:
   * embeddings are a gather (`jnp.take`), not a one-hot contraction over the vocabulary, and the
-    relative bias table is gathered too: both are faster on CPU/GPU (NOTES.md). The bias table's
+    relative bias table is gathered too: both are faster on CPU/GPU (tools/bench_train.py). The bias table's
     gradient sums each bucket in float32 (`lookup_buckets`; off CPU as T5X's one-hot product).
   * the self-attention cache is heads-first, `[batch, heads, length, head_dim]`, written with
     `lax.dynamic_update_slice` (T5X: `[batch, heads, head_dim, length]` written with a one-hot

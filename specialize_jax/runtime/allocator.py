@@ -3,9 +3,8 @@
 XLA's CPU runtime allocates a step's temporary buffers when the step starts and frees them when it
 ends (one 535 MB block for a demo-sized training step, several GB for t5-small). glibc serves
 blocks that large with `mmap` and unmaps them on free, so every step page-faults the whole block
-in again and the kernel zeroes it: measured on the 2-core development VM, 131,000 page faults and
-0.34 s of system time per demo step, 1.1 million faults and 4.1 s per t5-small step (README
-"Measured"). Three glibc settings keep that memory in the heap instead:
+in again and the kernel zeroes it, which costs a large share of a CPU step's time
+(docs/benchmarks.md). Three glibc settings keep that memory in the heap instead:
 
   arena_max=1        one arena: XLA's worker threads allocate from the main heap, the only one that
                      grows without `mmap` (a thread arena falls back to `mmap` for large blocks);

@@ -1,9 +1,8 @@
 """XLA CPU settings that entry points apply before JAX starts (`specialize`, the benchmarks, tests).
 
-Measured on the 2-core development CPU (README "Measured"): with jaxlib 0.10.2, XLA's CPU backend
-hands dots *and* elementwise ops to YNNPACK fusions by default, and the elementwise ones cost more
-than they save in training (the gated-GELU backward and its layout copies). Keeping YNNPACK for dots
-only makes a demo-sized training step about 20 % faster and a t5-small step about 13 % faster.
+With jaxlib 0.10.2, XLA's CPU backend hands dots *and* elementwise ops to YNNPACK fusions by
+default, and the elementwise ones cost more than they save in training (the gated-GELU backward and
+its layout copies). Keeping YNNPACK for dots only makes training steps faster (docs/benchmarks.md).
 
 The flag names exist in the pinned jaxlib (an unknown XLA flag aborts the process, so a jaxlib
 upgrade must re-check them). A flag the user already set in `XLA_FLAGS` is left as the user set it.
@@ -12,9 +11,8 @@ that may not know a CPU flag, so `apply` sets them only when the CPU is the only
 start (`platforms.cpu_only`); TPU and GPU processes keep their environment untouched.
 
 Decoding is the exception to "YNNPACK for dots": a decode step multiplies a few rows (`[32, 512]`)
-by weights that no longer sit in the cache, and there XLA's own (Eigen) dots are faster. Measured
-side by side in one process (t5-small, batch 32, 128 greedy tokens): 632 vs 530 tokens/s without
-and with YNNPACK. `decode_compiler_options` gives the decoder's `jax.jit` that setting, so training
+by weights that no longer sit in the cache, and there XLA's own (Eigen) dots are faster
+(`tools/bench_decode.py`, docs/benchmarks.md). `decode_compiler_options` gives the decoder's `jax.jit` that setting, so training
 keeps YNNPACK and decoding does not.
 """
 import os

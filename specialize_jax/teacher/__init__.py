@@ -1,4 +1,4 @@
-"""The teacher side of the pipeline, one module per stage (ARCHITECTURE.md):
+"""The teacher side of the pipeline, one module per stage:
 
   teacher_client   sample chains of thought from any OpenAI-compatible server (`specialize teacher`)
   teacher_sources  import other teachers' data: GSM8K gold, PaLM SVAMP, the paper's Codex pickles

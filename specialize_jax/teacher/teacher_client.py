@@ -9,7 +9,7 @@ Terms:
     up to 5 gives per-token ``tokens``, ``token_logprobs``, ``top_logprobs``) or ``chat``
     (``/v1/chat/completions``: the same prompt text is one user message; ``logprobs=true`` with
     ``top_logprobs`` up to 20, read from ``logprobs.content``).
-  prompt: METHOD.md §1: the few-shot prompt file (default the original's
+  prompt: the few-shot prompt file (default the original's
     ``prompt_complex.txt``), then ``"\\nQuestion: " + q + "\\nLet's think step by step\\n"``.
     Departure: the trailing newline, so a completion starts at the chain itself (the original's
     completions began with the newline ending the trigger).

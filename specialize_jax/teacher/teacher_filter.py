@@ -1,4 +1,4 @@
-"""Filtering teacher samples into training chains (METHOD.md §1), reporting what was dropped.
+"""Filtering teacher samples into training chains, reporting what was dropped.
 
 Terms:
   kept sample: a sample whose text has an answer line (a line containing ``answer is``), whose

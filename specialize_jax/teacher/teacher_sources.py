@@ -100,7 +100,7 @@ def records_from_gsm8k_gold(train_jsonl_path, split: str = "train") -> List[Teac
 
   The sample text is the rationale (text before ``####``, ``<<...>>`` calculator notes removed,
   ending in one newline) followed by ``The answer is N`` with N as GSM8K writes it (e.g.
-  ``1,200``): METHOD.md §2's ``{cot}``, equal to ``formats.cot_target`` of the same question. Ids
+  ``1,200``): the training formats' ``{cot}``, equal to ``formats.cot_target`` of the same question. Ids
   match ``readers.read_gsm8k`` (``gsm8k/train/17``).
   """
   path = pathlib.Path(train_jsonl_path)

@@ -209,7 +209,8 @@ class TrainCheckpointer:
     A writer removes temporary directories left by interrupted saves; a reader (e.g. an
     evaluation job beside the trainer) touches nothing.
     """
-    self.directory = epath.Path(model_dir)
+    # orbax writes only to absolute paths; a relative MODEL_DIR is relative to the working directory.
+    self.directory = epath.Path(storage.absolute(model_dir))
     self.config = config
     policies = [checkpoint_managers.LatestN(n=config.keep_last)]
     best_fn = None

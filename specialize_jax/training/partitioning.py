@@ -4,7 +4,7 @@ Terms:
   mesh: the devices arranged as a 2-D grid with axes `('data', 'model')`; `model` has
     `num_partitions` devices (tensor parallelism), `data` the rest (data parallelism, and with the
     FSDP rules parameter sharding too). Axis types are Auto, so XLA propagates shardings through
-    T5X-style layers (NOTES.md: Explicit axes break them).
+    T5X-style layers (Explicit axes would need every layer annotated).
   logical axis: a name the model gives an array dimension (`batch`, `length`, `embed`, `mlp`,
     `heads`, `kv`, `joined_kv`, `vocab`, `relpos_buckets`); models never name mesh axes.
   logical axis rules: an ordered table `((logical_name, mesh_axis_or_None), ...)`. Each dimension
@@ -389,7 +389,7 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 
   Call once at program start, before any other JAX call. On CPU hosts the caller must first set
   `jax.config.update('jax_cpu_collectives_implementation', 'gloo')` (a global flag, so it belongs in
-  `main()`, not here); NOTES.md has the verified two-process recipe.
+  `main()`, not here); tests/test_multiprocess.py runs the two-process recipe.
   """
   if coordinator_address is None and num_processes is None and process_id is None:
     return False

@@ -7,9 +7,9 @@ Terms:
     initialized, JAX's preemption service (on by default: `jax_enable_preemption_service`) catches
     SIGTERM itself, in C++, tells the other processes through the coordination service and
     `multihost_utils.reached_preemption_sync_point(step)` returns True on all of them at the same
-    step (the largest step any process had reached, plus one). Each call is a local check:
-    measured 0.13 us per step, against 1.3 ms for a 2-process `process_allgather` of a flag on CPU
-    (`tools/bench_preemption_check.py`; README "Measured").
+    step (the largest step any process had reached, plus one). Each call is a local check,
+    orders of magnitude cheaper than a `process_allgather` of a flag
+    (`tools/bench_preemption_check.py`, docs/benchmarks.md).
     Without `jax.distributed` (one process) a Python SIGTERM handler sets a flag instead; with
     `jax.distributed` but the preemption service turned off, the processes allgather their flags
     every `ALLGATHER_PERIOD` steps (never a host sync at every step). Several processes without
