@@ -9,7 +9,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 # Inline links and images `[text](target)` / `![alt](target "title")`, and reference definitions
 # `[label]: target`.
-INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+INLINE_LINK = re.compile(
+    r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 REFERENCE_LINK = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+.*)?$", re.MULTILINE)
 EXTERNAL = re.compile(r"^(?:[a-zA-Z][a-zA-Z0-9+.-]*:|//)")  # http:, https:, mailto:, gs:, //host
 FENCE = re.compile(r"^\s*(```|~~~)")
@@ -64,7 +65,7 @@ def test_relative_links_resolve(page):
 def test_no_private_notes(page):
   text = page.read_text(encoding="utf-8")
   found = [name for name in PRIVATE if name in text]
-  assert not found, f"{_rel(page)} mentions {found}, which a clone does not have; say it in the docs"
+  assert not found, f"{_rel(page)} mentions {found}, which a clone lacks; say it in the docs"
 
 
 def test_the_link_finder_sees_links():
