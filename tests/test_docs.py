@@ -74,3 +74,20 @@ def test_the_link_finder_sees_links():
   prose = _prose(sample)
   assert INLINE_LINK.findall(prose) + REFERENCE_LINK.findall(prose) == [
       "docs/a.md#x", "images/b.png", "https://e.org", "../f.md"]
+
+
+# Repository files a page names in code spans (`specialize_jax/jobs/runs.py`, `tools/x.py`): they
+# go stale when modules move, so every one must exist.
+NAMED_FILE = re.compile(r"`((?:specialize_jax|tools|tests|gin|tasks|docs)/[\w./-]+\.(?:py|gin|md))`")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_named_repository_files_exist(page):
+  named = NAMED_FILE.findall(page.read_text(encoding="utf-8"))
+  missing = sorted({path for path in named if not (ROOT / path).exists()})
+  assert not missing, f"{_rel(page)} names files the repository lacks: {missing}"
+
+
+def test_the_file_finder_sees_code_spans():
+  assert NAMED_FILE.findall("`specialize_jax/jobs/runs.py` and `tools/a.py --x` and `gin/b.gin`") == [
+      "specialize_jax/jobs/runs.py", "gin/b.gin"]
