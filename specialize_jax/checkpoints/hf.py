@@ -83,7 +83,7 @@ _SUBLAYERS = {
 _ATTENTION_PROJECTIONS = {'query': 'q', 'key': 'k', 'value': 'v', 'out': 'o'}
 
 
-def hf_name(t5x_name: str) -> Tuple[str, bool]:
+def _hf_name(t5x_name: str) -> Tuple[str, bool]:
   """(HF name, whether the value is transposed) of a T5X name; the head is not mapped here.
 
   HF keeps the shared relative position bias in block 0 as [buckets, heads], T5X as
@@ -107,7 +107,7 @@ def hf_name(t5x_name: str) -> Tuple[str, bool]:
 
 def _name_map(config: T5Config) -> Dict[str, Tuple[str, bool]]:
   """T5X name -> (HF name, transpose) for every parameter except the output head."""
-  return {name: hf_name(name) for name in param_tree.t5x_param_shapes(config)
+  return {name: _hf_name(name) for name in param_tree.t5x_param_shapes(config)
           if name != param_tree.HEAD_KERNEL}
 
 
@@ -116,6 +116,10 @@ def hf_param_shapes(config: T5Config) -> Dict[str, Tuple[int, ...]]:
   t5x_shapes = param_tree.t5x_param_shapes(config)
   return {hf: t5x_shapes[t5x][::-1] if transpose else t5x_shapes[t5x]
           for t5x, (hf, transpose) in _name_map(config).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json
 
 
 def hf_scales_decoder_outputs(hf_config: Mapping[str, Any]) -> bool:
@@ -209,6 +213,10 @@ def config_to_hf(config: T5Config) -> Dict[str, Any]:
   }
 
 
+# ---------------------------------------------------------------------------------------------
+# State dicts
+
+
 def params_from_hf(state_dict: Mapping[str, np.ndarray], config: T5Config,
                    hf_config: Mapping[str, Any]) -> Dict[str, Any]:
   """HF state dict -> nested T5X params (float32). Names and shapes must already be checked.
@@ -242,7 +250,6 @@ def params_to_hf(params: Mapping[str, Any], config: T5Config,
     state_dict[HEAD_NAME] = np.ascontiguousarray(
         np.asarray(flat[param_tree.HEAD_KERNEL]).astype(dtype).T)
   return state_dict
-
 
 
 # ---------------------------------------------------------------------------------------------

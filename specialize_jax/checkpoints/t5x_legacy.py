@@ -214,8 +214,6 @@ def save_t5x(params: Mapping[str, Any], directory: os.PathLike, step: int = 0,
   return directory
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Sharded reads (see `loading.load_checkpoint_sharded`)
 
