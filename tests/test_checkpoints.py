@@ -79,7 +79,7 @@ def test_t5x_legacy_roundtrip(params, tmp_path):
   step_dir = str(tmp_path / 'model' / 'checkpoint_7')
   # Small chunks so several arrays span many zarr chunks; norm scales (16 values) go inline.
   t5x_legacy.save_t5x(params, step_dir, step=7, inline_max_size=16, chunk_bytes=512,
-                       durable=False)
+                      durable=False)
   with open(os.path.join(step_dir, 'checkpoint'), 'rb') as f:
     contents = serialization.msgpack_restore(f.read())
   assert contents['version'] == 3 and set(contents['optimizer']) == {'target', 'state'}

@@ -630,7 +630,7 @@ def test_four_processes_read_only_their_shards_of_the_start_checkpoint(
   _, start_params = loading.load_checkpoint(
       os.path.join(one_process_reference(2).model_dir, 'checkpoint_4'))
   start = t5x_legacy.save_t5x(start_params, tmp_path / 'start' / 'checkpoint_0',
-                                     optimizer_state=False, chunk_bytes=1024)
+                              optimizer_state=False, chunk_bytes=1024)
   four = Run(env, tmp_path / 'four', tmp_path / 'logs_four', 4, 2,
              {**overrides, 'LEARNING_RATE': 1e-30, 'INITIAL_CHECKPOINT_PATH': f"'{start}'"})
   try:

@@ -60,6 +60,6 @@ def convert(src: Union[str, os.PathLike], src_format: str, dst: Union[str, os.Pa
     written = orbax_pytree.save_orbax(params, model_config, dst, overwrite=overwrite)
   else:
     written = t5x_legacy.save_t5x(params, dst, step=int(step_dir.group(1)),
-                                    optimizer_state=False, overwrite=overwrite)
+                                  optimizer_state=False, overwrite=overwrite)
   logging.info('Wrote %s checkpoint %s.', dst_format, written)
   return written

@@ -107,9 +107,10 @@ def _make_array(target: Any, shard_values: Mapping[Tuple, np.ndarray]) -> Any:
 
 def _check_targets(flat_targets: Mapping[str, Any], shapes: Mapping[str, Tuple[int, ...]],
                    source: str) -> None:
-  param_tree.check_shapes(shapes, {n: tuple(t.shape) for n, t in flat_targets.items()}, source,
-               hint='The targets (the model\'s params with their shardings) must name every '
-               'parameter of the checkpoint with its shape; check the model config.')
+  param_tree.check_shapes(
+      shapes, {n: tuple(t.shape) for n, t in flat_targets.items()}, source,
+      hint='The targets (the model\'s params with their shardings) must name every parameter of '
+      'the checkpoint with its shape; check the model config.')
   for name, target in flat_targets.items():
     if getattr(target, 'sharding', None) is None:
       raise ValueError(f'Target {name} has no sharding; give every leaf a '
