@@ -20,8 +20,10 @@ import optax
 import pytest
 
 import specialize_jax
-from specialize_jax.checkpoints import formats as model_checkpoints
-from specialize_jax.checkpoints import hf_conversion
+from specialize_jax.checkpoints import directories
+from specialize_jax.checkpoints import loading
+from specialize_jax.checkpoints import orbax_pytree
+from specialize_jax.checkpoints import param_tree
 from specialize_jax.model.config import PRESETS
 from specialize_jax.training import checkpoint_manager
 
@@ -56,9 +58,9 @@ TOY_SHAPES = {'token_embedder/embedding': (64, 16), 'encoder/layers_0/mlp/wo/ker
 def _random_params(seed, shapes=None):
   """Float32 params (default: the tiny T5's tree), drawn in numpy (no model init to compile)."""
   rng = np.random.RandomState(seed)
-  shapes = shapes or hf_conversion.t5x_param_shapes(CONFIG)
+  shapes = shapes or param_tree.t5x_param_shapes(CONFIG)
   flat = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
-  return hf_conversion.unflatten_params(flat)
+  return param_tree.unflatten_params(flat)
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -363,7 +365,7 @@ def test_interrupted_save_is_ignored(tmp_path, mesh):
   restored, _, step = reader.restore(_abstract(good, mesh))
   assert step == 1
   _assert_identical(restored, good)
-  assert model_checkpoints.resolve_checkpoint(tmp_path) == (
+  assert directories.resolve_checkpoint(tmp_path) == (
       'orbax', tmp_path / 'checkpoint_1' / 'state')
   assert torn.exists()  # a reader changes nothing
   # A writer removes leftovers of interrupted saves (by its first save at the latest).
@@ -391,7 +393,7 @@ def test_restore_or_initialize_sources(tmp_path, mesh, caplog):
   assert 'from scratch' in messages[-1]
 
   pretrained = _random_params(seed=7)
-  model_checkpoints.save_orbax(pretrained, CONFIG, tmp_path / 'pretrained')
+  orbax_pytree.save_orbax(pretrained, CONFIG, tmp_path / 'pretrained')
   state, position, source = checkpoint_manager.restore_or_initialize(
       tmp_path / 'empty', abstract, init_fn, initial_checkpoint_path=str(tmp_path / 'pretrained'),
       log=messages.append)
@@ -411,12 +413,12 @@ def test_restore_or_initialize_sources(tmp_path, mesh, caplog):
 
   # Params of another architecture are refused, naming the parameters, before init_fn runs.
   wrong = dataclasses.replace(CONFIG, mlp_dim=48)
-  wrong_params = hf_conversion.unflatten_params({
+  wrong_params = param_tree.unflatten_params({
       name: jax.ShapeDtypeStruct(shape, jnp.float32)
-      for name, shape in hf_conversion.t5x_param_shapes(wrong).items()})
+      for name, shape in param_tree.t5x_param_shapes(wrong).items()})
   wrong_abstract = _abstract(
       State(step=jax.ShapeDtypeStruct((), jnp.int32), params=wrong_params, opt_state=()), mesh)
-  with pytest.raises(model_checkpoints.CheckpointMismatchError,
+  with pytest.raises(param_tree.CheckpointMismatchError,
                      match=r'encoder/layers_0/mlp/wo/kernel.*expected shape \(48, 16\)'):
     checkpoint_manager.restore_or_initialize(tmp_path / 'empty', wrong_abstract, init_fn,
                                         initial_checkpoint_path=str(tmp_path / 'pretrained'))
@@ -459,8 +461,8 @@ def test_load_checkpoint_reads_a_trainer_model_dir(tmp_path):
   ckpt.save(200, latest, {'batches_consumed': 200})
   ckpt.close()
   for path in (tmp_path, tmp_path / 'checkpoint_200'):
-    assert model_checkpoints.detect_format(path) == 'orbax'
-    config, params = model_checkpoints.load_checkpoint(path)
+    assert directories.detect_format(path) == 'orbax'
+    config, params = loading.load_checkpoint(path)
     assert config == CONFIG
     _assert_identical(params, jax.device_get(latest.params))
   model = specialize_jax.load_pretrained(tmp_path)

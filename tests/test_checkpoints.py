@@ -17,9 +17,13 @@ import pytest
 from safetensors import numpy as safetensors_numpy
 
 import specialize_jax
-from specialize_jax.checkpoints import formats as checkpoints
+from specialize_jax.checkpoints import directories
+from specialize_jax.checkpoints import hf
+from specialize_jax.checkpoints import loading
+from specialize_jax.checkpoints import orbax_pytree
+from specialize_jax.checkpoints import param_tree
+from specialize_jax.checkpoints import t5x_legacy
 from specialize_jax.checkpoints import convert as convert_lib
-from specialize_jax.checkpoints import hf_conversion
 from specialize_jax.model import network
 from specialize_jax.model.config import PRESETS
 from specialize_jax.checkpoints.pretrained import load_pretrained
@@ -36,14 +40,14 @@ def _random_params(config, seed=0):
   """Random float32 params of the T5X tree, drawn in numpy (no JAX init to compile)."""
   rng = np.random.RandomState(seed)
   flat = {}
-  for name, shape in hf_conversion.t5x_param_shapes(config).items():
+  for name, shape in param_tree.t5x_param_shapes(config).items():
     scale = 1.0 if len(shape) == 1 or name == 'token_embedder/embedding' else shape[0]**-0.5
     flat[name] = (rng.normal(size=shape) * scale).astype(np.float32)
-  return hf_conversion.unflatten_params(flat)
+  return param_tree.unflatten_params(flat)
 
 
 def _assert_same(a, b):
-  flat_a, flat_b = hf_conversion.flatten_params(a), hf_conversion.flatten_params(b)
+  flat_a, flat_b = param_tree.flatten_params(a), param_tree.flatten_params(b)
   assert sorted(flat_a) == sorted(flat_b)
   for name, value in flat_a.items():
     assert flat_b[name].dtype == np.float32, name
@@ -56,7 +60,7 @@ def params():
 
 
 def _rewrite_msgpack(step_dir, fn):
-  path = os.path.join(step_dir, checkpoints.T5X_CHECKPOINT_FILE)
+  path = os.path.join(step_dir, t5x_legacy.CHECKPOINT_FILE)
   with open(path, 'rb') as f:
     contents = serialization.msgpack_restore(f.read())
   with open(path, 'wb') as f:
@@ -65,17 +69,17 @@ def _rewrite_msgpack(step_dir, fn):
 
 @pytest.mark.parametrize('config', [CONFIG, ODD_CONFIG], ids=['v1_1', 'odd'])
 def test_param_shapes_are_the_networks(config):
-  ours = hf_conversion.t5x_param_shapes(config)
+  ours = param_tree.t5x_param_shapes(config)
   theirs = {k: tuple(v.shape) for k, v in
-            hf_conversion.flatten_params(network.param_shapes(config)).items()}
+            param_tree.flatten_params(network.param_shapes(config)).items()}
   assert ours == theirs
 
 
 def test_t5x_legacy_roundtrip(params, tmp_path):
   step_dir = str(tmp_path / 'model' / 'checkpoint_7')
   # Small chunks so several arrays span many zarr chunks; norm scales (16 values) go inline.
-  checkpoints.save_t5x(params, step_dir, step=7, inline_max_size=16, chunk_bytes=512,
-                       durable=False)
+  t5x_legacy.save_t5x(params, step_dir, step=7, inline_max_size=16, chunk_bytes=512,
+                      durable=False)
   with open(os.path.join(step_dir, 'checkpoint'), 'rb') as f:
     contents = serialization.msgpack_restore(f.read())
   assert contents['version'] == 3 and set(contents['optimizer']) == {'target', 'state'}
@@ -89,19 +93,19 @@ def test_t5x_legacy_roundtrip(params, tmp_path):
 
   # The public FlanT5 checkpoints were written through gfile.
   def as_published(node):
-    if checkpoints._is_ts_spec(node):  # pylint: disable=protected-access
+    if t5x_legacy._is_ts_spec(node):  # pylint: disable=protected-access
       return dict(node, kvstore=dict(node['kvstore'], driver='gfile'))
     if isinstance(node, dict):
       return {k: as_published(v) for k, v in node.items()}
     return node
 
   _rewrite_msgpack(step_dir, as_published)
-  assert checkpoints.detect_format(tmp_path / 'model') == 't5x'
-  config, restored = checkpoints.load_checkpoint(tmp_path / 'model')  # latest step of the dir
+  assert directories.detect_format(tmp_path / 'model') == 't5x'
+  config, restored = loading.load_checkpoint(tmp_path / 'model')  # latest step of the dir
   assert config == CONFIG
   _assert_same(params, restored)
   # The msgpack file itself is accepted too.
-  _, restored = checkpoints.load_checkpoint(os.path.join(step_dir, 'checkpoint'))
+  _, restored = loading.load_checkpoint(os.path.join(step_dir, 'checkpoint'))
   _assert_same(params, restored)
 
 
@@ -109,32 +113,32 @@ def test_t5x_placeholder_leaves(tmp_path):
   """T5X's orbax-aggregate era: leaves are 'PLACEHOLDER://<zarr dir>' strings under _optimizer."""
   params = _random_params(ODD_CONFIG, seed=1)
   step_dir = str(tmp_path / 'checkpoint_1')
-  checkpoints.save_t5x(params, step_dir, optimizer_state=False, durable=False)
+  t5x_legacy.save_t5x(params, step_dir, optimizer_state=False, durable=False)
 
   def to_placeholders(contents):
     target = contents['optimizer']['target']
-    is_spec = checkpoints._is_ts_spec  # pylint: disable=protected-access
-    flat = hf_conversion.flatten_params(target, is_leaf=is_spec)
+    is_spec = t5x_legacy._is_ts_spec  # pylint: disable=protected-access
+    flat = param_tree.flatten_params(target, is_leaf=is_spec)
     refs = {n: 'PLACEHOLDER://' + v['kvstore']['path'].rstrip('/') for n, v in flat.items()}
-    return {'_optimizer': {'target': hf_conversion.unflatten_params(refs), 'state': {}},
+    return {'_optimizer': {'target': param_tree.unflatten_params(refs), 'state': {}},
             'flax_mutables': None}
 
   _rewrite_msgpack(step_dir, to_placeholders)
-  config, restored = checkpoints.load_checkpoint(step_dir, config=ODD_CONFIG)
+  config, restored = loading.load_checkpoint(step_dir, config=ODD_CONFIG)
   assert config == ODD_CONFIG
   _assert_same(params, restored)
 
 
 def test_orbax_params_roundtrip_keeps_config(tmp_path):
   params = _random_params(ODD_CONFIG)
-  checkpoints.save_orbax(params, ODD_CONFIG, tmp_path / 'ckpt')
-  assert checkpoints.detect_format(tmp_path / 'ckpt') == 'orbax'
-  config, restored = checkpoints.load_checkpoint(tmp_path / 'ckpt', dtype='bfloat16')
+  orbax_pytree.save_orbax(params, ODD_CONFIG, tmp_path / 'ckpt')
+  assert directories.detect_format(tmp_path / 'ckpt') == 'orbax'
+  config, restored = loading.load_checkpoint(tmp_path / 'ckpt', dtype='bfloat16')
   # max_distance 20 and ReLU are not inferable from shapes: they come from the metadata.
   assert config == dataclasses.replace(ODD_CONFIG, dtype='bfloat16')
   _assert_same(params, restored)
   with pytest.raises(ValueError, match='exists'):
-    checkpoints.save_orbax(params, ODD_CONFIG, tmp_path / 'ckpt')
+    orbax_pytree.save_orbax(params, ODD_CONFIG, tmp_path / 'ckpt')
 
 
 def test_compute_dtype_is_the_given_or_stored_configs(params, tmp_path):
@@ -142,20 +146,20 @@ def test_compute_dtype_is_the_given_or_stored_configs(params, tmp_path):
   only `dtype=` replaces it. Params stay float32 (`_assert_same`)."""
   bf16 = dataclasses.replace(CONFIG, dtype='bfloat16')
   t5x_dir = str(tmp_path / 't5x' / 'checkpoint_0')
-  checkpoints.save_t5x(params, t5x_dir, durable=False)
-  hf_dir = checkpoints.save_hf(params, CONFIG, tmp_path / 'hf')
+  t5x_legacy.save_t5x(params, t5x_dir, durable=False)
+  hf_dir = hf.save_hf(params, CONFIG, tmp_path / 'hf')
   for path in (t5x_dir, hf_dir):
-    assert checkpoints.load_checkpoint(path)[0] == CONFIG
-    config, restored = checkpoints.load_checkpoint(path, config=bf16)
+    assert loading.load_checkpoint(path)[0] == CONFIG
+    config, restored = loading.load_checkpoint(path, config=bf16)
     assert config == bf16
     _assert_same(params, restored)
-    assert checkpoints.load_checkpoint(path, config=bf16, dtype='float32')[0] == CONFIG
-  orbax_dir = checkpoints.save_orbax(params, bf16, tmp_path / 'orbax')
-  config, restored = checkpoints.load_checkpoint(orbax_dir)
+    assert loading.load_checkpoint(path, config=bf16, dtype='float32')[0] == CONFIG
+  orbax_dir = orbax_pytree.save_orbax(params, bf16, tmp_path / 'orbax')
+  config, restored = loading.load_checkpoint(orbax_dir)
   assert config == bf16
   _assert_same(params, restored)
-  assert checkpoints.load_checkpoint(orbax_dir, dtype='float32')[0] == CONFIG
-  assert checkpoints.load_checkpoint(orbax_dir, config=CONFIG)[0] == CONFIG
+  assert loading.load_checkpoint(orbax_dir, dtype='float32')[0] == CONFIG
+  assert loading.load_checkpoint(orbax_dir, config=CONFIG)[0] == CONFIG
 
 
 def test_orbax_t5x_train_state_layout(params, tmp_path):
@@ -164,7 +168,7 @@ def test_orbax_t5x_train_state_layout(params, tmp_path):
   tree = {'target': params, 'state': {'step': np.int32(3), 'param_states': moments}}
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   checkpointer.save(tmp_path / 'model' / 'checkpoint_3' / 'state', args=ocp.args.PyTreeSave(tree))
-  config, restored = checkpoints.load_checkpoint(tmp_path / 'model', fmt='orbax')
+  config, restored = loading.load_checkpoint(tmp_path / 'model', fmt='orbax')
   assert config == CONFIG
   _assert_same(params, restored)
 
@@ -175,9 +179,9 @@ def test_orbax_checkpoint_manager_layout(params, tmp_path):
   manager = ocp.CheckpointManager(tmp_path / 'model')
   manager.save(4, args=ocp.args.StandardSave(tree))
   manager.wait_until_finished()
-  assert checkpoints.resolve_checkpoint(tmp_path / 'model') == (
+  assert directories.resolve_checkpoint(tmp_path / 'model') == (
       'orbax', tmp_path / 'model' / '4' / 'default')
-  config, restored = checkpoints.load_checkpoint(tmp_path / 'model')
+  config, restored = loading.load_checkpoint(tmp_path / 'model')
   assert config == CONFIG
   _assert_same(params, restored)
 
@@ -189,27 +193,27 @@ def test_model_dir_resolves_to_the_latest_committed_step(params, tmp_path, caplo
   manager.wait_until_finished()
   torn = tmp_path / 'model' / '8'
   shutil.copytree(tmp_path / 'model' / '4', torn)
-  (torn / checkpoints.ORBAX_COMMIT_MARKER).unlink(missing_ok=True)
-  metadata = torn / checkpoints.ORBAX_STEP_METADATA_FILE
+  (torn / directories.COMMIT_MARKER).unlink(missing_ok=True)
+  metadata = torn / directories.STEP_METADATA_FILE
   metadata.write_text(json.dumps({k: v for k, v in json.loads(metadata.read_text()).items()
                                   if k != 'commit_timestamp_nsecs'}))
-  assert not checkpoints.is_committed_step_dir(torn)
-  assert checkpoints.is_committed_step_dir(tmp_path / 'model' / '4')
+  assert not directories.is_committed_step_dir(torn)
+  assert directories.is_committed_step_dir(tmp_path / 'model' / '4')
   with caplog.at_level('WARNING'):
-    assert checkpoints.resolve_checkpoint(tmp_path / 'model') == (
+    assert directories.resolve_checkpoint(tmp_path / 'model') == (
         'orbax', tmp_path / 'model' / '4' / 'default')
   assert 'did not finish' in caplog.text and str(torn) in caplog.text
 
 
 def test_hf_roundtrip_without_torch(params, tmp_path):
-  first = checkpoints.save_hf(params, CONFIG, tmp_path / 'hf')
+  first = hf.save_hf(params, CONFIG, tmp_path / 'hf')
   hf_config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   assert hf_config['tie_word_embeddings'] is False and hf_config['scale_decoder_outputs'] is False
   assert hf_config['feed_forward_proj'] == 'gated-gelu'
-  config, restored = checkpoints.load_checkpoint(first)
+  config, restored = loading.load_checkpoint(first)
   assert config == CONFIG
   _assert_same(params, restored)
-  second = checkpoints.save_hf(restored, config, tmp_path / 'hf2')
+  second = hf.save_hf(restored, config, tmp_path / 'hf2')
   a = safetensors_numpy.load_file(os.path.join(first, 'model.safetensors'))
   b = safetensors_numpy.load_file(os.path.join(second, 'model.safetensors'))
   assert sorted(a) == sorted(b)
@@ -220,13 +224,13 @@ def test_hf_roundtrip_without_torch(params, tmp_path):
 
 def test_hf_tied_scaled_head_is_logits_via_embedding(tmp_path):
   params = _random_params(ODD_CONFIG)
-  checkpoints.save_hf(params, ODD_CONFIG, tmp_path / 'hf')
+  hf.save_hf(params, ODD_CONFIG, tmp_path / 'hf')
   hf_config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   assert hf_config['tie_word_embeddings'] is True and hf_config['scale_decoder_outputs'] is True
   assert hf_config['feed_forward_proj'] == 'relu'
   assert 'lm_head.weight' not in safetensors_numpy.load_file(
       str(tmp_path / 'hf' / 'model.safetensors'))
-  config, restored = checkpoints.load_checkpoint(tmp_path / 'hf')
+  config, restored = loading.load_checkpoint(tmp_path / 'hf')
   assert config == ODD_CONFIG
   _assert_same(params, restored)
 
@@ -242,12 +246,12 @@ def _drop_and_reshape(path, drop=None, reshape=None):
 
 
 def test_partial_hf_checkpoint_names_missing_and_wrong_shapes(params, tmp_path):
-  directory = checkpoints.save_hf(params, CONFIG, tmp_path / 'hf')
+  directory = hf.save_hf(params, CONFIG, tmp_path / 'hf')
   weights = os.path.join(directory, 'model.safetensors')
   _drop_and_reshape(weights, drop='decoder.block.2.layer.2.DenseReluDense.wo.weight',
                     reshape='encoder.block.0.layer.0.SelfAttention.q.weight')
-  with pytest.raises(checkpoints.CheckpointMismatchError) as error:
-    checkpoints.load_checkpoint(directory)
+  with pytest.raises(param_tree.CheckpointMismatchError) as error:
+    loading.load_checkpoint(directory)
   message = str(error.value)
   assert 'missing (1)' in message
   assert 'decoder.block.2.layer.2.DenseReluDense.wo.weight: expected shape (16, 32)' in message
@@ -258,7 +262,7 @@ def test_partial_hf_checkpoint_names_missing_and_wrong_shapes(params, tmp_path):
 
 def test_partial_t5x_checkpoint_names_missing_and_unexpected(params, tmp_path):
   step_dir = str(tmp_path / 'checkpoint_0')
-  checkpoints.save_t5x(params, step_dir, optimizer_state=False, durable=False)
+  t5x_legacy.save_t5x(params, step_dir, optimizer_state=False, durable=False)
 
   def damage(contents):
     target = contents['optimizer']['target']
@@ -267,8 +271,8 @@ def test_partial_t5x_checkpoint_names_missing_and_unexpected(params, tmp_path):
     return contents
 
   _rewrite_msgpack(step_dir, damage)
-  with pytest.raises(checkpoints.CheckpointMismatchError) as error:
-    checkpoints.load_checkpoint(step_dir)
+  with pytest.raises(param_tree.CheckpointMismatchError) as error:
+    loading.load_checkpoint(step_dir)
   message = str(error.value)
   assert 'encoder/layers_1/mlp/wo/kernel: expected shape (32, 16)' in message
   assert 'unexpected (1)' in message and 'encoder/layers_1/mlp/wx/kernel: found shape (2, 2)' in (
@@ -276,37 +280,37 @@ def test_partial_t5x_checkpoint_names_missing_and_unexpected(params, tmp_path):
 
 
 def test_wrong_config_for_orbax_names_shapes(params, tmp_path):
-  checkpoints.save_orbax(params, CONFIG, tmp_path / 'ckpt')
+  orbax_pytree.save_orbax(params, CONFIG, tmp_path / 'ckpt')
   wrong = dataclasses.replace(CONFIG, mlp_dim=48)
-  with pytest.raises(checkpoints.CheckpointMismatchError, match=(
+  with pytest.raises(param_tree.CheckpointMismatchError, match=(
       r'encoder/layers_0/mlp/wo/kernel: expected shape \(48, 16\), found shape \(32, 16\)')):
-    checkpoints.load_checkpoint(tmp_path / 'ckpt', config=wrong)
+    loading.load_checkpoint(tmp_path / 'ckpt', config=wrong)
 
 
 def test_unsupported_hf_configs_are_refused(params, tmp_path):
-  directory = checkpoints.save_hf(params, CONFIG, tmp_path / 'hf')
+  directory = hf.save_hf(params, CONFIG, tmp_path / 'hf')
   config_path = os.path.join(directory, 'config.json')
   hf_config = json.loads(open(config_path).read())
   hf_config['feed_forward_proj'] = 'gelu'
   with open(config_path, 'w') as f:
     json.dump(hf_config, f)
   with pytest.raises(ValueError, match=r"feed_forward_proj='gelu' is not supported"):
-    checkpoints.load_checkpoint(directory)
+    loading.load_checkpoint(directory)
 
 
 def test_detect_format_errors(tmp_path):
   with pytest.raises(ValueError, match='does not exist'):
-    checkpoints.detect_format(tmp_path / 'nope')
+    directories.detect_format(tmp_path / 'nope')
   (tmp_path / 'empty').mkdir()
   with pytest.raises(ValueError, match='No checkpoint in'):
-    checkpoints.detect_format(tmp_path / 'empty')
+    directories.detect_format(tmp_path / 'empty')
   with pytest.raises(ValueError, match='Unknown checkpoint format'):
-    checkpoints.load_checkpoint(tmp_path / 'empty', fmt='pickle')
+    loading.load_checkpoint(tmp_path / 'empty', fmt='pickle')
 
 
 def test_convert_and_load_pretrained(params, tmp_path):
   step_dir = str(tmp_path / 't5x' / 'checkpoint_0')
-  checkpoints.save_t5x(params, step_dir, durable=False)
+  t5x_legacy.save_t5x(params, step_dir, durable=False)
   hf_dir = convert_lib.convert(tmp_path / 't5x', 't5x', tmp_path / 'hf', 'hf')
   orbax_dir = convert_lib.convert(hf_dir, 'auto', tmp_path / 'orbax', 'orbax')
   with pytest.raises(ValueError, match='exists'):
@@ -349,7 +353,7 @@ class _CharVocabulary:
 
 
 def test_generate_with_vocabulary(params, tmp_path):
-  directory = checkpoints.save_hf(params, CONFIG, tmp_path / 'hf')
+  directory = hf.save_hf(params, CONFIG, tmp_path / 'hf')
   model = load_pretrained(directory, vocabulary=_CharVocabulary())
   texts = model.generate(['abc', 'hello'], 4)
   tokens = model.generate(np.array([[3, 4, 5, 1, 0, 0], [10, 7, 14, 14, 17, 1]]), 4)
@@ -363,7 +367,7 @@ def test_generate_with_vocabulary(params, tmp_path):
 def test_generate_with_sentencepiece_path(vocab_path, tmp_path):
   import seqio  # pylint: disable=g-import-not-at-top
   config = PRESETS['tiny']  # the T5 vocabulary size
-  directory = checkpoints.save_hf(_random_params(config), config, tmp_path / 'hf')
+  directory = hf.save_hf(_random_params(config), config, tmp_path / 'hf')
   model = load_pretrained(directory, vocabulary=str(vocab_path))
   assert isinstance(model.vocabulary, seqio.SentencePieceVocabulary)
   texts = model.generate(['Hello world', 'Q: 2 + 3?'], 3, return_all_decodes=True)

@@ -19,7 +19,8 @@ from shared_data import shared_data_dir
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import scoring
-from specialize_jax.checkpoints import formats as checkpoints
+from specialize_jax.checkpoints import loading
+from specialize_jax.checkpoints import orbax_pytree
 from specialize_jax.model import config as config_lib
 from specialize_jax.model import models
 from specialize_jax.model import network
@@ -190,7 +191,7 @@ def test_evaluate_checkpoints_sweeps_every_step_and_resumes(evaluator, params_pa
   _reuse_compiled_model(monkeypatch, evaluator.model)
   run = tmp_path / 'run'
   for step, params in zip((10, 20), params_pair):
-    checkpoints.save_orbax(params, T5_CONFIG, run / str(step))
+    orbax_pytree.save_orbax(params, T5_CONFIG, run / str(step))
   results = evaluator_lib.evaluate_checkpoints(str(run), CONFIG)
   assert sorted(results) == [10, 20]
   out = str(run / 'eval')
@@ -205,13 +206,16 @@ def test_evaluate_checkpoints_sweeps_every_step_and_resumes(evaluator, params_pa
 
   def fail(*args, **kwargs):
     raise AssertionError('an evaluated checkpoint was loaded again')
-  load = checkpoints.load_checkpoint
-  monkeypatch.setattr(checkpoints, 'load_checkpoint', fail)
+  readers = {name: getattr(loading, name)
+             for name in ('load_checkpoint', 'load_checkpoint_sharded')}
+  for name in readers:
+    monkeypatch.setattr(loading, name, fail)
   again = evaluator_lib.evaluate_checkpoints(str(run), CONFIG)
   assert again == results  # read back from the metrics files (JSON floats round-trip)
 
   # Other eval settings (a 2-example smoke run) are evaluated again, not read back.
-  monkeypatch.setattr(checkpoints, 'load_checkpoint', load)
+  for name, reader in readers.items():
+    monkeypatch.setattr(loading, name, reader)
   fewer = dataclasses.replace(CONFIG, max_examples=2)
   evaluator_lib.evaluate_checkpoints(str(run), fewer)
   for step in (10, 20):
@@ -249,7 +253,7 @@ def test_infer_matches_evaluator_decodes(evaluator, params_pair, tmp_path, monke
 
   # `specialize infer`'s path: params and architecture from a checkpoint.
   _reuse_compiled_model(monkeypatch, evaluator.model)
-  checkpoints.save_orbax(params_pair[0], T5_CONFIG, tmp_path / 'checkpoint')
+  orbax_pytree.save_orbax(params_pair[0], T5_CONFIG, tmp_path / 'checkpoint')
   output = str(tmp_path / 'checkpoint_predictions.jsonl')
   count = inference.infer_from_checkpoint(
       str(tmp_path / 'checkpoint'), str(inputs_file), output, batch_size=4, max_decode_length=8,

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
 
-from specialize_jax.checkpoints import formats as checkpoints
-from specialize_jax.checkpoints import hf_conversion
+from specialize_jax.checkpoints import hf
+from specialize_jax.checkpoints import loading
+from specialize_jax.checkpoints import param_tree
 from specialize_jax.checkpoints.pretrained import load_pretrained
 
 # Model-level tolerance (STYLE.md §6), float32.
@@ -118,11 +119,11 @@ def test_greedy_matches_generate(case, hf_models, torch):
   enc, _ = _inputs()
   # use_cache=False: cached generate fails for unequal encoder/decoder depth in transformers 5.x.
   with torch.no_grad():
-    hf = model.generate(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
-                        do_sample=False, num_beams=1, max_new_tokens=MAX_NEW_TOKENS,
-                        use_cache=False).numpy()
+    hf_ids = model.generate(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
+                            do_sample=False, num_beams=1, max_new_tokens=MAX_NEW_TOKENS,
+                            use_cache=False).numpy()
   expected = np.zeros((3, MAX_NEW_TOKENS), np.int64)  # HF pads rows after EOS with pad id 0
-  expected[:, :hf.shape[1] - 1] = hf[:, 1:]  # drop the decoder start token
+  expected[:, :hf_ids.shape[1] - 1] = hf_ids[:, 1:]  # drop the decoder start token
   got = load_pretrained(directory).generate(enc, MAX_NEW_TOKENS)
   np.testing.assert_array_equal(got, expected)
   if case == 'flan_untied':
@@ -136,14 +137,14 @@ def test_greedy_matches_generate(case, hf_models, torch):
 def test_export_reloads_in_transformers(case, hf_models, torch, transformers, tmp_path):
   """HF -> ours -> HF: the same arrays, and transformers computes the same logits."""
   model, directory = hf_models[case]
-  config, params = checkpoints.load_checkpoint(directory)
-  exported = checkpoints.save_hf(params, config, tmp_path / 'export')
+  config, params = loading.load_checkpoint(directory)
+  exported = hf.save_hf(params, config, tmp_path / 'export')
   original = model.state_dict()  # tied tensors appear under every name
-  written = safetensors_numpy.load_file(os.path.join(exported, checkpoints.HF_SAFETENSORS_FILE))
+  written = safetensors_numpy.load_file(os.path.join(exported, hf.SAFETENSORS_FILE))
   for name, value in written.items():
     np.testing.assert_array_equal(value, original[name].numpy(), err_msg=name)
   # Every tensor is written, except the embedding copies HF ties on load (and a tied head).
-  assert set(original) - set(written) <= set(hf_conversion.HF_EMBEDDING_COPIES) | (
+  assert set(original) - set(written) <= set(hf.EMBEDDING_COPIES) | (
       {'lm_head.weight'} if case == 'original_t5' else set())
   reloaded = transformers.T5ForConditionalGeneration.from_pretrained(exported).eval()
   enc, dec = _inputs()
@@ -153,16 +154,16 @@ def test_export_reloads_in_transformers(case, hf_models, torch, transformers, tm
 
 def test_sharded_safetensors_and_pytorch_bin(hf_models, torch, tmp_path):
   model, directory = hf_models['flan_untied']
-  _, reference = checkpoints.load_checkpoint(directory)
+  _, reference = loading.load_checkpoint(directory)
   sharded = tmp_path / 'sharded'
   model.save_pretrained(sharded, max_shard_size='20KB')
-  assert (sharded / checkpoints.HF_SAFETENSORS_INDEX_FILE).exists()
+  assert (sharded / hf.SAFETENSORS_INDEX_FILE).exists()
   torch_dir = tmp_path / 'torch'
   torch_dir.mkdir()
   shutil.copy(directory / 'config.json', torch_dir / 'config.json')
-  torch.save(model.state_dict(), torch_dir / checkpoints.HF_TORCH_FILE)
+  torch.save(model.state_dict(), torch_dir / hf.TORCH_FILE)
   for path in (sharded, torch_dir):
-    _, params = checkpoints.load_checkpoint(path)
-    for name, value in hf_conversion.flatten_params(reference).items():
-      np.testing.assert_array_equal(hf_conversion.flatten_params(params)[name], value,
+    _, params = loading.load_checkpoint(path)
+    for name, value in param_tree.flatten_params(reference).items():
+      np.testing.assert_array_equal(param_tree.flatten_params(params)[name], value,
                                     err_msg=f'{path.name}: {name}')

@@ -43,8 +43,10 @@ import numpy as np
 import pytest
 
 import demo_data
-from specialize_jax.checkpoints import formats as model_checkpoints
-from specialize_jax.checkpoints import hf_conversion
+from specialize_jax.checkpoints import directories
+from specialize_jax.checkpoints import loading
+from specialize_jax.checkpoints import param_tree
+from specialize_jax.checkpoints import t5x_legacy
 from specialize_jax.training import partitioning
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,8 +242,8 @@ def _records(model_dir):
 
 
 def _params(model_dir, step=TRAIN_STEPS):
-  _, params = model_checkpoints.load_checkpoint(os.path.join(model_dir, f'checkpoint_{step}'))
-  return hf_conversion.flatten_params(params)
+  _, params = loading.load_checkpoint(os.path.join(model_dir, f'checkpoint_{step}'))
+  return param_tree.flatten_params(params)
 
 
 def _largest_difference(actual, expected):
@@ -329,7 +331,7 @@ def _copy_with_a_save_in_flight(model_dir, target):
   shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns('eval', 'tensorboard'))
   in_flight = os.path.join(target, f'checkpoint_{HALF_WRITTEN_STEP}')
   os.makedirs(in_flight)
-  metadata = model_checkpoints.ORBAX_STEP_METADATA_FILE
+  metadata = directories.STEP_METADATA_FILE
   with open(os.path.join(target, f'checkpoint_{TRAIN_STEPS}', metadata), encoding='utf-8') as f:
     record = json.load(f)
   record.pop('commit_timestamp_nsecs', None)
@@ -625,10 +627,10 @@ def test_four_processes_read_only_their_shards_of_the_start_checkpoint(
   fetches less than half of the checkpoint, and the run starts from it (learning rate 1e-30:
   the saved parameters are the checkpoint's)."""
   overrides = {**_model_axis_overrides(8), 'TRAIN_STEPS': 1, 'CHECKPOINT_PERIOD': 1}
-  _, start_params = model_checkpoints.load_checkpoint(
+  _, start_params = loading.load_checkpoint(
       os.path.join(one_process_reference(2).model_dir, 'checkpoint_4'))
-  start = model_checkpoints.save_t5x(start_params, tmp_path / 'start' / 'checkpoint_0',
-                                     optimizer_state=False, chunk_bytes=1024)
+  start = t5x_legacy.save_t5x(start_params, tmp_path / 'start' / 'checkpoint_0',
+                              optimizer_state=False, chunk_bytes=1024)
   four = Run(env, tmp_path / 'four', tmp_path / 'logs_four', 4, 2,
              {**overrides, 'LEARNING_RATE': 1e-30, 'INITIAL_CHECKPOINT_PATH': f"'{start}'"})
   try:
@@ -641,5 +643,5 @@ def test_four_processes_read_only_their_shards_of_the_start_checkpoint(
     fetched, shard, total = map(float, match.groups())
     assert shard < total / 2 and fetched < total / 2, match.group(0)
   worst = _largest_difference(_params(four.model_dir, 1),
-                              hf_conversion.flatten_params(start_params))
+                              param_tree.flatten_params(start_params))
   assert worst[0] <= 1e-12, f'largest parameter difference {worst[0]} in {worst[1]}'

@@ -25,8 +25,8 @@ import pytest
 import demo_data
 
 import multiprocess_worker
-from specialize_jax.checkpoints import formats as model_checkpoints
-from specialize_jax.checkpoints import hf_conversion
+from specialize_jax.checkpoints import loading
+from specialize_jax.checkpoints import param_tree
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import metric_writers
 from specialize_jax.training import partitioning
@@ -111,8 +111,8 @@ def _train_records(model_dir):
 
 def _final_params(model_dir):
   step_dir = os.path.join(model_dir, f'checkpoint_{multiprocess_worker.TRAIN_STEPS}')
-  _, params = model_checkpoints.load_checkpoint(step_dir)
-  return hf_conversion.flatten_params(params)
+  _, params = loading.load_checkpoint(step_dir)
+  return param_tree.flatten_params(params)
 
 
 def test_two_processes_equal_one_process(demo_dir, tmp_path, monkeypatch):

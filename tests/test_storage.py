@@ -375,11 +375,11 @@ def test_a_run_lives_in_a_bucket(gcs, demo, bucket_set, tmp_path_factory):
   export = f'gs://{BUCKET}/export/tiny_hf'
   _specialize(['convert', f'{run}/checkpoint_6', '--to', 'hf', export], env, cwd)
   assert storage.listdir(export) == ['config.json', 'model.safetensors']
-  from specialize_jax.checkpoints import formats as checkpoints  # pylint: disable=g-import-not-at-top
-  _, exported = checkpoints.load_checkpoint(export)
-  _, trained = checkpoints.load_checkpoint(f'{run}/checkpoint_6')
-  from specialize_jax.checkpoints import hf_conversion  # pylint: disable=g-import-not-at-top
-  a, b = hf_conversion.flatten_params(exported), hf_conversion.flatten_params(trained)
+  from specialize_jax.checkpoints import loading  # pylint: disable=g-import-not-at-top
+  from specialize_jax.checkpoints import param_tree  # pylint: disable=g-import-not-at-top
+  _, exported = loading.load_checkpoint(export)
+  _, trained = loading.load_checkpoint(f'{run}/checkpoint_6')
+  a, b = param_tree.flatten_params(exported), param_tree.flatten_params(trained)
   assert sorted(a) == sorted(b)
   for name in a:
     np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)

@@ -13,6 +13,7 @@ import pytest
 
 import demo_data
 from specialize_jax import cli
+from specialize_jax.checkpoints import directories
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import sweep as sweep_lib
@@ -204,9 +205,9 @@ def test_results_in_another_dtype_are_decoded_again(run_dir, decodes, capsys):
 
 def _uncommit(step_dir):
   """Makes `step_dir` look like a save in flight: no commit marker, no commit timestamp."""
-  marker = os.path.join(step_dir, checkpoint_manager.COMMIT_MARKER)
+  marker = os.path.join(step_dir, directories.COMMIT_MARKER)
   os.remove(marker)
-  metadata = os.path.join(step_dir, checkpoint_manager.STEP_METADATA_FILE)
+  metadata = os.path.join(step_dir, directories.STEP_METADATA_FILE)
   with open(metadata, encoding='utf-8') as f:
     record = json.load(f)
   timestamp = record.pop('commit_timestamp_nsecs', None)

@@ -21,8 +21,9 @@ import pytest
 from gin import config_parser
 import specialize_jax
 from specialize_jax import cli
-from specialize_jax.checkpoints import formats as checkpoints
-from specialize_jax.checkpoints import hf_conversion
+from specialize_jax.checkpoints import loading
+from specialize_jax.checkpoints import orbax_pytree
+from specialize_jax.checkpoints import param_tree
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GIN_DIR = ROOT / "gin"
@@ -168,7 +169,7 @@ def test_convert_to_t5x_writes_the_legacy_layout_at_the_named_step(tmp_path):
   from flax import serialization  # pylint: disable=g-import-not-at-top
   import test_network  # pylint: disable=g-import-not-at-top
   params = test_network.random_params(test_network.TINY, seed=3)
-  source = checkpoints.save_orbax(params, test_network.TINY, tmp_path / "ours")
+  source = orbax_pytree.save_orbax(params, test_network.TINY, tmp_path / "ours")
   assert cli.main(["convert", source, "--to", "t5x", str(tmp_path / "out")]) == 2  # no step
   assert not (tmp_path / "out").exists()
   step_dir = tmp_path / "for_t5x" / "checkpoint_1234"
@@ -176,8 +177,8 @@ def test_convert_to_t5x_writes_the_legacy_layout_at_the_named_step(tmp_path):
   state = serialization.msgpack_restore((step_dir / "checkpoint").read_bytes())
   assert int(state["optimizer"]["state"]["step"]) == 1234
   assert "param_states" not in state["optimizer"]["state"]  # no invented optimizer state
-  _, loaded = checkpoints.load_checkpoint(step_dir, fmt="t5x")
-  expected, got = hf_conversion.flatten_params(params), hf_conversion.flatten_params(loaded)
+  _, loaded = loading.load_checkpoint(step_dir, fmt="t5x")
+  expected, got = param_tree.flatten_params(params), param_tree.flatten_params(loaded)
   assert set(expected) == set(got)
   for name, value in expected.items():
     np.testing.assert_array_equal(got[name], np.asarray(value), err_msg=name)
@@ -285,10 +286,10 @@ def test_checkpoints_round_trip_between_specialize_and_t5x(data_dir, gsm8k_gold_
   _t5x_train(t5x_dir, f"--gin.INITIAL_CHECKPOINT_PATH='{handed}'", "--gin.TRAIN_STEPS=4")
   # T5X continued from step 2 (a scratch start would write checkpoint_0).
   assert sorted(p.name for p in t5x_dir.glob("checkpoint_*")) == ["checkpoint_2", "checkpoint_4"]
-  _, original = checkpoints.load_checkpoint(ours / "checkpoint_2")
-  _, restored = checkpoints.load_checkpoint(t5x_dir / "checkpoint_2")
-  _, trained = checkpoints.load_checkpoint(t5x_dir / "checkpoint_4")
-  original, restored, trained = map(hf_conversion.flatten_params, (original, restored, trained))
+  _, original = loading.load_checkpoint(ours / "checkpoint_2")
+  _, restored = loading.load_checkpoint(t5x_dir / "checkpoint_2")
+  _, trained = loading.load_checkpoint(t5x_dir / "checkpoint_4")
+  original, restored, trained = map(param_tree.flatten_params, (original, restored, trained))
   assert set(original) == set(restored) == set(trained)
   for name in original:
     np.testing.assert_array_equal(restored[name], original[name], err_msg=name)
@@ -307,7 +308,7 @@ def test_checkpoints_round_trip_between_specialize_and_t5x(data_dir, gsm8k_gold_
                                 num_decoder_layers=2, mlp_activations=("gelu", "linear"),
                                 dropout_rate=0.0, logits_via_embedding=False, **TINY_DIMS)
   t5x_logits = t5x_network.Transformer(config).apply(
-      {"params": jax.tree.map(jnp.asarray, hf_conversion.unflatten_params(trained))},
+      {"params": jax.tree.map(jnp.asarray, param_tree.unflatten_params(trained))},
       encoder, decoder, targets, enable_dropout=False)
   np.testing.assert_allclose(model.logits(encoder, decoder, targets), np.asarray(t5x_logits),
                              atol=1e-5)

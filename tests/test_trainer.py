@@ -30,8 +30,9 @@ import tensorflow as tf
 from specialize_jax import cli
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import scoring
-from specialize_jax.checkpoints import formats as model_checkpoints
-from specialize_jax.checkpoints import hf_conversion
+from specialize_jax.checkpoints import loading
+from specialize_jax.checkpoints import orbax_pytree
+from specialize_jax.checkpoints import param_tree
 from specialize_jax.model import models
 from specialize_jax.model import network
 from specialize_jax.model.config import T5Config
@@ -99,8 +100,8 @@ def _train(model_dir, model, num_train_steps, **kwargs):
 
 def _params(step_dir):
   """{'encoder/layers_0/...': float32 array} of a checkpoint step directory."""
-  _, params = model_checkpoints.load_checkpoint(str(step_dir), config=TINY)
-  return hf_conversion.flatten_params(params)
+  _, params = loading.load_checkpoint(str(step_dir), config=TINY)
+  return param_tree.flatten_params(params)
 
 
 def _records(model_dir, split):
@@ -212,7 +213,7 @@ def test_sigterm_saves_a_step_and_the_rerun_ends_identical(run_a, model, tmp_pat
 def test_initial_checkpoint_params_start_the_run(demo_dir, model, tmp_path):
   """A run with INITIAL_CHECKPOINT_PATH (an orbax export) starts from exactly those params."""
   params = jax.device_get(network.init_params(TINY, jax.random.PRNGKey(42)))
-  initial = model_checkpoints.save_orbax(params, TINY, tmp_path / 'initial')
+  initial = orbax_pytree.save_orbax(params, TINY, tmp_path / 'initial')
   lines = []
   # One update, at the warm-up's rate 0: the final params are the starting params, unchanged
   # (a run that ignored them would end with its own random init).
@@ -221,7 +222,7 @@ def test_initial_checkpoint_params_start_the_run(demo_dir, model, tmp_path):
   assert any(line.startswith('Starting at step 0 from initial_checkpoint') for line in lines)
   assert _records(tmp_path / 'run', 'train')[0]['learning_rate'] == 0.0
   _assert_params_equal(_params(tmp_path / 'run' / 'checkpoint_1'),
-                       hf_conversion.flatten_params(params))
+                       param_tree.flatten_params(params))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def main() -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from specialize_jax.checkpoints import formats as checkpoints  # pylint: disable=g-import-not-at-top
+  from specialize_jax.checkpoints import hf  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import config as config_lib  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import models  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import network  # pylint: disable=g-import-not-at-top
@@ -69,7 +69,7 @@ def main() -> None:
 
   # transformers, on the same weights (exported and reloaded as a user would).
   with tempfile.TemporaryDirectory() as tmp:
-    directory = checkpoints.save_hf(params, config, os.path.join(tmp, 'hf'))
+    directory = hf.save_hf(params, config, os.path.join(tmp, 'hf'))
     hf_model = transformers.T5ForConditionalGeneration.from_pretrained(directory).eval()
   input_ids = torch.tensor(inputs)
   attention_mask = torch.tensor(inputs != 0)

@@ -108,9 +108,9 @@ def _peer(args, np_batch, on_accelerator: bool):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
-  from specialize_jax.checkpoints import hf_conversion  # pylint: disable=g-import-not-at-top
+  from specialize_jax.checkpoints import hf  # pylint: disable=g-import-not-at-top
   config = model_config.get_config(args.preset, dropout_rate=0.0)
-  hf_config = transformers.T5Config(**hf_conversion.config_to_hf(config))
+  hf_config = transformers.T5Config(**hf.config_to_hf(config))
   hf_config.dropout_rate = 0.0
   device = "cuda" if on_accelerator and torch.cuda.is_available() else "cpu"
   model = transformers.T5ForConditionalGeneration(hf_config).to(device)

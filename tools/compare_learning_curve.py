@@ -3,7 +3,7 @@ batches, AdamW with the same settings, step by step, in one run.
 
   python tools/compare_learning_curve.py [--steps 120 --lr 2e-3 --batch 64]
 
-Both sides start from our initialisation (converted with `hf_conversion.params_to_hf`), train on
+Both sides start from our initialisation (converted with `hf.params_to_hf`), train on
 unpacked `demo_train_cot` batches (the demo data must exist: `specialize demo --only_data`), and
 print one JSON object with the per-token cross-entropy of both every 10 steps. Equal curves (up to
 float drift that grows with the steps) show the trainer learns exactly as the reference framework
@@ -36,7 +36,7 @@ def main() -> None:
   import specialize_jax.tasks  # pylint: disable=unused-import  (registers the demo tasks)
   from specialize_jax.data import feature_converters
   from specialize_jax.model import config as model_config
-  from specialize_jax.checkpoints import hf_conversion
+  from specialize_jax.checkpoints import hf
   from specialize_jax.model import models
   from specialize_jax.training import input_pipeline
   # pylint: enable=g-import-not-at-top
@@ -52,12 +52,12 @@ def main() -> None:
   params = flax.core.meta.unbox(
       model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"])
 
-  hf_config = transformers.T5Config(**hf_conversion.config_to_hf(config))
+  hf_config = transformers.T5Config(**hf.config_to_hf(config))
   hf_config.dropout_rate = 0.0
   hf_config.tie_word_embeddings = False  # transformers 5.x ties it in the constructor
   peer = transformers.T5ForConditionalGeneration(hf_config)
   if not args.hf_init:
-    state = hf_conversion.params_to_hf(jax.tree.map(np.asarray, params), config)
+    state = hf.params_to_hf(jax.tree.map(np.asarray, params), config)
     for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
       state[name] = state["shared.weight"]  # separate tensors when built from a config
     peer.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})

@@ -17,8 +17,11 @@ from typing import Any, Union
 
 import numpy as np
 
-from specialize_jax.checkpoints import formats as checkpoints
-from specialize_jax.checkpoints import hf_conversion
+from specialize_jax.checkpoints import hf
+from specialize_jax.checkpoints import loading
+from specialize_jax.checkpoints import orbax_pytree
+from specialize_jax.checkpoints import param_tree
+from specialize_jax.checkpoints import t5x_legacy
 
 SOURCE_FORMATS = ('hf', 't5x', 'orbax', 'auto')
 DESTINATION_FORMATS = ('hf', 'orbax', 't5x')
@@ -48,15 +51,15 @@ def convert(src: Union[str, os.PathLike], src_format: str, dst: Union[str, os.Pa
   if dst_format == 't5x' and not step_dir:
     raise ValueError(f'--to t5x {dst}: name the destination checkpoint_<step> (T5X\'s step '
                      'directory), e.g. .../checkpoint_1184000; the step is read from the name.')
-  model_config, params = checkpoints.load_checkpoint(src, fmt=src_format, config=config)
-  num_params = sum(int(np.size(v)) for v in hf_conversion.flatten_params(params).values())
+  model_config, params = loading.load_checkpoint(src, fmt=src_format, config=config)
+  num_params = sum(int(np.size(v)) for v in param_tree.flatten_params(params).values())
   logging.info('Read %s parameters from %s: %s', f'{num_params:,}', src, model_config)
   if dst_format == 'hf':
-    written = checkpoints.save_hf(params, model_config, dst, overwrite=overwrite)
+    written = hf.save_hf(params, model_config, dst, overwrite=overwrite)
   elif dst_format == 'orbax':
-    written = checkpoints.save_orbax(params, model_config, dst, overwrite=overwrite)
+    written = orbax_pytree.save_orbax(params, model_config, dst, overwrite=overwrite)
   else:
-    written = checkpoints.save_t5x(params, dst, step=int(step_dir.group(1)),
-                                   optimizer_state=False, overwrite=overwrite)
+    written = t5x_legacy.save_t5x(params, dst, step=int(step_dir.group(1)),
+                                  optimizer_state=False, overwrite=overwrite)
   logging.info('Wrote %s checkpoint %s.', dst_format, written)
   return written

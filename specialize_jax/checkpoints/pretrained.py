@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specialize_jax.checkpoints import formats as checkpoints
+from specialize_jax.checkpoints import loading
 from specialize_jax.data import storage
 from specialize_jax.model import decoding
 from specialize_jax.model import models
@@ -165,5 +165,5 @@ def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
     config: architecture for T5X/orbax checkpoints (T5Config, preset name or dict); inferred from
       the parameter shapes when omitted.
   """
-  config, params = checkpoints.load_checkpoint(path, fmt=fmt, config=config, dtype=dtype)
+  config, params = loading.load_checkpoint(path, fmt=fmt, config=config, dtype=dtype)
   return PretrainedModel(config, params, vocabulary)

@@ -19,7 +19,7 @@ Terms:
     `prediction`, and `correct` when a metric reports `accuracy`), each
     written atomically by process 0 alone. The JSONL is the file `specialize score` reads, so
     re-scoring it gives the metrics file's values (for tasks whose postprocessor keeps the text).
-  committed step: a step directory whose save finished (`checkpoints.is_committed_step_dir`);
+  committed step: a step directory whose save finished (`directories.is_committed_step_dir`);
     `evaluate_checkpoints` reads only those, and on several processes follows process 0's
     listing (`process_zero.py`).
   timing: returned with the metrics as `timing/seconds` (decode, postprocess, metrics) and
@@ -49,7 +49,8 @@ from specialize_jax.data import feature_converters
 from specialize_jax.data import storage
 from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import process_zero
-from specialize_jax.checkpoints import formats as checkpoints
+from specialize_jax.checkpoints import directories
+from specialize_jax.checkpoints import param_tree
 from specialize_jax.model import config as config_lib
 from specialize_jax.model import models
 from specialize_jax.training import partitioning
@@ -139,7 +140,7 @@ def decode_dtype(dtype: Optional[str] = None, model_config: Any = None) -> str:
   """The compute dtype a job decodes its checkpoints in: `dtype`, else `model_config`'s (a
   T5Config, preset name or dict), else T5Config's default (float32)."""
   if dtype is None:
-    config = checkpoints.as_config(model_config)
+    config = param_tree.as_config(model_config)
     dtype = config.dtype if config is not None else config_lib.T5Config.dtype  # its default
   if dtype not in config_lib.DTYPES:
     raise ConfigError(f'Decode dtype {dtype!r} is not supported; use one of {config_lib.DTYPES} '
@@ -368,13 +369,13 @@ def list_checkpoint_steps(directory: str) -> List[Tuple[int, str]]:
 def committed_checkpoint_steps(directory: str) -> List[Tuple[int, str]]:
   """(step, path) of the committed step directories in `directory`, by step.
 
-  A step directory without orbax's commit (`checkpoints.is_committed_step_dir`: a save in flight
+  A step directory without orbax's commit (`directories.is_committed_step_dir`: a save in flight
   beside a running trainer, or one cut short) is skipped with a warning, never read half-written;
   a later sweep or `specialize eval` picks it up once committed.
   """
   committed, skipped = [], []
   for step, path in list_checkpoint_steps(directory):
-    if checkpoints.is_committed_step_dir(path):
+    if directories.is_committed_step_dir(path):
       committed.append((step, path))
     else:
       skipped.append(path)
@@ -445,12 +446,12 @@ def _evaluation_plan(path: str, config: EvalConfig, output_dir: Optional[str],
                         'save in flight or cut short); evaluate again once the trainer has saved.')
   else:
     match = _STEP_DIR_RE.fullmatch(storage.basename(path))
-    if match and not checkpoints.is_committed_step_dir(path):
+    if match and not directories.is_committed_step_dir(path):
       raise ConfigError(f'{path} is not committed (a save in flight or cut short: no '
-                        f'{checkpoints.ORBAX_COMMIT_MARKER}); evaluate it once the trainer has '
+                        f'{directories.COMMIT_MARKER}); evaluate it once the trainer has '
                         'finished saving it, or pick a committed step.')
     # The concrete checkpoint directory, so every process reads the one process 0 resolved.
-    _, resolved = checkpoints.resolve_checkpoint(path)  # fails early, naming what it expected
+    _, resolved = directories.resolve_checkpoint(path)  # fails early, naming what it expected
     steps = [(int(match.group(1)) if match else 0, str(resolved))]
     run_dir = storage.dirname(path) if match else path
   output_dir = output_dir or storage.join(run_dir, EVAL_SUBDIR)

@@ -35,7 +35,8 @@ from specialize_jax.errors import ConfigError
 from specialize_jax.data import storage
 from specialize_jax.data import vocabulary as vocabulary_lib
 from specialize_jax.evaluation import process_zero
-from specialize_jax.checkpoints import formats as checkpoints
+from specialize_jax.checkpoints import directories
+from specialize_jax.checkpoints import loading
 from specialize_jax.model import models
 from specialize_jax.training import partitioning
 from specialize_jax.training import train_state
@@ -142,7 +143,7 @@ def restore_params(checkpoint_path: str, mesh: Mesh,
   device or host holds a full copy of a sharded parameter. The config's compute dtype is `dtype`
   (None: `model_config`'s, else the checkpoint's stored config's, else float32); params stay
   float32."""
-  config, params, _ = checkpoints.load_checkpoint_sharded(
+  config, params, _ = loading.load_checkpoint_sharded(
       checkpoint_path, lambda c: train_state.abstract_params(c, mesh, rules),
       config=model_config, dtype=dtype)
   return config, params
@@ -442,7 +443,7 @@ def infer_from_checkpoint(checkpoint_path: str, inputs: Union[str, os.PathLike, 
   reads that one."""
   mesh = mesh if mesh is not None else local_mesh()
   resolved = process_zero.decided_by_process_zero(
-      lambda: str(checkpoints.resolve_checkpoint(checkpoint_path)[1]), 'the checkpoint to read')
+      lambda: str(directories.resolve_checkpoint(checkpoint_path)[1]), 'the checkpoint to read')
   config, params = restore_params(resolved, mesh, logical_axis_rules, model_config, dtype)
   logging.info('Decoding %s in %s.', resolved, config.dtype)
   model = models.EncoderDecoderModel(config)

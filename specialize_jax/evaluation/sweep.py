@@ -46,7 +46,7 @@ from specialize_jax.data import storage
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import process_zero
-from specialize_jax.checkpoints import formats as checkpoints
+from specialize_jax.checkpoints import directories
 from specialize_jax.model import models
 from specialize_jax.training import partitioning
 
@@ -174,7 +174,7 @@ def _sweep_plan(model_dir: str, config: evaluator_lib.EvalConfig,
                        '(that checkpoint is the start).')
     # The concrete checkpoint (a run directory resolves to its latest step), so every process
     # loads the one process 0 resolved; fails early, naming what it expected.
-    _, resolved = checkpoints.resolve_checkpoint(start_checkpoint)
+    _, resolved = directories.resolve_checkpoint(start_checkpoint)
     steps = [(START_STEP, storage.absolute(start_checkpoint), str(resolved))] + steps
   if not steps:
     raise ValueError(f'No committed checkpoint_<N> directories in {model_dir}; point at a run '

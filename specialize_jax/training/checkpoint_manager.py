@@ -2,7 +2,7 @@
 
 Terms:
   MODEL_DIR: the run directory. Checkpoints live directly in it, in T5X's layout, so that
-    `specialize_jax.checkpoints.formats.load_checkpoint(MODEL_DIR)` (and `load_pretrained`) read the
+    `specialize_jax.checkpoints.loading.load_checkpoint(MODEL_DIR)` (and `load_pretrained`) read the
     params of the latest step without knowing about training:
 
       MODEL_DIR/
@@ -70,13 +70,13 @@ from orbax.checkpoint import checkpoint_managers
 
 from specialize_jax.errors import ConfigError
 from specialize_jax.data import storage
-from specialize_jax.checkpoints import formats as model_checkpoints
+from specialize_jax.checkpoints import directories
+from specialize_jax.checkpoints import loading
+from specialize_jax.checkpoints import param_tree
 
 STEP_PREFIX = 'checkpoint'  # T5X's `checkpoint_<step>`; `load_checkpoint` resolves it.
-STATE_ITEM = 'state'  # First in `model_checkpoints.ORBAX_ITEM_NAMES`.
+STATE_ITEM = 'state'  # First in `orbax_pytree.ITEM_NAMES`: `load_checkpoint` finds it.
 META_ITEM = 'meta'
-COMMIT_MARKER = 'commit_success.txt'
-STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
 SOURCES = ('resume', 'initial_checkpoint', 'scratch')
 BAD_SUBDIR = 'bad_checkpoints'  # Not `checkpoint_*`: orbax and `load_checkpoint` never list it.
 # Files every committed step has; one missing means the step is damaged for certain.
@@ -256,17 +256,10 @@ class TrainCheckpointer:
   def _uncommitted_reason(self, step: int) -> Optional[str]:
     """Why `step` is not a committed checkpoint, or None when it is."""
     step_dir = self._step_dir(step)
-    if (step_dir / COMMIT_MARKER).exists():
+    if directories.has_commit_record(step_dir):
       return None
-    metadata_file = step_dir / STEP_METADATA_FILE
-    if metadata_file.exists():
-      try:
-        if json.loads(metadata_file.read_text()).get('commit_timestamp_nsecs'):
-          return None
-      except ValueError:
-        pass
-    return (f'not committed: {step_dir} has neither {COMMIT_MARKER} nor a commit timestamp in '
-            f'{STEP_METADATA_FILE} (a save that did not finish)')
+    return (f'not committed: {step_dir} has neither {directories.COMMIT_MARKER} nor a commit '
+            f'timestamp in {directories.STEP_METADATA_FILE} (a save that did not finish)')
 
   def all_steps(self) -> List[int]:
     """Committed steps, ascending (what `restore` may use; saves in flight are not included)."""
@@ -450,7 +443,7 @@ def _place_params(params: PyTree, abstract_params: PyTree, source: str) -> PyTre
     return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(np.shape(leaf))
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
-  model_checkpoints.check_shapes(
+  param_tree.check_shapes(
       flat_shapes(params), flat_shapes(abstract_params), source,
       hint='load_params_fn must return the params tree of the model being trained '
       '(abstract_state.params); check INITIAL_CHECKPOINT_PATH and the model config.')
@@ -512,7 +505,7 @@ def restore_or_initialize(
   if initial_checkpoint_path:
     _check_abstract_state(abstract_state)
     if load_params_fn is None:  # Each process reads only its devices' slices.
-      params = model_checkpoints.load_checkpoint_sharded(
+      params = loading.load_checkpoint_sharded(
           initial_checkpoint_path, lambda _: abstract_state.params)[1]
     else:
       params = load_params_fn(initial_checkpoint_path)

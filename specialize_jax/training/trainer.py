@@ -3,7 +3,7 @@
 Order of events, written down because users debug by it:
 1. mesh from the partitioning config; optimizer and schedule; the abstract (sharded) train state;
 2. restore: the latest checkpoint in `model_dir` (resume), else `initial_checkpoint_path` (params
-   only, any format `specialize_jax.checkpoints.formats` reads, each process reading only its
+   only, any format `specialize_jax.checkpoints.loading` reads, each process reading only its
    devices' slices: `load_checkpoint_sharded`), else scratch — the choice and the bytes read are
    logged;
 3. the input iterator, fast-forwarded to the checkpoint's data position;
@@ -29,7 +29,7 @@ import numpy as np
 from specialize_jax.errors import ConfigError
 from specialize_jax.data import feature_converters
 from specialize_jax.data import storage
-from specialize_jax.checkpoints import formats as model_checkpoints
+from specialize_jax.checkpoints import loading
 from specialize_jax.model import models
 from specialize_jax.training import checkpoint_manager
 from specialize_jax.training import input_pipeline
@@ -114,7 +114,7 @@ def train(model_dir: str,
 
   def load_params(path):
     # Each process reads only the slices its devices hold, straight into their shardings.
-    _, params, stats = model_checkpoints.load_checkpoint_sharded(
+    _, params, stats = loading.load_checkpoint_sharded(
         path, lambda _: abstract_state.params, config=model.config)
     log(f"INITIAL_CHECKPOINT_PATH: {stats.describe()}.")
     return params
