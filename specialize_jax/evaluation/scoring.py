@@ -15,12 +15,13 @@ from typing import Dict, List, Optional
 import seqio
 
 from specialize_jax.data import storage
+from specialize_jax.errors import UserError
 
 METRIC_MODES = ("default", "paper")
 PAPER_SUFFIX = "_paper"  # Paper-rule metrics report `accuracy_paper` (see tasks/common.py).
 
 
-class PredictionsError(ValueError):
+class PredictionsError(UserError, ValueError):
   """A predictions file is malformed; the message names file:line and the fix."""
 
 
