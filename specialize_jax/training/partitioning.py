@@ -17,7 +17,7 @@ Terms:
     needs *while tracing* to turn the model's activation annotations into sharding constraints;
     without both it silently does nothing.
 
-Multi-host: every process runs the same program; `initialize_distributed` connects them,
+Multi-host: every process runs the same program; `runtime.distributed` connects them,
 `data_layout` says which rows of each global batch a process feeds (its data shard), and
 `global_batch` assembles every process's rows into one global array.
 """
@@ -383,7 +383,8 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
   return result
 
 
-# Joining a multi-host job lives with the runtime; these names stay for the library's callers.
+# Joining a multi-host job lives in `runtime.distributed`; these names stay for existing callers
+# (workers, tools).
 initialize_distributed = distributed.initialize
 check_distributed = distributed.check_connected
 
