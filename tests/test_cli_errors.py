@@ -1,7 +1,8 @@
 """A user's mistake ends in one line on stderr naming the path or value and the fix, exit code 2,
 before anything compiles: every `specialize` subcommand on an empty data directory (a fresh
 machine), with the vocabulary missing or present, and a gin value the code validates. Each case is
-one subprocess, as a user runs it; all fail within seconds, before any model is built."""
+one subprocess, as a user runs it; all fail within seconds, before any model is built. A bug inside
+a command (an exception outside the user-error family) ends in a traceback and exit code 1."""
 import os
 import subprocess
 import sys
@@ -64,7 +65,7 @@ CASES = [
 ]
 
 
-def _run(argv, cwd, data_dir, vocabulary=None, timeout=300):
+def _run(argv, cwd, data_dir, vocabulary=None, timeout=300, program=("-m", "specialize_jax.cli")):
   env = {k: v for k, v in os.environ.items()
          if k not in ("SPECIALIZE_VOCAB_PATH", "SPECIALIZE_PREPARED_DATA")}
   env.update(SPECIALIZE_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
@@ -74,7 +75,7 @@ def _run(argv, cwd, data_dir, vocabulary=None, timeout=300):
     env["SPECIALIZE_VOCAB_PATH"] = str(cwd / "missing.model")
   elif vocabulary == SHARED_VOCAB:
     env["SPECIALIZE_VOCAB_PATH"] = str(shared_data.shared_file("tokenizer/t5_spiece.model"))
-  return subprocess.run([sys.executable, "-m", "specialize_jax.cli", *argv], cwd=cwd, env=env,
+  return subprocess.run([sys.executable, *program, *argv], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -96,6 +97,44 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, argv, vocabulary, expecte
   for part in expected:
     assert part in lines[0], lines[0]
   assert not (tmp_path / "runs").exists()  # Failed before writing the run directory.
+
+
+# `specialize align` with the library's `align_file` replaced by `failure`, as a user runs it.
+_PATCHED_ALIGN = """
+import sys
+import numpy as np
+from specialize_jax import cli
+from specialize_jax.align import alignment
+from specialize_jax.errors import ConfigError
+def failing_align_file(*args, **kwargs):
+  {failure}
+alignment.align_file = failing_align_file
+sys.exit(cli.main(sys.argv[1:]))
+"""
+_ALIGN_ARGV = ["align", "--input", "t.jsonl", "--output", "a.jsonl", "--vocab", "spm.model"]
+
+
+def test_a_bug_inside_a_command_is_a_traceback_and_exit_1(tmp_path):
+  """A `ValueError` from library work (here numpy's, from arrays of mismatched shapes) is a bug,
+  not the user's mistake: it is never turned into the one-line message."""
+  failure = "return np.zeros((3,)) + np.zeros((4,))"
+  done = _run(_ALIGN_ARGV, tmp_path, tmp_path,
+              program=("-c", _PATCHED_ALIGN.format(failure=failure)))
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert "Traceback" in done.stderr, done.stderr[-3000:]
+  assert "ValueError: operands could not be broadcast together" in done.stderr, done.stderr[-3000:]
+  assert not _error_lines(done, "align"), done.stderr[-3000:]
+
+
+def test_a_user_error_raised_by_the_library_is_one_line_and_exit_2(tmp_path):
+  """The same command and place, a `ConfigError` instead: one line, exit 2, no traceback."""
+  failure = 'raise ConfigError("alignment mode x is unknown; use one of default, paper.")'
+  done = _run(_ALIGN_ARGV, tmp_path, tmp_path,
+              program=("-c", _PATCHED_ALIGN.format(failure=failure)))
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
+  assert _error_lines(done, "align") == [
+      "specialize align: alignment mode x is unknown; use one of default, paper."]
 
 
 def test_tasks_needs_no_data(tmp_path):

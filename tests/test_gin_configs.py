@@ -8,12 +8,11 @@ import pathlib
 import gin
 import pytest
 
-from specialize_jax import cli
 from specialize_jax.jobs import gin_config
 from specialize_jax.errors import ConfigError
 from specialize_jax.model import config as model_config
 
-GIN_DIR = pathlib.Path(cli.SHIPPED_GIN_DIR)
+GIN_DIR = pathlib.Path(gin_config.SHIPPED_GIN_DIR)
 REQUIRED = {
     "runs": ["MODEL_DIR='/tmp/x'", "MIXTURE_OR_TASK_NAME='gsm8k_distill'",
              "TASK_FEATURE_LENGTHS={'inputs': 8, 'targets': 8}", "TRAIN_STEPS=1", "BATCH_SIZE=8",

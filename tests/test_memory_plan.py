@@ -16,8 +16,8 @@ import jax
 import pytest
 
 import demo_data
-from specialize_jax import cli
 from specialize_jax.errors import ConfigError
+from specialize_jax.jobs import plan_config
 from specialize_jax.training import input_pipeline
 from specialize_jax.planning import memory_plan
 from specialize_jax.planning import topologies
@@ -59,7 +59,7 @@ def test_every_flan_t5_experiment_names_a_known_topology_in_its_header():
 
 
 def _request(gin_files, overrides, topology='8xH100'):
-  return cli.plan_request(gin_files, overrides, [], topologies.topology(topology))
+  return plan_config.plan_request(gin_files, overrides, [], topologies.topology(topology))
 
 
 @pytest.mark.parametrize('experiment', EXPERIMENTS)

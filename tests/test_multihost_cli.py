@@ -92,17 +92,17 @@ def env(tmp_path_factory):
     ['sweep', 'runs/x']])
 def test_every_job_joins_the_cluster_before_it_starts(monkeypatch, command):
   """`--multihost` alone is JAX's auto-detection (`jax.distributed.initialize()`, no arguments);
-  explicit flags go to `partitioning.initialize_distributed`; both before the job runs."""
+  explicit flags go to `distributed.initialize`; both before the job runs."""
   import jax  # pylint: disable=g-import-not-at-top
   from specialize_jax import cli  # pylint: disable=g-import-not-at-top
-  from specialize_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+  from specialize_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   events = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **k: events.append(('auto', a, k)))
-  monkeypatch.setattr(partitioning, 'initialize_distributed',
+  monkeypatch.setattr(distributed, 'initialize',
                       lambda *a: events.append(('explicit', a)) or a[0] is not None)
   job = lambda args, *extra: events.append(('job', args.command)) or 0
-  monkeypatch.setattr(cli, '_cmd_gin_job', job)
-  monkeypatch.setattr(cli, '_cmd_sweep', job)
+  monkeypatch.setattr(cli.jobs, 'cmd_gin_job', job)
+  monkeypatch.setattr(cli.sweep, 'cmd_sweep', job)
 
   assert cli.main(command + ['--multihost']) == 0
   assert events == [('explicit', (None, None, None)), ('auto', (), {}), ('job', command[0])]
@@ -117,7 +117,7 @@ def test_every_job_joins_the_cluster_before_it_starts(monkeypatch, command):
 
 def test_incomplete_distributed_flags_fail_naming_the_missing_ones(monkeypatch, capsys):
   from specialize_jax import cli  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(cli, '_cmd_gin_job', lambda *a: pytest.fail('the job must not start'))
+  monkeypatch.setattr(cli.jobs, 'cmd_gin_job', lambda *a: pytest.fail('the job must not start'))
   assert cli.main(['train', '--gin_file=f.gin', '--coordinator_address=127.0.0.1:1234']) == 2
   assert capsys.readouterr().err.strip() == (
       "specialize train: Multi-process runs need all of coordinator_address ('127.0.0.1:1234'), "
@@ -132,8 +132,8 @@ def test_several_processes_without_jax_distributed_fail_naming_the_flag(monkeypa
   from specialize_jax import cli  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(jax, 'process_count', lambda: 4)
   monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
-  monkeypatch.setattr(cli, '_cmd_gin_job', lambda *a: pytest.fail('the job must not start'))
-  monkeypatch.setattr(cli, '_cmd_sweep', lambda *a: pytest.fail('the job must not start'))
+  monkeypatch.setattr(cli.jobs, 'cmd_gin_job', lambda *a: pytest.fail('the job must not start'))
+  monkeypatch.setattr(cli.sweep, 'cmd_sweep', lambda *a: pytest.fail('the job must not start'))
   assert cli.main(command) == 2
   assert capsys.readouterr().err.strip() == (
       f'specialize {command[0]}: JAX runs 4 processes but jax.distributed is not initialized; add '

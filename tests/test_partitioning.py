@@ -12,6 +12,7 @@ from specialize_jax.model import config as config_lib
 from specialize_jax.model import models
 from specialize_jax.model import network
 from specialize_jax.training import optimizers
+from specialize_jax.runtime import distributed
 from specialize_jax.training import partitioning
 from specialize_jax.training import train_state as train_state_lib
 from specialize_jax.training import train_step as train_step_lib
@@ -127,10 +128,10 @@ def test_global_batch_is_split_on_data():
     partitioning.global_batch({'x': np.zeros((6, 3))}, mesh)
 
 
-def test_initialize_distributed_is_a_no_op_unless_configured():
-  assert partitioning.initialize_distributed() is False
+def test_joining_a_multi_host_job_is_a_no_op_unless_configured():
+  assert distributed.initialize() is False
   with pytest.raises(ValueError, match='process_id'):
-    partitioning.initialize_distributed('127.0.0.1:1234', num_processes=2)
+    distributed.initialize('127.0.0.1:1234', num_processes=2)
 
 
 # -- born-sharded train states -------------------------------------------------------------------

@@ -24,10 +24,10 @@ def _worker(process_id: int, address: str, calls: int, allgathers: int, ready: s
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from specialize_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+  from specialize_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   from specialize_jax.training import preemption  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  partitioning.initialize_distributed(address, 2, process_id)
+  distributed.initialize(address, 2, process_id)
   watch = preemption.PreemptionWatch()
   start = time.perf_counter()
   for step in range(calls):

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', max(t.num_devices for t in named.values()))
-  from specialize_jax import cli  # pylint: disable=g-import-not-at-top
+  from specialize_jax.jobs import plan_config  # pylint: disable=g-import-not-at-top
 
   print('| experiment | topology | mesh data×model | batch/micro | params | optimizer | gradients '
         '(+acc) | other XLA temps | total | chip | verdict |')
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
   for gin_file, extra_files, overrides in plans:
     label = os.path.basename(gin_file)[:-len('.gin')] + ''.join(
         f' + {os.path.basename(f)}' for f in extra_files) + ''.join(f' {o}' for o in overrides)
-    request = cli.plan_request([gin_file] + extra_files, overrides, [], named[gin_file])
+    request = plan_config.plan_request([gin_file] + extra_files, overrides, [], named[gin_file])
     start = time.perf_counter()
     result = memory_plan.plan(request, compile_step=not args.no_compile,
                               log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -21,6 +21,7 @@ import os
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from specialize_jax.data import storage
+from specialize_jax.errors import UserError
 
 SCHEMA = "specialize_jax.aligned/1"
 _REQUIRED = ("schema", "id", "sample_index", "question", "gold_answer", "target", "target_ids",
@@ -28,7 +29,7 @@ _REQUIRED = ("schema", "id", "sample_index", "question", "gold_answer", "target"
 _OPTIONAL = ("meta",)
 
 
-class AlignedDataError(ValueError):
+class AlignedDataError(UserError, ValueError):
   """An aligned file or row that breaks ``specialize_jax.aligned/1``."""
 
 

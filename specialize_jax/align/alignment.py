@@ -62,6 +62,7 @@ import numpy as np
 from specialize_jax.align import aligned_data
 from specialize_jax.data import storage
 from specialize_jax.data import formats
+from specialize_jax.errors import ConfigError
 
 MODES = ("default", "paper")
 SPACE_MARKER = "\u2581"
@@ -350,7 +351,7 @@ def _align_batch(pairs: Sequence[Tuple[List[str], List[str]]], mode: str,
 
 def _check_mode(mode: str) -> None:
   if mode not in MODES:
-    raise ValueError(f"alignment mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+    raise ConfigError(f"alignment mode {mode!r} is unknown; use one of {', '.join(MODES)}")
 
 
 # ----------------------------------------------------------------------------- mapping

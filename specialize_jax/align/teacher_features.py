@@ -26,6 +26,7 @@ import numpy as np
 
 from specialize_jax.data import feature_converters
 from specialize_jax.align import aligned_data
+from specialize_jax.errors import ConfigError
 
 
 def dense_rows(topk_ids: Sequence[Sequence[int]], topk_logprobs: Sequence[Sequence[float]],
@@ -93,12 +94,12 @@ def example_rows(aligned: Optional[DenseAlignedRow], target: str, target_ids: Se
   if aligned is None:
     return empty_rows(k)
   if aligned.target != target:
-    raise ValueError(
+    raise ConfigError(
         f"{where}: the aligned target differs from the teacher file's sample cut after its answer "
         f"line ({aligned.target[:60]!r}... vs {target[:60]!r}...). The aligned file was made "
         "from another teacher file: rerun `specialize align` on the teacher file you train on.")
   if not np.array_equal(aligned.target_ids, target_ids):
-    raise ValueError(
+    raise ConfigError(
         f"{where}: the aligned file's target_ids differ from this vocabulary's tokenization of the "
         "same target: it was aligned with another vocabulary. Rerun `specialize align --vocab` "
         "with the vocabulary the set is prepared with.")

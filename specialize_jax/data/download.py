@@ -26,6 +26,8 @@ import urllib.parse
 import urllib.request
 from typing import Callable, Iterable, Optional, Union
 
+from specialize_jax.errors import ConfigError
+
 DATASETS = ("gsm8k", "multiarith", "svamp", "asdiv", "addsub", "singleeq", "bbh", "prompts",
             "tokenizer", "teacher_outputs")
 RAW_GITHUB_URL = "https://raw.githubusercontent.com/{repo}/{commit}/{path}"
@@ -333,13 +335,13 @@ def select_entries(only: Union[None, str, Iterable[str]] = None) -> tuple[Manife
   names = only.split(",") if isinstance(only, str) else list(only)
   names = [name.strip() for name in names if name.strip()]
   if not names:
-    raise ValueError(f"only={only!r} names no dataset; choose from {', '.join(DATASETS)}.")
+    raise ConfigError(f"only={only!r} names no dataset; choose from {', '.join(DATASETS)}.")
   for name in names:
     if name not in DATASETS:
       close = difflib.get_close_matches(name, DATASETS, n=3)
       hint = f" Did you mean {' or '.join(close)}?" if close else ""
-      raise ValueError(f"Unknown dataset {name!r} in --only={only!r}.{hint} "
-                       f"Known datasets: {', '.join(DATASETS)}.")
+      raise ConfigError(f"Unknown dataset {name!r} in --only={only!r}.{hint} "
+                        f"Known datasets: {', '.join(DATASETS)}.")
   return tuple(entry for entry in MANIFEST if entry.dataset in names)
 
 
@@ -489,9 +491,9 @@ def download(data_dir: PathLike,
     The summary; its ``exit_code`` is 1 if any file failed.
   """
   if retries < 0:
-    raise ValueError(f"retries={retries} must be >= 0.")
+    raise ConfigError(f"retries={retries} must be >= 0.")
   if base_url_override is not None and not base_url_override.strip():
-    raise ValueError("base_url_override is empty; pass a URL such as http://mirror/data or None.")
+    raise ConfigError("base_url_override is empty; pass a URL such as http://mirror/data or None.")
   progress = progress or (lambda _: None)
   root = pathlib.Path(data_dir).expanduser()
   entries = select_entries(only)

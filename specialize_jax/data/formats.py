@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from specialize_jax.data.records import MathExample
+from specialize_jax.errors import ConfigError
 
 FORMATS = ("zs_ao", "zs_cot", "icl_ao", "icl_cot")
 COT_TRIGGER = "Let's think step by step"
@@ -37,7 +38,7 @@ def is_chain_of_thought(format_name: str) -> bool:
 
 def check_format(format_name: str) -> None:
   if format_name not in FORMATS:
-    raise ValueError(f"Unknown format {format_name!r}; expected one of {', '.join(FORMATS)}.")
+    raise ConfigError(f"Unknown format {format_name!r}; expected one of {', '.join(FORMATS)}.")
 
 
 # ---------------------------------------------------------------------------------------------------

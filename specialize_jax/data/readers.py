@@ -19,6 +19,7 @@ import numpy as np
 from specialize_jax.data import answers
 from specialize_jax.data import data_dir
 from specialize_jax.data.records import MathExample
+from specialize_jax.errors import UserError
 
 GSM8K_FILES = {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}
 MULTIARITH_FILE = "multiarith/MultiArith.json"
@@ -63,7 +64,7 @@ BBH_TASKS = (
 _CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
   """A data file does not have the layout its reader expects (names the file, line and field)."""
 
 

@@ -69,7 +69,7 @@ _ACCURACY = 'accuracy'
 # The dtype of a metrics file whose eval settings have none (written before the dtype was
 # recorded): `specialize eval` and `sweep` then always decoded in float32, the in-loop evaluation
 # in the model's dtype. The jobs default to the dtype of the model the run trained (`runs.py`,
-# `cli.py`), so a run trained in bfloat16 decodes such files again; only forcing float32 on it
+# the `sweep` command), so a run trained in bfloat16 decodes such files again; only forcing float32 on it
 # (DECODE_DTYPE, `sweep --dtype`) would take its old in-loop (bfloat16) files for float32 ones.
 LEGACY_DTYPE = 'float32'
 

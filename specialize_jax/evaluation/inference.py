@@ -32,6 +32,7 @@ import seqio
 
 from specialize_jax.runtime import xla_flags
 from specialize_jax.errors import ConfigError
+from specialize_jax.errors import UserError
 from specialize_jax.data import storage
 from specialize_jax.data import vocabulary as vocabulary_lib
 from specialize_jax.evaluation import process_zero
@@ -46,7 +47,7 @@ DATA_AXIS = 'data'
 _MAX_CLOSE_NAMES = 5
 
 
-class InputsError(ValueError):
+class InputsError(UserError, ValueError):
   """Bad inference inputs; the message names file:line (or the input's index) and the fix."""
 
 

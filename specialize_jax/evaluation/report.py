@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from specialize_jax.data import storage
 from specialize_jax.evaluation import selection as selection_lib
 from specialize_jax.evaluation import task_keys
+from specialize_jax.errors import ConfigError
 
 Table = Mapping[int, Mapping[str, Optional[float]]]
 REPORT_SUBDIR = 'report'
@@ -435,8 +436,8 @@ def write_comparison(runs: Sequence[Tuple[str, str, Table]], output_dir: str, *,
   for label, model_dir, table in runs:
     steps = [s for s in table if s != start_step]
     if not steps:
-      raise ValueError(f'Run {model_dir} ({label}) has no eval results under '
-                       f'{storage.join(model_dir, "eval")}; run `specialize sweep {model_dir}`.')
+      raise ConfigError(f'Run {model_dir} ({label}) has no eval results under '
+                        f'{storage.join(model_dir, "eval")}; run `specialize sweep {model_dir}`.')
     chosen = selection_lib.select(table, rule, steps)
     step, how = ((chosen.step, f'selected ({rule.name})') if chosen.step is not None
                  else (max(steps), 'last step (no step eligible)'))

@@ -15,12 +15,14 @@ from typing import Dict, List, Optional
 import seqio
 
 from specialize_jax.data import storage
+from specialize_jax.errors import ConfigError
+from specialize_jax.errors import UserError
 
 METRIC_MODES = ("default", "paper")
 PAPER_SUFFIX = "_paper"  # Paper-rule metrics report `accuracy_paper` (see tasks/common.py).
 
 
-class PredictionsError(ValueError):
+class PredictionsError(UserError, ValueError):
   """A predictions file is malformed; the message names file:line and the fix."""
 
 
@@ -103,10 +105,10 @@ def score(task: seqio.Task, predictions_path: str, metric_mode: str = "default",
   """Runs the task's metric functions on the predictions and reports the `metric_mode` figures
   (`paper` reads the `*_paper` keys of the task's paper-rule metrics)."""
   if metric_mode not in METRIC_MODES:
-    raise ValueError(f"Unknown metric mode {metric_mode!r}; expected one of {METRIC_MODES}.")
+    raise ConfigError(f"Unknown metric mode {metric_mode!r}; expected one of {METRIC_MODES}.")
   if not task.predict_metric_fns:
-    raise ValueError(f"Task {task.name} has no prediction metrics; score an eval task "
-                     "(`specialize tasks` lists them).")
+    raise ConfigError(f"Task {task.name} has no prediction metrics; score an eval task "
+                      "(`specialize tasks` lists them).")
   targets = task_targets(task, split)
   predictions = read_predictions(predictions_path, len(targets), prediction_field)
   indices = sorted(predictions)
@@ -117,8 +119,8 @@ def score(task: seqio.Task, predictions_path: str, metric_mode: str = "default",
     results.update(fn(chosen_targets, chosen_predictions))
   suffix = PAPER_SUFFIX if metric_mode == "paper" else ""
   if f"accuracy{suffix}" not in results:
-    raise ValueError(f"Task {task.name} reports no 'accuracy{suffix}' metric "
-                     f"(it reports {sorted(results)}).")
+    raise ConfigError(f"Task {task.name} reports no 'accuracy{suffix}' metric "
+                      f"(it reports {sorted(results)}).")
   return Score(task=task.name, n=len(indices), accuracy=results[f"accuracy{suffix}"],
                unparsable=int(results.get(f"unparsable{suffix}", 0)), metric_mode=metric_mode,
                num_task_examples=len(targets), metrics=results)

@@ -24,6 +24,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from specialize_jax.data import storage
 from specialize_jax.evaluation import task_keys
+from specialize_jax.errors import ConfigError
 
 Table = Mapping[int, Mapping[str, Optional[float]]]
 BEST_FILE = 'BEST'
@@ -45,13 +46,14 @@ class SelectionRule:
     names = (self.task_names,) if isinstance(self.task_names, str) else tuple(self.task_names)
     object.__setattr__(self, 'task_names', names)
     if not names:
-      raise ValueError(f'Selection rule {self.name!r} has no tasks; name at least one dev task '
-                       '(e.g. --rule_tasks multiarith_dev_icl_cot).')
+      raise ConfigError(f'Selection rule {self.name!r} has no tasks; name at least one dev task '
+                        '(e.g. --rule_tasks multiarith_dev_icl_cot).')
     tests = [n for n in names if task_keys.describe_task(n).is_test]
     if tests:
-      raise ValueError(f'Selection rule {self.name!r} names test tasks {tests}: choosing a '
-                       'checkpoint on a test split would make its test accuracy optimistic. Use '
-                       'dev tasks (e.g. multiarith_dev_icl_cot, gsm8k_dev_icl_cot) in --rule_tasks.')
+      raise ConfigError(f'Selection rule {self.name!r} names test tasks {tests}: choosing a '
+                        'checkpoint on a test split would make its test accuracy optimistic. Use '
+                        'dev tasks (e.g. multiarith_dev_icl_cot, gsm8k_dev_icl_cot) in '
+                        '--rule_tasks.')
 
   def describe(self) -> str:
     return f'`{self.name}`: mean accuracy over {", ".join(self.task_names)}'
@@ -68,8 +70,8 @@ def make_rule(name: str = OOD_DEV_RULE.name, task_names: Optional[Sequence[str]]
   if task_names:
     return SelectionRule('custom' if name in RULES else name, tuple(task_names))
   if name not in RULES:
-    raise ValueError(f'Unknown selection rule {name!r}; use one of {sorted(RULES)} or give '
-                     '--rule_tasks.')
+    raise ConfigError(f'Unknown selection rule {name!r}; use one of {sorted(RULES)} or give '
+                      '--rule_tasks.')
   return RULES[name]
 
 

@@ -38,6 +38,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import jax
 from jax import monitoring
 from jax.sharding import Mesh
 import seqio
@@ -46,9 +47,12 @@ from specialize_jax.data import storage
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import process_zero
+from specialize_jax.evaluation import report as report_lib
+from specialize_jax.evaluation import selection as selection_lib
 from specialize_jax.checkpoints import directories
 from specialize_jax.model import models
 from specialize_jax.training import partitioning
+from specialize_jax.errors import ConfigError
 
 START_STEP = 0
 MATH_SPLITS = (('gsm8k', 'dev'), ('gsm8k', 'test'), ('multiarith', 'dev'), ('multiarith', 'test'),
@@ -169,16 +173,16 @@ def _sweep_plan(model_dir: str, config: evaluator_lib.EvalConfig,
            for step, path in evaluator_lib.committed_checkpoint_steps(model_dir)]
   if start_checkpoint is not None:
     if any(step == START_STEP for step, _, _ in steps):
-      raise ValueError(f'{model_dir} has a checkpoint at step {START_STEP}, where the start '
-                       f'checkpoint {start_checkpoint} would be evaluated; drop --include_start '
-                       '(that checkpoint is the start).')
+      raise ConfigError(f'{model_dir} has a checkpoint at step {START_STEP}, where the start '
+                        f'checkpoint {start_checkpoint} would be evaluated; drop --include_start '
+                        '(that checkpoint is the start).')
     # The concrete checkpoint (a run directory resolves to its latest step), so every process
     # loads the one process 0 resolved; fails early, naming what it expected.
     _, resolved = directories.resolve_checkpoint(start_checkpoint)
     steps = [(START_STEP, storage.absolute(start_checkpoint), str(resolved))] + steps
   if not steps:
-    raise ValueError(f'No committed checkpoint_<N> directories in {model_dir}; point at a run '
-                     'directory (MODEL_DIR) the trainer has saved to.')
+    raise ConfigError(f'No committed checkpoint_<N> directories in {model_dir}; point at a run '
+                      'directory (MODEL_DIR) the trainer has saved to.')
   counts = _ExampleCounts(config.max_examples)
   metrics: Dict[str, Dict[str, Dict[str, float]]] = {}
   pending: Dict[str, List[str]] = {}
@@ -228,7 +232,7 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
   model_dir = storage.absolute(model_dir)
   task_names = evaluator_lib.expand_task_names(config.task_names)
   if not task_names:
-    raise ValueError('No eval tasks; give --tasks and/or --bbh_tasks.')
+    raise ConfigError('No eval tasks; give --tasks and/or --bbh_tasks.')
   output_dir = storage.join(model_dir, evaluator_lib.EVAL_SUBDIR)
   plan = process_zero.decided_by_process_zero(
       lambda: _sweep_plan(model_dir, config, start_checkpoint, task_names, output_dir, dtype),
@@ -320,10 +324,36 @@ def read_accuracy_table(model_dir: str, dtype: Optional[str] = None
         continue
       table.setdefault(int(match.group(1)), {})[task] = record['metrics'].get('accuracy')
   if dtype is None and len(found_dtypes) > 1:
-    raise ValueError(f'{eval_dir} holds results decoded in {sorted(found_dtypes)}; they are not '
-                     'comparable: choose one (--dtype), or run `specialize sweep` to decode the '
-                     'checkpoints again in one dtype.')
+    raise ConfigError(f'{eval_dir} holds results decoded in {sorted(found_dtypes)}; they are not '
+                      'comparable: choose one (--dtype), or run `specialize sweep` to decode the '
+                      'checkpoints again in one dtype.')
   if other_dtypes:
     logging.warning('%s: left out %s results not decoded in %s.', eval_dir,
                     ', '.join(f'{n} {d}' for d, n in sorted(other_dtypes.items())), dtype)
   return dict(sorted(table.items()))
+
+
+def write_report_and_best(model_dir: str, result: SweepResult,
+                          rule: selection_lib.SelectionRule) -> Optional[Dict[str, Any]]:
+  """Writes the sweep's report under `model_dir` and the `BEST` file of the step `rule` selects
+  (removing a stale one when it selects none); returns a summary of what was written.
+
+  The run's report and `BEST` are process 0's to write: on the other processes this writes
+  nothing and returns None.
+  """
+  if jax.process_index() != 0:
+    return None
+  model_dir = storage.absolute(model_dir)
+  written = report_lib.write_run_report(
+      model_dir, result.accuracy_table(), rule=rule, checkpoint_paths=result.checkpoints,
+      start_step=result.start_step, timing=result.timing)
+  chosen = written.chosen
+  if chosen.step is not None:
+    selection_lib.write_best(model_dir, chosen, result.checkpoints[chosen.step])
+  else:
+    selection_lib.remove_stale_best(model_dir)
+  return {'report': storage.join(model_dir, report_lib.REPORT_SUBDIR),
+          'selected_step': chosen.step, 'rule': rule.name, 'score': chosen.score,
+          'in_distribution_pick': written.alternative.step,
+          'decoded_pairs': len(result.decoded), 'reused_pairs': result.reused,
+          'dtype': result.dtype, 'timing': {k: round(v, 3) for k, v in result.timing.items()}}

@@ -17,7 +17,9 @@ import tensorflow as tf
 
 from specialize_jax.errors import ConfigError
 from specialize_jax.data import data_dir
+from specialize_jax.data import storage
 from specialize_jax.data import vocabulary as vocabulary_lib
+from specialize_jax.jobs import gin_config
 
 _FETCH_TOKENIZER = "`specialize download --only tokenizer`"
 
@@ -104,3 +106,31 @@ def check_tasks(names: Iterable[str], where: str, read_data: bool = True) -> Non
       check_vocabulary(feature.vocabulary, task.name)
     if read_data:
       check_source(task)
+
+
+def check_job_inputs(command: str) -> None:
+  """Fails before anything compiles when a task the gin-configured job `command` ("train", "eval"
+  or "infer") reads is unknown or its data or vocabulary is missing: the tasks named by the
+  parsed gin configuration's bindings (as the shipped gin files set them)."""
+  eval_tasks = gin_config.bound_value("evaluator.EvalConfig.task_names") or ()
+  eval_tasks = (eval_tasks,) if isinstance(eval_tasks, str) else tuple(eval_tasks)
+  checks = []  # (task names, where they are set, whether to read their data here)
+  if command == "train":  # The trainer reads its data itself before compiling.
+    name = gin_config.bound_value("train/input_pipeline.DatasetConfig.mixture_or_task_name")
+    checks.append(([name] if name else [], "MIXTURE_OR_TASK_NAME", False))
+    if gin_config.bound_value("runs.train.eval_period"):
+      checks.append((eval_tasks, "EVAL_TASKS", True))
+  elif command == "eval":
+    checks.append((eval_tasks, "EVAL_TASKS", True))
+  elif command == "infer":
+    inputs = gin_config.bound_value("runs.infer.inputs")
+    vocabulary_path = gin_config.bound_value("runs.infer.vocabulary_path")
+    if vocabulary_path and not storage.isfile(vocabulary_path):
+      raise FileNotFoundError(f"VOCABULARY_PATH={vocabulary_path} does not exist; point "
+                              "--gin.VOCABULARY_PATH at a SentencePiece model.")
+    if isinstance(inputs, str) and not storage.exists(inputs):
+      checks.append(([inputs], "INFER_INPUTS (a task name or a file of inputs)", True))
+  for names, where, _ in checks:  # Every name first: a typo is reported before missing data.
+    tasks_of(names, where)
+  for names, where, read_data in checks:
+    check_tasks(names, where, read_data)

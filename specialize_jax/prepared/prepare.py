@@ -36,6 +36,7 @@ from specialize_jax.prepared import prepared_data
 from specialize_jax.teacher import teacher_data
 from specialize_jax.align import teacher_features
 from specialize_jax.teacher import teacher_sources
+from specialize_jax.errors import ConfigError
 
 DEFAULT_FORMAT_RATES = {"icl_cot": 0.79, "zs_cot": 0.20, "icl_ao": 0.005, "zs_ao": 0.005}
 DEFAULT_MAX_INPUT_TOKENS = 1024
@@ -71,9 +72,9 @@ class PrepareConfig:
       formats.check_format(name)
     unknown = set(self.rates) - set(formats.FORMATS)
     if unknown:
-      raise ValueError(f"Unknown formats in rates: {sorted(unknown)}; expected {formats.FORMATS}.")
+      raise ConfigError(f"Unknown formats in rates: {sorted(unknown)}; expected {formats.FORMATS}.")
     if self.num_chunks < 1 or self.workers < 1:
-      raise ValueError(f"num_chunks={self.num_chunks} and workers={self.workers} must be >= 1.")
+      raise ConfigError(f"num_chunks={self.num_chunks} and workers={self.workers} must be >= 1.")
 
   def settings(self) -> Dict:
     out = dataclasses.asdict(self)
@@ -212,7 +213,7 @@ def _check_settings(work_dir: str, settings: Dict, sources: Dict) -> None:
       differ = sorted(k for k in set(found["settings"]) | set(settings)
                       if found["settings"].get(k) != settings.get(k))
       differ += sorted(k for k in sources if found["sources"].get(k) != sources[k])
-      raise ValueError(
+      raise ConfigError(
           f"{work_dir} holds an interrupted prepare with other settings or inputs "
           f"({', '.join(differ)} differ); rerun with the same ones to resume, or delete "
           f"{work_dir} to start over.")
@@ -261,7 +262,7 @@ def prepare(records_fn: Callable[[], Iterable[teacher_data.TeacherRecord]], conf
     sources: what the inputs were (paths, hashes), recorded and compared on resume.
   """
   if config.teacher_k and aligned is None:
-    raise ValueError("teacher_k is set but no aligned rows were given; pass --aligned FILE.")
+    raise ConfigError("teacher_k is set but no aligned rows were given; pass --aligned FILE.")
   start = time.perf_counter()
   sources = dict(sources or {})
   local_output = "://" not in config.output_dir
@@ -275,7 +276,7 @@ def prepare(records_fn: Callable[[], Iterable[teacher_data.TeacherRecord]], conf
       f"question text; {sum(len(c.records) for c in chunks)} questions kept.")
   num_records = sum(len(c.records) for c in chunks) + excluded["by_id"] + excluded["by_text"]
   if num_records == held_out.full_size and excluded["by_id"] != held_out.expected:
-    raise ValueError(
+    raise ConfigError(
         f"The teacher file has all {num_records} GSM8K train questions but {excluded['by_id']} of "
         f"the {held_out.expected} held-out ones were found by id: its ids are not GSM8K's "
         "(expected gsm8k/train/N, N the line of GSM8K's train.jsonl). Rebuild it with ids from "

@@ -233,7 +233,8 @@ def quotas(rates: Mapping[str, float], block: int = QUOTA_BLOCK) -> Dict[str, in
   remainder, so they sum to `block` (rates need not sum to 1)."""
   names = [f for f, r in rates.items() if r > 0]
   if not names:
-    raise ValueError(f"Mixture rates {dict(rates)} give no format a positive rate.")
+    raise ConfigError(f"Mixture rates {dict(rates)} give no format a positive rate; give at "
+                      "least one format a rate above 0 (--rates).")
   total = sum(rates[f] for f in names)
   exact = {f: rates[f] / total * block for f in names}
   counts = {f: int(np.floor(v)) for f, v in exact.items()}

@@ -58,6 +58,7 @@ from specialize_jax.data.records import MathExample
 from specialize_jax.teacher.teacher_data import TeacherInfo
 from specialize_jax.teacher.teacher_data import TeacherRecord
 from specialize_jax.teacher.teacher_data import TeacherSample
+from specialize_jax.errors import ConfigError
 
 API_KEY_ENV = "OPENAI_API_KEY"
 APIS = {"completions": "openai.completions", "chat": "openai.chat"}
@@ -95,17 +96,17 @@ class SamplingConfig:
   def check(self) -> None:
     """Raises ValueError naming the flag to fix."""
     if self.api not in APIS:
-      raise ValueError(f"--api {self.api!r} is not one of {sorted(APIS)}.")
+      raise ConfigError(f"--api {self.api!r} is not one of {sorted(APIS)}.")
     limit = MAX_TOP_LOGPROBS[self.api]
     if not 0 <= self.top_logprobs <= limit:
-      raise ValueError(f"--top_logprobs {self.top_logprobs} is out of range for --api {self.api}: "
-                       f"use 0 to {limit} (the API's limit).")
+      raise ConfigError(f"--top_logprobs {self.top_logprobs} is out of range for --api {self.api}: "
+                        f"use 0 to {limit} (the API's limit).")
     if self.num_samples < 1 or self.max_tokens < 1:
-      raise ValueError("--num_samples and --max_tokens must be at least 1.")
+      raise ConfigError("--num_samples and --max_tokens must be at least 1.")
     if self.samples_per_request is not None and self.samples_per_request < 1:
-      raise ValueError("--samples_per_request must be at least 1.")
+      raise ConfigError("--samples_per_request must be at least 1.")
     if len(self.stop) > 4:
-      raise ValueError(f"at most 4 --stop sequences (OpenAI's limit), got {len(self.stop)}.")
+      raise ConfigError(f"at most 4 --stop sequences (OpenAI's limit), got {len(self.stop)}.")
 
   def request_sizes(self) -> List[int]:
     """``n`` of each request for one question."""
@@ -148,8 +149,8 @@ def estimate_tokens(text: str) -> int:
 
 def split_examples(split: str) -> List[MathExample]:
   if split not in SPLITS:
-    raise ValueError(f"--split {split!r} is not a training split; use one of {sorted(SPLITS)} "
-                     "(dev and test questions must never become training data).")
+    raise ConfigError(f"--split {split!r} is not a training split; use one of {sorted(SPLITS)} "
+                      "(dev and test questions must never become training data).")
   return splits.math_split(*SPLITS[split])
 
 
@@ -168,7 +169,7 @@ def existing_ids(output: pathlib.Path, teacher: TeacherInfo) -> set:
   for record in result.records:
     if record.teacher != teacher:
       theirs = record.teacher.to_json() if record.teacher else None
-      raise ValueError(
+      raise ConfigError(
           f"{output}: record {record.id!r} was sampled with {theirs}, this run asks for "
           f"{teacher.to_json()}; resume with the same flags or write to another --output.")
   return {record.id for record in result.records}
@@ -516,8 +517,8 @@ def run_teacher(examples: Sequence[MathExample], output, sampling: SamplingConfi
   failures file (which starts empty each run: its questions are retried).
   """
   if "://" in os.fspath(output):
-    raise ValueError(f"--output {output}: the teacher run appends one durable line per response, "
-                     "which needs a local file; write it locally and copy it to the bucket after.")
+    raise ConfigError(f"--output {output}: the teacher run appends one durable line per response, "
+                      "which needs a local file; write it locally and copy it to the bucket after.")
   output = pathlib.Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   failures_path = sibling_path(output, "failures")
@@ -586,8 +587,8 @@ def summarize_output(output: pathlib.Path, write_filtered: bool) -> Dict[str, An
 def read_api_key(environ: Mapping[str, str] = os.environ) -> str:
   key = environ.get(API_KEY_ENV, "")
   if not key:
-    raise ValueError(f"set {API_KEY_ENV} (for a local vLLM server any value works, e.g. "
-                     f"{API_KEY_ENV}=EMPTY); the key is read from the environment only.")
+    raise ConfigError(f"set {API_KEY_ENV} (for a local vLLM server any value works, e.g. "
+                      f"{API_KEY_ENV}=EMPTY); the key is read from the environment only.")
   return key
 
 

@@ -74,6 +74,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 
 from specialize_jax.data import answers
 from specialize_jax.data import storage
+from specialize_jax.errors import ConfigError
+from specialize_jax.errors import UserError
 
 SCHEMA = "specialize_jax.teacher/1"
 MAX_TOP_LOGPROBS = 20
@@ -94,7 +96,7 @@ _SAMPLE_OPTIONAL = ("tokens", "logprobs", "top_logprobs", "offsets", "finish_rea
 _PER_TOKEN_FIELDS = ("logprobs", "top_logprobs", "offsets")
 
 
-class TeacherDataError(ValueError):
+class TeacherDataError(UserError, ValueError):
   """Teacher data that breaks the schema; ``problems`` holds every problem found."""
 
   def __init__(self, message: str, problems: Sequence["Problem"] = ()):
@@ -616,8 +618,8 @@ def append_record(path, record: TeacherRecord) -> None:
   the file once with ``read_records(path, strict=False)`` and skips ids it already has.
   """
   if storage.is_url(path):
-    raise ValueError(f"{path}: appending (one durable line per teacher response) needs a local "
-                     "file; write the teacher file locally and copy it to the bucket when done.")
+    raise ConfigError(f"{path}: appending (one durable line per teacher response) needs a local "
+                      "file; write the teacher file locally and copy it to the bucket when done.")
   path = pathlib.Path(path)  # local: not a URL (above)
   line = _record_line(record, f"{path} (appending id {record.id!r})").encode("utf-8")
   created = not path.exists()

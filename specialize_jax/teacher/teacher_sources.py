@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from specialize_jax.data import answers
 from specialize_jax.data import readers
+from specialize_jax.data import splits
+from specialize_jax.errors import ConfigError
 from specialize_jax.teacher.teacher_data import ROUNDED_ZERO_LOGPROB
 from specialize_jax.teacher.teacher_data import TeacherDataError
 from specialize_jax.teacher.teacher_data import TeacherInfo
@@ -384,3 +386,27 @@ def records_from_fu2023_pickle(path, question_ids: Optional[Mapping[str, str]] =
         samples=tuple(entry["samples"]), teacher=teacher,
         meta={"origin": f"FranxYao/FlanT5-CoT-Specialization processed data via {path.name}"}))
   return records
+
+
+# The released teacher data the `specialize teacher_import` command reads, by its --from name.
+RELEASED_FORMATS = ("fu2023_pickle", "fu2023_codex")
+
+
+def import_released(src_format: str, src) -> Tuple[List[TeacherRecord], int]:
+  """The records of released teacher data `src` in `src_format` (one of `RELEASED_FORMATS`) that
+  may become training data, and how many records were dropped for being dev questions.
+
+  The paper sampled all of GSM8K train; our dev split is carved out of it
+  (`splits.gsm8k_dev_indices`), and its questions must never become training data.
+  """
+  if src_format not in RELEASED_FORMATS:
+    raise ConfigError(f"--from {src_format!r} is not a released teacher format; use one of "
+                      f"{', '.join(RELEASED_FORMATS)}.")
+  train = readers.read_gsm8k("train")
+  if src_format == "fu2023_codex":
+    records = records_from_fu2023_codex(src)
+  else:
+    records = records_from_fu2023_pickle(src, {e.question: e.id for e in train})
+  dev_ids = {train[i].id for i in splits.gsm8k_dev_indices(len(train))}
+  kept = [r for r in records if r.id not in dev_ids]
+  return kept, len(records) - len(kept)

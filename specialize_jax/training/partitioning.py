@@ -17,7 +17,7 @@ Terms:
     needs *while tracing* to turn the model's activation annotations into sharding constraints;
     without both it silently does nothing.
 
-Multi-host: every process runs the same program; `initialize_distributed` connects them,
+Multi-host: every process runs the same program; `runtime.distributed` connects them,
 `data_layout` says which rows of each global batch a process feeds (its data shard), and
 `global_batch` assembles every process's rows into one global array.
 """
@@ -382,37 +382,6 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
   return result
 
 
-def initialize_distributed(coordinator_address: Optional[str] = None,
-                           num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> bool:
-  """Connects the processes of a multi-host job; a no-op (returns False) when not configured.
-
-  Call once at program start, before any other JAX call. On CPU hosts the caller must first set
-  `jax.config.update('jax_cpu_collectives_implementation', 'gloo')` (a global flag, so it belongs in
-  `main()`, not here); tests/test_multiprocess.py runs the two-process recipe.
-  """
-  if coordinator_address is None and num_processes is None and process_id is None:
-    return False
-  if coordinator_address is None or num_processes is None or process_id is None:
-    raise ValueError(
-        f'Multi-process runs need all of coordinator_address ({coordinator_address!r}), '
-        f'num_processes ({num_processes!r}) and process_id ({process_id!r}); set the missing ones '
-        'or none.')
-  if not 0 <= process_id < num_processes:
-    raise ValueError(f'process_id={process_id} must be in [0, num_processes={num_processes}).')
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
-  return True
-
-
-def check_distributed() -> None:
-  """Raises when JAX runs several processes that `jax.distributed` does not connect (a multi-host
-  slice started without `--multihost`): they could not agree on checkpoints or preemption steps
-  without a host sync at every step."""
-  if jax.process_count() > 1 and not jax.distributed.is_initialized():
-    raise ConfigError(f'JAX runs {jax.process_count()} processes but jax.distributed is not '
-                      'initialized; add --multihost (or --coordinator_address, --num_processes '
-                      'and --process_id) to the command on every host.')
 
 
 @contextlib.contextmanager

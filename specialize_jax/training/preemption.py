@@ -14,7 +14,7 @@ Terms:
     `jax.distributed` but the preemption service turned off, the processes allgather their flags
     every `ALLGATHER_PERIOD` steps (never a host sync at every step). Several processes without
     `jax.distributed` cannot agree without one: `PreemptionWatch` refuses them
-    (`partitioning.check_distributed`, which `specialize` runs at start).
+    (`distributed.check_connected`, which `specialize` runs at start).
 
 `reached(step)` must be called at every step, with the same increasing steps on every process.
 """
@@ -27,7 +27,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from specialize_jax.training import partitioning
+from specialize_jax.runtime import distributed
 
 # Steps between the flag allgathers when the preemption service is off (1.3 ms each on CPU).
 ALLGATHER_PERIOD = 10
@@ -37,7 +37,7 @@ class PreemptionWatch:
   """Says at which step to save and stop; `close()` restores the previous SIGTERM handler."""
 
   def __init__(self):
-    partitioning.check_distributed()
+    distributed.check_connected()
     self._notified = False
     self._multiprocess = jax.process_count() > 1
     self._previous_handler = None
