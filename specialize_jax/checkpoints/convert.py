@@ -17,6 +17,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from specialize_jax.errors import ConfigError
 from specialize_jax.checkpoints import hf
 from specialize_jax.checkpoints import loading
 from specialize_jax.checkpoints import orbax_pytree
@@ -43,14 +44,14 @@ def convert(src: Union[str, os.PathLike], src_format: str, dst: Union[str, os.Pa
     overwrite: replace an existing `dst`.
   """
   if src_format not in SOURCE_FORMATS:
-    raise ValueError(f'--from {src_format!r} is not a source format; use one of {SOURCE_FORMATS}.')
+    raise ConfigError(f'--from {src_format!r} is not a source format; use one of {SOURCE_FORMATS}.')
   if dst_format not in DESTINATION_FORMATS:
-    raise ValueError(f'--to {dst_format!r} is not a destination format; use one of '
-                     f'{DESTINATION_FORMATS}.')
+    raise ConfigError(f'--to {dst_format!r} is not a destination format; use one of '
+                      f'{DESTINATION_FORMATS}.')
   step_dir = _T5X_STEP_DIR.fullmatch(os.path.basename(os.path.normpath(os.fspath(dst))))
   if dst_format == 't5x' and not step_dir:
-    raise ValueError(f'--to t5x {dst}: name the destination checkpoint_<step> (T5X\'s step '
-                     'directory), e.g. .../checkpoint_1184000; the step is read from the name.')
+    raise ConfigError(f'--to t5x {dst}: name the destination checkpoint_<step> (T5X\'s step '
+                      'directory), e.g. .../checkpoint_1184000; the step is read from the name.')
   model_config, params = loading.load_checkpoint(src, fmt=src_format, config=config)
   num_params = sum(int(np.size(v)) for v in param_tree.flatten_params(params).values())
   logging.info('Read %s parameters from %s: %s', f'{num_params:,}', src, model_config)

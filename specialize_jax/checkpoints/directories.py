@@ -93,7 +93,7 @@ def resolve_checkpoint(path: os.PathLike, fmt: str = 'auto') -> Tuple[str, epath
   in T5X. `fmt` ('auto' or one of `FORMATS`) restricts what is recognised.
   """
   if fmt not in FORMATS + ('auto',):
-    raise ValueError(f'Unknown checkpoint format {fmt!r}; use one of {FORMATS} or "auto".')
+    raise ConfigError(f'Unknown checkpoint format {fmt!r}; use one of {FORMATS} or "auto".')
   path = epath.Path(path)
   if not path.exists():
     raise ConfigError(f'Checkpoint path {path} does not exist; check the path (CHECKPOINT_PATH, '
@@ -103,9 +103,9 @@ def resolve_checkpoint(path: os.PathLike, fmt: str = 'auto') -> Tuple[str, epath
       return 't5x', path.parent
     if path.name == hf.CONFIG_FILE and fmt in ('auto', 'hf'):
       return 'hf', path.parent
-    raise ValueError(f'{path} is a file; pass the checkpoint directory (an HF directory with '
-                     f'{hf.CONFIG_FILE}, a T5X checkpoint_<step> directory or an orbax '
-                     'directory).')
+    raise ConfigError(f'{path} is a file; pass the checkpoint directory (an HF directory with '
+                      f'{hf.CONFIG_FILE}, a T5X checkpoint_<step> directory or an orbax '
+                      'directory).')
   for _ in range(3):  # model dir -> step dir -> orbax item dir
     if (path / hf.CONFIG_FILE).exists() and fmt in ('auto', 'hf'):
       return 'hf', path
@@ -125,8 +125,8 @@ def resolve_checkpoint(path: os.PathLike, fmt: str = 'auto') -> Tuple[str, epath
   wanted = {'auto': 'any known format', 'hf': f'{hf.CONFIG_FILE} (HF)',
             't5x': f'a msgpack "{t5x_legacy.CHECKPOINT_FILE}" file (T5X)',
             'orbax': f'orbax metadata {orbax_pytree.MARKERS}'}[fmt]
-  raise ValueError(f'No checkpoint in {path}: expected {wanted}. Point at the HF directory, the '
-                   'T5X checkpoint_<step> directory or the orbax checkpoint directory.')
+  raise ConfigError(f'No checkpoint in {path}: expected {wanted}. Point at the HF directory, the '
+                    'T5X checkpoint_<step> directory or the orbax checkpoint directory.')
 
 
 def detect_format(path: os.PathLike) -> str:

@@ -34,6 +34,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from etils import epath
 import numpy as np
 
+from specialize_jax.errors import ConfigError
 from specialize_jax.checkpoints import param_tree
 from specialize_jax.checkpoints import staging
 from specialize_jax.data import storage
@@ -138,17 +139,17 @@ def config_from_hf(hf_config: Mapping[str, Any], *, untied_head: bool = True,
   """
   model_type = hf_config.get('model_type', 't5')
   if model_type not in _HF_MODEL_TYPES:
-    raise ValueError(f'{source}: model_type={model_type!r} is not a T5 encoder-decoder; this '
-                     f'converter reads model_type in {_HF_MODEL_TYPES}.')
+    raise ConfigError(f'{source}: model_type={model_type!r} is not a T5 encoder-decoder; this '
+                      f'converter reads model_type in {_HF_MODEL_TYPES}.')
   missing = [k for k in ('vocab_size', 'd_model', 'd_kv', 'd_ff', 'num_layers', 'num_heads')
              if k not in hf_config]
   if missing:
-    raise ValueError(f'{source} lacks {missing}; it is not a T5 config.json '
-                     '(expected the keys written by transformers T5Config.save_pretrained).')
+    raise ConfigError(f'{source} lacks {missing}; it is not a T5 config.json '
+                      '(expected the keys written by transformers T5Config.save_pretrained).')
   # HF's own default for feed_forward_proj is 'relu' (original T5).
   feed_forward = hf_config.get('feed_forward_proj', 'relu')
   if feed_forward not in FEED_FORWARD_TO_ACTIVATIONS:
-    raise ValueError(
+    raise ConfigError(
         f'{source}: feed_forward_proj={feed_forward!r} is not supported; supported are '
         f'{sorted(FEED_FORWARD_TO_ACTIVATIONS)} (T5 v1.1 / FlanT5 use "gated-gelu"; exact-erf '
         '"gelu" has no T5X equivalent).')
@@ -265,8 +266,8 @@ def _tensor_files(directory: epath.Path) -> Tuple[str, Dict[str, epath.Path]]:
       return kind, {name: directory / file for name, file in weight_map.items()}
     if (directory / single).exists():
       return kind, {None: directory / single}
-  raise ValueError(f'{directory} has {CONFIG_FILE} but no weights: expected '
-                   f'{SAFETENSORS_FILE}, {SAFETENSORS_INDEX_FILE} or {TORCH_FILE}.')
+  raise ConfigError(f'{directory} has {CONFIG_FILE} but no weights: expected '
+                    f'{SAFETENSORS_FILE}, {SAFETENSORS_INDEX_FILE} or {TORCH_FILE}.')
 
 
 def _local_copy(file: epath.Path) -> str:
@@ -300,8 +301,8 @@ def _read_tensors(directory: epath.Path) -> Tuple[Dict[str, Tuple[int, ...]], An
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ValueError(f'{directory} holds PyTorch weights ({TORCH_FILE}); install torch to read '
-                     'them, or re-save the model with safetensors.') from e
+    raise ConfigError(f'{directory} holds PyTorch weights ({TORCH_FILE}); install torch to read '
+                      'them, or re-save the model with safetensors.') from e
   tensors = {}
   for file in sorted(set(files.values()), key=str):
     tensors.update(torch.load(_local_copy(file), map_location='cpu', weights_only=True))
@@ -347,8 +348,8 @@ def load_hf(directory: os.PathLike, config: Any = None,
   if dtype is not None:
     ours = dataclasses.replace(ours, dtype=dtype)
   if wanted is not None and param_tree.architecture(wanted) != param_tree.architecture(ours):
-    raise ValueError(f'{directory} holds {ours}, not the requested {wanted}; drop config= to use '
-                     'the checkpoint\'s architecture.')
+    raise ConfigError(f'{directory} holds {ours}, not the requested {wanted}; drop config= to use '
+                      'the checkpoint\'s architecture.')
   embedding_shape = (ours.vocab_size, ours.emb_dim)
   param_tree.check_shapes(
       shapes, hf_param_shapes(ours), f'HF checkpoint {directory}',

@@ -17,6 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from etils import epath
 import numpy as np
 
+from specialize_jax.errors import ConfigError
 from specialize_jax.checkpoints import param_tree
 from specialize_jax.model.config import T5Config
 
@@ -95,7 +96,7 @@ def save_orbax(params: Mapping[str, Any], config: T5Config, directory: os.PathLi
       {k: np.shape(v) for k, v in param_tree.flatten_params(params).items()}, config,
       'params to export')
   if directory.exists() and not overwrite:
-    raise ValueError(f'{directory} exists; choose a new destination or pass overwrite=True.')
+    raise ConfigError(f'{directory} exists; choose a new destination or pass overwrite=True.')
   tree = {k: v for k, v in params.items()}
   checkpointer.save(
       directory, args=ocp.args.PyTreeSave(

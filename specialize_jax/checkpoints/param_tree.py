@@ -17,6 +17,7 @@ import dataclasses
 import re
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
+from specialize_jax.errors import ConfigError
 from specialize_jax.model.config import T5Config
 
 # The logits head of an untied model (absent with `logits_via_embedding`).
@@ -167,8 +168,8 @@ def find_params(tree: Mapping[str, Any], source: str) -> Tuple[Tuple[str, ...], 
     for key, child in node.items():
       if isinstance(child, Mapping) and key not in OPTIMIZER_KEYS:
         queue.append((path + (key,), child))
-  raise ValueError(f'{source} holds no T5 parameters: no subtree with token_embedder, encoder '
-                   f'and decoder (top-level keys: {sorted(tree)}).')
+  raise ConfigError(f'{source} holds no T5 parameters: no subtree with token_embedder, encoder '
+                    f'and decoder (top-level keys: {sorted(tree)}).')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,9 +187,9 @@ def infer_config(shapes: Mapping[str, Tuple[int, ...]], source: str, **overrides
               'encoder/layers_0/attention/query/kernel', 'encoder/layers_0/mlp/wo/kernel')
   missing = [n for n in required if n not in shapes]
   if missing:
-    raise ValueError(f'{source}: cannot infer the architecture, {missing} are missing; pass the '
-                     'model config (config=T5Config(...) or a preset name) to check what else is '
-                     'missing.')
+    raise ConfigError(f'{source}: cannot infer the architecture, {missing} are missing; pass the '
+                      'model config (config=T5Config(...) or a preset name) to check what else is '
+                      'missing.')
 
   def count(stack):
     layers = {int(m.group(1)) for n in shapes if (m := re.match(rf'{stack}/layers_(\d+)/', n))}

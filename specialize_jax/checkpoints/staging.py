@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from typing import Tuple
 
+from specialize_jax.errors import ConfigError
 from specialize_jax.data import storage
 
 
@@ -21,7 +22,7 @@ def staging_dir(directory: os.PathLike, overwrite: bool) -> Tuple[str, str]:
   """
   directory = storage.absolute(directory)
   if storage.exists(directory) and not overwrite:
-    raise ValueError(f'{directory} exists; choose a new destination or pass overwrite=True.')
+    raise ConfigError(f'{directory} exists; choose a new destination or pass overwrite=True.')
   name = storage.basename(directory)
   if storage.is_url(directory):
     return directory, tempfile.mkdtemp(prefix=f'{name}.tmp-', dir=tempfile.mkdtemp())
@@ -38,7 +39,7 @@ def replace_dir(tmp: str, directory: str, overwrite: bool) -> None:
     try:
       if storage.exists(directory):
         if not overwrite:
-          raise ValueError(f'{directory} exists; choose a new destination or pass overwrite=True.')
+          raise ConfigError(f'{directory} exists; choose a new destination or pass overwrite=True.')
         storage.rmtree(directory)
       storage.copy_tree(tmp, directory)
     finally:
@@ -47,7 +48,7 @@ def replace_dir(tmp: str, directory: str, overwrite: bool) -> None:
   if os.path.exists(directory):  # local: not a URL (above)
     if not overwrite:
       shutil.rmtree(tmp)  # local: staging dir
-      raise ValueError(f'{directory} exists; choose a new destination or pass overwrite=True.')
+      raise ConfigError(f'{directory} exists; choose a new destination or pass overwrite=True.')
     old = tempfile.mkdtemp(prefix='.old-', dir=os.path.dirname(directory) or '.')
     os.replace(directory, os.path.join(old, 'x'))  # local: not a URL (above)
     os.replace(tmp, directory)  # local: not a URL (above)

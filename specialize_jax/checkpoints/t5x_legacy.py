@@ -18,6 +18,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from etils import epath
 import numpy as np
 
+from specialize_jax.errors import ConfigError
 from specialize_jax.checkpoints import param_tree
 from specialize_jax.checkpoints import staging
 from specialize_jax.model.config import T5Config
@@ -108,7 +109,7 @@ def open_t5x(directory: os.PathLike, config: Any, dtype: Optional[str]):
   source = f'T5X checkpoint {ckpt_dir}'
   contents = serialization.msgpack_restore((directory / CHECKPOINT_FILE).read_bytes())
   if not isinstance(contents, Mapping):
-    raise ValueError(f'{ckpt_dir}/{CHECKPOINT_FILE} is not a T5X msgpack checkpoint.')
+    raise ConfigError(f'{ckpt_dir}/{CHECKPOINT_FILE} is not a T5X msgpack checkpoint.')
   if contents.get('version', 0) and 'optimizer' in contents:
     contents = contents['optimizer']
   _, target = param_tree.find_params(contents, source)

@@ -1,13 +1,6 @@
 """`specialize convert`: a checkpoint between the HF, T5X and orbax formats."""
 import argparse
 import json
-import os
-import re
-
-from specialize_jax.errors import ConfigError
-
-# T5X's step-directory name, which `--to t5x` reads the step from.
-_T5X_STEP_DIR = re.compile(r"checkpoint_\d+")
 
 
 def add_arguments(sub) -> None:
@@ -24,10 +17,6 @@ def add_arguments(sub) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
   # Reading and writing checkpoints imports JAX and orbax: only when converting.
   from specialize_jax.checkpoints import convert  # pylint: disable=g-import-not-at-top
-  if (args.dst_format == "t5x" and
-      not _T5X_STEP_DIR.fullmatch(os.path.basename(os.path.normpath(args.dst)))):
-    raise ConfigError(f"--to t5x {args.dst}: name the destination checkpoint_<step> (T5X's step "
-                      "directory), e.g. .../checkpoint_1184000; the step is read from the name.")
   result = convert.convert(args.src, args.src_format, args.dst, args.dst_format)
   print(json.dumps(result) if isinstance(result, dict) else f"wrote {args.dst}")
   return 0
