@@ -12,8 +12,8 @@ from specialize_jax.align import aligned_data
 from specialize_jax.align import alignment
 from specialize_jax.teacher import teacher_data
 from specialize_jax.teacher import teacher_sources
+from tests.support import shared_data
 
-import shared_data
 
 CODEX_DIR = "teacher_outputs/fu2023_codex_notebook"
 

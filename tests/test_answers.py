@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-import shared_data
 from specialize_jax.data import answers
+from tests.support import shared_data
 
 SOLUTION_MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 # is_correct rates of example_model_solutions.jsonl, as shared/data/SOURCES.md §1 records them.

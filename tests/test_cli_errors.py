@@ -3,13 +3,12 @@ before anything compiles: every `specialize` subcommand on an empty data directo
 machine), with the vocabulary missing or present, and a gin value the code validates. Each case is
 one subprocess, as a user runs it; all fail within seconds, before any model is built."""
 import os
-import subprocess
-import sys
 
 import pytest
 
-import demo_data
-import shared_data
+from tests.support import demo_data
+from tests.support import processes
+from tests.support import shared_data
 
 EMPTY_VOCAB = "missing"  # SPECIALIZE_VOCAB_PATH names a file that does not exist.
 SHARED_VOCAB = "shared"  # SPECIALIZE_VOCAB_PATH is the real T5 vocabulary; the data is missing.
@@ -65,17 +64,15 @@ CASES = [
 
 
 def _run(argv, cwd, data_dir, vocabulary=None, timeout=300):
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("SPECIALIZE_VOCAB_PATH", "SPECIALIZE_PREPARED_DATA")}
-  env.update(SPECIALIZE_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             GLIBC_TUNABLES="",  # No re-exec for the malloc settings: one process per case.
-             PYTHONPATH=os.pathsep.join([str(shared_data.REPO_ROOT), env.get("PYTHONPATH", "")]))
+  env = processes.environment(
+      drop=("SPECIALIZE_VOCAB_PATH", "SPECIALIZE_PREPARED_DATA"), SPECIALIZE_DATA_DIR=str(data_dir),
+      JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+      GLIBC_TUNABLES="")  # No re-exec for the malloc settings: one process per case.
   if vocabulary == EMPTY_VOCAB:
     env["SPECIALIZE_VOCAB_PATH"] = str(cwd / "missing.model")
   elif vocabulary == SHARED_VOCAB:
     env["SPECIALIZE_VOCAB_PATH"] = str(shared_data.shared_file("tokenizer/t5_spiece.model"))
-  return subprocess.run([sys.executable, "-m", "specialize_jax.cli", *argv], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return processes.run_specialize(argv, env, cwd, timeout)
 
 
 def _error_lines(done, command):

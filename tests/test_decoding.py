@@ -7,7 +7,7 @@ import pytest
 from specialize_jax.model import decoding
 from specialize_jax.model import models
 from specialize_jax.model import network
-from test_network import TINY, _batch, _forward, random_params
+from tests.test_network import TINY, _batch, _forward, random_params
 
 # A bigram "language model" over 6 ids (0 BOS, 1 EOS): row = previous token, column = next.
 # Greedy takes 2 (0.6) then 4 (0.25) then EOS (0.9): log-prob ln(.6 * .25 * .9) = -2.00.

@@ -7,9 +7,9 @@ import pytest
 from specialize_jax.data import feature_converters
 from specialize_jax.model import distillation_loss
 from specialize_jax.model import models
-from test_losses import _logits as _model_logits
-from test_losses import _model_batch
-from test_network import TINY, random_params
+from tests.test_losses import _logits as _model_logits
+from tests.test_losses import _model_batch
+from tests.test_network import TINY, random_params
 
 PAD = feature_converters.TEACHER_PAD_LOGPROB
 K = 3

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import seqio
 
-from shared_data import shared_data_dir
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import scoring
@@ -23,6 +22,7 @@ from specialize_jax.checkpoints import formats as checkpoints
 from specialize_jax.model import config as config_lib
 from specialize_jax.model import models
 from specialize_jax.model import network
+from tests.support.shared_data import shared_data_dir
 
 TASK = 'multiarith_dev_zs_ao'  # numeric golds; inputs of the first 10 examples are <= 57 tokens
 NUM_EXAMPLES = 10

@@ -9,13 +9,10 @@ step end to end and `tools/plan_experiments.py` compiles them all for the README
 import glob
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import pytest
 
-import demo_data
 from specialize_jax import cli
 from specialize_jax.errors import ConfigError
 from specialize_jax.training import input_pipeline
@@ -24,6 +21,8 @@ from specialize_jax.planning import topologies
 from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
 from specialize_jax.training import train_state
+from tests.support import demo_data
+from tests.support import processes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(os.path.relpath(p, os.path.join(REPO_ROOT, 'gin'))
@@ -149,10 +148,9 @@ def test_an_indivisible_batch_cannot_run_and_the_fix_splits_it():
 
 
 def _plan_cli(args, timeout=600):
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)  # The command sets its own device count.
-  return subprocess.run([sys.executable, '-m', 'specialize_jax.cli', 'plan', *args],
-                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  # Without XLA_FLAGS: the command sets its own device count.
+  return processes.run_specialize(['plan', *args], processes.environment(JAX_PLATFORMS='cpu'),
+                                  timeout=timeout)
 
 
 def _row(output, name):

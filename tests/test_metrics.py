@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-import shared_data
 from specialize_jax.data import metrics
+from tests.support import shared_data
 
 SOLUTION_MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 IS_CORRECT_PERCENT = {"6b_finetuning": 21.68, "6b_verification": 39.04,

@@ -34,18 +34,18 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-import demo_data
 from specialize_jax.checkpoints import formats as model_checkpoints
 from specialize_jax.checkpoints import hf_conversion
 from specialize_jax.training import partitioning
+from tests.support import demo_data
+from tests.support import processes
+from tests.support import tiny_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_STEPS = 24
@@ -55,9 +55,7 @@ OVERRIDES = {
     'TRAIN_STEPS': TRAIN_STEPS, 'BATCH_SIZE': 8, 'LOG_PERIOD': 1,
     'CHECKPOINT_PERIOD': CHECKPOINT_PERIOD, 'KEEP_LAST_CHECKPOINTS': 2, 'EVAL_PERIOD': 0,
     'LEARNING_RATE': 3e-3, 'LR_SCHEDULE': "'constant'", 'WARMUP_STEPS': 2,
-    'model_config.T5Config.emb_dim': 32, 'model_config.T5Config.num_heads': 2,
-    'model_config.T5Config.head_dim': 16, 'model_config.T5Config.num_encoder_layers': 1,
-    'model_config.T5Config.num_decoder_layers': 1, 'model_config.T5Config.mlp_dim': 64,
+    **tiny_model.gin_bindings(),
     # Unpacked: packing each shard's examples on its own would change the rows (see the docstring).
     'USE_PACKING': False,
 }
@@ -75,14 +73,11 @@ EVAL_FEATURE_LENGTHS = {'inputs': 256, 'targets': 80}  # the demo's
 def env(tmp_path_factory):
   """The subprocesses' environment: the tiny demo data, one compilation cache for all runs."""
   with demo_data.tiny_demo_data(tmp_path_factory) as directory:
-    environ = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    environ.update(SPECIALIZE_DATA_DIR=str(directory.parent), JAX_PLATFORMS='cpu',
-                   PYTHONPATH=os.pathsep.join([REPO_ROOT] + [
-                       p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]),
-                   JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-    yield environ
+    yield processes.environment(
+        SPECIALIZE_DATA_DIR=str(directory.parent), JAX_PLATFORMS='cpu',
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 
 @pytest.mark.parametrize('command', [
@@ -159,12 +154,6 @@ def test_without_the_preemption_service_processes_sync_every_few_steps_only(monk
   assert len(calls) == 3 and stops == [30]  # Steps 10, 20, 30; process 1's notice at the third.
 
 
-def _free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 class Run:
   """The processes of one `specialize` command (by default `train` into `model_dir`), each
   logging to its file."""
@@ -176,13 +165,13 @@ class Run:
     self.model_dir = str(model_dir)
     self.logs = []
     self.processes = []
-    address = f'127.0.0.1:{_free_port()}'
+    address = f'127.0.0.1:{processes.free_port()}'
     if args is None:
       args = ['train', '--gin_file=experiments/demo_cpu.gin',
               f"--gin.MODEL_DIR='{self.model_dir}'"] + [
                   f'--gin.{name}={value}' for name, value in {**OVERRIDES,
                                                               **(overrides or {})}.items()]
-    argv = [sys.executable, '-m', 'specialize_jax.cli'] + args
+    argv = processes.specialize_argv(*args)
     environ = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
     if interleaved:
       environ[partitioning.DEVICE_ORDER_ENV] = 'interleaved'

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import seqio
 
-from shared_data import shared_data_dir
 from specialize_jax.prepared import prepared_data
+from tests.support.shared_data import shared_data_dir
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import os
 import pytest
 import seqio
 
-from shared_data import shared_data_dir
 from specialize_jax.data import readers
 from specialize_jax.data import tfds_gsm8k
+from tests.support.shared_data import shared_data_dir
 
 
 @pytest.fixture(scope="module")

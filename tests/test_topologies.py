@@ -9,10 +9,10 @@ import itertools
 import numpy as np
 import pytest
 
-import demo_data
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import partitioning
 from specialize_jax.planning import topologies
+from tests.support import demo_data
 
 # (topology, chip grid, chips per host); v4/v5p names count TensorCores, v5e/v6e chips.
 SLICES = [('v4-8', (2, 2, 1), 4), ('v4-16', (2, 2, 2), 4), ('v4-32', (2, 2, 4), 4),

@@ -22,8 +22,6 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
-
-import demo_data
 import seqio
 import tensorflow as tf
 
@@ -34,7 +32,6 @@ from specialize_jax.checkpoints import formats as model_checkpoints
 from specialize_jax.checkpoints import hf_conversion
 from specialize_jax.model import models
 from specialize_jax.model import network
-from specialize_jax.model.config import T5Config
 from specialize_jax.training import checkpoint_manager
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import metric_writers
@@ -42,10 +39,11 @@ from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
 from specialize_jax.training import preemption
 from specialize_jax.training import trainer
+from tests.support import demo_data
+from tests.support import tiny_model
 
 NUM_TRAIN, NUM_EVAL = 2000, 32
-TINY = T5Config(vocab_size=384, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=1,
-                num_decoder_layers=1, mlp_dim=64, dropout_rate=0.0)
+TINY = tiny_model.config()
 LENGTHS = {'inputs': 128, 'targets': 64}
 BATCH_SIZE = 8
 # Constant 3e-3 after 5 warm-up steps; the first update's rate is 0 (optimizers' docstring).
@@ -327,9 +325,7 @@ def test_cli_run_trains_saves_evaluates_and_writes_metrics(demo_dir, tmp_path, c
       'CHECKPOINT_PERIOD': 10, 'KEEP_LAST_CHECKPOINTS': 2, 'EVAL_PERIOD': 15,
       'EVAL_TASKS': "('demo_id_cot',)", 'EVAL_MAX_EXAMPLES': 16, 'EVAL_BATCH_SIZE': 16,
       'EVAL_MAX_DECODE_LENGTH': 48,
-      **{f'model_config.T5Config.{name}': getattr(TINY, name)
-         for name in ('emb_dim', 'num_heads', 'head_dim', 'num_encoder_layers',
-                      'num_decoder_layers', 'mlp_dim')}}
+      **tiny_model.gin_bindings()}
   argv = ['train', '--gin_file=experiments/demo_cpu.gin'] + [
       f'--gin.{name}={value}' for name, value in overrides.items()]
   assert cli.main(argv) == 0
@@ -415,9 +411,7 @@ def test_cli_eval_scores_a_checkpoint_as_the_training_loop_did(demo_dir, tmp_pat
       'LEARNING_RATE': 3e-3, 'WARMUP_STEPS': 1, 'LOG_PERIOD': 2, 'CHECKPOINT_PERIOD': step,
       'EVAL_PERIOD': step, 'TENSORBOARD': False, 'model_config.T5Config.dtype': "'bfloat16'",
       **eval_flags,
-      **{f'model_config.T5Config.{name}': getattr(TINY, name)
-         for name in ('emb_dim', 'num_heads', 'head_dim', 'num_encoder_layers',
-                      'num_decoder_layers', 'mlp_dim')}}
+      **tiny_model.gin_bindings()}
   assert cli.main(['train', '--gin_file=experiments/demo_cpu.gin'] + [
       f'--gin.{name}={value}' for name, value in overrides.items()]) == 0
   in_loop_text, in_loop, in_loop_rows = _eval_output(model_dir / 'eval', task, step)

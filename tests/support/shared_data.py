@@ -4,13 +4,20 @@ import pathlib
 
 import pytest
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.support import REPO_ROOT
+
 SHARED_DATA_ENV = "SPECIALIZE_SHARED_DATA"
 
 
+def location() -> pathlib.Path:
+  """``$SPECIALIZE_SHARED_DATA``, default ``../shared/data`` beside the repo (maybe absent)."""
+  return pathlib.Path(os.environ.get(SHARED_DATA_ENV,
+                                     REPO_ROOT.parent / "shared" / "data")).resolve()
+
+
 def shared_data_dir() -> pathlib.Path:
-  """``$SPECIALIZE_SHARED_DATA``, default ``../shared/data`` beside the repo; skips loudly if absent."""
-  path = pathlib.Path(os.environ.get(SHARED_DATA_ENV, REPO_ROOT.parent / "shared" / "data")).resolve()
+  """The shared data folder (`location()`); skips the test loudly if it is absent."""
+  path = location()
   if not path.is_dir():
     pytest.skip(f"SHARED DATA NOT FOUND at {path}: set {SHARED_DATA_ENV} to the shared data folder "
                 "(CI always has it; this test did NOT run).")
