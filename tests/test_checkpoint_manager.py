@@ -30,15 +30,11 @@ CONFIG = dataclasses.replace(PRESETS['tiny'], vocab_size=64)
 TX = optax.adamw(1e-2)
 METRIC = 'gsm8k_dev_icl_cot/accuracy'
 
-# After a read of a damaged checkpoint fails, orbax's pending TensorStore reads finish on an
-# event loop that has closed; Python reports that later, in whichever test is running.
 # A read refused for its shapes leaves orbax's per-array read coroutines un-awaited, reported
-# when they are collected (in a later test).
-pytestmark = [
-    pytest.mark.filterwarnings(r'ignore:(?s)Exception ignored in.*Event loop is closed'
-                               r':pytest.PytestUnraisableExceptionWarning'),
-    pytest.mark.filterwarnings(r'ignore:(?s)Exception ignored in.*_read_array_index_and_device_put'
-                               r':pytest.PytestUnraisableExceptionWarning')]
+# when they are collected (in a later test). (A damaged checkpoint's closed event loop: pytest.ini.)
+pytestmark = pytest.mark.filterwarnings(
+    r'ignore:(?s)Exception ignored in.*_read_array_index_and_device_put'
+    r':pytest.PytestUnraisableExceptionWarning')
 
 
 class State(flax.struct.PyTreeNode):

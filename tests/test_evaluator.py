@@ -22,7 +22,7 @@ from specialize_jax.checkpoints import formats as checkpoints
 from specialize_jax.model import config as config_lib
 from specialize_jax.model import models
 from specialize_jax.model import network
-from tests.support.shared_data import shared_data_dir
+from tests.support import shared_data
 
 TASK = 'multiarith_dev_zs_ao'  # numeric golds; inputs of the first 10 examples are <= 57 tokens
 NUM_EXAMPLES = 10
@@ -34,9 +34,7 @@ WRONG_ANSWER = 'The answer is -7777'
 
 @pytest.fixture(scope='module')
 def registry():
-  data = shared_data_dir()
-  os.environ['SPECIALIZE_DATA_DIR'] = str(data)
-  os.environ['SPECIALIZE_VOCAB_PATH'] = str(data / 'tokenizer' / 't5_spiece.model')
+  shared_data.point_tasks_here()
   import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import
   return seqio.TaskRegistry
 

@@ -253,6 +253,7 @@ def uninterrupted(env, tmp_path_factory):
   return one, two
 
 
+@pytest.mark.slow
 def test_two_processes_through_the_command_equal_one_process(uninterrupted):
   one, two = uninterrupted
   for process_id in range(2):
@@ -298,6 +299,7 @@ def _eval_files(steps):
                 for kind, ext in (('metrics', 'json'), ('predictions', 'jsonl')))
 
 
+@pytest.mark.slow
 def test_in_loop_evaluation_of_two_processes_equals_one_process(uninterrupted):
   one, two = uninterrupted
   expected = _eval_outputs(os.path.join(one.model_dir, 'eval'))
@@ -385,6 +387,7 @@ def _only_process_zero_listed(run):
   assert 'Process 1 follows process 0' in run.text(1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('command', ['eval', 'sweep'])
 def test_two_processes_evaluate_every_committed_checkpoint_as_one_process_does(
     evaluated, uninterrupted, command):
@@ -408,6 +411,7 @@ def test_two_processes_evaluate_every_committed_checkpoint_as_one_process_does(
     assert '{"report"' not in two.text(1)  # process 0 alone writes the report
 
 
+@pytest.mark.slow
 def test_two_processes_infer_from_a_run_directory_as_one_process_does(evaluated):
   """A run directory is its latest committed step (24, not the half-written 28), as process 0
   resolves it."""
@@ -500,6 +504,7 @@ def interleaved_runs(env, tmp_path_factory):
   return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_partitions', [1, 2])
 def test_four_processes_in_a_tpu_like_interleaved_order_equal_one_process(
     one_process_reference, interleaved_runs, num_partitions):
@@ -512,6 +517,7 @@ def test_four_processes_in_a_tpu_like_interleaved_order_equal_one_process(
     assert _eval_outputs(os.path.join(four.model_dir, 'eval')) == expected
 
 
+@pytest.mark.slow
 def test_interleaved_processes_killed_after_a_checkpoint_resume_bit_identical(
     env, interleaved_runs, tmp_path):
   """The whole interleaved job SIGKILLed once step 2 is committed (a slice's preemption), then
@@ -541,6 +547,7 @@ def _preempted_step(text: str) -> int:
   return int(steps[0])
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes(
     env, uninterrupted, tmp_path):
   """SIGTERM to process 1 only: both processes save one step, print it and exit 0; the same
@@ -568,6 +575,7 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes(
   assert all(r['loss'] == losses[r['step']] for r in _records(run.model_dir))
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_the_same_command_ends_identical(env, uninterrupted, tmp_path):
   """One process killed mid-save (an orbax temporary step directory exists), then at a random
   moment, then run to the end: params and every logged loss equal the uninterrupted run's."""
@@ -607,6 +615,7 @@ FETCHED = re.compile(r'INITIAL_CHECKPOINT_PATH: fetched ([0-9.]+) MB from storag
                      r"process's shards \(([0-9.]+) MB of the ([0-9.]+) MB of parameters\)")
 
 
+@pytest.mark.slow
 def test_four_processes_read_only_their_shards_of_the_start_checkpoint(
     env, one_process_reference, tmp_path):
   """INITIAL_CHECKPOINT_PATH in T5X's legacy layout (zarr, small chunks; the trained parameters

@@ -107,6 +107,7 @@ def _final_params(model_dir):
   return hf_conversion.flatten_params(params)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(demo_dir, tmp_path, monkeypatch):
   """Per-step losses and gradient norms within 1e-5 (relative), final params within 1e-5."""
   address = f'127.0.0.1:{processes.free_port()}'

@@ -33,6 +33,7 @@ def test_one_process_decides_once_without_collectives(monkeypatch):
                                          'a value')
 
 
+@pytest.mark.slow
 def test_two_processes_with_different_listings_follow_process_zero(tmp_path):
   steps_seen = {0: (2,), 1: (2, 4, 6)}
   address = f'127.0.0.1:{processes.free_port()}'

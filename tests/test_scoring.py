@@ -1,31 +1,26 @@
 """`specialize score`: real GPT-3 GSM8K solutions scored through the registered task, bad files."""
 import json
-import os
 
 import pytest
 import seqio
 
 from specialize_jax.evaluation import scoring
 from tests.support import processes
-from tests.support.shared_data import shared_data_dir
+from tests.support import shared_data
 
-# is_correct rates of the four GPT-3 models in example_model_solutions.jsonl (SOURCES.md §1).
-GPT3_ACCURACY = {"6b_finetuning": 21.68, "6b_verification": 39.04, "175b_finetuning": 34.72,
-                 "175b_verification": 56.25}
+GPT3_ACCURACY = shared_data.GSM8K_SOLUTION_IS_CORRECT_PERCENT
 
 
 @pytest.fixture(scope="module")
 def gsm8k_task():
-  data = shared_data_dir()
-  os.environ["SPECIALIZE_DATA_DIR"] = str(data)
-  os.environ["SPECIALIZE_VOCAB_PATH"] = str(data / "tokenizer" / "t5_spiece.model")
+  shared_data.point_tasks_here()
   import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import
   return seqio.get_mixture_or_task("gsm8k_test_zs_cot")
 
 
 @pytest.mark.parametrize("model", sorted(GPT3_ACCURACY))
 def test_gpt3_solutions_reproduce_labels(gsm8k_task, model):
-  path = shared_data_dir() / "gsm8k" / "example_model_solutions.jsonl"
+  path = shared_data.shared_data_dir() / "gsm8k" / "example_model_solutions.jsonl"
   result = scoring.score(gsm8k_task, str(path), prediction_field=f"{model}.solution")
   assert result.n == 1319 and result.unparsable == 0
   assert result.accuracy == pytest.approx(GPT3_ACCURACY[model], abs=0.005)
@@ -61,7 +56,7 @@ def test_malformed_predictions_name_file_and_line(gsm8k_task, tmp_path, content,
 
 
 def test_cli_prints_one_json_object(tmp_path):
-  data = shared_data_dir()
+  data = shared_data.shared_data_dir()
   env = processes.environment(drop=(), SPECIALIZE_DATA_DIR=str(data),
                               SPECIALIZE_VOCAB_PATH=str(data / "tokenizer" / "t5_spiece.model"))
   predictions = tmp_path / "p.jsonl"

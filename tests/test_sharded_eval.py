@@ -14,6 +14,8 @@ from tests.support import demo_data
 from tests.support import processes
 from tests.support import tiny_model
 
+pytestmark = pytest.mark.slow
+
 # The tiny demo model with 4 heads of 8, which a model axis of 4 divides.
 TINY = {
     'TRAIN_STEPS': 2, 'BATCH_SIZE': 8, 'LOG_PERIOD': 1, 'CHECKPOINT_PERIOD': 2, 'EVAL_PERIOD': 0,

@@ -176,6 +176,7 @@ def gcs(tmp_path_factory):
     server.wait()
 
 
+@pytest.mark.slow
 def test_atomic_write_to_a_bucket_is_all_or_nothing(gcs):
   path = f'gs://{BUCKET}/unit/out.jsonl'
   with pytest.raises(RuntimeError):
@@ -198,6 +199,7 @@ def _steps(model_dir):
   return [r['step'] for r in metric_writers.read_metrics(model_dir)]
 
 
+@pytest.mark.slow
 def test_a_bucket_log_uploads_each_byte_once(gcs):
   """metrics.jsonl on a bucket: the bytes stored grow linearly with the steps logged, even with an
   upload after every record (flush_secs=0). Rewriting the object at every record (as before)
@@ -220,6 +222,7 @@ def test_a_bucket_log_uploads_each_byte_once(gcs):
   assert twice < (2 * n + 1) / 2 / 1.5 * once  # Far below what rewriting stored: (2n+1)/2 times.
 
 
+@pytest.mark.slow
 def test_a_bucket_log_loses_only_its_unflushed_tail_and_resumes(gcs):
   run = f'gs://{BUCKET}/crash/run'
   writer = metric_writers.MetricWriter(run, enable_tensorboard=False)  # flush_secs 60
@@ -272,6 +275,7 @@ def bucket_set(gcs, demo):
                          sources={'teacher': 'demo'}).directory
 
 
+@pytest.mark.slow
 def test_a_prepared_set_in_a_bucket_reads_as_the_local_one(bucket_set, demo):
   """One data shard's rows from a resumed position, read by array_record from the bucket, equal
   those read from the local copy of the same set."""
@@ -305,6 +309,7 @@ def _local_files(directory):
                 for d, _, names in os.walk(directory) for n in names)
 
 
+@pytest.mark.slow
 def test_a_run_lives_in_a_bucket(gcs, demo, bucket_set, tmp_path_factory):
   """train (from the prepared set in the bucket) -> resume -> eval -> sweep (report, BEST) ->
   convert --to hf, every path gs://.

@@ -1,19 +1,15 @@
 """Every registered SeqIO task and mixture builds and yields correct examples on the shared data."""
-import os
-
 import numpy as np
 import pytest
 import seqio
 
 from specialize_jax.prepared import prepared_data
-from tests.support.shared_data import shared_data_dir
+from tests.support import shared_data
 
 
 @pytest.fixture(scope="module")
 def registry(gsm8k_gold_set):
-  data = shared_data_dir()
-  os.environ["SPECIALIZE_DATA_DIR"] = str(data)
-  os.environ["SPECIALIZE_VOCAB_PATH"] = str(data / "tokenizer" / "t5_spiece.model")
+  shared_data.point_tasks_here()
   import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import
   return seqio.TaskRegistry
 

@@ -51,12 +51,6 @@ OPTIMIZER = optimizers.OptimizerConfig(learning_rate=3e-3, warmup_steps=5)
 RUN_A_STEPS = 20
 CHECKPOINTS = checkpoint_manager.CheckpointConfig(period=10, keep_last=3)
 
-# After the corrupted checkpoint fails to read, orbax's pending TensorStore reads finish on an
-# event loop that has closed; Python reports that later, in whichever test is running.
-pytestmark = pytest.mark.filterwarnings(
-    r'ignore:(?s)Exception ignored in.*Event loop is closed'
-    r':pytest.PytestUnraisableExceptionWarning')
-
 
 @pytest.fixture(scope='module', autouse=True)
 def compilation_cache_dir(tmp_path_factory):
