@@ -79,6 +79,7 @@ def _error_lines(done, command):
   return [line for line in done.stderr.splitlines() if line.startswith(f"specialize {command}: ")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, vocabulary, expected", CASES,
                          ids=[" ".join(c[0])[:70] + f" [{c[1]}]" for c in CASES])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, argv, vocabulary, expected):
@@ -106,6 +107,7 @@ def tiny_demo(tmp_path_factory):
     yield directory
 
 
+@pytest.mark.slow
 def test_a_validated_gin_value_is_one_line_and_exit_2(tiny_demo, tmp_path):
   """The demo's cosine schedule warms up for 40 steps: 2 training steps cannot hold it."""
   done = _run(["train", "--gin_file=experiments/demo_cpu.gin", '--gin.MODEL_DIR="runs/x"',
@@ -118,6 +120,7 @@ def test_a_validated_gin_value_is_one_line_and_exit_2(tiny_demo, tmp_path):
   assert "First step" not in done.stderr  # Nothing was compiled or trained.
 
 
+@pytest.mark.slow
 def test_missing_training_data_fails_before_the_model_is_built(tmp_path):
   """No eval tasks, so only the trainer reads data: it builds its input pipeline first."""
   (tmp_path / "data").mkdir()

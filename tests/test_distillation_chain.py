@@ -13,6 +13,8 @@ from specialize_jax.training import metric_writers
 from tests.support import openai_server
 from tests.support import shared_data
 
+pytestmark = pytest.mark.slow
+
 API_KEY = "sk-chain-test"
 QUESTIONS = 6
 NUM_SAMPLES = 4  # the test server answers 2 correct, 1 wrong, 1 without an answer line

@@ -81,6 +81,7 @@ def test_kl_matches_numpy(params, renormalize, factor):
   assert float(metrics['cross_ent_loss']) > float(metrics['kl'])  # CE is reported, not trained
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('with_weights', [True, False])
 @pytest.mark.parametrize('rows', ['converter', 'one_hot_teacher'])
 def test_one_hot_teacher_is_cross_entropy(params, with_weights, rows):
@@ -115,6 +116,7 @@ def test_ce_weight_mixes_the_two(params):
   np.testing.assert_allclose(loss, want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_matches_finite_differences(params):
   batch = _teacher_batch(seed=1)
   model = models.EncoderDecoderModel(TINY, z_loss=0.0, loss_type='distribution',

@@ -183,6 +183,7 @@ def _reuse_compiled_model(monkeypatch, model):
   monkeypatch.setattr(models, 'EncoderDecoderModel', make)
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoints_sweeps_every_step_and_resumes(evaluator, params_pair, tmp_path,
                                                             monkeypatch):
   _reuse_compiled_model(monkeypatch, evaluator.model)
@@ -220,6 +221,7 @@ def test_evaluate_checkpoints_sweeps_every_step_and_resumes(evaluator, params_pa
     assert record[evaluator_lib.SETTINGS_KEY]['dtype'] == 'float32'
 
 
+@pytest.mark.slow
 def test_infer_matches_evaluator_decodes(evaluator, params_pair, tmp_path, monkeypatch):
   out = str(tmp_path / 'eval')
   evaluator.evaluate(params_pair[0], 0, out)

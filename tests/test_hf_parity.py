@@ -113,6 +113,7 @@ def test_logits_match_transformers(case, hf_models, torch):
   assert max_diff < LOGITS_ATOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', ['flan_untied', 'original_t5'])
 def test_greedy_matches_generate(case, hf_models, torch):
   model, directory = hf_models[case]

@@ -135,6 +135,7 @@ def test_a_stream_starts_at_any_position(toy_set):
       _stream(toy_set.directory, ["zs_cot"], 1, split=bad)
 
 
+@pytest.mark.slow
 def test_a_resumed_train_iterator_starts_at_its_batch_without_rereading(toy_set, vocab_path):
   from specialize_jax.tasks import distillation  # pylint: disable=g-import-not-at-top
   distillation.register_prepared_task("toy_prepared", lambda: toy_set.directory,

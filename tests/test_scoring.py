@@ -55,6 +55,7 @@ def test_malformed_predictions_name_file_and_line(gsm8k_task, tmp_path, content,
     scoring.score(gsm8k_task, str(path))
 
 
+@pytest.mark.slow
 def test_cli_prints_one_json_object(tmp_path):
   data = shared_data.shared_data_dir()
   env = processes.environment(drop=(), SPECIALIZE_DATA_DIR=str(data),

@@ -23,6 +23,8 @@ from specialize_jax.training import trainer
 from tests.support import demo_data
 from tests.support import tiny_model
 
+pytestmark = pytest.mark.slow
+
 TINY = tiny_model.config()
 STEPS = (2, 4, 6)
 TASKS = ('demo_id_cot', 'demo_ood_cot')

@@ -177,6 +177,7 @@ def test_files_are_valid_teacher_data(demo_dir, splits):
     assert synthetic.read_problems(path) == problems
 
 
+@pytest.mark.slow
 def test_reuse_and_regeneration(demo_dir, tmp_path):
   paths = synthetic.demo_paths(demo_dir)
   before = {k: p.stat().st_mtime_ns for k, p in paths.items()}

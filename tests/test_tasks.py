@@ -36,6 +36,7 @@ def _first(task_name, split):
   return next(dataset.as_numpy_iterator())
 
 
+@pytest.mark.slow
 def test_every_task_iterates(registry, tmp_path):
   """Walks every registered task: first example tokenized, non-empty, within the feature lengths.
   (The TFDS-backed tasks are covered by tests/test_tfds_gsm8k.py, which prepares the dataset, and

@@ -211,6 +211,7 @@ def test_bad_key_fails_at_once_and_is_not_written(server, tmp_path, capsys, monk
   assert not output.exists()
 
 
+@pytest.mark.slow
 def test_kill_mid_run_then_resume(server, tmp_path):
   server.delay_s = 0.25
   output = tmp_path / "t.jsonl"

@@ -115,6 +115,7 @@ def test_gpu_plans_allow_what_jax_preallocates(monkeypatch):
     topologies.usable_fraction(h100, 0.9)
 
 
+@pytest.mark.slow
 def test_each_v4_32_host_reads_its_rows_of_the_global_batches(tmp_path_factory):
   """The input pipeline over the demo's prepared set, fed as the four hosts of a v4-32 feed it
   (four interleaved blocks each), equals the global batches' rows, also resumed at batch 3."""

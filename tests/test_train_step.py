@@ -89,6 +89,7 @@ def single_device_steps(t5_model):
 # -- the T5 step ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_repeated_batch(single_device_steps):
   state, history = single_device_steps
   metrics = [m for _, m in history]
@@ -103,6 +104,7 @@ def test_loss_falls_on_a_repeated_batch(single_device_steps):
   assert all(np.asarray(m['loss']).shape == () for m in metrics)
 
 
+@pytest.mark.slow
 def test_sharded_accumulated_step_equals_single_device_full_batch(t5_model, single_device_steps):
   """4x2 mesh, 2 micro-batches with 10 and 20 real target tokens, against one full batch."""
   batch = make_batch()

@@ -134,6 +134,7 @@ def _corrupt_arrays(step_dir):
   assert removed
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_identical_to_uninterrupted_run(run_a, model, tmp_path, caplog):
   """Run B stops at step 10, a new `train` call continues it to 20: it must match run A bit for
   bit, which needs the saved data position as well as the state."""
@@ -168,6 +169,7 @@ def test_resumed_run_ends_identical_to_uninterrupted_run(run_a, model, tmp_path,
   _assert_params_equal(_params(model_dir / 'checkpoint_20'), expected)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_step_and_the_rerun_ends_identical(run_a, model, tmp_path):
   """One process: SIGTERM during step 3 saves step 4 (not a checkpoint period), raises
   `Preempted`, and restores the previous SIGTERM handler; the same call again continues to run
@@ -201,6 +203,7 @@ def test_sigterm_saves_a_step_and_the_rerun_ends_identical(run_a, model, tmp_pat
 # INITIAL_CHECKPOINT_PATH.
 
 
+@pytest.mark.slow
 def test_initial_checkpoint_params_start_the_run(demo_dir, model, tmp_path):
   """A run with INITIAL_CHECKPOINT_PATH (an orbax export) starts from exactly those params."""
   params = jax.device_get(network.init_params(TINY, jax.random.PRNGKey(42)))
@@ -220,6 +223,7 @@ def test_initial_checkpoint_params_start_the_run(demo_dir, model, tmp_path):
 # Non-finite loss.
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_naming_the_steps(demo_dir, model, tmp_path):
   """A diverging run stops at the first log period whose loss is not finite, naming its steps."""
   # Rates 0, 5e29, then 1e30: steps 1-2 see the initial params, the update of step 2 blows them up.
@@ -230,6 +234,7 @@ def test_non_finite_loss_stops_the_run_naming_the_steps(demo_dir, model, tmp_pat
   assert [r['step'] for r in train] == [2] and np.isfinite(train[0]['loss'])
 
 
+@pytest.mark.slow
 def test_a_non_finite_state_is_never_checkpointed(demo_dir, model, tmp_path):
   """Log and checkpoint periods differ: the blow-up at step 3 is not a logged step, yet the save
   at step 4 checks the losses first and stops the run instead of saving the NaN state."""
@@ -277,6 +282,7 @@ def _saved_partition_specs(step_dir):
   return specs
 
 
+@pytest.mark.slow
 def test_model_parallel_loop_matches_data_parallel(run_a, model, tmp_path):
   """The loop on a 4x2 (data x model) mesh gives run A's losses and params (8x1) within 1e-5."""
   partitioner = partitioning.PartitioningConfig(num_partitions=2)
@@ -309,6 +315,7 @@ def _tensorboard_scalars(directory):
   return values
 
 
+@pytest.mark.slow
 def test_cli_run_trains_saves_evaluates_and_writes_metrics(demo_dir, tmp_path, capsys):
   """`specialize train` with the demo experiment's gin file, shrunk by `--gin.` overrides: every
   output a user reads is present and consistent with the others."""
@@ -390,6 +397,7 @@ def _eval_output(eval_dir, task, step):
   return text, json.loads(text), rows
 
 
+@pytest.mark.slow
 def test_cli_eval_scores_a_checkpoint_as_the_training_loop_did(demo_dir, tmp_path):
   """A bfloat16 model (bound with --gin.): `specialize eval` of the run's checkpoint, given no
   MODEL, decodes in the dtype the run trained in (its config.gin) and writes the in-loop
