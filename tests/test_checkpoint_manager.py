@@ -369,6 +369,7 @@ def test_interrupted_save_is_ignored(tmp_path, mesh):
   assert sorted(os.listdir(tmp_path)) == ['checkpoint_1', 'checkpoint_2']
 
 
+@pytest.mark.slow
 def test_restore_or_initialize_sources(tmp_path, mesh, caplog):
   scratch = _state(seed=5, updates=0, t5=True)
   abstract = _abstract(scratch, mesh)

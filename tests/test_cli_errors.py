@@ -96,6 +96,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, argv, vocabulary, expecte
   assert not (tmp_path / "runs").exists()  # Failed before writing the run directory.
 
 
+@pytest.mark.slow
 def test_tasks_needs_no_data(tmp_path):
   done = _run(["tasks", "--filter", "bbh_snarks"], tmp_path, tmp_path)
   assert (done.returncode, done.stdout.split()) == (0, ["bbh_snarks_ao", "bbh_snarks_cot"])

@@ -61,6 +61,7 @@ def _teacher_batch(seed=0):
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('renormalize', [False, True])
 @pytest.mark.parametrize('factor', [None, 'NUM_REAL_TARGET_TOKENS'])
 def test_kl_matches_numpy(params, renormalize, factor):

@@ -40,6 +40,7 @@ def demo_dir(tmp_path_factory):
     yield directory
 
 
+@pytest.mark.slow
 def test_processes_read_their_rows_of_the_same_global_batches(demo_dir):
   """Shuffled, the two processes' rows of batch k put together are batch k of one process
   (`shard_by_process=False`); with SeqIO shards (the default) they read disjoint examples."""

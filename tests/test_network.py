@@ -160,6 +160,7 @@ def test_bucket_sums_on_each_backends_path(backend):
   np.testing.assert_allclose(np.asarray(got), expected.T, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_real_logits(params):
   """Extra encoder and target padding leave the logits of real target positions unchanged."""
   batch = _batch(jax.random.key(2), 4, 8, 6)

@@ -75,6 +75,7 @@ def test_the_set_holds_what_was_decided_at_prepare_time(toy_set):
   assert not os.path.exists(f"{toy_set.directory}.partial")
 
 
+@pytest.mark.slow
 def test_one_epoch_visits_every_sample_once_in_a_seeded_spread_order(toy_set):
   epoch = NUM_QUESTIONS * SAMPLES
   stream = _stream(toy_set.directory, ["zs_cot"], epoch + 64, seed=0)

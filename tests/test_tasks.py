@@ -6,6 +6,8 @@ import seqio
 from specialize_jax.prepared import prepared_data
 from tests.support import shared_data
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def registry(gsm8k_gold_set):

@@ -196,6 +196,7 @@ STEP_METRICS = ('loss', 'cross_ent_loss', 'z_loss', 'accuracy', 'num_target_toke
                 'num_examples', 'learning_rate')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('loss_type', ['sample', 'distribution'])
 @pytest.mark.parametrize('factor', [None, 'NUM_REAL_TARGET_TOKENS',
                                     'NUM_TOTAL_TARGET_TOKENS', 'AVERAGE_PER_SEQUENCE'])
