@@ -38,13 +38,14 @@ def specialize_argv(*args: str) -> List[str]:
 
 
 def module_argv(module: str, *args: str) -> List[str]:
-  """The command line of `python -m MODULE ARGS` (e.g. `tests.support.multiprocess_worker`),
-  run with cwd REPO_ROOT or `environment()`."""
+  """The command line of `python -m MODULE ARGS` (e.g. `tests.support.multiprocess_worker`): run
+  it with cwd REPO_ROOT or with `environment()`, either of which makes `tests` importable."""
   return [sys.executable, '-m', module, *args]
 
 
-def run_specialize(args, env: Optional[dict] = None, cwd=REPO_ROOT, timeout: Optional[float] =
-                   TIMEOUT_S, check: bool = False) -> subprocess.CompletedProcess:
+def run_specialize(args, env: Optional[dict] = None, cwd=REPO_ROOT,
+                   timeout: Optional[float] = TIMEOUT_S,
+                   check: bool = False) -> subprocess.CompletedProcess:
   """Runs `specialize ARGS` to its end (text output captured; env default `environment()`).
 
   With `check`, fails the test with the end of stderr unless it exits 0.
