@@ -30,12 +30,6 @@ CONFIG = dataclasses.replace(PRESETS['tiny'], vocab_size=64)
 TX = optax.adamw(1e-2)
 METRIC = 'gsm8k_dev_icl_cot/accuracy'
 
-# A read refused for its shapes leaves orbax's per-array read coroutines un-awaited, reported
-# when they are collected (in a later test). (A damaged checkpoint's closed event loop: pytest.ini.)
-pytestmark = pytest.mark.filterwarnings(
-    r'ignore:(?s)Exception ignored in.*_read_array_index_and_device_put'
-    r':pytest.PytestUnraisableExceptionWarning')
-
 
 class State(flax.struct.PyTreeNode):
   step: jax.Array
