@@ -1,25 +1,25 @@
-"""Test-wide setup: 8 fake CPU devices (set before jax is imported) and the shared data directory."""
+"""Test-wide setup: 8 fake CPU devices (set before jax is imported) and the shared data
+directory."""
 import os
-import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-from specialize_jax.runtime import xla_flags  # noqa: E402  (the CPU settings `specialize` runs with)
+# The CPU settings `specialize` runs with.
+from specialize_jax.runtime import xla_flags  # noqa: E402
 xla_flags.apply()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
 
-import shared_data  # noqa: E402
+from tests.support import prepared_sets  # noqa: E402
+from tests.support import shared_data  # noqa: E402
 
 # Task registration reads the vocabulary path at `import tasks`, whichever test imports it first:
 # fix it for the whole session to the shared T5 vocabulary (when the shared data is there).
-_SHARED_VOCAB = os.path.join(os.environ.get(shared_data.SHARED_DATA_ENV, str(
-    shared_data.REPO_ROOT.parent / "shared" / "data")), "tokenizer", "t5_spiece.model")
+_SHARED_VOCAB = shared_data.location() / "tokenizer" / "t5_spiece.model"
 if os.path.exists(_SHARED_VOCAB):
-  os.environ.setdefault("SPECIALIZE_VOCAB_PATH", _SHARED_VOCAB)
+  os.environ.setdefault("SPECIALIZE_VOCAB_PATH", str(_SHARED_VOCAB))
 
 
 @pytest.fixture
@@ -53,17 +53,6 @@ def codex_aligned_files(tmp_path_factory):
   return teacher_path, aligned_path, records
 
 
-def prepare_gsm8k_set(output_dir, teacher_path=None, aligned_path=None, teacher_k=None, **config):
-  """`specialize prepare`'s work in-process: a prepared set of a GSM8K teacher file (default: the
-  gold rationales) in the shared T5 vocabulary; returns its directory. Needs SPECIALIZE_DATA_DIR."""
-  from specialize_jax.prepared import prepare  # pylint: disable=g-import-not-at-top
-  vocab = shared_data.shared_file("tokenizer/t5_spiece.model")
-  config = prepare.PrepareConfig(output_dir=str(output_dir), vocab_path=str(vocab),
-                                 teacher_k=teacher_k, **config)
-  return prepare.prepare_gsm8k(config, teacher_path and str(teacher_path),
-                               aligned_path and str(aligned_path)).directory
-
-
 @pytest.fixture(scope="session")
 def gsm8k_gold_set(tmp_path_factory):
   """The GSM8K gold rationales prepared once (all four formats), with SPECIALIZE_PREPARED_DATA
@@ -71,8 +60,8 @@ def gsm8k_gold_set(tmp_path_factory):
   old = os.environ.get("SPECIALIZE_DATA_DIR")
   os.environ["SPECIALIZE_DATA_DIR"] = str(shared_data.shared_data_dir())
   try:
-    path = prepare_gsm8k_set(tmp_path_factory.mktemp("prepared") / "gsm8k_gold", workers=2,
-                             num_chunks=4)
+    path = prepared_sets.prepare_gsm8k_set(tmp_path_factory.mktemp("prepared") / "gsm8k_gold",
+                                           workers=2, num_chunks=4)
   finally:
     if old is None:
       os.environ.pop("SPECIALIZE_DATA_DIR")

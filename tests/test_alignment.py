@@ -12,8 +12,8 @@ from specialize_jax.align import aligned_data
 from specialize_jax.align import alignment
 from specialize_jax.teacher import teacher_data
 from specialize_jax.teacher import teacher_sources
+from tests.support import shared_data
 
-import shared_data
 
 CODEX_DIR = "teacher_outputs/fu2023_codex_notebook"
 
@@ -267,7 +267,8 @@ def test_cli_align_writes_file_and_prints_summary(tmp_path, capsys, codex_record
 
 _FORKED_WORKERS = """
 import sys
-from specialize_jax.align import alignment, teacher_sources
+from specialize_jax.align import alignment
+from specialize_jax.teacher import teacher_sources
 assert "jax" not in sys.modules
 records = tuple(teacher_sources.records_from_fu2023_codex(sys.argv[1]) * 2)
 one, _ = alignment.align_records(records, sys.argv[2], workers=1, records_per_chunk=1)

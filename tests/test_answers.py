@@ -1,22 +1,17 @@
 """Tests for specialize_jax.data.answers: real GPT-3 GSM8K solutions with correctness labels,
 real gold answers (GSM8K, ASDiv), and one table per normalization rule."""
-import json
 import re
 
 import pytest
 
-import shared_data
 from specialize_jax.data import answers
+from tests.support import shared_data
 
 SOLUTION_MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
-# is_correct rates of example_model_solutions.jsonl, as shared/data/SOURCES.md §1 records them.
-IS_CORRECT_PERCENT = {"6b_finetuning": 21.68, "6b_verification": 39.04,
-                      "175b_finetuning": 34.72, "175b_verification": 56.25}
+IS_CORRECT_PERCENT = shared_data.GSM8K_SOLUTION_IS_CORRECT_PERCENT
 
 
-def _read_jsonl(relative_path):
-  with open(shared_data.shared_file(relative_path), encoding="utf-8") as f:
-    return [json.loads(line) for line in f]
+_read_jsonl = shared_data.read_jsonl
 
 
 @pytest.fixture(scope="module")

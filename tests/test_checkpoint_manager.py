@@ -32,16 +32,6 @@ CONFIG = dataclasses.replace(PRESETS['tiny'], vocab_size=64)
 TX = optax.adamw(1e-2)
 METRIC = 'gsm8k_dev_icl_cot/accuracy'
 
-# After a read of a damaged checkpoint fails, orbax's pending TensorStore reads finish on an
-# event loop that has closed; Python reports that later, in whichever test is running.
-# A read refused for its shapes leaves orbax's per-array read coroutines un-awaited, reported
-# when they are collected (in a later test).
-pytestmark = [
-    pytest.mark.filterwarnings(r'ignore:(?s)Exception ignored in.*Event loop is closed'
-                               r':pytest.PytestUnraisableExceptionWarning'),
-    pytest.mark.filterwarnings(r'ignore:(?s)Exception ignored in.*_read_array_index_and_device_put'
-                               r':pytest.PytestUnraisableExceptionWarning')]
-
 
 class State(flax.struct.PyTreeNode):
   step: jax.Array
@@ -375,6 +365,7 @@ def test_interrupted_save_is_ignored(tmp_path, mesh):
   assert sorted(os.listdir(tmp_path)) == ['checkpoint_1', 'checkpoint_2']
 
 
+@pytest.mark.slow
 def test_restore_or_initialize_sources(tmp_path, mesh, caplog):
   scratch = _state(seed=5, updates=0, t5=True)
   abstract = _abstract(scratch, mesh)

@@ -308,6 +308,7 @@ def test_detect_format_errors(tmp_path):
     loading.load_checkpoint(tmp_path / 'empty', fmt='pickle')
 
 
+@pytest.mark.slow
 def test_convert_and_load_pretrained(params, tmp_path):
   step_dir = str(tmp_path / 't5x' / 'checkpoint_0')
   t5x_legacy.save_t5x(params, step_dir, durable=False)
@@ -352,6 +353,7 @@ class _CharVocabulary:
     return ''.join(chr(ord('a') + i - 3) if 3 <= i < 29 else '?' for i in ids)
 
 
+@pytest.mark.slow
 def test_generate_with_vocabulary(params, tmp_path):
   directory = hf.save_hf(params, CONFIG, tmp_path / 'hf')
   model = load_pretrained(directory, vocabulary=_CharVocabulary())
@@ -364,6 +366,7 @@ def test_generate_with_vocabulary(params, tmp_path):
     load_pretrained(directory).generate('abc', 4)
 
 
+@pytest.mark.slow
 def test_generate_with_sentencepiece_path(vocab_path, tmp_path):
   import seqio  # pylint: disable=g-import-not-at-top
   config = PRESETS['tiny']  # the T5 vocabulary size

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-import demo_data
-import shared_data
+from tests.support import demo_data
+from tests.support import processes
+from tests.support import shared_data
 
 EMPTY_VOCAB = "missing"  # SPECIALIZE_VOCAB_PATH names a file that does not exist.
 SHARED_VOCAB = "shared"  # SPECIALIZE_VOCAB_PATH is the real T5 vocabulary; the data is missing.
@@ -65,24 +66,26 @@ CASES = [
 ]
 
 
-def _run(argv, cwd, data_dir, vocabulary=None, timeout=300, program=("-m", "specialize_jax.cli")):
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("SPECIALIZE_VOCAB_PATH", "SPECIALIZE_PREPARED_DATA")}
-  env.update(SPECIALIZE_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             GLIBC_TUNABLES="",  # No re-exec for the malloc settings: one process per case.
-             PYTHONPATH=os.pathsep.join([str(shared_data.REPO_ROOT), env.get("PYTHONPATH", "")]))
+def _run(argv, cwd, data_dir, vocabulary=None, timeout=300, program=None):
+  env = processes.environment(
+      drop=("SPECIALIZE_VOCAB_PATH", "SPECIALIZE_PREPARED_DATA"), SPECIALIZE_DATA_DIR=str(data_dir),
+      JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+      GLIBC_TUNABLES="")  # No re-exec for the malloc settings: one process per case.
   if vocabulary == EMPTY_VOCAB:
     env["SPECIALIZE_VOCAB_PATH"] = str(cwd / "missing.model")
   elif vocabulary == SHARED_VOCAB:
     env["SPECIALIZE_VOCAB_PATH"] = str(shared_data.shared_file("tokenizer/t5_spiece.model"))
-  return subprocess.run([sys.executable, *program, *argv], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  if program is not None:  # A script standing in for the command (see _PATCHED_ALIGN).
+    return subprocess.run([sys.executable, "-c", program, *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+  return processes.run_specialize(argv, env, cwd, timeout)
 
 
 def _error_lines(done, command):
   return [line for line in done.stderr.splitlines() if line.startswith(f"specialize {command}: ")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, vocabulary, expected", CASES,
                          ids=[" ".join(c[0])[:70] + f" [{c[1]}]" for c in CASES])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, argv, vocabulary, expected):
@@ -119,7 +122,7 @@ def test_a_bug_inside_a_command_is_a_traceback_and_exit_1(tmp_path):
   not the user's mistake: it is never turned into the one-line message."""
   failure = "return np.zeros((3,)) + np.zeros((4,))"
   done = _run(_ALIGN_ARGV, tmp_path, tmp_path,
-              program=("-c", _PATCHED_ALIGN.format(failure=failure)))
+              program=_PATCHED_ALIGN.format(failure=failure))
   assert done.returncode == 1, done.stderr[-3000:]
   assert "Traceback" in done.stderr, done.stderr[-3000:]
   assert "ValueError: operands could not be broadcast together" in done.stderr, done.stderr[-3000:]
@@ -130,13 +133,14 @@ def test_a_user_error_raised_by_the_library_is_one_line_and_exit_2(tmp_path):
   """The same command and place, a `ConfigError` instead: one line, exit 2, no traceback."""
   failure = 'raise ConfigError("alignment mode x is unknown; use one of default, paper.")'
   done = _run(_ALIGN_ARGV, tmp_path, tmp_path,
-              program=("-c", _PATCHED_ALIGN.format(failure=failure)))
+              program=_PATCHED_ALIGN.format(failure=failure))
   assert done.returncode == 2, done.stderr[-3000:]
   assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
   assert _error_lines(done, "align") == [
       "specialize align: alignment mode x is unknown; use one of default, paper."]
 
 
+@pytest.mark.slow
 def test_tasks_needs_no_data(tmp_path):
   done = _run(["tasks", "--filter", "bbh_snarks"], tmp_path, tmp_path)
   assert (done.returncode, done.stdout.split()) == (0, ["bbh_snarks_ao", "bbh_snarks_cot"])
@@ -148,6 +152,7 @@ def tiny_demo(tmp_path_factory):
     yield directory
 
 
+@pytest.mark.slow
 def test_a_validated_gin_value_is_one_line_and_exit_2(tiny_demo, tmp_path):
   """The demo's cosine schedule warms up for 40 steps: 2 training steps cannot hold it."""
   done = _run(["train", "--gin_file=experiments/demo_cpu.gin", '--gin.MODEL_DIR="runs/x"',
@@ -160,6 +165,7 @@ def test_a_validated_gin_value_is_one_line_and_exit_2(tiny_demo, tmp_path):
   assert "First step" not in done.stderr  # Nothing was compiled or trained.
 
 
+@pytest.mark.slow
 def test_missing_training_data_fails_before_the_model_is_built(tmp_path):
   """No eval tasks, so only the trainer reads data: it builds its input pipeline first."""
   (tmp_path / "data").mkdir()

@@ -7,7 +7,7 @@ import pytest
 from specialize_jax.model import decoding
 from specialize_jax.model import models
 from specialize_jax.model import network
-from test_network import TINY, _batch, _forward, random_params
+from tests.test_network import TINY, _batch, _forward, random_params
 
 # A bigram "language model" over 6 ids (0 BOS, 1 EOS): row = previous token, column = next.
 # Greedy takes 2 (0.6) then 4 (0.25) then EOS (0.9): log-prob ln(.6 * .25 * .9) = -2.00.
@@ -229,6 +229,7 @@ def test_greedy_scores_equal_score_batch(model, params, batch, greedy):
   np.testing.assert_allclose(scored, scores, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_sampling_limits_equal_greedy_and_samples_differ(model, params, batch, greedy):
   seqs, _ = greedy
   kwargs = dict(decode_method='sample', num_decodes=3, return_all_decodes=True)
@@ -244,6 +245,7 @@ def test_sampling_limits_equal_greedy_and_samples_differ(model, params, batch, g
   assert np.all(np.diff(np.asarray(aux['scores']), axis=1) >= 0)
 
 
+@pytest.mark.slow
 def test_beam_search_on_the_model(model, params, batch, greedy):
   seqs, scores = greedy
   one, aux = model.predict_batch_with_aux(params, batch, decode_method='beam', num_decodes=1,
@@ -256,6 +258,7 @@ def test_beam_search_on_the_model(model, params, batch, greedy):
   assert np.all(np.asarray(aux['scores'])[:, -1] >= scores - 1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method, options', [
     ('greedy', {}), ('sample', dict(num_decodes=3, temperature=1.0)),
     ('beam', dict(num_decodes=3, alpha=0.6))])
@@ -274,6 +277,7 @@ def test_cache_phases_give_the_same_decodes_as_one_loop(params, method, options)
   assert np.any(np.asarray(decodes[1][0])[..., 16:] != 0)  # some rows reach the last phase
 
 
+@pytest.mark.slow
 def test_grow_self_attention_cache_pads_only_self_attention(params, batch):
   model = models.EncoderDecoderModel(TINY, eos_id=EOS)
   module = model.module

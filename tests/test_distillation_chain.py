@@ -10,8 +10,10 @@ from specialize_jax.data import metrics
 from specialize_jax.align import aligned_data
 from specialize_jax.teacher import teacher_data
 from specialize_jax.training import metric_writers
-import openai_server
-import shared_data
+from tests.support import openai_server
+from tests.support import shared_data
+
+pytestmark = pytest.mark.slow
 
 API_KEY = "sk-chain-test"
 QUESTIONS = 6

@@ -7,9 +7,9 @@ import pytest
 from specialize_jax.data import feature_converters
 from specialize_jax.model import distillation_loss
 from specialize_jax.model import models
-from test_losses import _logits as _model_logits
-from test_losses import _model_batch
-from test_network import TINY, random_params
+from tests.test_losses import _logits as _model_logits
+from tests.test_losses import _model_batch
+from tests.test_network import TINY, random_params
 
 PAD = feature_converters.TEACHER_PAD_LOGPROB
 K = 3
@@ -61,6 +61,7 @@ def _teacher_batch(seed=0):
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('renormalize', [False, True])
 @pytest.mark.parametrize('factor', [None, 'NUM_REAL_TARGET_TOKENS'])
 def test_kl_matches_numpy(params, renormalize, factor):
@@ -81,6 +82,7 @@ def test_kl_matches_numpy(params, renormalize, factor):
   assert float(metrics['cross_ent_loss']) > float(metrics['kl'])  # CE is reported, not trained
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('with_weights', [True, False])
 @pytest.mark.parametrize('rows', ['converter', 'one_hot_teacher'])
 def test_one_hot_teacher_is_cross_entropy(params, with_weights, rows):
@@ -115,6 +117,7 @@ def test_ce_weight_mixes_the_two(params):
   np.testing.assert_allclose(loss, want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_matches_finite_differences(params):
   batch = _teacher_batch(seed=1)
   model = models.EncoderDecoderModel(TINY, z_loss=0.0, loss_type='distribution',

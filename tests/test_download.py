@@ -17,8 +17,8 @@ import urllib.parse
 
 import pytest
 
-import shared_data
 from specialize_jax.data import download
+from tests.support import shared_data
 
 # Small backoff and timeout so the retry tests take milliseconds.
 FAST = dict(timeout_s=5, retries=2, retry_backoff_s=0.01)

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import seqio
 
-from shared_data import shared_data_dir
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import scoring
@@ -24,6 +23,7 @@ from specialize_jax.checkpoints import orbax_pytree
 from specialize_jax.model import config as config_lib
 from specialize_jax.model import models
 from specialize_jax.model import network
+from tests.support import shared_data
 
 TASK = 'multiarith_dev_zs_ao'  # numeric golds; inputs of the first 10 examples are <= 57 tokens
 NUM_EXAMPLES = 10
@@ -35,9 +35,7 @@ WRONG_ANSWER = 'The answer is -7777'
 
 @pytest.fixture(scope='module')
 def registry():
-  data = shared_data_dir()
-  os.environ['SPECIALIZE_DATA_DIR'] = str(data)
-  os.environ['SPECIALIZE_VOCAB_PATH'] = str(data / 'tokenizer' / 't5_spiece.model')
+  shared_data.point_tasks_here()
   import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import
   return seqio.TaskRegistry
 
@@ -186,6 +184,7 @@ def _reuse_compiled_model(monkeypatch, model):
   monkeypatch.setattr(models, 'EncoderDecoderModel', make)
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoints_sweeps_every_step_and_resumes(evaluator, params_pair, tmp_path,
                                                             monkeypatch):
   _reuse_compiled_model(monkeypatch, evaluator.model)
@@ -226,6 +225,7 @@ def test_evaluate_checkpoints_sweeps_every_step_and_resumes(evaluator, params_pa
     assert record[evaluator_lib.SETTINGS_KEY]['dtype'] == 'float32'
 
 
+@pytest.mark.slow
 def test_infer_matches_evaluator_decodes(evaluator, params_pair, tmp_path, monkeypatch):
   out = str(tmp_path / 'eval')
   evaluator.evaluate(params_pair[0], 0, out)

@@ -1,13 +1,13 @@
 """The four formats (golden file), seeded exemplar choice, and the length policy."""
 import pytest
 
-from golden_files import check_golden
 from specialize_jax.data import formats
 from specialize_jax.data import readers
 from specialize_jax.data import splits
 from specialize_jax.teacher import teacher_data
 from specialize_jax.teacher import teacher_sources
 from specialize_jax.data.records import MathExample
+from tests.support.golden_files import check_golden
 
 
 def _pool(n=10):

@@ -1,10 +1,11 @@
 """Parity with Hugging Face transformers (PyTorch, CPU) on tiny random T5s, and export back to HF.
 
-Cases cover both config.json conventions (NOTES.md): `flan_untied` has its own head (a new
-`lm_head.weight`, the published-FlanT5 situation) and is also read with the transformers-4.x
-config (`tie_word_embeddings: false`, no `scale_decoder_outputs`); `v11_shared_head` is what
-transformers 5.x writes for `tie_word_embeddings=False` (no head tensor, no output scaling);
-`original_t5` is tied, scaled and non-gated ReLU; `gated_silu` checks another activation.
+Cases cover both conventions of HF's config.json for the output head: `flan_untied` has its own
+head (a new `lm_head.weight`, the published-FlanT5 situation) and is also read with the
+transformers-4.x config (`tie_word_embeddings: false`, no `scale_decoder_outputs`);
+`v11_shared_head` is what transformers 5.x writes for `tie_word_embeddings=False` (no head tensor,
+no output scaling); `original_t5` is tied, scaled and non-gated ReLU; `gated_silu` checks another
+activation.
 Shapes are deliberately awkward: d_kv * heads != d_model, unequal encoder/decoder depth,
 8 buckets, max distance 20.
 """
@@ -21,7 +22,7 @@ from specialize_jax.checkpoints import loading
 from specialize_jax.checkpoints import param_tree
 from specialize_jax.checkpoints.pretrained import load_pretrained
 
-# Model-level tolerance (STYLE.md §6), float32.
+# The tolerance for a whole model's logits in float32.
 LOGITS_ATOL = 1e-4
 VOCAB = 96
 MAX_NEW_TOKENS = 12
@@ -113,6 +114,7 @@ def test_logits_match_transformers(case, hf_models, torch):
   assert max_diff < LOGITS_ATOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', ['flan_untied', 'original_t5'])
 def test_greedy_matches_generate(case, hf_models, torch):
   model, directory = hf_models[case]

@@ -7,7 +7,7 @@ import pytest
 
 from specialize_jax.model import losses
 from specialize_jax.model import models
-from test_network import TINY, random_params, _forward
+from tests.test_network import TINY, random_params, _forward
 
 ATOL = 1e-5
 

@@ -11,12 +11,12 @@ import sys
 import pytest
 import sentencepiece
 
-import shared_data
 from specialize_jax.data import answers
 from specialize_jax.data import formats
 from specialize_jax.align import aligned_data
 from specialize_jax.teacher import teacher_data
 from specialize_jax.teacher import teacher_sources
+from tests.support import shared_data
 
 TOOL = shared_data.REPO_ROOT / "tools" / "make_paper_scale_teacher.py"
 NUM_QUESTIONS = 12

@@ -9,13 +9,10 @@ step end to end and `tools/plan_experiments.py` compiles them all for the README
 import glob
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import pytest
 
-import demo_data
 from specialize_jax.errors import ConfigError
 from specialize_jax.jobs import plan_config
 from specialize_jax.training import input_pipeline
@@ -24,6 +21,8 @@ from specialize_jax.planning import topologies
 from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
 from specialize_jax.training import train_state
+from tests.support import demo_data
+from tests.support import processes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(os.path.relpath(p, os.path.join(REPO_ROOT, 'gin'))
@@ -62,6 +61,7 @@ def _request(gin_files, overrides, topology='8xH100'):
   return plan_config.plan_request(gin_files, overrides, [], topologies.topology(topology))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('experiment', EXPERIMENTS)
 def test_every_flan_t5_experiment_fits_the_topology_its_header_names(experiment):
   with open(os.path.join(REPO_ROOT, 'gin', experiment), encoding='utf-8') as f:
@@ -90,6 +90,7 @@ def _bytes_on(device, tree):
              for shard in leaf.addressable_shards if shard.device == device)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('partitioning_gin', ['partitioning/data_model.gin',
                                               'partitioning/fsdp.gin'])
 def test_state_bytes_per_device_are_what_the_trainer_holds(partitioning_gin):
@@ -124,6 +125,7 @@ def test_state_bytes_per_device_are_what_the_trainer_holds(partitioning_gin):
   assert 'verdict: fits:' in memory_plan.format_plan(result)
 
 
+@pytest.mark.slow
 def test_batch_spec_is_what_the_input_pipeline_yields(tmp_path_factory):
   request = _request(DEMO, DEMO_OVERRIDES)
   with demo_data.tiny_demo_data(tmp_path_factory, num_train=64, num_eval=8):
@@ -132,6 +134,7 @@ def test_batch_spec_is_what_the_input_pipeline_yields(tmp_path_factory):
   assert spec == {name: (value.shape, value.dtype) for name, value in batch.items()}
 
 
+@pytest.mark.slow
 def test_an_indivisible_batch_cannot_run_and_the_fix_splits_it():
   # 16 rows in 8 micro-batches of 2 rows over 4 data shards.
   request = _request(DEMO + ['partitioning/data_model.gin'],
@@ -149,10 +152,9 @@ def test_an_indivisible_batch_cannot_run_and_the_fix_splits_it():
 
 
 def _plan_cli(args, timeout=600):
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)  # The command sets its own device count.
-  return subprocess.run([sys.executable, '-m', 'specialize_jax.cli', 'plan', *args],
-                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  # Without XLA_FLAGS: the command sets its own device count.
+  return processes.run_specialize(['plan', *args], processes.environment(JAX_PLATFORMS='cpu'),
+                                  timeout=timeout)
 
 
 def _row(output, name):
@@ -161,6 +163,7 @@ def _row(output, name):
   return float(match.group(1))
 
 
+@pytest.mark.slow
 def test_xxl_on_two_model_partitions_overflows_and_the_plan_names_the_fix():
   """The shipped XXL experiment as it was (data_model.gin, 2 partitions) on its topology."""
   result = _plan_cli(['--gin_file', 'gin/experiments/flan_t5_xxl_gsm8k.gin',
@@ -177,6 +180,7 @@ def test_xxl_on_two_model_partitions_overflows_and_the_plan_names_the_fix():
                    r'gin/partitioning/fsdp\.gin with --gin\.NUM_PARTITIONS=4$', out, re.MULTILINE)
 
 
+@pytest.mark.slow
 def test_plan_compiles_a_flan_t5_step_on_the_topology_the_header_names():
   """FlanT5-small as shipped: no --topology (the header's), compiled on 4 fake devices."""
   result = _plan_cli(['--gin_file', 'gin/experiments/flan_t5_small_gsm8k.gin'])

@@ -5,18 +5,15 @@ import re
 
 import pytest
 
-import shared_data
 from specialize_jax.data import metrics
+from tests.support import shared_data
 
 SOLUTION_MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
-IS_CORRECT_PERCENT = {"6b_finetuning": 21.68, "6b_verification": 39.04,
-                      "175b_finetuning": 34.72, "175b_verification": 56.25}
+IS_CORRECT_PERCENT = shared_data.GSM8K_SOLUTION_IS_CORRECT_PERCENT
 BBH_TASK_COUNT = 27
 
 
-def _read_jsonl(relative_path):
-  with open(shared_data.shared_file(relative_path), encoding="utf-8") as f:
-    return [json.loads(line) for line in f]
+_read_jsonl = shared_data.read_jsonl
 
 
 @pytest.fixture(scope="module")

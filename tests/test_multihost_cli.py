@@ -34,20 +34,20 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-import demo_data
 from specialize_jax.checkpoints import directories
 from specialize_jax.checkpoints import loading
 from specialize_jax.checkpoints import param_tree
 from specialize_jax.checkpoints import t5x_legacy
 from specialize_jax.training import partitioning
+from tests.support import demo_data
+from tests.support import processes
+from tests.support import tiny_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_STEPS = 24
@@ -57,9 +57,7 @@ OVERRIDES = {
     'TRAIN_STEPS': TRAIN_STEPS, 'BATCH_SIZE': 8, 'LOG_PERIOD': 1,
     'CHECKPOINT_PERIOD': CHECKPOINT_PERIOD, 'KEEP_LAST_CHECKPOINTS': 2, 'EVAL_PERIOD': 0,
     'LEARNING_RATE': 3e-3, 'LR_SCHEDULE': "'constant'", 'WARMUP_STEPS': 2,
-    'model_config.T5Config.emb_dim': 32, 'model_config.T5Config.num_heads': 2,
-    'model_config.T5Config.head_dim': 16, 'model_config.T5Config.num_encoder_layers': 1,
-    'model_config.T5Config.num_decoder_layers': 1, 'model_config.T5Config.mlp_dim': 64,
+    **tiny_model.gin_bindings(),
     # Unpacked: packing each shard's examples on its own would change the rows (see the docstring).
     'USE_PACKING': False,
 }
@@ -77,14 +75,11 @@ EVAL_FEATURE_LENGTHS = {'inputs': 256, 'targets': 80}  # the demo's
 def env(tmp_path_factory):
   """The subprocesses' environment: the tiny demo data, one compilation cache for all runs."""
   with demo_data.tiny_demo_data(tmp_path_factory) as directory:
-    environ = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    environ.update(SPECIALIZE_DATA_DIR=str(directory.parent), JAX_PLATFORMS='cpu',
-                   PYTHONPATH=os.pathsep.join([REPO_ROOT] + [
-                       p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]),
-                   JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-    yield environ
+    yield processes.environment(
+        SPECIALIZE_DATA_DIR=str(directory.parent), JAX_PLATFORMS='cpu',
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 
 @pytest.mark.parametrize('command', [
@@ -161,12 +156,6 @@ def test_without_the_preemption_service_processes_sync_every_few_steps_only(monk
   assert len(calls) == 3 and stops == [30]  # Steps 10, 20, 30; process 1's notice at the third.
 
 
-def _free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 class Run:
   """The processes of one `specialize` command (by default `train` into `model_dir`), each
   logging to its file."""
@@ -178,13 +167,13 @@ class Run:
     self.model_dir = str(model_dir)
     self.logs = []
     self.processes = []
-    address = f'127.0.0.1:{_free_port()}'
+    address = f'127.0.0.1:{processes.free_port()}'
     if args is None:
       args = ['train', '--gin_file=experiments/demo_cpu.gin',
               f"--gin.MODEL_DIR='{self.model_dir}'"] + [
                   f'--gin.{name}={value}' for name, value in {**OVERRIDES,
                                                               **(overrides or {})}.items()]
-    argv = [sys.executable, '-m', 'specialize_jax.cli'] + args
+    argv = processes.specialize_argv(*args)
     environ = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
     if interleaved:
       environ[partitioning.DEVICE_ORDER_ENV] = 'interleaved'
@@ -266,6 +255,7 @@ def uninterrupted(env, tmp_path_factory):
   return one, two
 
 
+@pytest.mark.slow
 def test_two_processes_through_the_command_equal_one_process(uninterrupted):
   one, two = uninterrupted
   for process_id in range(2):
@@ -311,6 +301,7 @@ def _eval_files(steps):
                 for kind, ext in (('metrics', 'json'), ('predictions', 'jsonl')))
 
 
+@pytest.mark.slow
 def test_in_loop_evaluation_of_two_processes_equals_one_process(uninterrupted):
   one, two = uninterrupted
   expected = _eval_outputs(os.path.join(one.model_dir, 'eval'))
@@ -398,6 +389,7 @@ def _only_process_zero_listed(run):
   assert 'Process 1 follows process 0' in run.text(1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('command', ['eval', 'sweep'])
 def test_two_processes_evaluate_every_committed_checkpoint_as_one_process_does(
     evaluated, uninterrupted, command):
@@ -421,6 +413,7 @@ def test_two_processes_evaluate_every_committed_checkpoint_as_one_process_does(
     assert '{"report"' not in two.text(1)  # process 0 alone writes the report
 
 
+@pytest.mark.slow
 def test_two_processes_infer_from_a_run_directory_as_one_process_does(evaluated):
   """A run directory is its latest committed step (24, not the half-written 28), as process 0
   resolves it."""
@@ -513,6 +506,7 @@ def interleaved_runs(env, tmp_path_factory):
   return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_partitions', [1, 2])
 def test_four_processes_in_a_tpu_like_interleaved_order_equal_one_process(
     one_process_reference, interleaved_runs, num_partitions):
@@ -525,6 +519,7 @@ def test_four_processes_in_a_tpu_like_interleaved_order_equal_one_process(
     assert _eval_outputs(os.path.join(four.model_dir, 'eval')) == expected
 
 
+@pytest.mark.slow
 def test_interleaved_processes_killed_after_a_checkpoint_resume_bit_identical(
     env, interleaved_runs, tmp_path):
   """The whole interleaved job SIGKILLed once step 2 is committed (a slice's preemption), then
@@ -554,6 +549,7 @@ def _preempted_step(text: str) -> int:
   return int(steps[0])
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes(
     env, uninterrupted, tmp_path):
   """SIGTERM to process 1 only: both processes save one step, print it and exit 0; the same
@@ -581,6 +577,7 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes(
   assert all(r['loss'] == losses[r['step']] for r in _records(run.model_dir))
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_the_same_command_ends_identical(env, uninterrupted, tmp_path):
   """One process killed mid-save (an orbax temporary step directory exists), then at a random
   moment, then run to the end: params and every logged loss equal the uninterrupted run's."""
@@ -620,6 +617,7 @@ FETCHED = re.compile(r'INITIAL_CHECKPOINT_PATH: fetched ([0-9.]+) MB from storag
                      r"process's shards \(([0-9.]+) MB of the ([0-9.]+) MB of parameters\)")
 
 
+@pytest.mark.slow
 def test_four_processes_read_only_their_shards_of_the_start_checkpoint(
     env, one_process_reference, tmp_path):
   """INITIAL_CHECKPOINT_PATH in T5X's legacy layout (zarr, small chunks; the trained parameters

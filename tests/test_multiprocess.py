@@ -1,9 +1,9 @@
 """Multi-process training: two processes on loopback equal one process with the same devices.
 
 Terms:
-  2-process run: two `tests/multiprocess_worker.py` processes, each with 2 fake CPU devices, joined
-    by `jax.distributed` (CPU collectives over gloo) into one 4-device mesh; each process reads its
-    rows of every global batch (`input_pipeline`'s docstring).
+  2-process run: two `tests/support/multiprocess_worker.py` processes, each with 2 fake CPU
+    devices, joined by `jax.distributed` (CPU collectives over gloo) into one 4-device mesh; each
+    process reads its rows of every global batch (`input_pipeline`'s docstring).
   reference run: the same training in this (single) process, on a mesh of 4 of its fake devices,
     run while the pair runs.
 
@@ -13,26 +13,23 @@ in-process test below checks that construction directly.
 """
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-import demo_data
 
-import multiprocess_worker
 from specialize_jax.checkpoints import loading
 from specialize_jax.checkpoints import param_tree
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import metric_writers
 from specialize_jax.training import partitioning
+from tests.support import demo_data
+from tests.support import multiprocess_worker
+from tests.support import processes
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(REPO_ROOT, 'tests', 'multiprocess_worker.py')
 TIMEOUT_S = 600  # A hang's limit; on a loaded 2-core machine a run can take minutes.
 
 
@@ -43,6 +40,7 @@ def demo_dir(tmp_path_factory):
     yield directory
 
 
+@pytest.mark.slow
 def test_processes_read_their_rows_of_the_same_global_batches(demo_dir):
   """Shuffled, the two processes' rows of batch k put together are batch k of one process
   (`shard_by_process=False`); with SeqIO shards (the default) they read disjoint examples."""
@@ -74,19 +72,14 @@ def test_processes_read_their_rows_of_the_same_global_batches(demo_dir):
     input_pipeline.TrainIterator(config, shards=[(0, 3)])
 
 
-def _free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _launch(demo_dir, model_dir, output, log, process_id, address):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['SPECIALIZE_DATA_DIR'] = str(demo_dir.parent)
-  argv = [sys.executable, WORKER, f'--demo_dir={demo_dir}', f'--model_dir={model_dir}',
-          f'--output={output}', '--num_devices=2', '--num_processes=2',
-          f'--process_id={process_id}', f'--coordinator_address={address}']
-  return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+  env = processes.environment(SPECIALIZE_DATA_DIR=str(demo_dir.parent))
+  argv = processes.module_argv(
+      'tests.support.multiprocess_worker', f'--demo_dir={demo_dir}', f'--model_dir={model_dir}',
+      f'--output={output}', '--num_devices=2', '--num_processes=2', f'--process_id={process_id}',
+      f'--coordinator_address={address}')
+  return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                          cwd=processes.REPO_ROOT)
 
 
 def _wait_all(jobs, deadline):
@@ -115,9 +108,10 @@ def _final_params(model_dir):
   return param_tree.flatten_params(params)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(demo_dir, tmp_path, monkeypatch):
   """Per-step losses and gradient norms within 1e-5 (relative), final params within 1e-5."""
-  address = f'127.0.0.1:{_free_port()}'
+  address = f'127.0.0.1:{processes.free_port()}'
   two = tmp_path / 'two_processes'
   jobs, logs = [], []
   deadline = time.monotonic() + TIMEOUT_S

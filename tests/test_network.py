@@ -9,28 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golden_files import check_golden
 from specialize_jax.model import config as config_lib
 from specialize_jax.model import network
+from tests.support import tiny_model
+from tests.support.golden_files import check_golden
 
 GOLDEN = 't5_tiny_param_axes.txt'
 TINY = config_lib.get_config('tiny', vocab_size=64, dropout_rate=0.0)
 ATOL = 1e-5
 
 
-def random_params(cfg, seed=0):
-  """Random parameters in T5X's tree, drawn in numpy from `network.param_shapes`.
-
-  Compiling the real initializer costs seconds; these have the same tree and a similar scale.
-  """
-  rng = np.random.default_rng(seed)
-
-  def draw(leaf):
-    if leaf.ndim == 1:  # norm scales
-      return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), jnp.float32)
-    return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0]), jnp.float32)
-
-  return jax.tree_util.tree_map(draw, network.param_shapes(cfg))
+random_params = tiny_model.random_params
 
 
 @pytest.fixture(scope='module')
@@ -171,6 +160,7 @@ def test_bucket_sums_on_each_backends_path(backend):
   np.testing.assert_allclose(np.asarray(got), expected.T, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_real_logits(params):
   """Extra encoder and target padding leave the logits of real target positions unchanged."""
   batch = _batch(jax.random.key(2), 4, 8, 6)

@@ -16,7 +16,7 @@ from specialize_jax.runtime import distributed
 from specialize_jax.training import partitioning
 from specialize_jax.training import train_state as train_state_lib
 from specialize_jax.training import train_step as train_step_lib
-from test_train_step import TINY, make_batch, make_mesh, random_params
+from tests.test_train_step import TINY, make_batch, make_mesh, random_params
 
 STANDARD = partitioning.STANDARD_LOGICAL_AXIS_RULES
 OPTIMIZER = optimizers.make_optimizer(optimizers.OptimizerConfig(), num_train_steps=10)

@@ -75,6 +75,7 @@ def test_the_set_holds_what_was_decided_at_prepare_time(toy_set):
   assert not os.path.exists(f"{toy_set.directory}.partial")
 
 
+@pytest.mark.slow
 def test_one_epoch_visits_every_sample_once_in_a_seeded_spread_order(toy_set):
   epoch = NUM_QUESTIONS * SAMPLES
   stream = _stream(toy_set.directory, ["zs_cot"], epoch + 64, seed=0)
@@ -135,6 +136,7 @@ def test_a_stream_starts_at_any_position(toy_set):
       _stream(toy_set.directory, ["zs_cot"], 1, split=bad)
 
 
+@pytest.mark.slow
 def test_a_resumed_train_iterator_starts_at_its_batch_without_rereading(toy_set, vocab_path):
   from specialize_jax.tasks import distillation  # pylint: disable=g-import-not-at-top
   distillation.register_prepared_task("toy_prepared", lambda: toy_set.directory,

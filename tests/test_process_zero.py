@@ -1,25 +1,21 @@
 """`process_zero.decided_by_process_zero`: every process follows process 0's decision.
 
 Single process: the decision is made once, with no collective. Two processes (two
-`tests/process_zero_worker.py` processes on loopback, gloo collectives), each listing its own run
-directory: process 0 has a committed `checkpoint_2` only, process 1 also `checkpoint_4` and
+`tests/support/process_zero_worker.py` processes on loopback, gloo collectives), each listing its
+own run directory: process 0 has a committed `checkpoint_2` only, process 1 also `checkpoint_4` and
 `checkpoint_6` (as if it listed after two more saves), yet both get process 0's listing; an error
 on process 0 is raised on both; a large non-ASCII decision arrives whole.
 """
 import json
-import os
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
 from specialize_jax.errors import ConfigError
 from specialize_jax.evaluation import process_zero
+from tests.support import processes
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(REPO_ROOT, 'tests', 'process_zero_worker.py')
 TIMEOUT_S = 300  # A hang's limit.
 
 
@@ -37,15 +33,10 @@ def test_one_process_decides_once_without_collectives(monkeypatch):
                                          'a value')
 
 
-def _free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_two_processes_with_different_listings_follow_process_zero(tmp_path):
   steps_seen = {0: (2,), 1: (2, 4, 6)}
-  address = f'127.0.0.1:{_free_port()}'
+  address = f'127.0.0.1:{processes.free_port()}'
   jobs = []
   try:
     for process_id, steps in steps_seen.items():
@@ -53,12 +44,13 @@ def test_two_processes_with_different_listings_follow_process_zero(tmp_path):
       for step in steps:
         (run_dir / f'checkpoint_{step}').mkdir(parents=True)
       log = open(tmp_path / f'process_{process_id}.log', 'w', encoding='utf-8')
-      env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
       jobs.append((subprocess.Popen(
-          [sys.executable, WORKER, f'--run_dir={run_dir}',
-           f'--output={tmp_path / f"process_{process_id}.json"}', '--num_processes=2',
-           f'--process_id={process_id}', f'--coordinator_address={address}'],
-          stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT), log))
+          processes.module_argv(
+              'tests.support.process_zero_worker', f'--run_dir={run_dir}',
+              f'--output={tmp_path / f"process_{process_id}.json"}', '--num_processes=2',
+              f'--process_id={process_id}', f'--coordinator_address={address}'),
+          stdout=log, stderr=subprocess.STDOUT, env=processes.environment(),
+          cwd=processes.REPO_ROOT), log))
     deadline = time.monotonic() + TIMEOUT_S
     for process_id, (process, log) in enumerate(jobs):
       try:

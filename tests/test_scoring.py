@@ -1,32 +1,26 @@
 """`specialize score`: real GPT-3 GSM8K solutions scored through the registered task, bad files."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import seqio
 
-from shared_data import shared_data_dir
 from specialize_jax.evaluation import scoring
+from tests.support import processes
+from tests.support import shared_data
 
-# is_correct rates of the four GPT-3 models in example_model_solutions.jsonl (SOURCES.md §1).
-GPT3_ACCURACY = {"6b_finetuning": 21.68, "6b_verification": 39.04, "175b_finetuning": 34.72,
-                 "175b_verification": 56.25}
+GPT3_ACCURACY = shared_data.GSM8K_SOLUTION_IS_CORRECT_PERCENT
 
 
 @pytest.fixture(scope="module")
 def gsm8k_task():
-  data = shared_data_dir()
-  os.environ["SPECIALIZE_DATA_DIR"] = str(data)
-  os.environ["SPECIALIZE_VOCAB_PATH"] = str(data / "tokenizer" / "t5_spiece.model")
+  shared_data.point_tasks_here()
   import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import
   return seqio.get_mixture_or_task("gsm8k_test_zs_cot")
 
 
 @pytest.mark.parametrize("model", sorted(GPT3_ACCURACY))
 def test_gpt3_solutions_reproduce_labels(gsm8k_task, model):
-  path = shared_data_dir() / "gsm8k" / "example_model_solutions.jsonl"
+  path = shared_data.shared_data_dir() / "gsm8k" / "example_model_solutions.jsonl"
   result = scoring.score(gsm8k_task, str(path), prediction_field=f"{model}.solution")
   assert result.n == 1319 and result.unparsable == 0
   assert result.accuracy == pytest.approx(GPT3_ACCURACY[model], abs=0.005)
@@ -61,20 +55,19 @@ def test_malformed_predictions_name_file_and_line(gsm8k_task, tmp_path, content,
     scoring.score(gsm8k_task, str(path))
 
 
+@pytest.mark.slow
 def test_cli_prints_one_json_object(tmp_path):
-  data = shared_data_dir()
-  env = {**os.environ, "SPECIALIZE_DATA_DIR": str(data),
-         "SPECIALIZE_VOCAB_PATH": str(data / "tokenizer" / "t5_spiece.model")}
+  data = shared_data.shared_data_dir()
+  env = processes.environment(drop=(), SPECIALIZE_DATA_DIR=str(data),
+                              SPECIALIZE_VOCAB_PATH=str(data / "tokenizer" / "t5_spiece.model"))
   predictions = tmp_path / "p.jsonl"
   predictions.write_text("".join(json.dumps({"prediction": f"The answer is {i}"}) + "\n"
                                  for i in range(400)))
-  cmd = [sys.executable, "-m", "specialize_jax.cli", "score", "--task", "multiarith_test_zs_cot",
-         "--predictions", str(predictions)]
-  done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+  args = ["score", "--task", "multiarith_test_zs_cot", "--predictions", str(predictions)]
+  done = processes.run_specialize(args, env, check=True)
   result = json.loads(done.stdout.strip().splitlines()[-1])
   assert result["task"] == "multiarith_test_zs_cot" and result["n"] == 400
   assert 0 <= result["accuracy"] < 5 and result["unparsable"] == 0
-  bad = subprocess.run(cmd[:-1] + [str(tmp_path / "missing.jsonl")], env=env, capture_output=True,
-                       text=True)
+  bad = processes.run_specialize(args[:-1] + [str(tmp_path / "missing.jsonl")], env)
   assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
   # A misspelled task's suggestion: tests/test_cli_errors.py (`score --task gsm8k_test_zz_cot`).

@@ -3,42 +3,34 @@ devices gives the predictions of a one-device run, and the restored parameters a
 device holds 1/4 of every model-sharded parameter)."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-import demo_data
 from specialize_jax.evaluation import inference
 from specialize_jax.training import partitioning
+from tests.support import demo_data
+from tests.support import processes
+from tests.support import tiny_model
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT_S = 600
+pytestmark = pytest.mark.slow
+
+# The tiny demo model with 4 heads of 8, which a model axis of 4 divides.
 TINY = {
     'TRAIN_STEPS': 2, 'BATCH_SIZE': 8, 'LOG_PERIOD': 1, 'CHECKPOINT_PERIOD': 2, 'EVAL_PERIOD': 0,
     'WARMUP_STEPS': 1, 'LR_SCHEDULE': "'constant'", 'USE_PACKING': False, 'TENSORBOARD': False,
-    'model_config.T5Config.emb_dim': 32, 'model_config.T5Config.num_heads': 4,
-    'model_config.T5Config.head_dim': 8, 'model_config.T5Config.num_encoder_layers': 1,
-    'model_config.T5Config.num_decoder_layers': 1, 'model_config.T5Config.mlp_dim': 64,
+    **tiny_model.gin_bindings(num_heads=4, head_dim=8),
 }
 
 
 def _env(devices: int, data_dir) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(SPECIALIZE_DATA_DIR=str(data_dir), JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             PYTHONPATH=os.pathsep.join([REPO_ROOT] + [
-                 p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
-  return env
+  return processes.environment(SPECIALIZE_DATA_DIR=str(data_dir), JAX_PLATFORMS='cpu',
+                               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
 
 
 def _specialize(args, env):
-  result = subprocess.run([sys.executable, '-m', 'specialize_jax.cli', *args], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-  assert result.returncode == 0, f'specialize {args[0]} failed:\n{result.stderr[-4000:]}'
-  return result.stdout
+  return processes.run_specialize(args, env, check=True).stdout
 
 
 @pytest.fixture(scope='module')

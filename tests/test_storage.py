@@ -1,7 +1,7 @@
 """The path layer (`specialize_jax.data.storage`): local paths and `gs://` alike.
 
 `gs://` is a real HTTP server on loopback: PyPI's `gcp-storage-emulator`, started by the fixture
-(tests/gcs_emulator.py, which adds the generation header real GCS sends).
+(tests/support/gcs_emulator.py, which adds the generation header real GCS sends).
 The project's files reach it through etils epath's fsspec backend (`EPATH_USE_TF=false`, gcsfs
 honours `STORAGE_EMULATOR_HOST`) and orbax's arrays through tensorstore
 (`TENSORSTORE_GCS_HTTP_URL`). What cannot be pointed at an emulator: TensorFlow's own GCS client
@@ -22,24 +22,24 @@ import pathlib
 import re
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import seqio
 
-import demo_data
 from specialize_jax.data import storage
 from specialize_jax.prepared import prepare
 from specialize_jax.prepared import prepared_data
 from specialize_jax.demo import synthetic
 from specialize_jax.teacher import teacher_data
 from specialize_jax.training import metric_writers
+from tests.support import demo_data
+from tests.support import processes
+from tests.support import tiny_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = 'bucket'
-TIMEOUT_S = 600
 
 # Calls that treat their argument as a local file. Every path a user gives goes through `storage`
 # (or epath); a line that works on a path the code itself made locally (a temp file, a staging
@@ -120,12 +120,6 @@ def test_paths_keep_their_scheme():
 # The emulator
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @dataclasses.dataclass(frozen=True)
 class Emulator:
   environ: dict  # The variables that point every client at it.
@@ -141,14 +135,14 @@ class Emulator:
 @pytest.fixture(scope='module')
 def gcs(tmp_path_factory):
   """The emulator (its variables are also set in this process while the module runs)."""
-  port = _free_port()
+  port = processes.free_port()
   directory = tmp_path_factory.mktemp('gcs')
   log, writes_log = directory / 'emulator.log', directory / 'writes.tsv'
   writes_log.touch()
   with open(log, 'wb') as out:
     server = subprocess.Popen(
-        [sys.executable, os.path.join(REPO_ROOT, 'tests', 'gcs_emulator.py'), str(port), BUCKET,
-         str(writes_log)], stdout=out, stderr=subprocess.STDOUT)
+        processes.module_argv('tests.support.gcs_emulator', str(port), BUCKET, str(writes_log)),
+        stdout=out, stderr=subprocess.STDOUT, env=processes.environment(), cwd=REPO_ROOT)
   url = f'http://127.0.0.1:{port}'
   environ = {'EPATH_USE_TF': 'false', 'STORAGE_EMULATOR_HOST': url,
              'TENSORSTORE_GCS_HTTP_URL': url, 'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test',
@@ -182,6 +176,7 @@ def gcs(tmp_path_factory):
     server.wait()
 
 
+@pytest.mark.slow
 def test_atomic_write_to_a_bucket_is_all_or_nothing(gcs):
   path = f'gs://{BUCKET}/unit/out.jsonl'
   with pytest.raises(RuntimeError):
@@ -204,6 +199,7 @@ def _steps(model_dir):
   return [r['step'] for r in metric_writers.read_metrics(model_dir)]
 
 
+@pytest.mark.slow
 def test_a_bucket_log_uploads_each_byte_once(gcs):
   """metrics.jsonl on a bucket: the bytes stored grow linearly with the steps logged, even with an
   upload after every record (flush_secs=0). Rewriting the object at every record (as before)
@@ -226,6 +222,7 @@ def test_a_bucket_log_uploads_each_byte_once(gcs):
   assert twice < (2 * n + 1) / 2 / 1.5 * once  # Far below what rewriting stored: (2n+1)/2 times.
 
 
+@pytest.mark.slow
 def test_a_bucket_log_loses_only_its_unflushed_tail_and_resumes(gcs):
   run = f'gs://{BUCKET}/crash/run'
   writer = metric_writers.MetricWriter(run, enable_tensorboard=False)  # flush_secs 60
@@ -278,6 +275,7 @@ def bucket_set(gcs, demo):
                          sources={'teacher': 'demo'}).directory
 
 
+@pytest.mark.slow
 def test_a_prepared_set_in_a_bucket_reads_as_the_local_one(bucket_set, demo):
   """One data shard's rows from a resumed position, read by array_record from the bucket, equal
   those read from the local copy of the same set."""
@@ -298,18 +296,12 @@ TINY = {
     'BATCH_SIZE': 8, 'LOG_PERIOD': 2, 'CHECKPOINT_PERIOD': 3, 'KEEP_LAST_CHECKPOINTS': 3,
     'EVAL_PERIOD': 3, 'EVAL_MAX_EXAMPLES': 8, 'EVAL_BATCH_SIZE': 8, 'EVAL_MAX_DECODE_LENGTH': 8,
     'EVAL_TASKS': "('demo_id_cot',)", 'TENSORBOARD': False, 'WARMUP_STEPS': 1,
-    'LR_SCHEDULE': "'constant'", 'USE_PACKING': False,
-    'model_config.T5Config.emb_dim': 32, 'model_config.T5Config.num_heads': 2,
-    'model_config.T5Config.head_dim': 16, 'model_config.T5Config.num_encoder_layers': 1,
-    'model_config.T5Config.num_decoder_layers': 1, 'model_config.T5Config.mlp_dim': 64,
+    'LR_SCHEDULE': "'constant'", 'USE_PACKING': False, **tiny_model.gin_bindings(),
 }
 
 
 def _specialize(args, env, cwd):
-  result = subprocess.run([sys.executable, '-m', 'specialize_jax.cli', *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
-  assert result.returncode == 0, f'specialize {args[0]} failed:\n{result.stderr[-4000:]}'
-  return result.stdout
+  return processes.run_specialize(args, env, cwd, check=True).stdout
 
 
 def _local_files(directory):
@@ -317,6 +309,7 @@ def _local_files(directory):
                 for d, _, names in os.walk(directory) for n in names)
 
 
+@pytest.mark.slow
 def test_a_run_lives_in_a_bucket(gcs, demo, bucket_set, tmp_path_factory):
   """train (from the prepared set in the bucket) -> resume -> eval -> sweep (report, BEST) ->
   convert --to hf, every path gs://.
@@ -326,12 +319,9 @@ def test_a_run_lives_in_a_bucket(gcs, demo, bucket_set, tmp_path_factory):
   hence a 512-entry embedding)."""
   run = f'gs://{BUCKET}/runs/tiny'
   cwd = tmp_path_factory.mktemp('cwd')
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(gcs.environ, SPECIALIZE_DATA_DIR=str(demo.parent), JAX_PLATFORMS='cpu',
-             SPECIALIZE_PREPARED_DATA=bucket_set,
-             SPECIALIZE_VOCAB_PATH=str(demo / synthetic.VOCAB_FILE),
-             PYTHONPATH=os.pathsep.join([REPO_ROOT] + [
-                 p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+  env = processes.environment(**gcs.environ, SPECIALIZE_DATA_DIR=str(demo.parent),
+                              JAX_PLATFORMS='cpu', SPECIALIZE_PREPARED_DATA=bucket_set,
+                              SPECIALIZE_VOCAB_PATH=str(demo / synthetic.VOCAB_FILE))
   gin = lambda steps: ['--gin_file=experiments/demo_cpu.gin', f"--gin.MODEL_DIR='{run}'",
                        f'--gin.TRAIN_STEPS={steps}',
                        "--gin.MIXTURE_OR_TASK_NAME='gsm8k_distill_zs_cot'",

@@ -11,21 +11,22 @@ import os
 
 import pytest
 
-import demo_data
 from specialize_jax import cli
 from specialize_jax.checkpoints import directories
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import sweep as sweep_lib
 from specialize_jax.model import models
-from specialize_jax.model.config import T5Config
 from specialize_jax.training import checkpoint_manager
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import optimizers
 from specialize_jax.training import trainer
+from tests.support import demo_data
+from tests.support import tiny_model
 
-TINY = T5Config(vocab_size=384, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=1,
-                num_decoder_layers=1, mlp_dim=64, dropout_rate=0.0)
+pytestmark = pytest.mark.slow
+
+TINY = tiny_model.config()
 STEPS = (2, 4, 6)
 TASKS = ('demo_id_cot', 'demo_ood_cot')
 CONFIG = evaluator_lib.EvalConfig(task_names=TASKS, feature_lengths={'inputs': 256, 'targets': 80},

@@ -161,6 +161,7 @@ def test_generate_problems_refuses_bad_arguments():
 # The demo directory.
 
 
+@pytest.mark.slow
 def test_files_are_valid_teacher_data(demo_dir, splits):
   for split, problems in splits.items():
     path = demo_dir / synthetic.SPLIT_FILES[split]
@@ -177,6 +178,7 @@ def test_files_are_valid_teacher_data(demo_dir, splits):
     assert synthetic.read_problems(path) == problems
 
 
+@pytest.mark.slow
 def test_reuse_and_regeneration(demo_dir, tmp_path):
   paths = synthetic.demo_paths(demo_dir)
   before = {k: p.stat().st_mtime_ns for k, p in paths.items()}
@@ -199,6 +201,7 @@ def test_reuse_and_regeneration(demo_dir, tmp_path):
   assert not list(copy.glob(".*.tmp"))  # No temp files left behind.
 
 
+@pytest.mark.slow
 def test_vocabulary(demo_dir, splits):
   path = demo_dir / synthetic.VOCAB_FILE
   start = time.perf_counter()
@@ -272,6 +275,7 @@ def demo_tasks(demo_dir):
   demo.register_demo_tasks()  # Back to the default directory for later tests.
 
 
+@pytest.mark.slow
 def test_tasks_iterate_and_decode(demo_tasks, splits):
   demo, names = demo_tasks
   assert sorted(names) == sorted(
@@ -310,6 +314,7 @@ def test_tasks_iterate_and_decode(demo_tasks, splits):
                                           for e in examples])["accuracy"] == 100.0
 
 
+@pytest.mark.slow
 def test_eval_task_holds_the_whole_split(demo_tasks, splits):
   task = seqio.get_mixture_or_task("demo_long_cot")
   examples = list(task.source.get_dataset("test", shuffle=False).as_numpy_iterator())

@@ -24,6 +24,8 @@ from specialize_jax import cli
 from specialize_jax.checkpoints import loading
 from specialize_jax.checkpoints import orbax_pytree
 from specialize_jax.checkpoints import param_tree
+from tests.support import prepared_sets
+from tests.support import tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GIN_DIR = ROOT / "gin"
@@ -167,8 +169,8 @@ def test_importing_the_package_never_imports_t5x():
 
 def test_convert_to_t5x_writes_the_legacy_layout_at_the_named_step(tmp_path):
   from flax import serialization  # pylint: disable=g-import-not-at-top
-  import test_network  # pylint: disable=g-import-not-at-top
-  params = test_network.random_params(test_network.TINY, seed=3)
+  from tests import test_network  # pylint: disable=g-import-not-at-top
+  params = tiny_model.random_params(test_network.TINY, seed=3)
   source = orbax_pytree.save_orbax(params, test_network.TINY, tmp_path / "ours")
   assert cli.main(["convert", source, "--to", "t5x", str(tmp_path / "out")]) == 2  # no step
   assert not (tmp_path / "out").exists()
@@ -238,10 +240,10 @@ def _scalars(event_dir):
 @needs_t5x
 def test_tiny_t5x_run_trains_with_the_distribution_loss(data_dir, codex_aligned_files,
                                                         tmp_path):
-  from conftest import prepare_gsm8k_set  # pylint: disable=g-import-not-at-top
   teacher_path, aligned_path, _ = codex_aligned_files
-  prepared = prepare_gsm8k_set(tmp_path / "prepared", teacher_path, aligned_path, teacher_k=5,
-                               format_names=("zs_ao", "zs_cot"), num_chunks=1)
+  prepared = prepared_sets.prepare_gsm8k_set(tmp_path / "prepared", teacher_path, aligned_path,
+                                             teacher_k=5, format_names=("zs_ao", "zs_cot"),
+                                             num_chunks=1)
   model_dir = tmp_path / "t5x_run"
   _t5x_train(model_dir, "--gin.LOSS_TYPE='distribution'", "--gin.TEACHER_K=5",
              f"--gin.PREPARED_DATA='{prepared}'")

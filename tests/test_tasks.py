@@ -1,19 +1,17 @@
 """Every registered SeqIO task and mixture builds and yields correct examples on the shared data."""
-import os
-
 import numpy as np
 import pytest
 import seqio
 
-from shared_data import shared_data_dir
 from specialize_jax.prepared import prepared_data
+from tests.support import shared_data
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def registry(gsm8k_gold_set):
-  data = shared_data_dir()
-  os.environ["SPECIALIZE_DATA_DIR"] = str(data)
-  os.environ["SPECIALIZE_VOCAB_PATH"] = str(data / "tokenizer" / "t5_spiece.model")
+  shared_data.point_tasks_here()
   import specialize_jax.tasks  # pylint: disable=g-import-not-at-top,unused-import
   return seqio.TaskRegistry
 
@@ -40,6 +38,7 @@ def _first(task_name, split):
   return next(dataset.as_numpy_iterator())
 
 
+@pytest.mark.slow
 def test_every_task_iterates(registry, tmp_path):
   """Walks every registered task: first example tokenized, non-empty, within the feature lengths.
   (The TFDS-backed tasks are covered by tests/test_tfds_gsm8k.py, which prepares the dataset, and

@@ -9,13 +9,10 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-import openai_server
-import shared_data
 from specialize_jax import cli
 from specialize_jax.teacher import teacher_client
 from specialize_jax.teacher import teacher_data
@@ -23,6 +20,9 @@ from specialize_jax.teacher import teacher_filter
 from specialize_jax.teacher import teacher_sources
 from specialize_jax.teacher.teacher_data import TeacherRecord
 from specialize_jax.teacher.teacher_data import TeacherSample
+from tests.support import openai_server
+from tests.support import processes
+from tests.support import shared_data
 
 API_KEY = "sk-test-DO-NOT-LEAK-5f2c9a"
 NUM_SAMPLES = 4
@@ -211,13 +211,14 @@ def test_bad_key_fails_at_once_and_is_not_written(server, tmp_path, capsys, monk
   assert not output.exists()
 
 
+@pytest.mark.slow
 def test_kill_mid_run_then_resume(server, tmp_path):
   server.delay_s = 0.25
   output = tmp_path / "t.jsonl"
-  argv = [sys.executable, "-m", "specialize_jax.cli", *_flags(server, output, limit=6)]
+  argv = processes.specialize_argv(*_flags(server, output, limit=6))
   argv[argv.index("--concurrency") + 1] = "1"
-  env = dict(os.environ, OPENAI_API_KEY=API_KEY)
-  cwd = shared_data.REPO_ROOT
+  env = processes.environment(drop=(), OPENAI_API_KEY=API_KEY)
+  cwd = processes.REPO_ROOT
   proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   deadline = time.monotonic() + 30
   while time.monotonic() < deadline and (not output.exists() or

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-import shared_data
 from specialize_jax.teacher import teacher_data as td
 from specialize_jax.teacher import teacher_sources
+from tests.support import shared_data
 
 PALM_DIR = "teacher_outputs/distilling_step_by_step_palm_svamp"
 CODEX_DIR = "teacher_outputs/fu2023_codex_notebook"

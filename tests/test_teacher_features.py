@@ -10,6 +10,7 @@ import seqio
 from specialize_jax.align import aligned_data
 from specialize_jax.data import feature_converters as fc
 from specialize_jax.align import teacher_features
+from tests.support import prepared_sets
 
 K = 5
 
@@ -17,11 +18,10 @@ K = 5
 def _register(prefix, teacher_path, aligned_path, k=K, rates=None):
   """Prepares the teacher file with its aligned file (as `specialize prepare --aligned`) and
   registers the distillation tasks over the set."""
-  from conftest import prepare_gsm8k_set  # pylint: disable=g-import-not-at-top
   from specialize_jax.tasks import distillation  # pylint: disable=g-import-not-at-top
   output = pathlib.Path(aligned_path).parent / f"prepared_{prefix}_{pathlib.Path(aligned_path).stem}"
-  directory = prepare_gsm8k_set(output, teacher_path, aligned_path, teacher_k=k,
-                                format_names=("zs_ao", "zs_cot"), num_chunks=1)
+  directory = prepared_sets.prepare_gsm8k_set(output, teacher_path, aligned_path, teacher_k=k,
+                                              format_names=("zs_ao", "zs_cot"), num_chunks=1)
   return distillation.register_distillation_tasks(prefix, directory, teacher_k=k, rates=rates)
 
 

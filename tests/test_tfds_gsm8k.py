@@ -1,19 +1,15 @@
 """GSM8K through TFDS (`gsm8k:1.0.0`), prepared offline from the local JSONL, read by SeqIO."""
-import os
-
 import pytest
 import seqio
 
-from shared_data import shared_data_dir
 from specialize_jax.data import readers
 from specialize_jax.data import tfds_gsm8k
+from tests.support import shared_data
 
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-  data = shared_data_dir()
-  os.environ["SPECIALIZE_DATA_DIR"] = str(data)
-  os.environ["SPECIALIZE_VOCAB_PATH"] = str(data / "tokenizer" / "t5_spiece.model")
+  shared_data.point_tasks_here()
   directory = str(tmp_path_factory.mktemp("tfds"))
   tfds_gsm8k.prepare_gsm8k_tfds(directory)
   return directory

@@ -9,10 +9,10 @@ import itertools
 import numpy as np
 import pytest
 
-import demo_data
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import partitioning
 from specialize_jax.planning import topologies
+from tests.support import demo_data
 
 # (topology, chip grid, chips per host); v4/v5p names count TensorCores, v5e/v6e chips.
 SLICES = [('v4-8', (2, 2, 1), 4), ('v4-16', (2, 2, 2), 4), ('v4-32', (2, 2, 4), 4),
@@ -115,6 +115,7 @@ def test_gpu_plans_allow_what_jax_preallocates(monkeypatch):
     topologies.usable_fraction(h100, 0.9)
 
 
+@pytest.mark.slow
 def test_each_v4_32_host_reads_its_rows_of_the_global_batches(tmp_path_factory):
   """The input pipeline over the demo's prepared set, fed as the four hosts of a v4-32 feed it
   (four interleaved blocks each), equals the global batches' rows, also resumed at batch 3."""

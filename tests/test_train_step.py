@@ -21,6 +21,7 @@ from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
 from specialize_jax.training import train_state as train_state_lib
 from specialize_jax.training import train_step as train_step_lib
+from tests.support import tiny_model
 
 VOCAB = 128
 TINY = config_lib.get_config('tiny', vocab_size=VOCAB, dropout_rate=0.0)
@@ -35,15 +36,8 @@ NUM_TRAIN_STEPS = 100
 
 
 def random_params(config, seed=0):
-  """Random float32 params in T5X's tree, drawn in numpy (the real initializer costs seconds)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(leaf):
-    if leaf.ndim == 1:
-      return (1.0 + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
-    return (rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0])).astype(np.float32)
-
-  return jax.tree_util.tree_map(draw, network.param_shapes(config))
+  """Random float32 numpy params in T5X's tree (the real initializer costs seconds)."""
+  return tiny_model.random_params(config, seed, as_numpy=True)
 
 
 def make_batch(seed=0, target_lengths=TARGET_LENGTHS, vocab=VOCAB):
@@ -95,6 +89,7 @@ def single_device_steps(t5_model):
 # -- the T5 step ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_repeated_batch(single_device_steps):
   state, history = single_device_steps
   metrics = [m for _, m in history]
@@ -109,6 +104,7 @@ def test_loss_falls_on_a_repeated_batch(single_device_steps):
   assert all(np.asarray(m['loss']).shape == () for m in metrics)
 
 
+@pytest.mark.slow
 def test_sharded_accumulated_step_equals_single_device_full_batch(t5_model, single_device_steps):
   """4x2 mesh, 2 micro-batches with 10 and 20 real target tokens, against one full batch."""
   batch = make_batch()
@@ -200,6 +196,7 @@ STEP_METRICS = ('loss', 'cross_ent_loss', 'z_loss', 'accuracy', 'num_target_toke
                 'num_examples', 'learning_rate')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('loss_type', ['sample', 'distribution'])
 @pytest.mark.parametrize('factor', [None, 'NUM_REAL_TARGET_TOKENS',
                                     'NUM_TOTAL_TARGET_TOKENS', 'AVERAGE_PER_SEQUENCE'])

@@ -22,8 +22,6 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
-
-import demo_data
 import seqio
 import tensorflow as tf
 
@@ -35,7 +33,6 @@ from specialize_jax.checkpoints import orbax_pytree
 from specialize_jax.checkpoints import param_tree
 from specialize_jax.model import models
 from specialize_jax.model import network
-from specialize_jax.model.config import T5Config
 from specialize_jax.training import checkpoint_manager
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import metric_writers
@@ -43,22 +40,17 @@ from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
 from specialize_jax.training import preemption
 from specialize_jax.training import trainer
+from tests.support import demo_data
+from tests.support import tiny_model
 
 NUM_TRAIN, NUM_EVAL = 2000, 32
-TINY = T5Config(vocab_size=384, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=1,
-                num_decoder_layers=1, mlp_dim=64, dropout_rate=0.0)
+TINY = tiny_model.config()
 LENGTHS = {'inputs': 128, 'targets': 64}
 BATCH_SIZE = 8
 # Constant 3e-3 after 5 warm-up steps; the first update's rate is 0 (optimizers' docstring).
 OPTIMIZER = optimizers.OptimizerConfig(learning_rate=3e-3, warmup_steps=5)
 RUN_A_STEPS = 20
 CHECKPOINTS = checkpoint_manager.CheckpointConfig(period=10, keep_last=3)
-
-# After the corrupted checkpoint fails to read, orbax's pending TensorStore reads finish on an
-# event loop that has closed; Python reports that later, in whichever test is running.
-pytestmark = pytest.mark.filterwarnings(
-    r'ignore:(?s)Exception ignored in.*Event loop is closed'
-    r':pytest.PytestUnraisableExceptionWarning')
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -143,6 +135,7 @@ def _corrupt_arrays(step_dir):
   assert removed
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_identical_to_uninterrupted_run(run_a, model, tmp_path, caplog):
   """Run B stops at step 10, a new `train` call continues it to 20: it must match run A bit for
   bit, which needs the saved data position as well as the state."""
@@ -177,6 +170,7 @@ def test_resumed_run_ends_identical_to_uninterrupted_run(run_a, model, tmp_path,
   _assert_params_equal(_params(model_dir / 'checkpoint_20'), expected)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_step_and_the_rerun_ends_identical(run_a, model, tmp_path):
   """One process: SIGTERM during step 3 saves step 4 (not a checkpoint period), raises
   `Preempted`, and restores the previous SIGTERM handler; the same call again continues to run
@@ -210,6 +204,7 @@ def test_sigterm_saves_a_step_and_the_rerun_ends_identical(run_a, model, tmp_pat
 # INITIAL_CHECKPOINT_PATH.
 
 
+@pytest.mark.slow
 def test_initial_checkpoint_params_start_the_run(demo_dir, model, tmp_path):
   """A run with INITIAL_CHECKPOINT_PATH (an orbax export) starts from exactly those params."""
   params = jax.device_get(network.init_params(TINY, jax.random.PRNGKey(42)))
@@ -229,6 +224,7 @@ def test_initial_checkpoint_params_start_the_run(demo_dir, model, tmp_path):
 # Non-finite loss.
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_naming_the_steps(demo_dir, model, tmp_path):
   """A diverging run stops at the first log period whose loss is not finite, naming its steps."""
   # Rates 0, 5e29, then 1e30: steps 1-2 see the initial params, the update of step 2 blows them up.
@@ -239,6 +235,7 @@ def test_non_finite_loss_stops_the_run_naming_the_steps(demo_dir, model, tmp_pat
   assert [r['step'] for r in train] == [2] and np.isfinite(train[0]['loss'])
 
 
+@pytest.mark.slow
 def test_a_non_finite_state_is_never_checkpointed(demo_dir, model, tmp_path):
   """Log and checkpoint periods differ: the blow-up at step 3 is not a logged step, yet the save
   at step 4 checks the losses first and stops the run instead of saving the NaN state."""
@@ -286,6 +283,7 @@ def _saved_partition_specs(step_dir):
   return specs
 
 
+@pytest.mark.slow
 def test_model_parallel_loop_matches_data_parallel(run_a, model, tmp_path):
   """The loop on a 4x2 (data x model) mesh gives run A's losses and params (8x1) within 1e-5."""
   partitioner = partitioning.PartitioningConfig(num_partitions=2)
@@ -318,6 +316,7 @@ def _tensorboard_scalars(directory):
   return values
 
 
+@pytest.mark.slow
 def test_cli_run_trains_saves_evaluates_and_writes_metrics(demo_dir, tmp_path, capsys):
   """`specialize train` with the demo experiment's gin file, shrunk by `--gin.` overrides: every
   output a user reads is present and consistent with the others."""
@@ -328,9 +327,7 @@ def test_cli_run_trains_saves_evaluates_and_writes_metrics(demo_dir, tmp_path, c
       'CHECKPOINT_PERIOD': 10, 'KEEP_LAST_CHECKPOINTS': 2, 'EVAL_PERIOD': 15,
       'EVAL_TASKS': "('demo_id_cot',)", 'EVAL_MAX_EXAMPLES': 16, 'EVAL_BATCH_SIZE': 16,
       'EVAL_MAX_DECODE_LENGTH': 48,
-      **{f'model_config.T5Config.{name}': getattr(TINY, name)
-         for name in ('emb_dim', 'num_heads', 'head_dim', 'num_encoder_layers',
-                      'num_decoder_layers', 'mlp_dim')}}
+      **tiny_model.gin_bindings()}
   argv = ['train', '--gin_file=experiments/demo_cpu.gin'] + [
       f'--gin.{name}={value}' for name, value in overrides.items()]
   assert cli.main(argv) == 0
@@ -401,6 +398,7 @@ def _eval_output(eval_dir, task, step):
   return text, json.loads(text), rows
 
 
+@pytest.mark.slow
 def test_cli_eval_scores_a_checkpoint_as_the_training_loop_did(demo_dir, tmp_path):
   """A bfloat16 model (bound with --gin.): `specialize eval` of the run's checkpoint, given no
   MODEL, decodes in the dtype the run trained in (its config.gin) and writes the in-loop
@@ -416,9 +414,7 @@ def test_cli_eval_scores_a_checkpoint_as_the_training_loop_did(demo_dir, tmp_pat
       'LEARNING_RATE': 3e-3, 'WARMUP_STEPS': 1, 'LOG_PERIOD': 2, 'CHECKPOINT_PERIOD': step,
       'EVAL_PERIOD': step, 'TENSORBOARD': False, 'model_config.T5Config.dtype': "'bfloat16'",
       **eval_flags,
-      **{f'model_config.T5Config.{name}': getattr(TINY, name)
-         for name in ('emb_dim', 'num_heads', 'head_dim', 'num_encoder_layers',
-                      'num_decoder_layers', 'mlp_dim')}}
+      **tiny_model.gin_bindings()}
   assert cli.main(['train', '--gin_file=experiments/demo_cpu.gin'] + [
       f'--gin.{name}={value}' for name, value in overrides.items()]) == 0
   in_loop_text, in_loop, in_loop_rows = _eval_output(model_dir / 'eval', task, step)

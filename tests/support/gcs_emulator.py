@@ -1,5 +1,5 @@
 """A local GCS server for tests: PyPI's `gcp-storage-emulator` on loopback, in memory, with one
-bucket. Run as `python tests/gcs_emulator.py PORT BUCKET [WRITES_LOG]`.
+bucket. Run as `python -m tests.support.gcs_emulator PORT BUCKET [WRITES_LOG]`.
 
 Two gaps are filled. The emulator's media downloads carry no `x-goog-generation` header, which real
 GCS sends and tensorstore needs to read OCDBT manifests (orbax's default layout): the download

@@ -2,7 +2,7 @@
 import os
 import pathlib
 
-GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden"
+GOLDEN_DIR = pathlib.Path(__file__).resolve().parents[1] / "golden"
 
 
 def check_golden(name: str, actual: str) -> None:
@@ -11,7 +11,8 @@ def check_golden(name: str, actual: str) -> None:
     path.write_text(actual, encoding="utf-8")
     return
   if not path.exists():
-    raise AssertionError(f"Golden file {path} is missing; create it with UPDATE_GOLDEN=1 and review it.")
+    raise AssertionError(f"Golden file {path} is missing; create it with UPDATE_GOLDEN=1 and "
+                         "review it.")
   expected = path.read_text(encoding="utf-8")
   assert actual == expected, (f"Output differs from {path}; if the change is intended, rerun with "
                               "UPDATE_GOLDEN=1 and review the diff.")

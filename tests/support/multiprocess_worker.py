@@ -1,15 +1,17 @@
 """One process of `tests/test_multiprocess.py`: a few steps of tiny training on the demo data.
 
-Run as a script, once per process. With `--num_processes 2` it joins a loopback JAX cluster (CPU
-collectives over gloo, NOTES.md's recipe); each process owns `--num_devices` fake CPU devices.
+Run as `python -m tests.support.multiprocess_worker` from the repository root, once per process.
+With `--num_processes 2` it joins a JAX cluster on loopback (CPU collectives over gloo, as
+`specialize --multihost` runs on CPU); each process owns `--num_devices` fake CPU devices.
 It writes `--output` (JSON: process index and count, device counts, the returned train metrics);
 process 0 also writes MODEL_DIR's metrics.jsonl, and every process its shards of the checkpoint.
 """
 import argparse
 import json
 import os
-import sys
 import time
+
+from tests.support import tiny_model
 
 START = time.monotonic()
 
@@ -25,14 +27,12 @@ def train(model_dir: str, log=print) -> dict:
   """
   # pylint: disable=g-import-not-at-top
   from specialize_jax.model import models
-  from specialize_jax.model.config import T5Config
   from specialize_jax.training import checkpoint_manager
   from specialize_jax.training import input_pipeline
   from specialize_jax.training import optimizers
   from specialize_jax.training import trainer
   # pylint: enable=g-import-not-at-top
-  config = T5Config(vocab_size=384, emb_dim=32, num_heads=2, head_dim=16, num_encoder_layers=1,
-                    num_decoder_layers=1, mlp_dim=64, dropout_rate=0.0)
+  config = tiny_model.config()
   dataset = input_pipeline.DatasetConfig('demo_train_cot', {'inputs': 128, 'targets': 64},
                                          batch_size=BATCH_SIZE, shuffle=False,
                                          shard_by_process=False)
@@ -52,19 +52,16 @@ def main() -> None:
   parser.add_argument('--process_id', type=int, default=0)
   parser.add_argument('--coordinator_address', default=None)
   args = parser.parse_args()
-  # The repository root, for `tasks` (the package `specialize_jax` is installed).
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
   # Before jax is imported: the fake devices of this process.
   os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.num_devices}'
   os.environ['JAX_PLATFORMS'] = 'cpu'
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   import jax  # pylint: disable=g-import-not-at-top
-  from specialize_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+  from specialize_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   if args.num_processes > 1:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    partitioning.initialize_distributed(args.coordinator_address, args.num_processes,
-                                        args.process_id)
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
 
   from specialize_jax.tasks import demo  # pylint: disable=g-import-not-at-top
   demo.register_demo_tasks(args.demo_dir)

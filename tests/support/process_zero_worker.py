@@ -1,15 +1,15 @@
 """One process of `tests/test_process_zero.py`: decisions from listings that differ per process.
 
-Run as a script, once per process, joined on loopback (CPU collectives over gloo, one fake device
-each). `--run_dir` is this process's own run directory, so each process would list other steps;
-every case goes through `process_zero.decided_by_process_zero`, and the results (or the error
-each case raised) go to `--output` as JSON.
+Run as `python -m tests.support.process_zero_worker` from the repository root, once per process,
+joined on loopback (CPU collectives over gloo, one fake device each). `--run_dir` is this
+process's own run directory, so each process would list other steps; every case goes through
+`process_zero.decided_by_process_zero`, and the results (or the error each case raised) go to
+`--output` as JSON.
 """
 import argparse
 import json
 import os
 import re
-import sys
 
 
 def main() -> None:
@@ -20,15 +20,13 @@ def main() -> None:
   parser.add_argument('--process_id', type=int, required=True)
   parser.add_argument('--coordinator_address', required=True)
   args = parser.parse_args()
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
   os.environ['JAX_PLATFORMS'] = 'cpu'
   import jax  # pylint: disable=g-import-not-at-top
   from specialize_jax.evaluation import process_zero  # pylint: disable=g-import-not-at-top
-  from specialize_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+  from specialize_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  partitioning.initialize_distributed(args.coordinator_address, args.num_processes,
-                                      args.process_id)
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
 
   def listing():
     return sorted((int(m.group(1)), os.path.join(args.run_dir, m.group(0)))
