@@ -227,18 +227,15 @@ class Comparison:
 
 def compare(table: Table, step: int, reference: Reference, run_label: str) -> Comparison:
   """Matches the reference keys to `table`'s columns (see the module docstring) at `step`."""
-  columns = report_lib.columns_for(table)
-  by_name: Dict[str, report_lib.Column] = {}
-  for column in columns:
-    by_name[_normalize(column.label)] = column
+  columns = {c.label: c for c in report_lib.columns_for(table)}
+  # Every key a column answers to, the paper's columns included when this run has none of them
+  # (their reference numbers are still shown, beside "—").
+  labels = {_normalize(short): label for short, label in SHORT_NAMES.items()}
+  labels.update({_normalize(label): label for label in SHORT_NAMES.values()})
+  for column in columns.values():
+    labels[_normalize(column.label)] = column.label
     if column.dataset != 'bbh':
-      by_name[_normalize(column.dataset)] = column
-  for short, label in SHORT_NAMES.items():
-    match = next((c for c in columns if c.label == label), None)
-    if match:
-      by_name[_normalize(short)] = match
-  known_columns = {_normalize(k) for k in SHORT_NAMES} | {
-      _normalize(label) for label in SHORT_NAMES.values()}
+      labels[_normalize(column.dataset)] = column.label
   tasks = {n for row in table.values() for n, v in row.items() if v is not None}
   row_values: Dict[str, Dict[str, Optional[float]]] = {r.label: {} for r in reference.rows}
   compared: Dict[str, Tuple[str, str]] = {}
@@ -247,15 +244,16 @@ def compare(table: Table, step: int, reference: Reference, run_label: str) -> Co
   order: List[str] = []
   for row in reference.rows:
     for key, value in row.values.items():
-      column = by_name.get(_normalize(key))
-      if column is not None and column.task_names:
-        name, run_value, described = column.label, column.value(table[step]), column.describe()
+      label = labels.get(_normalize(key))
+      column = columns.get(label)
+      if label is not None:
+        name = label
+        run_value = column.value(table[step]) if column and column.task_names else None
+        described = column.describe() if column else 'not evaluated'
       elif key.strip() in tasks:
         name, run_value, described = key.strip(), table[step].get(key.strip()), key.strip()
       else:
-        known = (_normalize(key) in known_columns or
-                 task_keys.describe_task(key.strip()).split is not None)
-        why = ('not evaluated in this run' if known
+        why = ('not evaluated in this run' if task_keys.describe_task(key.strip()).split
                else 'neither a column nor an evaluated task of this run')
         missing.setdefault(key, f'"{key}" ({why})')
         continue
@@ -265,13 +263,15 @@ def compare(table: Table, step: int, reference: Reference, run_label: str) -> Co
         order.append(name)
       if value is not None and run_value is not None and name not in compared:
         compared[name] = (described, row.described.get(key, f'"{key}"'))
-  labels = [c.label for c in columns]
-  order.sort(key=lambda k: labels.index(k) if k in labels else len(labels))
+      elif column is None or not column.task_names:
+        missing.setdefault(name, f'"{key}" (not evaluated in this run)')
+  known = [label for label, _, _ in report_lib.PAPER_COLUMNS] + list(columns)
+  order.sort(key=lambda k: known.index(k) if k in known else len(known))
   for name in order:
     if name not in compared:
       missing.setdefault(name, f'{name} (no number on both sides at step {step})')
   reasons = list(missing.values())
-  uncovered = [c.label for c in columns if c.task_names and c.label not in order]
+  uncovered = [c.label for c in columns.values() if c.task_names and c.label not in order]
   if uncovered:
     reasons.append(f'{", ".join(uncovered)} (no reference number)')
   return Comparison(reference, run_label, order, run_values,
