@@ -97,13 +97,14 @@ def test_run_directory_as_reference(tmp_path):
   ref = reference.from_run('/runs/other', other, selection.OOD_DEV_RULE, start_step=0)
   assert ref.rows[0].label == 'other (step 100)' and 'selected (ood_dev)' in ref.source
   comparison = _compare(ref)
-  assert comparison.columns == ['GSM8K', 'MultiArith', 'SVAMP']
+  assert comparison.columns == ['GSM8K', 'MultiArith', 'ASDiv', 'SVAMP', 'BBH-CoT']
   values = comparison.rows[0][1]
   assert comparison.difference(values, 'GSM8K') == pytest.approx(8.0)
   assert comparison.difference(values, 'MultiArith') == pytest.approx(45.0 - 9.0)
   # The other run has no MultiArith test: the line says its dev task stands for the column.
-  assert comparison.compared == {'GSM8K': ('gsm8k_test_icl_cot', 'gsm8k_test_icl_cot'),
-                                 'MultiArith': ('multiarith_test_icl_cot', 'multiarith_dev_icl_cot')}
+  assert comparison.compared == {
+      'GSM8K': ('gsm8k_test_icl_cot', 'gsm8k_test_icl_cot'),
+      'MultiArith': ('multiarith_test_icl_cot', 'multiarith_dev_icl_cot')}
   assert comparison.missing == ['"SVAMP" (not evaluated in this run)',
                                 'ASDiv, BBH-CoT (no reference number)']
 
@@ -118,6 +119,7 @@ def test_run_directory_as_reference(tmp_path):
     ('bad.csv', '# c\nrow,gsm8k,svamp\nXL,22.4\n', r'bad.csv:3: 2 cells for 3 header columns'),
     ('bad.csv', 'row,gsm8k\nXL,22,4\n', r'bad.csv:2: 3 cells'),
     ('bad.csv', 'row,gsm8k\nXL,twenty\n', r"bad.csv:2 column 'gsm8k': 'twenty' is not a number"),
+    ('bad.json', '{"rows": {"XL": {"gsm8k": 22.4, "GSM8K": 22.4}}}', r'names a column twice'),
     ('bad.txt', 'gsm8k 22.4\n', r'neither .json nor .csv'),
 ])
 def test_a_bad_reference_file_names_the_file_the_place_and_the_fix(tmp_path, name, text,
@@ -159,7 +161,26 @@ def test_report_command_prints_the_table_and_writes_the_markdown(tmp_path, capsy
   row = next(line for line in capsys.readouterr().out.splitlines()
              if line.startswith('  this run − reference'))
   assert set(row.split()[4:]) == {'+0.0'}
-  assert sweep_lib.START_STEP == 0  # the start row the command leaves out by default
+
+  assert cli.main(['report', model_dir]) == 0  # no reference: the selected step's columns
+  lines = capsys.readouterr().out.splitlines()
+  header = next(i for i, line in enumerate(lines) if line.split()[:1] == ['GSM8K'])
+  assert lines[header].split() == ['GSM8K', 'MultiArith', 'ASDiv', 'BBH-CoT']
+  assert lines[header + 1].split() == ['this', 'run', '(step', '100)', '20.0', '45.0', '25.0',
+                                       '40.0']
+
+
+def test_sweep_report_carries_the_reference_section(tmp_path):
+  model_dir = str(tmp_path / 'run')
+  result = sweep_lib.SweepResult(
+      checkpoints={s: f'{model_dir}/checkpoint_{s}' for s in RUN},
+      metrics={s: {t: {'accuracy': a} for t, a in row.items()} for s, row in RUN.items()},
+      decoded=[], reused=0, timing={}, start_step=0)
+  ref = reference.load_file(_write(tmp_path / 'paper.csv', PAPER_CSV))
+  summary = sweep_lib.write_report_and_best(model_dir, result, selection.OOD_DEV_RULE, ref)
+  assert summary['selected_step'] == 100
+  markdown = open(os.path.join(model_dir, 'report', 'report.md'), encoding='utf-8').read()
+  assert '| this run (step 100) | 20.0 | 45.0 | 25.0 | — | 40.0 | 18.5 |' in markdown
 
 
 @pytest.mark.slow  # one `specialize` subprocess (~6 s on the 2-core VM)

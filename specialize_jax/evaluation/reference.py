@@ -129,6 +129,9 @@ def _parse_json(path: str, text: str) -> Reference:
       raise ConfigError(f'{where}: an empty row label; name the row (e.g. "FlanT5-XL").')
     if not isinstance(values, dict) or not values:
       raise ConfigError(f'{where}: must be an object of numbers, e.g. {{"gsm8k": 22.4}}.')
+    if len({_normalize(k) for k in values}) != len(values):
+      raise ConfigError(f'{where}: names a column twice (case, "-" and "_" are ignored); keep '
+                        'one of each.')
     rows.append(ReferenceRow(label, {
         _check_key(k, f'{where}[{json.dumps(k)}]'): _number(v, f'{where}[{json.dumps(k)}]')
         for k, v in values.items()}))
@@ -138,10 +141,11 @@ def _parse_json(path: str, text: str) -> Reference:
 def _parse_csv(path: str, text: str) -> Reference:
   comments: Dict[str, str] = {}
   numbered = []
+  text = text.lstrip('\ufeff')  # a byte-order mark, as spreadsheets write CSV
   for number, line in enumerate(text.splitlines(), 1):
     if line.lstrip().startswith('#'):
-      field, _, value = line.lstrip()[1:].partition(':')
-      if _ and field.strip() in ('source', 'note'):
+      field, colon, value = line.lstrip()[1:].partition(':')
+      if colon and field.strip() in ('source', 'note'):
         comments[field.strip()] = value.strip()
     elif line.strip():
       numbered.append((number, line))
@@ -265,15 +269,19 @@ def compare(table: Table, step: int, reference: Reference, run_label: str) -> Co
         compared[name] = (described, row.described.get(key, f'"{key}"'))
       elif column is None or not column.task_names:
         missing.setdefault(name, f'"{key}" (not evaluated in this run)')
-  known = [label for label, _, _ in report_lib.PAPER_COLUMNS] + list(columns)
-  order.sort(key=lambda k: known.index(k) if k in known else len(known))
   for name in order:
     if name not in compared:
       missing.setdefault(name, f'{name} (no number on both sides at step {step})')
   reasons = list(missing.values())
   uncovered = [c.label for c in columns.values() if c.task_names and c.label not in order]
-  if uncovered:
+  if uncovered and reference.rows:
     reasons.append(f'{", ".join(uncovered)} (no reference number)')
+  # The table shows every column this run has a value in, beside the reference's columns.
+  for name in uncovered:
+    run_values[name] = columns[name].value(table[step])
+  order += uncovered
+  known = [label for label, _, _ in report_lib.PAPER_COLUMNS] + list(columns)
+  order.sort(key=lambda k: known.index(k) if k in known else len(known))
   return Comparison(reference, run_label, order, run_values,
                     [(r.label, row_values[r.label]) for r in reference.rows], compared, reasons)
 
@@ -291,6 +299,8 @@ def _rows(comparison: Comparison) -> List[List[str]]:
 
 def _notes(comparison: Comparison) -> List[str]:
   reference = comparison.reference
+  if not reference.rows:
+    return [f'Accuracy (%); {report_lib.MISSING} = not evaluated.']
   lines = [f'Reference: {reference.origin}' + (f' ({reference.source})' if reference.source
                                                 else '')]
   if reference.note:
