@@ -55,7 +55,7 @@ def _load_reference(value: str, rule, dtype, start_step):
 
 
 def add_arguments(sub) -> None:
-  """Declares `sweep` and `compare` on the `specialize` subparsers `sub`."""
+  """Declares `sweep`, `report` and `compare` on the `specialize` subparsers `sub`."""
   p = sub.add_parser("sweep", help="evaluate every checkpoint of a run (resumable), select one "
                      "by OOD dev accuracy, write MODEL_DIR/report/ and MODEL_DIR/BEST")
   p.add_argument("model_dir")
