@@ -59,7 +59,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["specialize_jax", "specialize_jax.*"]) + [
         "specialize_jax.tasks", "specialize_jax.gin"],
     package_dir={"specialize_jax.tasks": "tasks", "specialize_jax.gin": "gin"},
-    package_data={"specialize_jax.gin": ["*/*.gin"]},
+    # gin/reference/*.json: reference numbers `specialize report --reference NAME` finds by name.
+    package_data={"specialize_jax.gin": ["*/*.gin", "reference/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["specialize=specialize_jax.cli:main"]},

@@ -75,6 +75,8 @@ def test_the_wheel_carries_configs_and_tasks_and_no_top_level_tasks(installed):
   assert gin_dir.startswith(site)
   assert (pathlib.Path(gin_dir) / "experiments" / "flan_t5_base_gsm8k.gin").is_file()
   assert (pathlib.Path(gin_dir) / "t5x" / "specialize.gin").is_file()
+  # `specialize report --reference fu2023_flan_t5` finds the paper's numbers by name.
+  assert (pathlib.Path(gin_dir) / "reference" / "fu2023_flan_t5.json").is_file()
 
 
 def test_tasks_lists_the_registrations(installed):

@@ -13,7 +13,10 @@
   specialize demo [--output_dir runs/demo]
   specialize sweep MODEL_DIR [--tasks T ...] [--bbh_tasks B ...] [--max_examples N]
       [--include_start CKPT] [--num_partitions N] [--fsdp] [--dtype {float32,bfloat16}]
+      [--reference FILE|RUN_DIR|NAME]
       [--multihost | --coordinator_address HOST:PORT --num_processes N --process_id I]
+  specialize report MODEL_DIR [--reference FILE.json|FILE.csv|RUN_DIR|NAME] [--write]
+      [--rule {ood_dev,id_dev}] [--dtype {float32,bfloat16}]
   specialize compare RUN_A RUN_B ... [--labels A B ...] --output DIR [--dtype {float32,bfloat16}]
   specialize prepare --output DIR [--teacher TEACHER.jsonl] [--aligned ALIGNED.jsonl] [--workers N]
   specialize align --input TEACHER.jsonl --output ALIGNED.jsonl --vocab SPM_MODEL

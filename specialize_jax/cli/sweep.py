@@ -1,15 +1,19 @@
 """The commands over a run's checkpoints: `sweep` (evaluate every checkpoint, select one, write the
-report and `BEST`) and `compare` (several runs at their selected checkpoints)."""
+report and `BEST`), `report` (a run's selected checkpoint from its eval results, optionally beside
+reference numbers) and `compare` (several runs at their selected checkpoints)."""
 # Each handler imports the libraries it uses (sweeping decodes with JAX and reads SeqIO tasks),
 # so that `specialize --help` and the other commands start at once.
 # pylint: disable=g-import-not-at-top
 import argparse
 import json
+import os
 
 from specialize_jax.cli import common
 from specialize_jax.data import storage
 from specialize_jax.errors import ConfigError
 from specialize_jax.jobs import gin_config
+
+REFERENCE_SUBDIR = "reference"  # under the shipped gin/ folder
 
 
 def _add_rule_flags(p: argparse.ArgumentParser) -> None:
@@ -20,8 +24,38 @@ def _add_rule_flags(p: argparse.ArgumentParser) -> None:
                  help="custom rule: mean accuracy over these dev tasks (test splits are refused)")
 
 
+def _add_reference_flag(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--reference", default=None, metavar="FILE|RUN|NAME",
+                 help="reference numbers to print beside the selected checkpoint: a .json or "
+                 ".csv file (docs/evaluation.md#reference-numbers), another run directory (its "
+                 f"selected checkpoint), or a shipped name ({', '.join(_shipped_references())})")
+
+
+def _shipped_references() -> list:
+  folder = os.path.join(gin_config.SHIPPED_GIN_DIR, REFERENCE_SUBDIR)
+  return sorted(n[:-len(".json")] for n in (os.listdir(folder) if os.path.isdir(folder) else ())
+                if n.endswith(".json"))
+
+
+def _load_reference(value: str, rule, dtype, start_step):
+  """The reference `--reference VALUE` names: a run directory, a file, or a shipped name."""
+  from specialize_jax.evaluation import reference
+  from specialize_jax.evaluation import sweep
+  if storage.isdir(value):
+    table = sweep.read_accuracy_table(value, dtype or gin_config.recorded_model_dtype(value))
+    return reference.from_run(storage.absolute(value), table, rule, start_step)
+  shipped = os.path.join(gin_config.SHIPPED_GIN_DIR, REFERENCE_SUBDIR, f"{value}.json")
+  if not storage.exists(value) and os.sep not in value and os.path.isfile(shipped):
+    return reference.load_file(shipped)
+  if not storage.exists(value):
+    raise ConfigError(f"--reference {value}: no such file or run directory, nor a shipped "
+                      f"reference ({', '.join(_shipped_references())}); give a .json or .csv "
+                      "file, a run directory or one of those names.")
+  return reference.load_file(value)
+
+
 def add_arguments(sub) -> None:
-  """Declares `sweep` and `compare` on the `specialize` subparsers `sub`."""
+  """Declares `sweep`, `report` and `compare` on the `specialize` subparsers `sub`."""
   p = sub.add_parser("sweep", help="evaluate every checkpoint of a run (resumable), select one "
                      "by OOD dev accuracy, write MODEL_DIR/report/ and MODEL_DIR/BEST")
   p.add_argument("model_dir")
@@ -49,9 +83,25 @@ def add_arguments(sub) -> None:
                  help="compute dtype of decoding (default: that of the model the run trained, "
                  "from MODEL_DIR/config.gin, as its in-loop evaluation; else float32); pairs "
                  "recorded in another dtype are decoded again")
+  _add_reference_flag(p)
   _add_rule_flags(p)
   common.add_distributed_flags(p)
   p.set_defaults(fn=cmd_sweep)
+
+  p = sub.add_parser("report", help="a run's selected checkpoint and its accuracies, from its "
+                     "eval results (no decoding); with --reference, beside reference numbers")
+  p.add_argument("model_dir")
+  _add_reference_flag(p)
+  p.add_argument("--write", action="store_true",
+                 help="also rewrite MODEL_DIR/report/ (with the reference section); BEST is left "
+                 "as the sweep wrote it")
+  p.add_argument("--no_start", action="store_true",
+                 help="step 0 is a real checkpoint of the run, not a start checkpoint")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="use only results decoded in this dtype (default: the run's model dtype, "
+                 "from its config.gin)")
+  _add_rule_flags(p)
+  p.set_defaults(fn=cmd_report)
 
   p = sub.add_parser("compare", help="one table and plot comparing runs at their selected "
                      "(or last) checkpoints, from their eval results")
@@ -83,6 +133,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
       batch_size=args.batch_size, max_examples=args.max_examples,
       max_decode_length=args.max_decode_length)
   preflight.check_tasks(config.task_names, "--tasks / --bbh_tasks")
+  # Read before decoding, so a bad reference fails in a second, not after the sweep.
+  ref = (_load_reference(args.reference, rule, None, sweep.START_STEP) if args.reference
+         else None)
   partitioner = partitioning.PartitioningConfig(
       num_partitions=args.num_partitions,
       logical_axis_rules=(partitioning.fsdp_logical_axis_rules() if args.fsdp
@@ -91,9 +144,44 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                        mesh=partitioning.make_mesh(partitioner),
                        logical_axis_rules=partitioner.logical_axis_rules,
                        dtype=args.dtype or gin_config.recorded_model_dtype(args.model_dir))
-  summary = sweep.write_report_and_best(args.model_dir, result, rule)
+  summary = sweep.write_report_and_best(args.model_dir, result, rule, reference=ref)
   if summary is not None:  # Process 0 wrote the report.
     print(json.dumps(summary))
+  return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+  from specialize_jax.evaluation import reference
+  from specialize_jax.evaluation import report
+  from specialize_jax.evaluation import selection
+  from specialize_jax.evaluation import sweep
+  model_dir = storage.absolute(args.model_dir)
+  rule = selection.make_rule(args.rule, args.rule_tasks)
+  start_step = None if args.no_start else sweep.START_STEP
+  table = sweep.read_accuracy_table(model_dir, args.dtype or
+                                    gin_config.recorded_model_dtype(model_dir))
+  step, how = selection.select_or_last(table, rule, start_step)
+  if step is None:
+    raise ConfigError(f"Run {model_dir} has no eval results under "
+                      f"{storage.join(model_dir, 'eval')}; run `specialize sweep {model_dir}`.")
+  ref = (_load_reference(args.reference, rule, args.dtype, start_step) if args.reference
+         else reference.Reference(model_dir, ()))
+  chosen = selection.select(table, rule, [s for s in table if s != start_step])
+  print(f"Run: {model_dir}")
+  print(f"Selected: {chosen.explain()}" if chosen.step is not None else
+        f"{chosen.explain()} Shown: step {step}, {how}.")
+  print(f"Checkpoint: {storage.join(model_dir, f'checkpoint_{step}')}")
+  print()
+  comparison = reference.compare(table, step, ref, f"this run (step {step})")
+  print(reference.format_text(comparison))
+  if args.write:
+    previous = storage.join(model_dir, report.REPORT_SUBDIR, "results.json")
+    timing = (json.loads(storage.read_text(previous)).get("timing")
+              if storage.exists(previous) else None)
+    written = report.write_run_report(
+        model_dir, table, rule=rule, start_step=start_step, timing=timing,
+        reference_markdown=reference.format_markdown(comparison) if args.reference else None)
+    print(f"\nWrote {written.files['report.md']}")
   return 0
 
 

@@ -304,9 +304,14 @@ def write_run_report(model_dir: str, table: Table, *,
                      checkpoint_paths: Optional[Mapping[int, str]] = None,
                      start_step: Optional[int] = None,
                      timing: Optional[Mapping[str, float]] = None,
-                     output_dir: Optional[str] = None) -> RunReport:
+                     output_dir: Optional[str] = None,
+                     reference_markdown: Optional[str] = None) -> RunReport:
   """Selects by `rule` (the start checkpoint is a reference row, never a candidate), compares with
-  `alternative_rule`, and writes the run report into `output_dir` (default MODEL_DIR/report)."""
+  `alternative_rule`, and writes the run report into `output_dir` (default MODEL_DIR/report).
+
+  `reference_markdown` (`reference.format_markdown`: the selected step beside reference numbers)
+  goes after the accuracy table; the caller builds it, as the reference is its input.
+  """
   output_dir = output_dir or storage.join(model_dir, REPORT_SUBDIR)
   storage.makedirs(output_dir)
   checkpoint_paths = dict(checkpoint_paths or {})
@@ -385,6 +390,8 @@ def write_run_report(model_dir: str, table: Table, *,
               _markdown_table(['', 'step'] + [c.label for c in columns], comparison_rows), '']
   lines += ['Columns: ' + '; '.join(f'{c.label} = {c.describe()}' for c in columns) +
             f'. {MISSING} = not evaluated.', '']
+  if reference_markdown:
+    lines += [reference_markdown]
   if files:
     lines += ['## Plots', ''] + [f'![{name}]({storage.basename(p)})' for name, p in files.items()]
     lines.append('')
@@ -434,13 +441,10 @@ def write_comparison(runs: Sequence[Tuple[str, str, Table]], output_dir: str, *,
   entries = []
   labels_in_order: List[str] = []
   for label, model_dir, table in runs:
-    steps = [s for s in table if s != start_step]
-    if not steps:
+    step, how = selection_lib.select_or_last(table, rule, start_step)
+    if step is None:
       raise ConfigError(f'Run {model_dir} ({label}) has no eval results under '
                         f'{storage.join(model_dir, "eval")}; run `specialize sweep {model_dir}`.')
-    chosen = selection_lib.select(table, rule, steps)
-    step, how = ((chosen.step, f'selected ({rule.name})') if chosen.step is not None
-                 else (max(steps), 'last step (no step eligible)'))
     columns = {c.label: c for c in columns_for(table) if c.task_names}
     labels_in_order += [k for k in columns if k not in labels_in_order]
     entries.append({'label': label, 'model_dir': model_dir, 'step': step, 'chosen_by': how,

@@ -139,6 +139,20 @@ def select(table: Table, rule: SelectionRule = OOD_DEV_RULE,
   return Selection(rule, tied[0], scores[tied[0]], scores, missing, tied)
 
 
+def select_or_last(table: Table, rule: SelectionRule = OOD_DEV_RULE,
+                   start_step: Optional[int] = None) -> Tuple[Optional[int], str]:
+  """(the step `rule` selects, else the last step; how it was chosen), never `start_step` (a
+  start checkpoint is a reference row, not a candidate): the step that stands for a run when runs
+  are compared, so a run no rule can score still shows its latest numbers."""
+  steps = [s for s in table if s != start_step]
+  if not steps:
+    return None, 'no checkpoint evaluated'
+  chosen = select(table, rule, steps)
+  if chosen.step is not None:
+    return chosen.step, f'selected ({rule.name})'
+  return max(steps), 'last step (no step eligible)'
+
+
 def pick_difference(table: Table, chosen: Selection, other: Selection,
                     task_names: Sequence[str]) -> Dict[str, Optional[float]]:
   """{task: accuracy at `chosen`'s step minus at `other`'s} (None when either is missing)."""

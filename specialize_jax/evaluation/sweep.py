@@ -47,6 +47,7 @@ from specialize_jax.data import storage
 from specialize_jax.evaluation import evaluator as evaluator_lib
 from specialize_jax.evaluation import inference
 from specialize_jax.evaluation import process_zero
+from specialize_jax.evaluation import reference as reference_lib
 from specialize_jax.evaluation import report as report_lib
 from specialize_jax.evaluation import selection as selection_lib
 from specialize_jax.checkpoints import directories
@@ -334,9 +335,12 @@ def read_accuracy_table(model_dir: str, dtype: Optional[str] = None
 
 
 def write_report_and_best(model_dir: str, result: SweepResult,
-                          rule: selection_lib.SelectionRule) -> Optional[Dict[str, Any]]:
-  """Writes the sweep's report under `model_dir` and the `BEST` file of the step `rule` selects
-  (removing a stale one when it selects none); returns a summary of what was written.
+                          rule: selection_lib.SelectionRule,
+                          reference: Optional[reference_lib.Reference] = None
+                          ) -> Optional[Dict[str, Any]]:
+  """Writes the sweep's report under `model_dir` (with `reference` beside the selected step when
+  given) and the `BEST` file of the step `rule` selects (removing a stale one when it selects
+  none); returns a summary of what was written.
 
   The run's report and `BEST` are process 0's to write: on the other processes this writes
   nothing and returns None.
@@ -344,9 +348,15 @@ def write_report_and_best(model_dir: str, result: SweepResult,
   if jax.process_index() != 0:
     return None
   model_dir = storage.absolute(model_dir)
+  table = result.accuracy_table()
+  reference_markdown = None
+  step, _ = selection_lib.select_or_last(table, rule, result.start_step)
+  if reference is not None and step is not None:
+    reference_markdown = reference_lib.format_markdown(
+        reference_lib.compare(table, step, reference, f'this run (step {step})'))
   written = report_lib.write_run_report(
-      model_dir, result.accuracy_table(), rule=rule, checkpoint_paths=result.checkpoints,
-      start_step=result.start_step, timing=result.timing)
+      model_dir, table, rule=rule, checkpoint_paths=result.checkpoints,
+      start_step=result.start_step, timing=result.timing, reference_markdown=reference_markdown)
   chosen = written.chosen
   if chosen.step is not None:
     selection_lib.write_best(model_dir, chosen, result.checkpoints[chosen.step])
