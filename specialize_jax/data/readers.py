@@ -22,6 +22,7 @@ from specialize_jax.data.records import MathExample
 from specialize_jax.errors import UserError
 
 GSM8K_FILES = {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}
+GSM8K_DEV_INDEX_FILE = "gsm8k/validation_index.npy"
 MULTIARITH_FILE = "multiarith/MultiArith.json"
 MULTIARITH_DEV_INDEX_FILE = "multiarith/validation_index.npy"
 ASDIV_FILE = "asdiv/ASDiv.xml"
@@ -142,6 +143,24 @@ def multiarith_dev_indices() -> np.ndarray:
   """The paper's 200 MultiArith dev indices; the other 400 problems are the test split."""
   indices = np.load(data_dir.data_path(MULTIARITH_DEV_INDEX_FILE))
   return np.sort(indices.astype(np.int64))
+
+
+def gsm8k_dev_indices(num_train_questions: int) -> np.ndarray:
+  """The original's 200 GSM8K dev indices into GSM8K train, in its order.
+
+  The original selects its dev questions as `gsm8k['train'].select(validation_index)` from the
+  Hugging Face dataset, whose train split is `train.jsonl` line by line (7,473 questions), so
+  index i is line i of our file. The order is kept because `select` keeps it: a truncated eval
+  (`EVAL_MAX_EXAMPLES`) then sees the same first questions as the original.
+  """
+  path = data_dir.data_path(GSM8K_DEV_INDEX_FILE)
+  indices = np.load(path).astype(np.int64)
+  if (indices.ndim != 1 or len(np.unique(indices)) != len(indices) or indices.min() < 0
+      or indices.max() >= num_train_questions):
+    raise DataFormatError(
+        f"{path}: expected distinct indices into the {num_train_questions} GSM8K train questions; "
+        "re-fetch it with `specialize download gsm8k`.")
+  return indices
 
 
 def read_asdiv() -> List[MathExample]:
