@@ -159,7 +159,7 @@ def gsm8k_dev_indices(num_train_questions: int) -> np.ndarray:
       or indices.max() >= num_train_questions):
     raise DataFormatError(
         f"{path}: expected distinct indices into the {num_train_questions} GSM8K train questions; "
-        "re-fetch it with `specialize download gsm8k`.")
+        "re-fetch it with `specialize download --only gsm8k --force`.")
   return indices
 
 
@@ -293,10 +293,15 @@ def read_bbh(task: str) -> List[BbhExample]:
           for i, e in enumerate(examples)]
 
 
+def read_bbh_prompt_file(task: str) -> str:
+  """The task's CoT prompt file as it is, canary header included (what the original prompts with)."""
+  return data_dir.data_path(f"{BBH_COT_PROMPT_DIR}/{task}.txt").read_text(encoding="utf-8")
+
+
 def read_bbh_cot_prompt(task: str) -> str:
   """The task's 3-shot CoT prompt: the description and exemplars, without the canary header."""
   path = data_dir.data_path(f"{BBH_COT_PROMPT_DIR}/{task}.txt")
-  text = path.read_text(encoding="utf-8")
+  text = read_bbh_prompt_file(task)
   if "-----" not in text:
     raise DataFormatError(f"{path}: expected a canary header ending in a '-----' line.")
   return text.split("-----", 1)[1].strip()
@@ -312,6 +317,27 @@ def bbh_answer_only_prompt(cot_prompt: str) -> str:
     raise DataFormatError("BBH CoT prompt has no 'A: Let's think step by step. ... So the answer "
                           "is X.' exemplars.")
   return converted
+
+
+BBH_PAPER_ANSWER_TRIGGER = "the answer is "
+
+
+def bbh_answer_only_prompt_paper(prompt_file_text: str) -> str:
+  """The original's answer-only BBH prompt (its `modify_prompt`), from the raw prompt file.
+
+  The original keeps the text before the file's first `A:` (canary header, description, first
+  question), appends `A: the answer is `, then the text between the file's first and second
+  `the answer is `. So only the first exemplar becomes answer-only (`A: the answer is (D).`); the
+  second follows with its chain of thought cut just before its answer (`... So `), and the third is
+  dropped. That is not what its comment intends, but it is the prompt its BBH answer-only numbers
+  were measured with, so it is reproduced as it is; `bbh_answer_only_prompt` is the clean form.
+  """
+  if BBH_PAPER_ANSWER_TRIGGER not in prompt_file_text or "A:" not in prompt_file_text:
+    raise DataFormatError(f"BBH prompt file has no 'A:' or no {BBH_PAPER_ANSWER_TRIGGER!r}; "
+                          "re-fetch it with `specialize download --only bbh --force`.")
+  question = prompt_file_text.split("A:")[0]
+  answer = prompt_file_text.split(BBH_PAPER_ANSWER_TRIGGER)[1]
+  return f"{question}A: {BBH_PAPER_ANSWER_TRIGGER}{answer}"
 
 
 def select(examples: Sequence, indices) -> list:
