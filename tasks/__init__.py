@@ -5,7 +5,8 @@ the names.
 
 - `tasks.math_eval`: `{gsm8k_test,gsm8k_dev,multiarith_dev,multiarith_test,asdiv_test,svamp_test,
   addsub_test,singleeq_test,gsm8k_tfds_test}_{zs_ao,zs_cot,icl_ao,icl_cot}`
-- `tasks.bbh`: `bbh_{task}_{cot,ao}` for the 27 BBH tasks, mixtures `bbh_cot`, `bbh_ao`
+- `tasks.bbh`: `bbh_{task}_{cot,ao,ao_paper}` for the 27 BBH tasks, mixtures `bbh_cot`, `bbh_ao`,
+  `bbh_ao_paper` (`ao_paper`: the original's answer-only prompt)
 - `tasks.distillation`: `gsm8k_distill_{format}` and the mixture `gsm8k_distill`
 - `tasks.demo`: `demo_train_{cot,ao}`, `demo_{id,ood,long}_{cot,ao}` (the generated CPU demo)
 """

@@ -1,6 +1,13 @@
 """BIG-Bench Hard tasks: `bbh_{task}_cot` (the task's 3-shot CoT prompt) and `bbh_{task}_ao` (the same
 exemplars answer-only) for the 27 tasks, and the mixtures `bbh_cot` and `bbh_ao` (equal rates).
 One split, `test`. Metrics: exact match after the last "the answer is" (CoT) / of the first line (AO).
+
+`bbh_{task}_ao_paper` (mixture `bbh_ao_paper`) is the original's answer-only input: its
+`modify_prompt` of the raw prompt file (`readers.bbh_answer_only_prompt_paper`), then
+`\n\nQ: {question}\nA: the answer is `. It is a task of its own, not a scoring switch, because the
+prompt decides what the model generates: `--metric_mode paper` rescores saved predictions, it
+cannot change the inputs they were generated from. Its metrics are the `_ao` tasks' (the paper's
+substring rule as `accuracy_paper`).
 """
 import functools
 
@@ -12,9 +19,12 @@ from specialize_jax.data import readers
 from specialize_jax.tasks import common
 
 EVAL_SPLIT = "test"
-FORMATS = ("cot", "ao")
+FORMATS = ("cot", "ao", "ao_paper")
 COT_ANSWER_TRIGGER = "\nA: Let's think step by step."
 AO_ANSWER_TRIGGER = "\nA:"
+AO_PAPER_ANSWER_TRIGGER = f"\nA: {readers.BBH_PAPER_ANSWER_TRIGGER}"
+_TRIGGERS = {"cot": COT_ANSWER_TRIGGER, "ao": AO_ANSWER_TRIGGER,
+             "ao_paper": AO_PAPER_ANSWER_TRIGGER}
 
 
 def bbh_task_name(task: str, format_name: str) -> str:
@@ -32,13 +42,15 @@ def _source(task: str) -> seqio.DataSource:
 
 @functools.lru_cache(maxsize=None)
 def bbh_prompt(task: str, format_name: str) -> str:
+  if format_name == "ao_paper":
+    return readers.bbh_answer_only_prompt_paper(readers.read_bbh_prompt_file(task))
   cot_prompt = readers.read_bbh_cot_prompt(task)
   return cot_prompt if format_name == "cot" else readers.bbh_answer_only_prompt(cot_prompt)
 
 
 def format_bbh(dataset: tf.data.Dataset, task: str, format_name: str) -> tf.data.Dataset:
   prompt = bbh_prompt(task, format_name)
-  trigger = COT_ANSWER_TRIGGER if format_name == "cot" else AO_ANSWER_TRIGGER
+  trigger = _TRIGGERS[format_name]
 
   def fn(example):
     return {**example,

@@ -13,9 +13,10 @@ The prepared set (`specialize prepare`, see `specialize_jax.prepared.prepare`) i
 named by `$SPECIALIZE_PREPARED_DATA`, else `<data dir>/prepared/gsm8k_gold` (the GSM8K gold
 rationales: `specialize prepare` with no `--teacher`). It is opened when a dataset is built, so
 registering needs no data. Every example was decided when the set was written (exemplars, held-out
-exclusion of GSM8K dev and test, input budget, tokens, teacher rows); training reads each data
-shard's own positions of one seeded global order (`prepared_data.PreparedSource`). Other sets or
-rates: call `register_distillation_tasks(prefix, prepared_dir, ...)` (gin does, for T5X).
+exclusion of GSM8K dev and test, input budget, tokens, teacher rows); a set that held out another
+GSM8K dev split (an older definition) is refused with the fix, `specialize prepare` again.
+Training reads each data shard's own positions of one seeded global order
+(`prepared_data.PreparedSource`). Other sets or rates: call `register_distillation_tasks(prefix, prepared_dir, ...)` (gin does, for T5X).
 """
 import functools
 import os
@@ -26,6 +27,7 @@ import tensorflow as tf
 
 from specialize_jax.data import data_dir
 from specialize_jax.data import formats
+from specialize_jax.data import splits
 from specialize_jax.data import vocabulary
 from specialize_jax.prepared import prepared_data
 from specialize_jax.tasks import common
@@ -67,9 +69,11 @@ def register_prepared_task(name: str, directory_fn, format_names, teacher_k: Opt
                            rates: Optional[Mapping[str, float]] = None,
                            output_features: Optional[Mapping[str, seqio.Feature]] = None,
                            vocabulary_path=vocabulary.vocabulary_path,
-                           missing_fix: Optional[str] = None) -> None:
+                           missing_fix: Optional[str] = None,
+                           held_out: Optional[str] = None) -> None:
   """Registers (or replaces) one training task over some formats of a prepared set; `missing_fix`
-  is the advice when the set is missing (default: `specialize prepare`)."""
+  is the advice when the set is missing (default: `specialize prepare`); with `held_out`, a set
+  that held out other questions is refused (`prepared_data.check_held_out`)."""
   preprocessors = [seqio.preprocessors.append_eos_after_trim]
   if teacher_k:
     preprocessors.append(prepared_data.complete_teacher_rows)
@@ -81,7 +85,7 @@ def register_prepared_task(name: str, directory_fn, format_names, teacher_k: Opt
       name,
       source=prepared_data.PreparedSource(directory_fn, format_names, teacher_k, rates,
                                           vocabulary_path=vocabulary_path,
-                                          missing_fix=missing_fix),
+                                          missing_fix=missing_fix, held_out=held_out),
       preprocessors=preprocessors,
       output_features=output_features or common.output_features(with_teacher=bool(teacher_k)),
       postprocess_fn=common.gold_answer_postprocessor,
@@ -107,9 +111,11 @@ def register_distillation_tasks(prefix: str = DEFAULT_PREFIX,
   directory_fn = prepared_dir_fn(prepared_dir)
   seqio.MixtureRegistry.remove(prefix)
   for format_name in formats.FORMATS:
-    register_prepared_task(f"{prefix}_{format_name}", directory_fn, (format_name,), teacher_k)
+    register_prepared_task(f"{prefix}_{format_name}", directory_fn, (format_name,), teacher_k,
+                           held_out=splits.GSM8K_HELD_OUT)
   mixed = [f for f in formats.FORMATS if rates is None or rates.get(f, 0) > 0]
-  register_prepared_task(prefix, directory_fn, mixed, teacher_k, rates)
+  register_prepared_task(prefix, directory_fn, mixed, teacher_k, rates,
+                         held_out=splits.GSM8K_HELD_OUT)
   return prefix
 
 

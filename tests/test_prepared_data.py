@@ -220,6 +220,39 @@ def test_held_out_questions_are_excluded_by_id_and_text_and_counted(tmp_path, vo
                     dataclasses.replace(config, output_dir=str(tmp_path / "b")), wrong_ids)
 
 
+def test_a_set_that_held_out_other_questions_is_refused_before_training(tmp_path, vocab_path):
+  """GSM8K dev changed meaning once (a seeded draw, then the original's validation_index.npy): a
+  set prepared under another definition would train on today's dev questions."""
+  config = prepare.PrepareConfig(output_dir=str(tmp_path / "set"), vocab_path=str(vocab_path),
+                                 format_names=("zs_ao",), num_chunks=2, rates={"zs_ao": 1.0})
+  held = prepare.HeldOut(ids=frozenset({"toy/train/1"}), name="toy dev v2")
+  prepared = prepare.prepare(lambda: _records(10), config, held)
+  assert prepared.metadata["held_out"] == "toy dev v2"
+  prepared_data.PreparedSource(prepared.directory, ["zs_ao"], held_out="toy dev v2").get_dataset(
+      "train", seed=0)
+  with pytest.raises(prepared_data.PreparedDataError,
+                     match=r"set .*/set held out 'toy dev v2', but training expects 'toy dev v3'"
+                           r".*specialize prepare --output .*/set"):
+    prepared_data.PreparedSource(prepared.directory, ["zs_ao"],
+                                 held_out="toy dev v3").get_dataset("train", seed=0)
+  # A set from before held-out names were recorded, which excluded questions: refused too.
+  old = dict(prepared.metadata)
+  old.pop("held_out")
+  with pytest.raises(prepared_data.PreparedDataError, match="excluded 1 held-out questions under "
+                                                            "an earlier definition"):
+    prepared_data.check_held_out(prepared_data.PreparedSet(prepared.directory, old), "toy dev v2")
+  # A set that held nothing out (a toy or demo set) trains anywhere.
+  prepared_data.check_held_out(prepared_data.PreparedSet(
+      "toy", {"held_out": None, "excluded": {"by_id": 0, "by_text": 0}}), "toy dev v2")
+  # An interrupted prepare under another definition does not resume.
+  (tmp_path / "b.partial").mkdir()
+  prepare._check_settings(str(tmp_path / "b.partial"),  # pylint: disable=protected-access
+                          {**config.settings(), "held_out": "toy dev v1"}, {})
+  with pytest.raises(ValueError, match="other settings or inputs .*held_out"):
+    prepare.prepare(lambda: _records(10),
+                    dataclasses.replace(config, output_dir=str(tmp_path / "b")), held)
+
+
 def test_a_set_that_does_not_fit_the_task_fails_before_training(toy_set, tmp_path, vocab_path):
   with pytest.raises(prepared_data.PreparedDataError, match="specialize prepare --output"):
     prepared_data.PreparedSet.open(str(tmp_path / "missing"))

@@ -1,4 +1,5 @@
 """Readers and splits on the real shared data: counts, question joining, gold answers."""
+import numpy as np
 import pytest
 
 from specialize_jax.data import readers
@@ -16,13 +17,18 @@ def test_gsm8k_counts_and_fields(data_dir):
   assert not any("<<" in e.rationale for e in train + test)
 
 
-def test_gsm8k_dev_is_carved_from_train_and_excluded(data_dir):
+def test_gsm8k_dev_is_the_originals_validation_index_and_excluded(data_dir):
   train, dev = splits.math_split("gsm8k", "train"), splits.math_split("gsm8k", "dev")
   assert (len(train), len(dev)) == (7473 - 200, 200)
   assert not {e.question for e in train} & {e.question for e in dev}
-  # Fixed seed: the same dev split on every machine (pinned; changing it changes "gsm8k dev").
-  assert splits.gsm8k_dev_indices(7473)[:5].tolist() == [144, 169, 206, 273, 276]
-  assert dev[0].id == f"gsm8k/train/{splits.gsm8k_dev_indices(7473)[0]}"
+  # The original: gsm8k['train'].select(np.load('lib_prompt/validation_index.npy')), in that order;
+  # HF's train split is train.jsonl line by line (7,473 questions, Natalia's clips first).
+  index = np.load(data_dir / "gsm8k" / "validation_index.npy")
+  assert [e.id for e in dev] == [f"gsm8k/train/{i}" for i in index]
+  assert index[:3].tolist() == [4041, 5635, 5961]
+  full = readers.read_gsm8k("train")
+  assert len(full) == 7473 and full[0].question.startswith("Natalia sold clips to 48")
+  assert [e.question for e in dev] == [full[i].question for i in index]
 
 
 def test_multiarith_dev_test_partition(data_dir):

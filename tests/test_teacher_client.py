@@ -386,11 +386,11 @@ def test_pickle_import_converts_the_real_format(tmp_path, data_dir):
 
 
 def test_pickle_import_cli_drops_dev_questions(tmp_path, data_dir, capsys):
-  row_144 = json.loads((data_dir / "gsm8k/train.jsonl").read_text().splitlines()[144])
-  rationale, final = row_144["answer"].rsplit("####", 1)
-  dev_row = {"question": f"Q: {row_144['question']}\nLet's think step by step",
+  row_4041 = json.loads((data_dir / "gsm8k/train.jsonl").read_text().splitlines()[4041])
+  rationale, final = row_4041["answer"].rsplit("####", 1)
+  dev_row = {"question": f"Q: {row_4041['question']}\nLet's think step by step",
              "answer": f"{rationale.strip()}\nThe answer is {final.strip()}",
-             "answer_gold": "Answer: " + row_144["answer"], "answer_label": 1,
+             "answer_gold": "Answer: " + row_4041["answer"], "answer_label": 1,
              "type": "zero_shot_chain_of_thought", "per_step_probs": None}
   path = tmp_path / "processed.pkl"
   with open(path, "wb") as f:
@@ -399,7 +399,7 @@ def test_pickle_import_cli_drops_dev_questions(tmp_path, data_dir, capsys):
   code, summary, _ = _run(["teacher_import", "--from", "fu2023_pickle", str(path), "--output",
                            str(out)], capsys)
   assert code == 0
-  assert (summary["records"], summary["excluded_dev_questions"]) == (2, 1)  # train[144] is dev.
+  assert (summary["records"], summary["excluded_dev_questions"]) == (2, 1)  # train[4041] is dev.
   assert [r.id for r in teacher_data.read_records(out).records] == ["gsm8k/train/0",
                                                                    "gsm8k/train/7472"]
 

@@ -22,6 +22,7 @@ from specialize_jax.data.records import MathExample
 from specialize_jax.errors import UserError
 
 GSM8K_FILES = {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}
+GSM8K_DEV_INDEX_FILE = "gsm8k/validation_index.npy"
 MULTIARITH_FILE = "multiarith/MultiArith.json"
 MULTIARITH_DEV_INDEX_FILE = "multiarith/validation_index.npy"
 ASDIV_FILE = "asdiv/ASDiv.xml"
@@ -142,6 +143,24 @@ def multiarith_dev_indices() -> np.ndarray:
   """The paper's 200 MultiArith dev indices; the other 400 problems are the test split."""
   indices = np.load(data_dir.data_path(MULTIARITH_DEV_INDEX_FILE))
   return np.sort(indices.astype(np.int64))
+
+
+def gsm8k_dev_indices(num_train_questions: int) -> np.ndarray:
+  """The original's 200 GSM8K dev indices into GSM8K train, in its order.
+
+  The original selects its dev questions as `gsm8k['train'].select(validation_index)` from the
+  Hugging Face dataset, whose train split is `train.jsonl` line by line (7,473 questions), so
+  index i is line i of our file. The order is kept because `select` keeps it: a truncated eval
+  (`EVAL_MAX_EXAMPLES`) then sees the same first questions as the original.
+  """
+  path = data_dir.data_path(GSM8K_DEV_INDEX_FILE)
+  indices = np.load(path).astype(np.int64)
+  if (indices.ndim != 1 or len(np.unique(indices)) != len(indices) or indices.min() < 0
+      or indices.max() >= num_train_questions):
+    raise DataFormatError(
+        f"{path}: expected distinct indices into the {num_train_questions} GSM8K train questions; "
+        "re-fetch it with `specialize download --only gsm8k --force`.")
+  return indices
 
 
 def read_asdiv() -> List[MathExample]:
@@ -274,10 +293,15 @@ def read_bbh(task: str) -> List[BbhExample]:
           for i, e in enumerate(examples)]
 
 
+def read_bbh_prompt_file(task: str) -> str:
+  """The task's CoT prompt file as it is, canary header included (what the original prompts with)."""
+  return data_dir.data_path(f"{BBH_COT_PROMPT_DIR}/{task}.txt").read_text(encoding="utf-8")
+
+
 def read_bbh_cot_prompt(task: str) -> str:
   """The task's 3-shot CoT prompt: the description and exemplars, without the canary header."""
   path = data_dir.data_path(f"{BBH_COT_PROMPT_DIR}/{task}.txt")
-  text = path.read_text(encoding="utf-8")
+  text = read_bbh_prompt_file(task)
   if "-----" not in text:
     raise DataFormatError(f"{path}: expected a canary header ending in a '-----' line.")
   return text.split("-----", 1)[1].strip()
@@ -293,6 +317,27 @@ def bbh_answer_only_prompt(cot_prompt: str) -> str:
     raise DataFormatError("BBH CoT prompt has no 'A: Let's think step by step. ... So the answer "
                           "is X.' exemplars.")
   return converted
+
+
+BBH_PAPER_ANSWER_TRIGGER = "the answer is "
+
+
+def bbh_answer_only_prompt_paper(prompt_file_text: str) -> str:
+  """The original's answer-only BBH prompt (its `modify_prompt`), from the raw prompt file.
+
+  The original keeps the text before the file's first `A:` (canary header, description, first
+  question), appends `A: the answer is `, then the text between the file's first and second
+  `the answer is `. So only the first exemplar becomes answer-only (`A: the answer is (D).`); the
+  second follows with its chain of thought cut just before its answer (`... So `), and the third is
+  dropped. That is not what its comment intends, but it is the prompt its BBH answer-only numbers
+  were measured with, so it is reproduced as it is; `bbh_answer_only_prompt` is the clean form.
+  """
+  if BBH_PAPER_ANSWER_TRIGGER not in prompt_file_text or "A:" not in prompt_file_text:
+    raise DataFormatError(f"BBH prompt file has no 'A:' or no {BBH_PAPER_ANSWER_TRIGGER!r}; "
+                          "re-fetch it with `specialize download --only bbh --force`.")
+  question = prompt_file_text.split("A:")[0]
+  answer = prompt_file_text.split(BBH_PAPER_ANSWER_TRIGGER)[1]
+  return f"{question}A: {BBH_PAPER_ANSWER_TRIGGER}{answer}"
 
 
 def select(examples: Sequence, indices) -> list:

@@ -46,11 +46,13 @@ DEFAULT_MAX_INPUT_TOKENS = 1024
 class HeldOut:
   """Questions no training example may hold: by id (the check), and by text (a safety net for
   files whose ids differ). A file of `full_size` records (all of GSM8K train) must have exactly
-  `expected` of them excluded by id."""
+  `expected` of them excluded by id. `name` says which questions these are; it is recorded in the
+  set's metadata (`held_out`) so that training can refuse a set that held out other ones."""
   ids: frozenset = frozenset()
   questions: frozenset = frozenset()
   full_size: Optional[int] = None
   expected: Optional[int] = None
+  name: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +271,9 @@ def prepare(records_fn: Callable[[], Iterable[teacher_data.TeacherRecord]], conf
   work_dir = (f"{config.output_dir.rstrip('/')}.partial" if local_output else
               os.path.join(tempfile.gettempdir(), "specialize_prepare",
                            config.output_dir.replace("://", "_").replace("/", "_")))
-  _check_settings(work_dir, config.settings(), sources)
+  # The held-out name joins the settings a resume must match: the chunks of an interrupted prepare
+  # under another dev split hold (and take exemplars from) questions now held out.
+  _check_settings(work_dir, {**config.settings(), "held_out": held_out.name}, sources)
   excluded = {"by_id": 0, "by_text": 0}
   chunks = _chunks(records_fn(), held_out, config.num_chunks, aligned or {}, excluded)
   log(f"Held out: {excluded['by_id']} questions excluded by id, {excluded['by_text']} more by "
@@ -309,7 +313,7 @@ def prepare(records_fn: Callable[[], Iterable[teacher_data.TeacherRecord]], conf
   metadata = {"schema": prepared_data.SCHEMA, "formats": {},
               "rates": {f: config.rates.get(f, 0.0) for f in config.format_names},
               "teacher_k": config.teacher_k, "settings": config.settings(), "sources": sources,
-              "excluded": excluded,
+              "held_out": held_out.name, "excluded": excluded,
               "vocabulary": {"path": config.vocab_path,
                              "sha256": prepared_data.file_sha256(config.vocab_path)}}
   files = []
@@ -345,12 +349,13 @@ def _progress(done: int, total: int, resumed: int, examples: int, start: float) 
 
 
 def gsm8k_held_out() -> HeldOut:
-  """GSM8K dev (200 train questions) and test: never trained on (by id, and by text)."""
+  """GSM8K dev (the original's 200 train questions) and test: never trained on (by id, and by
+  text)."""
   held = [e for split in ("dev", "test") for e in splits.math_split("gsm8k", split)]
   dev = splits.math_split("gsm8k", "dev")
   full = len(dev) + len(splits.math_split("gsm8k", "train"))
   return HeldOut(ids=frozenset(e.id for e in held), questions=frozenset(e.question for e in held),
-                 full_size=full, expected=len(dev))
+                 full_size=full, expected=len(dev), name=splits.GSM8K_HELD_OUT)
 
 
 def prepare_gsm8k(config: PrepareConfig, teacher_path: Optional[str] = None,

@@ -9,7 +9,8 @@ Layout of a prepared directory (local or `gs://`):
 
   metadata.json                    schema `specialize_jax.prepared/1`, written last (its presence
                                    means the set is complete): formats, counts, files, mixture
-                                   rates, vocabulary hash, settings and what was excluded
+                                   rates, vocabulary hash, settings, what was held out
+                                   (`held_out`: its name) and how many records that excluded
   {format}-{i:05d}-of-{n:05d}.array_record   the examples of one format, chunk i of n (by question)
   {format}.questions.npy           int32 [num_examples]: the question (teacher-file position) of
                                    every example of that format, in file order
@@ -311,12 +312,13 @@ class PreparedSource(seqio.DataSource):
   the one global stream; `split='train@N:L'` starts at the shard's N-th example, L rows a batch.
   The directory is opened when a dataset is built (registering needs no data); `directory` and
   `vocabulary_path` may be callables returning them (environment variables read late). With
-  `vocabulary_path`, a set tokenized with another vocabulary fails before training.
+  `vocabulary_path`, a set tokenized with another vocabulary fails before training; with
+  `held_out`, so does a set that held out other questions (`check_held_out`).
   """
 
   def __init__(self, directory, format_names: Sequence[str], teacher_k: Optional[int] = None,
                rates: Optional[Mapping[str, float]] = None, vocabulary_path=None,
-               missing_fix: Optional[str] = None):
+               missing_fix: Optional[str] = None, held_out: Optional[str] = None):
     super().__init__(splits=(TRAIN_SPLIT,), num_input_examples=None, caching_permitted=False,
                      performs_internal_shuffling=True)
     self._directory = directory
@@ -325,6 +327,7 @@ class PreparedSource(seqio.DataSource):
     self._format_names = tuple(format_names)
     self._teacher_k = teacher_k
     self._rates = rates
+    self._held_out = held_out
 
   @property
   def supports_arbitrary_sharding(self) -> bool:
@@ -353,6 +356,8 @@ class PreparedSource(seqio.DataSource):
     if self._vocabulary_path is not None:
       check_vocabulary(prepared, self._vocabulary_path() if callable(self._vocabulary_path)
                        else self._vocabulary_path)
+    if self._held_out is not None:
+      check_held_out(prepared, self._held_out)
     quota = self.mixture_quotas(prepared)
     for name in quota:
       prepared.check_format(name)
@@ -395,6 +400,27 @@ class PreparedSource(seqio.DataSource):
     dataset = dataset.map(lambda serialized: _parse_batch(serialized, stored_k),
                           num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.unbatch()
+
+
+def check_held_out(prepared: PreparedSet, expected: str) -> None:
+  """Raises if the set held out other questions than `expected` (a `prepare.HeldOut` name).
+
+  Why: held-out questions change meaning (GSM8K dev was once a seeded draw; it is now the
+  original's `validation_index.npy`). A set prepared under the old definition trains on today's
+  dev questions (as targets and as exemplars), which would silently inflate dev accuracy. A set
+  that recorded no name and excluded nothing (a toy or demo set) held nothing out and passes; one
+  that excluded questions without recording a name predates the name and is refused.
+  """
+  recorded = prepared.metadata.get("held_out")
+  excluded = sum(prepared.metadata.get("excluded", {}).values())
+  if recorded == expected or (recorded is None and not excluded):
+    return
+  what = (f"held out {recorded!r}" if recorded is not None else
+          f"excluded {excluded} held-out questions under an earlier definition of them")
+  raise PreparedDataError(
+      f"The prepared set {prepared.directory} {what}, but training expects {expected!r}, so it "
+      "may train on today's held-out questions; prepare it again with `specialize prepare "
+      f"--output {prepared.directory}` (same --teacher/--aligned).")
 
 
 def check_vocabulary(prepared: PreparedSet, vocab_path: str) -> None:

@@ -22,7 +22,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from specialize_jax.data import answers
 from specialize_jax.data import readers
-from specialize_jax.data import splits
 from specialize_jax.errors import ConfigError
 from specialize_jax.teacher.teacher_data import ROUNDED_ZERO_LOGPROB
 from specialize_jax.teacher.teacher_data import TeacherDataError
@@ -397,7 +396,7 @@ def import_released(src_format: str, src) -> Tuple[List[TeacherRecord], int]:
   may become training data, and how many records were dropped for being dev questions.
 
   The paper sampled all of GSM8K train; our dev split is carved out of it
-  (`splits.gsm8k_dev_indices`), and its questions must never become training data.
+  (`readers.gsm8k_dev_indices`, the original's own dev questions), and its questions must never become training data.
   """
   if src_format not in RELEASED_FORMATS:
     raise ConfigError(f"--from {src_format!r} is not a released teacher format; use one of "
@@ -407,6 +406,6 @@ def import_released(src_format: str, src) -> Tuple[List[TeacherRecord], int]:
     records = records_from_fu2023_codex(src)
   else:
     records = records_from_fu2023_pickle(src, {e.question: e.id for e in train})
-  dev_ids = {train[i].id for i in splits.gsm8k_dev_indices(len(train))}
+  dev_ids = {train[i].id for i in readers.gsm8k_dev_indices(len(train))}
   kept = [r for r in records if r.id not in dev_ids]
   return kept, len(records) - len(kept)
