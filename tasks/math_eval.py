@@ -97,8 +97,8 @@ def register_eval_mixture(name: str, task_names: Sequence[str]) -> str:
   """
   unknown = [t for t in task_names if t not in seqio.TaskRegistry.names()]
   if unknown:
-    raise ConfigError(f"Unknown eval task(s) {unknown} in EVAL_TASKS (the T5X eval mixture {name!r}); "
-                      "use names of registered tasks, e.g. gsm8k_dev_icl_cot (docs/data.md).")
+    raise ConfigError(f"Unknown eval task(s) {unknown} in EVAL_TASKS (the T5X eval mixture "
+                      f"{name!r}); use registered task names, e.g. gsm8k_dev_icl_cot (docs/data.md).")
   seqio.MixtureRegistry.remove(name)
   seqio.MixtureRegistry.add(name, list(task_names), default_rate=1.0)
   return name

@@ -202,7 +202,8 @@ def test_t5x_size_file_is_the_experiment_of_our_trainer(size):
   assert _value(t5x, "train_eval/utils.DatasetConfig.pack") is False
   assert _value(t5x, "utils.SaveCheckpointConfig.save_dataset") is True
   assert _value(t5x, "utils.SaveCheckpointConfig.keep") is None
-  assert _value(t5x, "utils.SaveCheckpointConfig.period") == _value(ours, "CHECKPOINT_PERIOD") == 250
+  assert _value(t5x, "utils.SaveCheckpointConfig.period") == 250
+  assert _value(ours, "CHECKPOINT_PERIOD") == 250
   assert _value(t5x, "EVAL_PERIOD") == _value(ours, "EVAL_PERIOD") == 250
   assert _value(t5x, "DROPOUT_RATE") == _value(ours, "DROPOUT_RATE") == 0.0
   assert t5x["EVAL_MIXTURE_OR_TASK_NAME"] == ("@", "math_eval.register_eval_mixture")
