@@ -4,7 +4,8 @@ line, the T5X gin files and tests cause; the library layers never import it). do
 the names.
 
 - `tasks.math_eval`: `{gsm8k_test,gsm8k_dev,multiarith_dev,multiarith_test,asdiv_test,svamp_test,
-  addsub_test,singleeq_test,gsm8k_tfds_test}_{zs_ao,zs_cot,icl_ao,icl_cot}`
+  addsub_test,singleeq_test,gsm8k_tfds_test}_{zs_ao,zs_cot,icl_ao,icl_cot}`; gin/t5x/ registers
+  the mixture `t5x_dev_eval` of its EVAL_TASKS through `math_eval.register_eval_mixture`
 - `tasks.bbh`: `bbh_{task}_{cot,ao,ao_paper}` for the 27 BBH tasks, mixtures `bbh_cot`, `bbh_ao`,
   `bbh_ao_paper` (`ao_paper`: the original's answer-only prompt)
 - `tasks.distillation`: `gsm8k_distill_{format}` and the mixture `gsm8k_distill`

@@ -7,6 +7,7 @@ Each task has one split, `test`, and the metrics of `specialize_jax.data.metrics
 normalization) plus the paper-compatible one.
 """
 import functools
+from typing import Sequence
 
 import seqio
 import tensorflow as tf
@@ -16,6 +17,7 @@ from specialize_jax.data import metrics
 from specialize_jax.data import readers
 from specialize_jax.data import splits
 from specialize_jax.data import tfds_gsm8k
+from specialize_jax.errors import ConfigError
 from specialize_jax.tasks import common
 
 EVAL_SPLIT = "test"
@@ -83,6 +85,23 @@ def _register(name: str, source: seqio.DataSource, format_name: str, preprocesso
       postprocess_fn=common.gold_answer_postprocessor,
       metric_fns=list(MATH_METRICS),
   )
+
+
+def register_eval_mixture(name: str, task_names: Sequence[str]) -> str:
+  """Registers (or replaces) the mixture `name` of the eval tasks `task_names`; returns `name`.
+
+  T5X evaluates one mixture or task in its training loop (`infer_eval/utils.DatasetConfig`), and a
+  mixture's tasks are scored one by one, so this is how a T5X run evaluates in-distribution (GSM8K
+  dev) and out-of-distribution (MultiArith dev) sets together, as `specialize train` does with its
+  EVAL_TASKS. Called from gin (gin/t5x/specialize.gin), possibly more than once.
+  """
+  unknown = [t for t in task_names if t not in seqio.TaskRegistry.names()]
+  if unknown:
+    raise ConfigError(f"Unknown eval task(s) {unknown} in EVAL_TASKS (the T5X eval mixture "
+                      f"{name!r}); use registered task names, e.g. gsm8k_dev_icl_cot (docs/data.md).")
+  seqio.MixtureRegistry.remove(name)
+  seqio.MixtureRegistry.add(name, list(task_names), default_rate=1.0)
+  return name
 
 
 def register() -> None:

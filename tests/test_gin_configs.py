@@ -152,3 +152,38 @@ def test_recorded_model_dtype_without_a_model_config(tmp_path):
                             "from specialize_jax.model import config\n"
                             "config.T5Config.emb_dim = 16\n", tmp_path) == "float32"
   assert _recorded_dtype_of("not gin (\n", tmp_path) is None  # a warning, not a failure
+
+
+# The original's evaluated runs per size (docs/reproduction.md): learning rate, gradient
+# accumulation, optimizer steps (Small: Base's settings, not in the paper).
+REPRODUCTION = {
+    "small": (5e-4, 3, 3000), "base": (5e-4, 3, 3000), "large": (5e-4, 20, 9560),
+    "xl": (5e-4, 30, 2000), "xxl": (5e-4, 20, 2700),
+}
+
+
+@pytest.mark.parametrize("variant", ["", "_distribution"])
+@pytest.mark.parametrize("size", sorted(REPRODUCTION))
+def test_experiment_reproduces_the_original_settings(size, variant):
+  """Rate, accumulation and steps of the original's evaluated run, dropout off (it never calls
+  model.train()), a checkpoint every 250 steps with none deleted before the run ends, and the
+  in-loop eval on in-distribution (GSM8K dev) and OOD (MultiArith dev) sets, so the sweep finds
+  both bests."""
+  learning_rate, accumulation, steps = REPRODUCTION[size]
+  gin_config.parse_gin([f"experiments/flan_t5_{size}_gsm8k{variant}.gin"], ["MODEL_DIR='/tmp/x'"],
+                       [])
+  try:
+    macro = gin_config.macro
+    assert macro("LEARNING_RATE") == learning_rate
+    assert macro("NUM_MICROBATCHES") == accumulation
+    assert macro("TRAIN_STEPS") == steps
+    assert macro("DROPOUT_RATE") == 0.0
+    assert gin.query_parameter("model_config.T5Config.dropout_rate").scoped_selector == (
+        "DROPOUT_RATE/gin.macro")
+    assert macro("CHECKPOINT_PERIOD") == macro("EVAL_PERIOD") == 250
+    assert macro("KEEP_LAST_CHECKPOINTS") >= -(-steps // 250)  # every periodic one and the last
+    tasks = macro("EVAL_TASKS")
+    assert any(t.startswith("gsm8k_dev_") for t in tasks)
+    assert any(t.startswith("multiarith_dev_") for t in tasks)
+  finally:
+    gin.clear_config()

@@ -136,6 +136,22 @@ def test_a_stream_starts_at_any_position(toy_set):
       _stream(toy_set.directory, ["zs_cot"], 1, split=bad)
 
 
+def test_a_saved_tf_data_iterator_resumes_where_it_stopped(toy_set, tmp_path):
+  """T5X's save_dataset checkpoints the tf.data iterator: the reader's py_function must not stop
+  that, and the restored iterator continues the stream."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  source = prepared_data.PreparedSource(toy_set.directory, ["zs_cot", "zs_ao"])
+  dataset = source.get_dataset("train", shuffle=True, seed=1).map(lambda e: e["id"])
+  iterator = iter(dataset)
+  for _ in range(5):
+    next(iterator)
+  path = tf.train.Checkpoint(data=iterator).write(str(tmp_path / "data"))
+  expected = [next(iterator).numpy() for _ in range(3)]
+  restored = iter(dataset)
+  tf.train.Checkpoint(data=restored).read(path).assert_consumed()
+  assert [next(restored).numpy() for _ in range(3)] == expected
+
+
 @pytest.mark.slow
 def test_a_resumed_train_iterator_starts_at_its_batch_without_rereading(toy_set, vocab_path):
   from specialize_jax.tasks import distillation  # pylint: disable=g-import-not-at-top

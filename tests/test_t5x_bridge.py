@@ -21,6 +21,7 @@ import pytest
 from gin import config_parser
 import specialize_jax
 from specialize_jax import cli
+from specialize_jax.errors import ConfigError
 from specialize_jax.checkpoints import loading
 from specialize_jax.checkpoints import orbax_pytree
 from specialize_jax.checkpoints import param_tree
@@ -157,6 +158,80 @@ def test_every_flan_t5_size_has_a_t5x_config():
   names = {p.name for p in T5X_GIN_FILES}
   assert {f"flan_t5_{s}.gin" for s in ("small", "base", "large", "xl", "xxl")} <= names
   assert "tiny_cpu.gin" in names
+
+
+# The reproduction settings both routes share (gin/experiments/ for `specialize train`).
+SIZES = ("small", "base", "large", "xl", "xxl")
+
+
+def _bindings(path, into=None):
+  """The file's bindings after its includes from gin/ (later ones win), keyed `selector` for
+  macros and `selector.arg` otherwise; values as the parser gives them (references as tuples)."""
+  into = {} if into is None else into
+  for statement in _statements(path):
+    if isinstance(statement, config_parser.IncludeStatement) and (
+        GIN_DIR / statement.filename).is_file():
+      _bindings(GIN_DIR / statement.filename, into)
+    elif isinstance(statement, config_parser.BindingStatement):
+      scope = f"{statement.scope}/" if statement.scope else ""
+      key = statement.selector if "." not in statement.selector else (
+          f"{scope}{statement.selector}.{statement.arg_name}")
+      into[key] = statement.value
+  return into
+
+
+def _value(bindings, key):
+  value = bindings[key]
+  while isinstance(value, tuple) and len(value) == 2 and value[0] == "%":
+    value = bindings[value[1]]
+  return value
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_t5x_size_file_is_the_experiment_of_our_trainer(size):
+  """No packing, fixed seeds, the input's position in every checkpoint (a restart resumes it, not
+  reshuffles), a checkpoint kept and an in-distribution plus OOD dev eval every 250 steps, dropout
+  off, and the steps, rate, accumulation and batch of gin/experiments/ (T5X's finetune defaults:
+  packing, seed None, save_dataset False, a checkpoint every 5,000, one eval task, dropout 0.1)."""
+  t5x = _bindings(GIN_DIR / "t5x" / f"flan_t5_{size}.gin")
+  ours = _bindings(GIN_DIR / "experiments" / f"flan_t5_{size}_gsm8k.gin")
+  assert _value(t5x, "train/utils.DatasetConfig.pack") is False
+  assert _value(t5x, "train/utils.DatasetConfig.shuffle") is True
+  assert isinstance(_value(t5x, "train/utils.DatasetConfig.seed"), int)
+  assert isinstance(_value(t5x, "RANDOM_SEED"), int)
+  assert _value(t5x, "train_eval/utils.DatasetConfig.pack") is False
+  assert _value(t5x, "utils.SaveCheckpointConfig.save_dataset") is True
+  assert _value(t5x, "utils.SaveCheckpointConfig.keep") is None
+  assert _value(t5x, "utils.SaveCheckpointConfig.period") == 250
+  assert _value(ours, "CHECKPOINT_PERIOD") == 250
+  assert _value(t5x, "EVAL_PERIOD") == _value(ours, "EVAL_PERIOD") == 250
+  assert _value(t5x, "DROPOUT_RATE") == _value(ours, "DROPOUT_RATE") == 0.0
+  assert t5x["EVAL_MIXTURE_OR_TASK_NAME"] == ("@", "math_eval.register_eval_mixture")
+  for config in ("train_eval", "infer_eval"):
+    assert t5x[f"{config}/utils.DatasetConfig.mixture_or_task_name"] == (
+        "%", "EVAL_MIXTURE_OR_TASK_NAME")
+  eval_tasks = _value(t5x, "math_eval.register_eval_mixture.task_names")
+  assert tuple(eval_tasks) == tuple(_value(ours, "EVAL_TASKS"))
+  assert any(t.startswith("gsm8k_dev_") for t in eval_tasks)
+  assert any(t.startswith("multiarith_dev_") for t in eval_tasks)
+  start = int(_value(t5x, "INITIAL_CHECKPOINT_PATH").rpartition("checkpoint_")[2])
+  assert _value(t5x, "TRAIN_STEPS") - start == _value(ours, "TRAIN_STEPS")
+  assert start % 250 == 0  # T5X saves at absolute steps: fine-tuning step 250k lands on them
+  for macro in ("LEARNING_RATE", "NUM_MICROBATCHES", "BATCH_SIZE", "TASK_FEATURE_LENGTHS",
+                "WARMUP_STEPS", "WEIGHT_DECAY"):
+    assert _value(t5x, macro) == _value(ours, macro), macro
+
+
+def test_eval_mixture_holds_the_eval_tasks_and_names_an_unknown_one():
+  import seqio  # pylint: disable=g-import-not-at-top
+  from specialize_jax.tasks import math_eval  # pylint: disable=g-import-not-at-top
+  tasks = ("gsm8k_dev_icl_cot", "multiarith_dev_zs_cot")
+  for _ in range(2):  # gin calls it once per reference
+    assert math_eval.register_eval_mixture("test_dev_eval", tasks) == "test_dev_eval"
+  assert sorted(t.name for t in seqio.get_mixture_or_task("test_dev_eval").tasks) == sorted(tasks)
+  with pytest.raises(ConfigError, match="gsm8k_dev_nope"):
+    math_eval.register_eval_mixture("test_dev_eval", ("gsm8k_dev_nope",))
+  seqio.MixtureRegistry.remove("test_dev_eval")
 
 
 def test_importing_the_package_never_imports_t5x():

@@ -399,7 +399,12 @@ class PreparedSource(seqio.DataSource):
                                                            [None]))
     dataset = dataset.map(lambda serialized: _parse_batch(serialized, stored_k),
                           num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.unbatch()
+    # `read` is a py_function, which tf.data refuses to checkpoint by default; it is a pure function
+    # of the stream position, so the iterator's position is its whole state and saving it (T5X's
+    # SaveCheckpointConfig.save_dataset) resumes exactly.
+    options = tf.data.Options()
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    return dataset.unbatch().with_options(options)
 
 
 def check_held_out(prepared: PreparedSet, expected: str) -> None:
