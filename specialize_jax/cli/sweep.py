@@ -6,14 +6,13 @@ reference numbers) and `compare` (several runs at their selected checkpoints).""
 # pylint: disable=g-import-not-at-top
 import argparse
 import json
-import os
 
 from specialize_jax.cli import common
 from specialize_jax.data import storage
 from specialize_jax.errors import ConfigError
 from specialize_jax.jobs import gin_config
+from specialize_jax.jobs import reference_source
 
-REFERENCE_SUBDIR = "reference"  # under the shipped gin/ folder
 
 
 def _add_rule_flags(p: argparse.ArgumentParser) -> None:
@@ -28,30 +27,7 @@ def _add_reference_flag(p: argparse.ArgumentParser) -> None:
   p.add_argument("--reference", default=None, metavar="FILE|RUN|NAME",
                  help="reference numbers to print beside the selected checkpoint: a .json or "
                  ".csv file (docs/evaluation.md#reference-numbers), another run directory (its "
-                 f"selected checkpoint), or a shipped name ({', '.join(_shipped_references())})")
-
-
-def _shipped_references() -> list:
-  folder = os.path.join(gin_config.SHIPPED_GIN_DIR, REFERENCE_SUBDIR)
-  return sorted(n[:-len(".json")] for n in (os.listdir(folder) if os.path.isdir(folder) else ())
-                if n.endswith(".json"))
-
-
-def _load_reference(value: str, rule, dtype, start_step):
-  """The reference `--reference VALUE` names: a run directory, a file, or a shipped name."""
-  from specialize_jax.evaluation import reference
-  from specialize_jax.evaluation import sweep
-  if storage.isdir(value):
-    table = sweep.read_accuracy_table(value, dtype or gin_config.recorded_model_dtype(value))
-    return reference.from_run(storage.absolute(value), table, rule, start_step)
-  shipped = os.path.join(gin_config.SHIPPED_GIN_DIR, REFERENCE_SUBDIR, f"{value}.json")
-  if not storage.exists(value) and os.sep not in value and os.path.isfile(shipped):
-    return reference.load_file(shipped)
-  if not storage.exists(value):
-    raise ConfigError(f"--reference {value}: no such file or run directory, nor a shipped "
-                      f"reference ({', '.join(_shipped_references())}); give a .json or .csv "
-                      "file, a run directory or one of those names.")
-  return reference.load_file(value)
+                 f"selected checkpoint), or a shipped name ({', '.join(reference_source.shipped_references())})")
 
 
 def add_arguments(sub) -> None:
@@ -134,7 +110,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
       max_decode_length=args.max_decode_length)
   preflight.check_tasks(config.task_names, "--tasks / --bbh_tasks")
   # Read before decoding, so a bad reference fails in a second, not after the sweep.
-  ref = (_load_reference(args.reference, rule, None, sweep.START_STEP) if args.reference
+  ref = (reference_source.load_reference(args.reference, rule, None, sweep.START_STEP) if args.reference
          else None)
   partitioner = partitioning.PartitioningConfig(
       num_partitions=args.num_partitions,
@@ -164,7 +140,7 @@ def cmd_report(args: argparse.Namespace) -> int:
   if step is None:
     raise ConfigError(f"Run {model_dir} has no eval results under "
                       f"{storage.join(model_dir, 'eval')}; run `specialize sweep {model_dir}`.")
-  ref = (_load_reference(args.reference, rule, args.dtype, start_step) if args.reference
+  ref = (reference_source.load_reference(args.reference, rule, args.dtype, start_step) if args.reference
          else reference.Reference(model_dir, ()))
   chosen = selection.select(table, rule, [s for s in table if s != start_step])
   print(f"Run: {model_dir}")
