@@ -107,11 +107,11 @@ class MicroBatchPlan:
       return None
     return self._rng(3, epoch, format_index).permutation(int(self.counts[self.formats[format_index]]))
 
-  def epoch(self, epoch: int) -> List[MicroBatch]:
-    """Every micro-batch of epoch `epoch`, in training order."""
-    orders = {f: self._format_order(f, epoch) for f in range(len(self.formats))}
+  def _micro_batches(self, epoch: int, rows: np.ndarray) -> List[MicroBatch]:
+    """The micro-batches of `rows` of epoch `epoch`'s sequence."""
+    orders = {f: self._format_order(f, epoch) for f in np.unique(rows[:, 0]).tolist()}
     result = []
-    for format_index, batch, part in self._sequence(epoch):
+    for format_index, batch, part in rows:
       name = self.formats[format_index]
       size = int(self.micro_batch_sizes[name])
       start = (batch * self.accumulation + part) * size
@@ -121,11 +121,16 @@ class MicroBatchPlan:
       result.append(MicroBatch(name, examples))
     return result
 
+  def epoch(self, epoch: int) -> List[MicroBatch]:
+    """Every micro-batch of epoch `epoch`, in training order."""
+    return self._micro_batches(epoch, self._sequence(epoch))
+
   def step(self, step: int) -> List[MicroBatch]:
-    """The `accumulation` micro-batches of optimizer step `step` (0-based, across epochs)."""
+    """The `accumulation` micro-batches of optimizer step `step` (0-based, across epochs): one
+    epoch's order is permuted, but only this step's micro-batches are built."""
     epoch, within = divmod(step, self.steps_per_epoch)
-    micro_batches = self.epoch(epoch)
-    return micro_batches[within * self.accumulation:(within + 1) * self.accumulation]
+    rows = self._sequence(epoch)[within * self.accumulation:(within + 1) * self.accumulation]
+    return self._micro_batches(epoch, rows)
 
 
 def micro_batch_share(plan: MicroBatchPlan) -> Dict[str, float]:
