@@ -29,6 +29,7 @@ from specialize_jax.data import data_dir
 from specialize_jax.data import formats
 from specialize_jax.data import splits
 from specialize_jax.data import vocabulary
+from specialize_jax.prepared import micro_batches
 from specialize_jax.prepared import prepared_data
 from specialize_jax.tasks import common
 
@@ -70,22 +71,27 @@ def register_prepared_task(name: str, directory_fn, format_names, teacher_k: Opt
                            output_features: Optional[Mapping[str, seqio.Feature]] = None,
                            vocabulary_path=vocabulary.vocabulary_path,
                            missing_fix: Optional[str] = None,
-                           held_out: Optional[str] = None) -> None:
+                           held_out: Optional[str] = None,
+                           batching: Optional[micro_batches.MicroBatchSettings] = None) -> None:
   """Registers (or replaces) one training task over some formats of a prepared set; `missing_fix`
   is the advice when the set is missing (default: `specialize prepare`); with `held_out`, a set
-  that held out other questions is refused (`prepared_data.check_held_out`)."""
+  that held out other questions is refused (`prepared_data.check_held_out`); with `batching`, the
+  set is read in the original's batching (`prepared_data.PreparedSource`)."""
+  source = prepared_data.PreparedSource(directory_fn, format_names, teacher_k, rates,
+                                        vocabulary_path=vocabulary_path, missing_fix=missing_fix,
+                                        held_out=held_out, batching=batching)
   preprocessors = [seqio.preprocessors.append_eos_after_trim]
   if teacher_k:
     preprocessors.append(prepared_data.complete_teacher_rows)
   if any(formats.is_in_context(f) for f in format_names):
     preprocessors.insert(0, functools.partial(check_input_budget, directory_fn=directory_fn,
                                               format_names=tuple(format_names)))
+  if batching is not None:
+    preprocessors.insert(0, functools.partial(prepared_data.check_targets_fit, source=source))
   seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(
       name,
-      source=prepared_data.PreparedSource(directory_fn, format_names, teacher_k, rates,
-                                          vocabulary_path=vocabulary_path,
-                                          missing_fix=missing_fix, held_out=held_out),
+      source=source,
       preprocessors=preprocessors,
       output_features=output_features or common.output_features(with_teacher=bool(teacher_k)),
       postprocess_fn=common.gold_answer_postprocessor,
@@ -96,13 +102,17 @@ def register_prepared_task(name: str, directory_fn, format_names, teacher_k: Opt
 def register_distillation_tasks(prefix: str = DEFAULT_PREFIX,
                                 prepared_dir: Optional[str] = None,
                                 rates: Optional[Mapping[str, float]] = None,
-                                teacher_k: Optional[int] = None) -> str:
+                                teacher_k: Optional[int] = None,
+                                batching: Optional[micro_batches.MicroBatchSettings] = None
+                                ) -> str:
   """Registers `{prefix}_{format}` for the four formats and `{prefix}`, all four mixed (replacing an
   earlier registration of `prefix`); returns the mixed task's name.
 
-  `rates` overrides the rates recorded in the set (e.g. `{'zs_cot': 1.0}`). With `teacher_k`, the
-  tasks carry the set's top-`teacher_k` rows; train them with the `distribution` loss and
-  TEACHER_K = k.
+  `rates` overrides the rates recorded in the set (e.g. `{'zs_cot': 1.0}`; with `batching` they
+  only select the formats). With `teacher_k`, the tasks carry the set's top-`teacher_k` rows; train
+  them with the `distribution` loss and TEACHER_K = k. With `batching`, `{prefix}` is read in the
+  original's batching (how T5X's gin files ask for it; `specialize train` can also set
+  `DatasetConfig.micro_batches` on any prepared task).
   """
   if rates is not None:
     unknown = set(rates) - set(formats.FORMATS)
@@ -115,7 +125,7 @@ def register_distillation_tasks(prefix: str = DEFAULT_PREFIX,
                            held_out=splits.GSM8K_HELD_OUT)
   mixed = [f for f in formats.FORMATS if rates is None or rates.get(f, 0) > 0]
   register_prepared_task(prefix, directory_fn, mixed, teacher_k, rates,
-                         held_out=splits.GSM8K_HELD_OUT)
+                         held_out=splits.GSM8K_HELD_OUT, batching=batching)
   return prefix
 
 

@@ -11,6 +11,7 @@ import pytest
 from specialize_jax.jobs import gin_config
 from specialize_jax.errors import ConfigError
 from specialize_jax.model import config as model_config
+from specialize_jax.prepared import micro_batches
 
 GIN_DIR = pathlib.Path(gin_config.SHIPPED_GIN_DIR)
 REQUIRED = {
@@ -24,7 +25,7 @@ REQUIRED = {
 
 @pytest.fixture(autouse=True)
 def cwd_with_gin_named_folders(tmp_path, monkeypatch):
-  for name in ("runs/demo", "models", "experiments", "partitioning"):
+  for name in ("runs/demo", "models", "experiments", "partitioning", "batching"):
     (tmp_path / name).mkdir(parents=True)
   monkeypatch.chdir(tmp_path)
   monkeypatch.syspath_prepend(str(tmp_path))
@@ -46,7 +47,7 @@ def test_gin_files_exist():
 def test_every_gin_file_parses(path):
   relative = path.relative_to(GIN_DIR)
   files = [str(relative)]
-  if relative.parts[0] in ("models", "partitioning"):
+  if relative.parts[0] in ("models", "partitioning", "batching"):
     bindings = []
   else:
     bindings = [b for b in REQUIRED[relative.parts[0]]]
@@ -160,6 +161,20 @@ REPRODUCTION = {
     "small": (5e-4, 3, 3000), "base": (5e-4, 3, 3000), "large": (5e-4, 20, 9560),
     "xl": (5e-4, 30, 2000), "xxl": (5e-4, 20, 2700),
 }
+# The original's micro-batch sizes (src/conf/batch_size/{250m,780m,3b,11b}.yaml).
+MICRO_BATCH_SIZES = {
+    "small": {"icl_cot": 25, "icl_ao": 35, "zs_cot": 40, "zs_ao": 60},
+    "base": {"icl_cot": 25, "icl_ao": 35, "zs_cot": 40, "zs_ao": 60},
+    "large": {"icl_cot": 8, "icl_ao": 12, "zs_cot": 18, "zs_ao": 30},
+    "xl": {"icl_cot": 2, "icl_ao": 10, "zs_cot": 8, "zs_ao": 20},
+    "xxl": {"icl_cot": 2, "icl_ao": 10, "zs_cot": 8, "zs_ao": 20},
+}
+# Examples per format: the paper's teacher set (207,135 chains of 7,473 questions), and ours
+# without the 200 GSM8K dev questions (about 27.7 chains each).
+TEACHER_SET_COUNTS = (
+    {"icl_cot": 207_135, "icl_ao": 7_473, "zs_cot": 207_135, "zs_ao": 7_473},
+    {"icl_cot": 201_591, "icl_ao": 7_273, "zs_cot": 201_591, "zs_ao": 7_273},
+)
 
 
 @pytest.mark.parametrize("variant", ["", "_distribution"])
@@ -175,8 +190,18 @@ def test_experiment_reproduces_the_original_settings(size, variant):
   try:
     macro = gin_config.macro
     assert macro("LEARNING_RATE") == learning_rate
-    assert macro("NUM_MICROBATCHES") == accumulation
     assert macro("TRAIN_STEPS") == steps
+    # The original's batching, with a batch every step of its run fits.
+    assert gin_config.bound_value("train/input_pipeline.DatasetConfig.micro_batches") is not None
+    sizes = gin_config.bound_value("micro_batches.MicroBatchSettings.micro_batch_sizes")
+    assert sizes == MICRO_BATCH_SIZES[size]
+    assert gin_config.bound_value("micro_batches.MicroBatchSettings.accumulation") == accumulation
+    rows_per_device = macro("BATCH_SIZE") // macro("NUM_MICROBATCHES")
+    assert rows_per_device * macro("NUM_MICROBATCHES") == macro("BATCH_SIZE")
+    for counts in TEACHER_SET_COUNTS:
+      for seed in range(3):
+        plan = micro_batches.MicroBatchPlan(counts, sizes, accumulation, seed)
+        assert plan.rows_per_step(steps).max() <= macro("BATCH_SIZE"), (counts, seed)
     assert macro("DROPOUT_RATE") == 0.0
     assert gin.query_parameter("model_config.T5Config.dropout_rate").scoped_selector == (
         "DROPOUT_RATE/gin.macro")

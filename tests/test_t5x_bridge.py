@@ -218,8 +218,14 @@ def test_t5x_size_file_is_the_experiment_of_our_trainer(size):
   assert _value(t5x, "TRAIN_STEPS") - start == _value(ours, "TRAIN_STEPS")
   assert start % 250 == 0  # T5X saves at absolute steps: fine-tuning step 250k lands on them
   for macro in ("LEARNING_RATE", "NUM_MICROBATCHES", "BATCH_SIZE", "TASK_FEATURE_LENGTHS",
-                "WARMUP_STEPS", "WEIGHT_DECAY"):
+                "WARMUP_STEPS", "WEIGHT_DECAY", "MICRO_BATCHES",
+                "micro_batches.MicroBatchSettings.micro_batch_sizes",
+                "micro_batches.MicroBatchSettings.accumulation"):
     assert _value(t5x, macro) == _value(ours, macro), macro
+  # The original's batching reaches T5X's training task (ours: DatasetConfig.micro_batches).
+  assert t5x["distillation.register_distillation_tasks.batching"] == ("%", "MICRO_BATCHES")
+  assert ours["train/input_pipeline.DatasetConfig.micro_batches"] == ("%", "MICRO_BATCHES")
+  assert _value(t5x, "MICRO_BATCHES")[0] == "@"
 
 
 def test_eval_mixture_holds_the_eval_tasks_and_names_an_unknown_one():
@@ -287,9 +293,15 @@ def test_the_t5x_names_the_check_relies_on_exist_in_t5x():
 
 
 def _t5x_train(model_dir, *bindings, timeout=300):
-  """Runs `python -m t5x.train` with gin/t5x/tiny_cpu.gin; returns its log."""
-  args = [sys.executable, "-m", "t5x.train", f"--gin_search_paths={GIN_DIR}",
-          "--gin_file=t5x/tiny_cpu.gin", f'--gin.MODEL_DIR="{model_dir}"', *bindings]
+  """Runs `python -m t5x.train` with gin/t5x/tiny_cpu.gin (or the `--gin_file=` among `bindings`,
+  found in a `--gin_search_paths=` among them); returns its log."""
+  flags = [b for b in bindings if b.startswith(("--gin_file=", "--gin_search_paths="))]
+  bindings = [b for b in bindings if b not in flags]
+  paths = ",".join([str(GIN_DIR)] + [f.partition("=")[2] for f in flags
+                                     if f.startswith("--gin_search_paths=")])
+  files = [f for f in flags if f.startswith("--gin_file=")] or ["--gin_file=t5x/tiny_cpu.gin"]
+  args = [sys.executable, "-m", "t5x.train", f"--gin_search_paths={paths}", *files,
+          f'--gin.MODEL_DIR="{model_dir}"', *bindings]
   # One CPU device: T5X lays 8 fake CPU devices out as a model-parallel mesh the tiny model's
   # 12-wide projections do not divide.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -389,3 +401,79 @@ def test_checkpoints_round_trip_between_specialize_and_t5x(data_dir, gsm8k_gold_
       encoder, decoder, targets, enable_dropout=False)
   np.testing.assert_allclose(model.logits(encoder, decoder, targets), np.asarray(t5x_logits),
                              atol=1e-5)
+
+
+# The original's batching on the tiny T5X run: two formats of the gold set, micro-batches of 2 and
+# 3 rows, 2 per step, padded to BATCH_SIZE 8 in 2 device micro-batches.
+ORIGINAL_FORMATS = {"zs_cot": 2, "zs_ao": 3}
+ORIGINAL_LENGTHS = {"inputs": 256, "targets": 320}  # the gold set's longest target is 291 tokens
+ORIGINAL_MODE = f"""
+from __gin__ import dynamic_registration
+from specialize_jax.prepared import micro_batches
+from specialize_jax.tasks import distillation
+
+include 't5x/tiny_cpu.gin'
+
+MICRO_BATCHES = @micro_batches.MicroBatchSettings()
+micro_batches.MicroBatchSettings:
+  micro_batch_sizes = {ORIGINAL_FORMATS}
+  accumulation = 2
+  device_micro_batches = %NUM_MICROBATCHES
+  rows_per_step = %BATCH_SIZE
+NUM_MICROBATCHES = 2
+distillation.register_distillation_tasks.rates = {{'zs_cot': 1.0, 'zs_ao': 1.0}}
+TASK_FEATURE_LENGTHS = {ORIGINAL_LENGTHS}
+"""
+
+
+@needs_t5x
+def test_t5x_reads_the_batches_of_specialize_train_in_the_originals_batching(gsm8k_gold_set):
+  """T5X's own dataset function on the task `register_distillation_tasks(batching=...)` registers
+  (what gin/t5x/ binds) yields exactly the batches of our trainer's `DatasetConfig.micro_batches`."""
+  from t5x import utils as t5x_utils  # pylint: disable=g-import-not-at-top
+  from specialize_jax.data import feature_converters  # pylint: disable=g-import-not-at-top
+  from specialize_jax.prepared import micro_batches  # pylint: disable=g-import-not-at-top
+  from specialize_jax.tasks import distillation  # pylint: disable=g-import-not-at-top
+  from specialize_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
+  settings = micro_batches.MicroBatchSettings(ORIGINAL_FORMATS, 2, device_micro_batches=2,
+                                              rows_per_step=8)
+  rates = {"zs_cot": 1.0, "zs_ao": 1.0}
+  t5x_task = distillation.register_distillation_tasks("t5x_original_batching", gsm8k_gold_set,
+                                                      rates, batching=settings)
+  our_task = distillation.register_distillation_tasks("ours_original_batching", gsm8k_gold_set,
+                                                      rates)
+  t5x_config = t5x_utils.DatasetConfig(
+      mixture_or_task_name=t5x_task, task_feature_lengths=ORIGINAL_LENGTHS, split="train",
+      batch_size=8, shuffle=True, seed=0, pack=False, use_cached=False)
+  t5x_batches = t5x_utils.get_dataset(
+      t5x_config, 0, 1, feature_converters.TeacherEncDecFeatureConverter).as_numpy_iterator()
+  ours = input_pipeline.TrainIterator(input_pipeline.DatasetConfig(
+      our_task, ORIGINAL_LENGTHS, batch_size=8, seed=0, micro_batches=settings))
+  for _ in range(3):
+    expected, got = next(ours), next(t5x_batches)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+      np.testing.assert_array_equal(got[name], value, err_msg=name)
+  assert expected["decoder_loss_weights"].dtype == np.float32
+
+
+@needs_t5x
+def test_a_restarted_t5x_run_trains_on_the_batches_of_an_uninterrupted_one(
+    data_dir, gsm8k_gold_set, tmp_path):
+  """In the original's batching: T5X stopped at its step-2 checkpoint and started again (the input's
+  position restored from that checkpoint) ends at the parameters of a run that never stopped."""
+  (tmp_path / "gin").mkdir()
+  (tmp_path / "gin" / "tiny_original.gin").write_text(ORIGINAL_MODE)
+  common = [f"--gin_search_paths={tmp_path / 'gin'}", "--gin_file=tiny_original.gin",
+            f"--gin.PREPARED_DATA='{gsm8k_gold_set}'", "--gin.EVAL_PERIOD=1000"]
+  _t5x_train(tmp_path / "whole", *common, "--gin.TRAIN_STEPS=4")
+  _t5x_train(tmp_path / "restarted", *common, "--gin.TRAIN_STEPS=2")
+  log = _t5x_train(tmp_path / "restarted", *common, "--gin.TRAIN_STEPS=4")
+  assert "checkpoint_2" in log  # it restored, rather than starting again
+  _, whole = loading.load_checkpoint(tmp_path / "whole" / "checkpoint_4")
+  _, restarted = loading.load_checkpoint(tmp_path / "restarted" / "checkpoint_4")
+  _, second = loading.load_checkpoint(tmp_path / "whole" / "checkpoint_2")
+  whole, restarted, second = map(param_tree.flatten_params, (whole, restarted, second))
+  for name in whole:
+    np.testing.assert_array_equal(restarted[name], whole[name], err_msg=name)
+  assert any(not np.allclose(whole[n], second[n]) for n in whole)  # steps 3-4 trained

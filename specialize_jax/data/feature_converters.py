@@ -36,6 +36,10 @@ inside a sequence is kept), and segment ids number examples, so an example with 
 still has matching encoder and decoder segment ids (SeqIO numbers each feature separately and
 shifts one against the other).
 
+Loss scale: a task may give each example a float32 scalar ``loss_scale`` (the original's per-micro-
+batch token mean, ``prepared.micro_batches``); the converter multiplies it into
+``decoder_loss_weights``, which are then float32 (unpacked only: a packed row mixes examples).
+
 Teacher features may be longer than ``targets`` only when ``targets`` has exactly the targets
 length, i.e. a SeqIO Task trimmed ``targets`` (``trim_output_features``) but not the teacher
 features; they are then cut to the same prefix. Any other length difference is an error.
@@ -50,6 +54,7 @@ from specialize_jax.errors import ConfigError
 TEACHER_TOPK_IDS = "teacher_topk_ids"
 TEACHER_TOPK_LOGPROBS = "teacher_topk_logprobs"
 TEACHER_FEATURES = (TEACHER_TOPK_IDS, TEACHER_TOPK_LOGPROBS)
+LOSS_SCALE = "loss_scale"
 # Slots 1..k-1 of a one-hot row (see the module docstring).
 TEACHER_PAD_ID = 0
 TEACHER_PAD_LOGPROB = -1e9
@@ -263,7 +268,11 @@ class TeacherEncDecFeatureConverter(seqio.EncDecFeatureConverter):
       if set(ds.element_spec) - keep:
         ds = ds.map(lambda example: {k: v for k, v in example.items() if k in keep})
     k = self._teacher_k_of(ds.element_spec)
-    if k is None:
+    scaled = LOSS_SCALE in ds.element_spec
+    if scaled and self.pack:
+      raise ValueError(f"The dataset's examples carry {LOSS_SCALE} (the original's batching), "
+                       "which packing would mix across examples; set pack=False (USE_PACKING).")
+    if k is None and not scaled:
       return super().__call__(ds, task_feature_lengths)
     if self.pack and self._use_custom_packing_ops:
       raise ValueError(
@@ -285,8 +294,12 @@ class TeacherEncDecFeatureConverter(seqio.EncDecFeatureConverter):
     if self.pack:
       model_features.update({name: _Spec(dtype=dtype)
                              for name, dtype in self.PACKING_FEATURE_DTYPES.items()})
-    model_features.update(TEACHER_MODEL_FEATURES)
-    model_feature_lengths = self._model_feature_lengths(task_feature_lengths, with_teacher=True)
+    if k is not None:
+      model_features.update(TEACHER_MODEL_FEATURES)
+    if scaled:
+      model_features["decoder_loss_weights"] = _Spec(dtype=tf.float32)
+    model_feature_lengths = self._model_feature_lengths(task_feature_lengths,
+                                                        with_teacher=k is not None)
     ds = self._validate_dataset(ds, model_features, model_feature_lengths, strict=True,
                                 error_label="output_validation")
     if set(ds.element_spec) != set(model_features):
@@ -356,6 +369,9 @@ class TeacherEncDecFeatureConverter(seqio.EncDecFeatureConverter):
     for name in TEACHER_FEATURES:
       if name in features:
         model_features[name] = features[name]
+    if LOSS_SCALE in features:
+      model_features["decoder_loss_weights"] = (
+          tf.cast(model_features["decoder_loss_weights"], tf.float32) * features[LOSS_SCALE])
     return model_features
 
   def get_model_feature_lengths(self,

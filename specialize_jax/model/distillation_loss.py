@@ -28,6 +28,8 @@ from typing import Mapping, Optional, Tuple, Union
 import jax
 import jax.numpy as jnp
 
+from specialize_jax.model import losses
+
 Array = jax.Array
 
 TEACHER_TOPK_IDS = 'teacher_topk_ids'
@@ -92,9 +94,7 @@ class TeacherKL:
     # Exactly as `losses.compute_weighted_cross_entropy`: no weights means every position counts.
     kl = jnp.sum(kl if weights is None else kl * weights)
     mass = jnp.sum(jnp.exp(batch[TEACHER_TOPK_LOGPROBS].astype(jnp.float32)), axis=-1)
-    token_weights = batch.get('decoder_loss_weights')
-    if token_weights is None:
-      token_weights = (batch['decoder_target_tokens'] > 0).astype(jnp.float32)
+    token_weights = losses.counted_tokens(batch)
     num_tokens = jnp.maximum(jnp.sum(token_weights), 1e-8)
     if loss_normalizing_factor is not None:
       kl = kl / loss_normalizing_factor

@@ -214,3 +214,13 @@ def get_loss_normalizing_factor_and_weights(
     per_sequence = jnp.sum(weights, axis=-1, keepdims=True)
   weights = jnp.nan_to_num(weights / per_sequence, nan=0.0, posinf=0.0, neginf=0.0)
   return jnp.sum(weights), weights
+
+
+def counted_tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """1.0 on the target tokens the loss counts (positive `decoder_loss_weights`, else non-padding
+  targets), 0.0 elsewhere, `[batch, length]`: what token counts and per-token means are over,
+  whatever the weights' scale (the original's batching scales them per micro-batch)."""
+  weights = batch.get('decoder_loss_weights')
+  if weights is None:
+    return (batch['decoder_target_tokens'] > 0).astype(jnp.float32)
+  return (weights > 0).astype(jnp.float32)

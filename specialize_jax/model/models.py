@@ -16,8 +16,8 @@ Terms:
     `distillation_loss`, mixed with cross-entropy by `distribution_ce_weight`).
   metrics: a flat dict of scalar arrays (no clu objects): `loss` (total), `cross_ent_loss`,
     `z_loss`, `accuracy` (fraction of weighted target tokens whose argmax is right),
-    `num_tokens` (sum of token weights), `num_examples` (examples: packed rows count each of
-    their segments), plus whatever extra losses report.
+    `num_tokens` (target tokens with a positive weight), `num_examples` (rows with such a token;
+    packed rows count each of their segments), plus whatever extra losses report.
 """
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
@@ -41,12 +41,12 @@ _OPTIONAL_FEATURES = ('encoder_segment_ids', 'decoder_segment_ids', 'encoder_pos
                       'decoder_positions')
 
 
-def _num_examples(batch: Batch) -> Array:
-  """Examples in `batch`: its rows, or when packed its target segments (a segment starts where
-  the id is positive and differs from the previous position's)."""
+def _num_examples(batch: Batch, counted: Array) -> Array:
+  """Examples in `batch`: its rows with a counted token, or when packed its target segments (a
+  segment starts where the id is positive and differs from the previous position's)."""
   segments = batch.get('decoder_segment_ids')
   if segments is None:
-    return jnp.asarray(batch['decoder_target_tokens'].shape[0], jnp.float32)
+    return jnp.sum(jnp.any(counted > 0, axis=-1)).astype(jnp.float32)
   previous = jnp.pad(segments[:, :-1], ((0, 0), (1, 0)))  # [batch, length]
   return jnp.sum((segments > 0) & (segments != previous)).astype(jnp.float32)
 
@@ -160,9 +160,7 @@ class EncoderDecoderModel:
         loss_normalizing_factor=factor)
     cross_ent = loss - z_loss
     loss = self.cross_entropy_weight * cross_ent + z_loss
-    token_weights = batch.get('decoder_loss_weights')
-    if token_weights is None:
-      token_weights = (targets > 0).astype(jnp.float32)
+    token_weights = losses.counted_tokens(batch)
     num_tokens = jnp.sum(token_weights)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     metrics = {
@@ -170,7 +168,7 @@ class EncoderDecoderModel:
         'z_loss': z_loss,
         'accuracy': jnp.sum(correct * token_weights) / jnp.maximum(num_tokens, 1e-8),
         'num_tokens': num_tokens,
-        'num_examples': _num_examples(batch),
+        'num_examples': _num_examples(batch, token_weights),
     }
     for extra_loss in self.extra_losses:
       value, extra_metrics = extra_loss(logits, batch, weights=weights,

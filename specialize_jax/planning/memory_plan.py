@@ -35,6 +35,7 @@ import numpy as np
 
 from specialize_jax.errors import ConfigError
 from specialize_jax.model import models
+from specialize_jax.prepared import prepared_data
 from specialize_jax.training import input_pipeline
 from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
@@ -252,9 +253,10 @@ def _compiled_plan(request: PlanRequest, devices: Optional[Sequence[jax.Device]]
   mesh = partitioning.make_mesh(request.partitioner, devices[:num_devices])
   tx, state, shardings, batch, sizes = _analytic(request, mesh)
   rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=partitioning.replicated(mesh))
-  step_fn = train_step.make_train_step(request.model, tx, shardings, mesh,
-                                       request.num_microbatches,
-                                       rules=request.partitioner.logical_axis_rules)
+  step_fn = train_step.make_train_step(
+      request.model, tx, shardings, mesh, request.num_microbatches,
+      rules=request.partitioner.logical_axis_rules,
+      skip_empty_microbatches=request.dataset.micro_batches is not None)
   log(f'Compiling the train step for {num_devices} devices (mesh {dict(mesh.shape)}) ...')
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch, rng).compile()
@@ -358,6 +360,26 @@ def verdict(result: Plan) -> str:
   return f'{head}; fix: {result.fix}'
 
 
+def _batching_lines(request: PlanRequest) -> List[str]:
+  """With the original's batching: how full the steps of this run are (read from the prepared set's
+  sizes when it can be opened here)."""
+  if request.dataset.micro_batches is None:
+    return []
+  head = (f'The original\'s batching: each step is padded to {request.dataset.batch_size} rows; '
+          'all-padding micro-batches are skipped.')
+  try:
+    rows = input_pipeline.micro_batch_rows(request.dataset, request.num_train_steps,
+                                           request.num_microbatches)
+  except prepared_data.PreparedDataError as e:
+    return [head, f'  (steps not counted: {e})']
+  except ConfigError as e:
+    return [head, f'  DOES NOT FIT: {e}']
+  per_device = request.dataset.batch_size // request.num_microbatches
+  return [head, f'  Over {request.num_train_steps} steps: {rows.mean():.1f} rows on average, '
+                f'{int(rows.max())} at most; {np.mean(-(-rows // per_device)):.1f} of '
+                f'{request.num_microbatches} micro-batches computed per step on average.']
+
+
 def format_plan(result: Plan) -> str:
   """The table `specialize plan` prints."""
   request = result.request
@@ -382,6 +404,7 @@ def format_plan(result: Plan) -> str:
       f'Batch {request.dataset.batch_size} = {request.num_microbatches} micro-batches of '
       f'{micro_rows:g} rows: {feed}',
       *layout_lines,
+      *_batching_lines(request),
       '',
       f'{"per device":<46}{"bytes":>12}',
   ]

@@ -137,7 +137,7 @@ def _write_chunk(chunk: _Chunk, config: PrepareConfig, work_dir: str,
     tmp = os.path.join(work_dir, f".{name}.tmp")
     writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
     stats: Dict = {}
-    questions, with_teacher = [], 0
+    questions, target_tokens, with_teacher = [], [], 0
     position_of = dict(zip((r.id for r in chunk.records), chunk.positions))
     examples = formats.distillation_examples(
         chunk.records, format_name, sampler, config.max_input_tokens, tokenizer.count_tokens,
@@ -158,11 +158,13 @@ def _write_chunk(chunk: _Chunk, config: PrepareConfig, work_dir: str,
       writer.write(prepared_data.serialize_example(example, inputs, targets, format_name, ids,
                                                    logprobs))
       questions.append(position_of[example["id"]])
+      target_tokens.append(len(targets))
     writer.close()
     final = os.path.join(work_dir, name)
     os.replace(tmp, final)  # local: work dir
     marker["formats"][format_name] = {"file": name, "num_examples": len(questions),
-                                      "questions": questions, "with_teacher": with_teacher,
+                                      "questions": questions, "target_tokens": target_tokens,
+                                      "with_teacher": with_teacher,
                                       "stats": stats}
   return marker
 
@@ -289,7 +291,10 @@ def prepare(records_fn: Callable[[], Iterable[teacher_data.TeacherRecord]], conf
   for chunk in chunks:
     if os.path.exists(_marker_path(work_dir, chunk.index)):  # local: work dir
       with open(_marker_path(work_dir, chunk.index), encoding="utf-8") as f:  # local: work dir
-        markers[chunk.index] = json.load(f)
+        marker = json.load(f)
+      # A chunk written before target lengths were recorded is written again.
+      if all("target_tokens" in m for m in marker["formats"].values()):
+        markers[chunk.index] = marker
   todo = [c for c in chunks if c.index not in markers]
   if markers:
     log(f"Resuming: {len(markers)} of {len(chunks)} chunks were already written in {work_dir}.")
@@ -321,8 +326,11 @@ def prepare(records_fn: Callable[[], Iterable[teacher_data.TeacherRecord]], conf
     parts = [markers[i]["formats"][format_name] for i in sorted(markers)]
     questions = np.asarray([q for p in parts for q in p["questions"]], np.int32)
     np.save(os.path.join(work_dir, prepared_data.questions_file(format_name)), questions)
+    target_tokens = np.asarray([n for p in parts for n in p["target_tokens"]], np.int32)
+    np.save(os.path.join(work_dir, prepared_data.target_tokens_file(format_name)), target_tokens)
     names = [p["file"] for p in parts if p["num_examples"]]
-    files += names + [prepared_data.questions_file(format_name)]
+    files += names + [prepared_data.questions_file(format_name),
+                      prepared_data.target_tokens_file(format_name)]
     stats: Dict = {}
     for p in parts:
       for key, value in p["stats"].items():

@@ -14,6 +14,8 @@ Layout of a prepared directory (local or `gs://`):
   {format}-{i:05d}-of-{n:05d}.array_record   the examples of one format, chunk i of n (by question)
   {format}.questions.npy           int32 [num_examples]: the question (teacher-file position) of
                                    every example of that format, in file order
+  {format}.target_tokens.npy       int32 [num_examples]: each example's target tokens (no EOS), for
+                                   the original's per-micro-batch loss (`micro_batches`)
 
 Records are serialized `tf.train.Example`s (SeqIO's convention): `inputs`, `targets` (token ids,
 no EOS), `id`, `answer`, `format`, `sample_index` (-1 for answer-only), and with teacher rows
@@ -58,6 +60,7 @@ import tensorflow as tf
 from specialize_jax.errors import ConfigError
 from specialize_jax.data import feature_converters
 from specialize_jax.data import storage
+from specialize_jax.prepared import micro_batches
 
 SCHEMA = "specialize_jax.prepared/1"
 METADATA_FILE = "metadata.json"
@@ -80,6 +83,10 @@ def shard_file(format_name: str, index: int, count: int) -> str:
 
 def questions_file(format_name: str) -> str:
   return f"{format_name}.questions.npy"
+
+
+def target_tokens_file(format_name: str) -> str:
+  return f"{format_name}.target_tokens.npy"
 
 
 def file_sha256(path: str) -> str:
@@ -218,6 +225,17 @@ class PreparedSet:
     return np.load(io.BytesIO(storage.read_bytes(
         f"{self.directory}/{questions_file(format_name)}")))
 
+  def target_tokens(self, format_name: str) -> np.ndarray:
+    """Each example's target tokens without the EOS (written by `prepare` since the original's
+    batching; an older set lacks them)."""
+    path = f"{self.directory}/{target_tokens_file(format_name)}"
+    if not storage.exists(path):
+      raise PreparedDataError(
+          f"{self.directory} has no {target_tokens_file(format_name)} (it was prepared before the "
+          "original's batching, which needs every example's target length); prepare it again "
+          f"with `specialize prepare --output {self.directory}` (same --teacher/--aligned).")
+    return np.load(io.BytesIO(storage.read_bytes(path)))
+
   @property
   def teacher_k(self) -> Optional[int]:
     return self.metadata.get("teacher_k")
@@ -257,6 +275,13 @@ def spread_permutation(questions: np.ndarray, rng: np.random.Generator) -> np.nd
   return np.argsort(keys, kind="stable")
 
 
+def global_positions(stream_index: np.ndarray, shard_index: int, num_shards: int,
+                     rows_per_batch: int) -> np.ndarray:
+  """Positions in the global stream of a data shard's stream indices (see "stream")."""
+  batch, row = np.divmod(np.asarray(stream_index, np.int64), rows_per_batch)
+  return (batch * num_shards + shard_index) * rows_per_batch + row
+
+
 class ExampleOrder:
   """Maps a data shard's stream index to `(format index, example index)`: stateless but for
   caches of the current block's and epochs' permutations."""
@@ -288,8 +313,11 @@ class ExampleOrder:
     return spread_permutation(self._questions[format_index], rng)
 
   def lookup(self, stream_index: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    batch, row = np.divmod(np.asarray(stream_index, np.int64), self._rows)
-    position = (batch * self._num_shards + self._shard_index) * self._rows + row
+    return self.lookup_positions(global_positions(stream_index, self._shard_index,
+                                                  self._num_shards, self._rows))
+
+  def lookup_positions(self, position: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """`(format index, example index)` of global stream positions."""
     block, offset = np.divmod(position, self._block)
     slot = np.empty_like(position)
     for b in np.unique(block):
@@ -314,13 +342,22 @@ class PreparedSource(seqio.DataSource):
   `vocabulary_path` may be callables returning them (environment variables read late). With
   `vocabulary_path`, a set tokenized with another vocabulary fails before training; with
   `held_out`, so does a set that held out other questions (`check_held_out`).
+
+  With `batching` (`micro_batches.MicroBatchSettings`) the stream is the original's single-format
+  micro-batches instead of the rates' mixture: global batch k is optimizer step k laid out by
+  `micro_batches.StepLayout`, and every example carries `loss_scale` (float32), which the feature
+  converter multiplies into `decoder_loss_weights`.
   """
 
   def __init__(self, directory, format_names: Sequence[str], teacher_k: Optional[int] = None,
                rates: Optional[Mapping[str, float]] = None, vocabulary_path=None,
-               missing_fix: Optional[str] = None, held_out: Optional[str] = None):
+               missing_fix: Optional[str] = None, held_out: Optional[str] = None,
+               batching: Optional[micro_batches.MicroBatchSettings] = None):
     super().__init__(splits=(TRAIN_SPLIT,), num_input_examples=None, caching_permitted=False,
                      performs_internal_shuffling=True)
+    if batching is not None and batching.rows_per_step is None:
+      raise ConfigError("The original's batching needs its rows per step (BATCH_SIZE): set "
+                        "MicroBatchSettings.rows_per_step.")
     self._directory = directory
     self._vocabulary_path = vocabulary_path
     self._missing_fix = missing_fix
@@ -328,6 +365,34 @@ class PreparedSource(seqio.DataSource):
     self._teacher_k = teacher_k
     self._rates = rates
     self._held_out = held_out
+    self._batching = batching
+
+  @property
+  def batching(self) -> Optional[micro_batches.MicroBatchSettings]:
+    return self._batching
+
+  def with_batching(self, batching: micro_batches.MicroBatchSettings) -> "PreparedSource":
+    """This source read in the original's batching (`batching`)."""
+    return PreparedSource(self._directory, self._format_names, self._teacher_k, self._rates,
+                          self._vocabulary_path, self._missing_fix, self._held_out, batching)
+
+  @property
+  def format_names(self) -> Tuple[str, ...]:
+    return self._format_names
+
+  def step_layout(self, prepared: PreparedSet, seed: int) -> micro_batches.StepLayout:
+    """The original's steps over this source's formats of `prepared` (with `batching`)."""
+    for name in self._format_names:
+      prepared.check_format(name)
+    plan = self._batching.plan({f: prepared.num_examples(f) for f in self._format_names}, seed)
+    tokens = [prepared.target_tokens(f) + 1 for f in self._format_names]  # + the EOS
+    return micro_batches.StepLayout(plan, self._batching.rows_per_step,
+                                    self._batching.device_micro_batches, tokens)
+
+  def max_target_tokens(self) -> int:
+    """The longest target of this source's formats, in tokens with the EOS."""
+    prepared = self.prepared()
+    return max(int(np.max(prepared.target_tokens(f), initial=0)) + 1 for f in self._format_names)
 
   @property
   def supports_arbitrary_sharding(self) -> bool:
@@ -358,23 +423,34 @@ class PreparedSource(seqio.DataSource):
                        else self._vocabulary_path)
     if self._held_out is not None:
       check_held_out(prepared, self._held_out)
-    quota = self.mixture_quotas(prepared)
-    for name in quota:
-      prepared.check_format(name)
     if self._teacher_k and prepared.teacher_k != self._teacher_k:
       raise PreparedDataError(
           f"{prepared.directory} holds teacher rows of width {prepared.teacher_k}; the task wants "
           f"top-{self._teacher_k}. Prepare it with `--aligned` and `--teacher_k "
           f"{self._teacher_k}` or use the top-{prepared.teacher_k} tasks.")
-    names = list(quota)
     if seed is None:
       seed = int(np.random.default_rng().integers(1 << 31))
       logging.info("Prepared set %s: no seed given, shuffling with seed %d.", prepared.directory,
                    seed)
     shard_info = shard_info or seqio.ShardInfo(0, 1)
-    order = ExampleOrder([prepared.num_examples(f) for f in names],
-                         [prepared.questions(f) for f in names], [quota[f] for f in names],
-                         seed, shuffle, shard_info.index, shard_info.num_shards, rows_per_batch)
+    if self._batching is not None:
+      names = list(self._format_names)
+      layout = self.step_layout(prepared, seed)
+      if rows_per_batch > 1 and rows_per_batch * shard_info.num_shards != layout.rows_per_step:
+        raise ConfigError(
+            f"The batch has {rows_per_batch * shard_info.num_shards} rows but the original's "
+            f"batching lays out steps of {layout.rows_per_step} (rows_per_step); set them equal "
+            "(BATCH_SIZE).")
+      lookup = layout.lookup
+    else:
+      quota = self.mixture_quotas(prepared)
+      for name in quota:
+        prepared.check_format(name)
+      names = list(quota)
+      order = ExampleOrder([prepared.num_examples(f) for f in names],
+                           [prepared.questions(f) for f in names], [quota[f] for f in names],
+                           seed, shuffle)
+      lookup = lambda position: order.lookup_positions(position) + (None,)
     if storage.is_url(prepared.directory) and not prepared.directory.startswith("gs://"):
       raise PreparedDataError(
           f"{prepared.directory}: prepared sets are read with array_record, which opens local "
@@ -385,26 +461,82 @@ class PreparedSource(seqio.DataSource):
     readers = [array_record_data_source.ArrayRecordDataSource(prepared.files(f)) for f in names]
 
     def read(stream_index):
-      format_index, example = order.lookup(stream_index.numpy())
+      position = global_positions(stream_index.numpy(), shard_info.index, shard_info.num_shards,
+                                  rows_per_batch)
+      format_index, example, scale = lookup(position)
       records = [b""] * len(example)
       for f in np.unique(format_index):
         here = np.flatnonzero(format_index == f)
-        for i, record in zip(here, readers[f].__getitems__(example[here].tolist())):
-          records[i] = record
-      return tf.constant(records)
+        # Each distinct record once (the original's padding rows repeat one).
+        wanted, inverse = np.unique(example[here], return_inverse=True)
+        got = readers[f].__getitems__(wanted.tolist())
+        for i, j in zip(here, inverse):
+          records[i] = got[j]
+      if scale is None:
+        scale = np.ones(len(example), np.float32)
+      return tf.constant(records), tf.constant(scale, tf.float32)
 
     stored_k = prepared.teacher_k if self._teacher_k else None
     dataset = tf.data.Dataset.range(start, np.iinfo(np.int64).max).batch(READ_BATCH)
-    dataset = dataset.map(lambda index: tf.ensure_shape(tf.py_function(read, [index], tf.string),
-                                                           [None]))
-    dataset = dataset.map(lambda serialized: _parse_batch(serialized, stored_k),
-                          num_parallel_calls=tf.data.AUTOTUNE)
+    scaled = self._batching is not None
+
+    def read_batch(index):
+      records, scale = tf.py_function(read, [index], [tf.string, tf.float32])
+      return tf.ensure_shape(records, [None]), tf.ensure_shape(scale, [None])
+
+    def parse(records, scale):
+      parsed = _parse_batch(records, stored_k)
+      if scaled:
+        parsed[feature_converters.LOSS_SCALE] = scale
+      return parsed
+
+    dataset = dataset.map(read_batch)
+    dataset = dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
     # `read` is a py_function, which tf.data refuses to checkpoint by default; it is a pure function
     # of the stream position, so the iterator's position is its whole state and saving it (T5X's
     # SaveCheckpointConfig.save_dataset) resumes exactly.
     options = tf.data.Options()
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
     return dataset.unbatch().with_options(options)
+
+
+def check_targets_fit(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
+                      source: PreparedSource) -> tf.data.Dataset:
+  """SeqIO preprocessor of a task read in the original's batching: fails when building the dataset
+  if the targets length would cut a target. The original never truncated, and each micro-batch's
+  loss scale counts every target token."""
+  length = (sequence_length or {}).get("targets")
+  if length:
+    longest = source.max_target_tokens()
+    if length < longest:
+      raise ConfigError(
+          f"TASK_FEATURE_LENGTHS['targets']={length} would cut the prepared set's longest target "
+          f"({longest} tokens with the EOS); the original's batching trains on whole targets, as "
+          f"the original did. Set --gin.TASK_FEATURE_LENGTHS to at least {{'targets': {longest}, "
+          "...}.")
+  return dataset
+
+
+def register_batched_task(task_name: str, batching: micro_batches.MicroBatchSettings) -> str:
+  """Registers (or replaces) `{task_name}_micro_batches`: the prepared-set task `task_name` read in
+  the original's batching (`PreparedSource.with_batching`); returns its name."""
+  task = seqio.get_mixture_or_task(task_name)
+  source = getattr(task, "source", None)
+  if not isinstance(source, PreparedSource):
+    raise ConfigError(
+        f"{task_name} is not a task over a prepared set, so the original's batching "
+        "(DatasetConfig.micro_batches) cannot read it; train on a prepared-set task "
+        "(gsm8k_distill, gsm8k_distill_top5, ...) or set MICRO_BATCHES = None.")
+  if source.batching is not None:
+    raise ConfigError(f"{task_name} is already registered with the original's batching; leave "
+                      "DatasetConfig.micro_batches unset.")
+  batched = source.with_batching(batching)
+  name = f"{task_name}_micro_batches"
+  seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add_provider(name, task.replace(
+      name=name, source=batched,
+      preprocessors=[functools.partial(check_targets_fit, source=batched), *task.preprocessors]))
+  return name
 
 
 def check_held_out(prepared: PreparedSet, expected: str) -> None:

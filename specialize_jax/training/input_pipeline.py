@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from specialize_jax.errors import ConfigError
 from specialize_jax.data import feature_converters
+from specialize_jax.prepared import micro_batches as micro_batches_lib
 from specialize_jax.prepared import prepared_data
 
 
@@ -48,6 +49,7 @@ class DatasetConfig:
   use_cached: bool = False
   teacher_k: Optional[int] = None
   shard_by_process: bool = True
+  micro_batches: Optional[micro_batches_lib.MicroBatchSettings] = None
 
 
 def local_batch_size(config: DatasetConfig, num_shards: int) -> int:
@@ -76,12 +78,42 @@ def mixture_or_task(config: DatasetConfig):
   return seqio.get_mixture_or_task(config.mixture_or_task_name)
 
 
+def _prepared_source(name: str) -> Optional[prepared_data.PreparedSource]:
+  if name not in seqio.TaskRegistry.names():
+    return None
+  source = seqio.get_mixture_or_task(name).source
+  return source if isinstance(source, prepared_data.PreparedSource) else None
+
+
 def _is_prepared(config: DatasetConfig) -> bool:
   """Whether the task reads a prepared set (random access: resumable in O(1))."""
-  if config.mixture_or_task_name not in seqio.TaskRegistry.names():
-    return False
-  source = seqio.get_mixture_or_task(config.mixture_or_task_name).source
-  return isinstance(source, prepared_data.PreparedSource)
+  return _prepared_source(config.mixture_or_task_name) is not None
+
+
+def batching(config: DatasetConfig) -> Optional[micro_batches_lib.MicroBatchSettings]:
+  """The original's batching the run reads in (`config.micro_batches`, or the task's own when it
+  was registered with it, as T5X's gin files do), its rows per step the batch size; else None."""
+  settings = config.micro_batches
+  if settings is None:
+    source = _prepared_source(config.mixture_or_task_name)
+    settings = source.batching if source is not None else None
+  if settings is None:
+    return None
+  if settings.rows_per_step not in (None, config.batch_size):
+    raise ConfigError(f"MicroBatchSettings.rows_per_step={settings.rows_per_step} differs from "
+                      f"BATCH_SIZE={config.batch_size}; bind it to %BATCH_SIZE.")
+  if config.pack:
+    raise ConfigError("The original's batching reads one example per row; set USE_PACKING=False.")
+  return dataclasses.replace(settings, rows_per_step=config.batch_size)
+
+
+def task_name(config: DatasetConfig) -> str:
+  """The task the batches come from: `config.mixture_or_task_name`, or with `micro_batches` its
+  variant in the original's batching."""
+  if config.micro_batches is None:
+    return config.mixture_or_task_name
+  mixture_or_task(config)  # An unknown name fails here, with suggestions.
+  return prepared_data.register_batched_task(config.mixture_or_task_name, batching(config))
 
 
 def _shard_dataset(config: DatasetConfig, shard: seqio.ShardInfo, start_example: int = 0):
@@ -124,6 +156,9 @@ def _dataset(config: DatasetConfig, shards: Sequence[seqio.ShardInfo], batches_c
   """This process's batches: each shard's rows, concatenated in shard order, from batch
   `batches_consumed` on (a prepared set, unpacked, starts there in O(1); others skip)."""
   mixture_or_task(config)  # An unknown name fails here, with suggestions.
+  if config.micro_batches is not None:
+    config = dataclasses.replace(config, mixture_or_task_name=task_name(config),
+                                 micro_batches=None)
   if not config.shard_by_process and len(shards) > 1:
     # One read of the global stream, cut into this process's blocks.
     whole = _dataset(config, [seqio.ShardInfo(0, 1)], batches_consumed)
@@ -197,6 +232,8 @@ def batch_spec(config: DatasetConfig) -> Dict[str, Tuple[Tuple[int, ...], np.dty
   ranks = {name: spec.rank for name, spec in feature_converters.TEACHER_MODEL_FEATURES.items()}
   dtypes.update({name: spec.dtype for name, spec in
                  feature_converters.TEACHER_MODEL_FEATURES.items()})
+  if batching(config) is not None:
+    dtypes["decoder_loss_weights"] = tf.float32  # Scaled by each row's loss scale.
   spec = {}
   for name, length in model_feature_lengths(config).items():
     shape = (config.batch_size, length) + ((config.teacher_k,) * (ranks.get(name, 1) - 1))
@@ -209,3 +246,33 @@ def input_shapes(config: DatasetConfig) -> Tuple[Tuple[int, int], Tuple[int, int
   lengths = model_feature_lengths(config)
   return ((config.batch_size, lengths["encoder_input_tokens"]),
           (config.batch_size, lengths["decoder_target_tokens"]))
+
+
+def micro_batch_rows(config: DatasetConfig, num_train_steps: int,
+                     num_microbatches: int) -> Optional[np.ndarray]:
+  """With the original's batching: the rows each of the run's steps holds (int64
+  `[num_train_steps]`), after checking that every step fits the batch and that the layout's device
+  micro-batches are the trainer's (a ConfigError naming the fix otherwise); None without it."""
+  settings = batching(config)
+  if settings is None:
+    return None
+  if settings.device_micro_batches != num_microbatches:
+    raise ConfigError(f"MicroBatchSettings.device_micro_batches={settings.device_micro_batches} "
+                      f"differs from NUM_MICROBATCHES={num_microbatches}; bind it to "
+                      "%NUM_MICROBATCHES.")
+  source = _prepared_source(config.mixture_or_task_name)
+  if source is None:
+    raise ConfigError(f"{config.mixture_or_task_name} is not a task over a prepared set, so the "
+                      "original's batching cannot read it; train on a prepared-set task "
+                      "(gsm8k_distill, gsm8k_distill_top5, ...) or set MICRO_BATCHES = None.")
+  prepared = source.prepared()
+  formats = source.format_names
+  plan = settings.plan({f: prepared.num_examples(f) for f in formats}, config.seed)
+  rows = plan.rows_per_step(num_train_steps)
+  if int(rows.max()) > config.batch_size:
+    step = int(np.argmax(rows))
+    raise ConfigError(
+        f"Step {step} of the original's batching holds {int(rows.max())} rows but BATCH_SIZE="
+        f"{config.batch_size}; " + micro_batches_lib.growth_advice(
+            int(rows.max()), config.batch_size, num_microbatches))
+  return rows

@@ -16,7 +16,10 @@ Terms:
         weighted by `N_i / sum_j N_j`; a micro-batch with fewer real target tokens counts less.
       * with no factor (a plain sum, T5X's default) or a constant one, the full loss is the sum of
         the micro-batch losses (weight 1).
-    Gradients are accumulated as `sum_i N_i * grad_i` and divided once at the end. Extra losses
+    Gradients are accumulated as `sum_i N_i * grad_i` and divided once at the end.
+  skipped micro-batch: with `skip_empty_microbatches`, a micro-batch whose loss weights are all
+    zero (padding rows of the original's batching, `prepared.micro_batches`) is not computed
+    (`lax.cond`); it would add exactly zero to every sum. Extra losses
     (e.g. distillation) are assumed to follow the model's loss normalizing factor; one that
     normalizes differently is averaged with the same weights and matches only approximately.
   metrics: float32 scalars computed inside the step, each equal for any number of micro-batches
@@ -76,7 +79,8 @@ def _accumulation_weight(model: Any, batch: Batch) -> jax.Array:
 
 
 def _accumulate_gradients(model: Any, params: Any, batch: Batch, dropout_rng: jax.Array,
-                          num_microbatches: int, grad_shardings: Any = None
+                          num_microbatches: int, grad_shardings: Any = None,
+                          skip_empty_microbatches: bool = False
                           ) -> Tuple[Any, Mapping[str, jax.Array]]:
   """Gradients and metrics of the whole batch, one micro-batch at a time."""
   grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
@@ -94,9 +98,21 @@ def _accumulate_gradients(model: Any, params: Any, batch: Batch, dropout_rng: ja
       return grads
     return lax.with_sharding_constraint(grads, grad_shardings)
 
+  weight_shape, grad_shapes, metric_shapes = jax.eval_shape(one, 0)
+  zeros = lambda tree: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), tree)
+
+  def one_or_nothing(index):
+    if not skip_empty_microbatches:
+      return one(index)
+    weights = microbatch(batch, index, num_microbatches)['decoder_loss_weights']
+    return lax.cond(jnp.any(weights > 0), one,
+                    lambda _: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                     (weight_shape, grad_shapes, metric_shapes)),
+                    index)
+
   def body(carry, index):
     weight_sum, grad_sum, metric_sum = carry
-    weight, grads, metrics = one(index)
+    weight, grads, metrics = one_or_nothing(index)
     # A micro-batch without real targets divides 0 by 0 in the model's loss; it weighs nothing
     # in the full batch, so its NaNs are dropped rather than poisoning the sums.
     weighted = lambda x: jnp.where(weight > 0, weight * x, 0.0)
@@ -110,8 +126,6 @@ def _accumulate_gradients(model: Any, params: Any, batch: Batch, dropout_rng: ja
       new_metric_sum[name] = metric_sum[name] + value.astype(jnp.float32)
     return (weight_sum + weight, grad_sum, new_metric_sum), None
 
-  _, grad_shapes, metric_shapes = jax.eval_shape(one, 0)
-  zeros = lambda tree: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), tree)
   init = (jnp.zeros((), jnp.float32), constrain(zeros(grad_shapes)), zeros(metric_shapes))
   (weight_sum, grad_sum, metric_sum), _ = lax.scan(body, init, jnp.arange(num_microbatches))
 
@@ -139,7 +153,8 @@ def _learning_rate(opt_state: Any, step: jax.Array,
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: Any,
                optimizer: optax.GradientTransformation, num_microbatches: int = 1,
                learning_rate_fn: Optional[Callable[[Any], Any]] = None,
-               grad_shardings: Any = None) -> Tuple[TrainState, Metrics]:
+               grad_shardings: Any = None,
+               skip_empty_microbatches: bool = False) -> Tuple[TrainState, Metrics]:
   """One update of `state` on `batch`; pure (jit it, or use `make_train_step`).
 
   Args:
@@ -153,6 +168,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: Any,
     learning_rate_fn: the schedule, for the `learning_rate` metric; by default it is read from
       the optimizer state that `optimizers.make_optimizer` builds.
     grad_shardings: optional shardings the accumulated gradients are constrained to (the params').
+    skip_empty_microbatches: skip micro-batches without loss weight (see the module docstring).
 
   Returns:
     `(new_state, metrics)`; metrics as in the module docstring.
@@ -164,7 +180,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: Any,
                      'num_microbatches.')
   dropout_rng = jax.random.fold_in(rng, state.step)
   grads, model_metrics = _accumulate_gradients(model, state.params, batch, dropout_rng,
-                                               num_microbatches, grad_shardings)
+                                               num_microbatches, grad_shardings,
+                                               skip_empty_microbatches)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -180,7 +197,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: Any,
 def make_train_step(model: Any, optimizer: optax.GradientTransformation,
                     state_shardings: TrainState, mesh: Mesh, num_microbatches: int = 1, *,
                     rules: partitioning.LogicalAxisRules = partitioning.STANDARD_LOGICAL_AXIS_RULES,
-                    learning_rate_fn: Optional[Callable[[Any], Any]] = None
+                    learning_rate_fn: Optional[Callable[[Any], Any]] = None,
+                    skip_empty_microbatches: bool = False
                     ) -> Callable[[TrainState, Batch, jax.Array], Tuple[TrainState, Metrics]]:
   """`train_step` jitted once: state donated, batch split on `data`, key and metrics replicated.
 
@@ -189,7 +207,8 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation,
   """
   step_fn = functools.partial(train_step, model=model, optimizer=optimizer,
                               num_microbatches=num_microbatches, learning_rate_fn=learning_rate_fn,
-                              grad_shardings=state_shardings.params)
+                              grad_shardings=state_shardings.params,
+                              skip_empty_microbatches=skip_empty_microbatches)
 
   def traced(state, batch, rng):
     # Shapes are static here, so this fails before compiling.

@@ -91,6 +91,19 @@ def train(model_dir: str,
   check_train_arguments(dataset, num_train_steps, num_microbatches)
   feature_converters.check_vocabulary_fits(input_pipeline.mixture_or_task(dataset),
                                              model.config.vocab_size)
+  step_rows = input_pipeline.micro_batch_rows(dataset, num_train_steps, num_microbatches)
+  if step_rows is not None:
+    if model.loss_normalizing_factor is not None:
+      raise ConfigError(
+          f"The original's batching weighs every token by its micro-batch's token mean, so the "
+          f"loss must be a plain sum; loss_normalizing_factor={model.loss_normalizing_factor!r} "
+          "would divide it again. Unset it (models.EncoderDecoderModel.loss_normalizing_factor = "
+          "None).")
+    per_device = dataset.batch_size // num_microbatches
+    log(f"The original's batching: a step holds {step_rows.mean():.1f} rows on average (at most "
+        f"{int(step_rows.max())}) of {dataset.batch_size}; "
+        f"{np.mean(-(-step_rows // per_device)):.1f} of {num_microbatches} device micro-batches "
+        f"of {per_device} rows run per step, the rest are padding and skipped.")
   storage.makedirs(model_dir)
   mesh = partitioning.make_mesh(partitioner)
   partitioning.check_batch_divisible(dataset.batch_size, mesh, num_microbatches)
@@ -130,7 +143,7 @@ def train(model_dir: str,
   if data_position:
     batches = input_pipeline.TrainIterator(dataset, position=data_position, shards=layout.shards)
   step_fn = train_step.make_train_step(model, tx, state_shardings, mesh, num_microbatches,
-                                       rules=rules)
+                                       rules=rules, skip_empty_microbatches=step_rows is not None)
   writer = metric_writers.MetricWriter(model_dir, enable_tensorboard=tensorboard)
   progress = metric_writers.ProgressLogger(num_train_steps, start_step, log=log)
   # From here a SIGTERM saves and stops; before, it ends the process (nothing new to save).
