@@ -4,10 +4,12 @@ Registered at import:
 - `gsm8k_distill_{zs_ao,zs_cot,icl_ao,icl_cot}` (one format each) and `gsm8k_distill` (the four
   mixed at the rates recorded when the set was prepared; the original's mix by default: ≈79 %
   in-context CoT, 20 % zero-shot CoT, 1 % answer-only): text targets, for the `sample` loss.
-- `gsm8k_distill_top{5,20}` and `gsm8k_distill_top{5,20}_{format}`: the same examples plus the
-  teacher's top-k distribution per target token (features `teacher_topk_ids` /
+- `gsm8k_distill_top{k}` and `gsm8k_distill_top{k}_{format}`, k in 5, 6, 20, 21: the same examples
+  plus the teacher's distribution over k candidates per target token (features `teacher_topk_ids` /
   `teacher_topk_logprobs`), for the `distribution` loss; the set must have been prepared with
-  `--aligned` and that `--teacher_k` (5: the completions API and the paper's Codex data; 20: chat).
+  `--aligned` and that `--teacher_k`. 6 is the original's: the sampled token plus the completions
+  API's top-5 (the paper's Codex data), `specialize prepare`'s default; 21 the same for a chat API's
+  top-20; 5 and 20 drop the sampled token where it is outside the API's list.
 
 The prepared set (`specialize prepare`, see `specialize_jax.prepared.prepare`) is the directory
 named by `$SPECIALIZE_PREPARED_DATA`, else `<data dir>/prepared/gsm8k_gold` (the GSM8K gold
@@ -35,7 +37,7 @@ from specialize_jax.tasks import common
 
 PREPARED_DATA_ENV = "SPECIALIZE_PREPARED_DATA"
 DEFAULT_PREPARED_SUBDIR = "prepared/gsm8k_gold"
-TOPK_WIDTHS = (5, 20)
+TOPK_WIDTHS = (5, 6, 20, 21)
 DEFAULT_PREFIX = "gsm8k_distill"
 
 

@@ -72,8 +72,8 @@ def test_sample_filter_align_train_eval(teacher_server, tmp_path, capsys, monkey
   monkeypatch.setenv("SPECIALIZE_PREPARED_DATA", str(prepared))
   model_dir = tmp_path / "run"
   overrides = {
-      "MODEL_DIR": f"'{model_dir}'", "MIXTURE_OR_TASK_NAME": "'gsm8k_distill_top5_zs_cot'",
-      "TEACHER_K": 5, "models.EncoderDecoderModel.loss_type": "'distribution'",
+      "MODEL_DIR": f"'{model_dir}'", "MIXTURE_OR_TASK_NAME": "'gsm8k_distill_top6_zs_cot'",
+      "TEACHER_K": 6, "models.EncoderDecoderModel.loss_type": "'distribution'",
       "TASK_FEATURE_LENGTHS": "{'inputs': 256, 'targets': 256}", "USE_PACKING": True,
       "TRAIN_STEPS": 4, "BATCH_SIZE": 8, "LOG_PERIOD": 2, "CHECKPOINT_PERIOD": 4,
       "LEARNING_RATE": 3e-3, "DROPOUT_RATE": 0.0, "EVAL_PERIOD": 4,

@@ -132,3 +132,23 @@ def test_dense_rows_keep_the_k_most_probable():
   ids, logprobs = teacher_features.dense_rows([[7, 8, 9], [4]], [[-3.0, -0.1, -1.0], [0.0]], 2)
   np.testing.assert_array_equal(ids, [[8, 9], [4, fc.TEACHER_PAD_ID]])
   np.testing.assert_allclose(logprobs, [[-0.1, -1.0], [0.0, fc.TEACHER_PAD_LOGPROB]])
+
+
+def test_the_default_width_keeps_the_sampled_token_where_the_top5_misses_it(codex_aligned_files):
+  """The original keeps the sampled token plus Codex's top-5 (up to six candidates); at width 5 the
+  sampled token is dropped where it is outside the top-5, and the loader says where to get it back."""
+  from specialize_jax.prepared import prepare  # pylint: disable=g-import-not-at-top
+  _, aligned_path, _ = codex_aligned_files
+  six = [(row, t) for row in aligned_data.read_aligned(aligned_path)
+         for t, ids in enumerate(row.topk_ids) if len(ids) == 6]
+  assert len(six) == 1  # train[0]'s 50 samples: one kept position
+  row, t = six[0]
+  sampled = row.topk_ids[t][0]  # the aligner lists the sampled token first
+  messages = []
+  wide = teacher_features.load_dense_rows(aligned_path, prepare.DEFAULT_TEACHER_K)
+  narrow = teacher_features.load_dense_rows(aligned_path, 5, log=messages.append)
+  key = (row.id, row.sample_index)
+  assert sampled in wide[key].topk_ids[t] and sampled not in narrow[key].topk_ids[t]
+  assert sorted(wide[key].topk_ids[t].tolist()) == sorted(row.topk_ids[t])
+  assert any("1 positions had more than 5 candidates" in m and "--teacher_k 6" in m
+             for m in messages)

@@ -70,12 +70,20 @@ def load_dense_rows(path, k: int, log: Callable[[str], None] = logging.info,
                     log_every: int = 20_000) -> Dict[Tuple[str, int], DenseAlignedRow]:
   """`{(id, sample_index): DenseAlignedRow}` of an aligned file, converted while it is read (a
   progress line every `log_every` rows: a paper-size file takes minutes)."""
-  start, rows = time.perf_counter(), {}
+  start, rows, cut, widest = time.perf_counter(), {}, 0, 0
   for count, row in enumerate(aligned_data.iter_aligned(path), 1):
     rows[(row.id, row.sample_index)] = dense_aligned_row(row, k)
+    widths = [len(ids) for ids in row.topk_ids]
+    cut += sum(w > k for w in widths)
+    widest = max([widest] + widths)
     if count % log_every == 0:
       log(f"{path}: {count} aligned rows read, {count / (time.perf_counter() - start):.0f}/s")
-  log(f"{path}: {len(rows)} aligned rows (top-{k}) in {time.perf_counter() - start:.0f} s.")
+  log(f"{path}: {len(rows)} aligned rows ({k} candidates per position) in "
+      f"{time.perf_counter() - start:.0f} s.")
+  if cut:
+    log(f"{path}: {cut} positions had more than {k} candidates (up to {widest}: the sampled token "
+        f"outside the API's top list); their least probable were dropped. `--teacher_k {widest}` "
+        "keeps them all, as the original did.")
   return rows
 
 

@@ -76,8 +76,9 @@ def add_arguments(sub) -> None:
                  "$SPECIALIZE_PREPARED_DATA at it")
   p.add_argument("--vocab", default=None, help="student SentencePiece model (default: the tasks' "
                  "vocabulary)")
-  p.add_argument("--teacher_k", type=int, default=None, help="top-k width (default 5 with "
-                 "--aligned)")
+  p.add_argument("--teacher_k", type=int, default=None, help="teacher candidates per position "
+                 "(default 6 with --aligned: the sampled token plus the API's top-5, as the "
+                 "original kept them; 21 for a chat API's top-20)")
   p.add_argument("--formats", default="zs_ao,zs_cot,icl_ao,icl_cot")
   p.add_argument("--rates", default=None, help='mixture rates as JSON, default the original\'s '
                  '{"icl_cot": 0.79, "zs_cot": 0.2, "icl_ao": 0.005, "zs_ao": 0.005}')

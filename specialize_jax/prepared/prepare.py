@@ -366,6 +366,12 @@ def gsm8k_held_out() -> HeldOut:
                  full_size=full, expected=len(dev), name=splits.GSM8K_HELD_OUT)
 
 
+# Candidates per position of a set prepared with --aligned: the sampled token plus the completions
+# API's top-5, as the original kept them (the sampled token is outside the top-5 at a few positions;
+# `--teacher_k 5` drops it there).
+DEFAULT_TEACHER_K = 6
+
+
 def prepare_gsm8k(config: PrepareConfig, teacher_path: Optional[str] = None,
                   aligned_path: Optional[str] = None,
                   log: Callable[[str], None] = logging.info) -> prepared_data.PreparedSet:
@@ -381,7 +387,7 @@ def prepare_gsm8k(config: PrepareConfig, teacher_path: Optional[str] = None,
   aligned = None
   if aligned_path:
     if not config.teacher_k:
-      config = dataclasses.replace(config, teacher_k=5)
+      config = dataclasses.replace(config, teacher_k=DEFAULT_TEACHER_K)
     aligned = teacher_features.load_dense_rows(aligned_path, config.teacher_k, log)
     sources.update(aligned=aligned_path, aligned_sha256=prepared_data.file_sha256(aligned_path))
   return prepare(records_fn, config, gsm8k_held_out(), aligned,
