@@ -75,6 +75,7 @@ def test_every_flan_t5_experiment_fits_the_topology_its_header_names(experiment)
   text = memory_plan.format_plan(result)
   for host, layout in layouts.items():
     assert f'  host {host}: {layout.describe()}' in text
+  assert "The original's batching: each step is padded to" in text
   if re.search(r'_(large|xl|xxl)_', experiment):  # FSDP: data parallel Large does not fit v4-8.
     assert ('embed', 'data') in result.request.partitioner.logical_axis_rules
 

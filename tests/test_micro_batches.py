@@ -82,18 +82,6 @@ def test_steps_are_the_epochs_in_order_and_cross_epochs():
   assert [m.format_name for m in again.epoch(0)] == [m.format_name for m in again.epoch(1)]
 
 
-def test_token_mean_weights_give_the_originals_loss():
-  """Sum of weight x token loss over a step = mean over micro-batches of each one's token mean
-  (the original: each micro-batch's `(loss * mask).sum() / mask.sum()`, divided by accumulation)."""
-  rng = np.random.default_rng(0)
-  masks = [(rng.random((r, 7)) < 0.6).astype(np.float32) for r in (2, 5, 3)]
-  losses = [rng.random(m.shape).astype(np.float32) for m in masks]
-  weights = micro_batches.token_mean_weights(masks, accumulation=3)
-  summed = sum(float(np.sum(w * l)) for w, l in zip(weights, losses))
-  original = sum(float((l * m).sum() / m.sum()) / 3 for l, m in zip(losses, masks))
-  assert summed == pytest.approx(original, rel=1e-6)
-
-
 def test_settings_that_cannot_work_are_config_errors():
   with pytest.raises(ConfigError, match="No micro-batch size for format"):
     micro_batches.MicroBatchPlan(SMALL, {"icl_cot": 2}, accumulation=3)

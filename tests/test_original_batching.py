@@ -133,6 +133,9 @@ def test_the_layout_fills_device_micro_batches_in_order_and_pads_the_rest(toy_se
   batch = next(input_pipeline.TrainIterator(_config()))
   weights = batch["decoder_loss_weights"]
   assert weights.dtype == np.float32
+  # What `specialize plan` compiles against (float32 weights) is what the pipeline yields.
+  assert input_pipeline.batch_spec(_config()) == {
+      name: (value.shape, value.dtype) for name, value in batch.items()}
   rows = sum(len(m.examples) for m in plan.step(0))
   per_device = ROWS // DEVICE_MICRO_BATCHES
   used = -(-rows // per_device)

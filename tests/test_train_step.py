@@ -380,3 +380,50 @@ def test_learning_rate_is_read_from_the_state():
     _, state = optimizer.update({'w': jnp.ones((2,))}, state, params)
     rates.append(float(optimizers.current_learning_rate(state)))
   assert rates == pytest.approx([0.0, 0.25, 0.5])
+
+
+def _all_gathers_outside_and_inside_loops(hlo_text):
+  """`(all-gathers outside every while loop, inside one)` of a compiled module's text; inside means
+  in a loop body or any computation it calls (fusions, conditionals' branches, ...)."""
+  import re  # pylint: disable=g-import-not-at-top
+  gathers, calls = {}, {}
+  for block in hlo_text.split('\n\n'):
+    name = re.match(r'\s*(?:ENTRY\s+)?%?([\w.\-]+)', block)
+    if name:
+      gathers[name.group(1)] = len(re.findall(r'all-gather(?:-start)?\(', block))
+      callees = re.findall(r'(?:calls|to_apply|body|condition|branch_computations|'
+                           r'true_computation|false_computation)=(\{[^}]*\}|%?[\w.\-]+)', block)
+      calls[name.group(1)] = {c for group in callees for c in re.findall(r'[\w.\-]+', group)}
+  inside = set(re.findall(r'while\(.*?body=%?([\w.\-]+)', hlo_text))
+  frontier = list(inside)
+  while frontier:
+    for callee in calls.get(frontier.pop(), ()):
+      if callee not in inside:
+        inside.add(callee)
+        frontier.append(callee)
+  return (sum(n for c, n in gathers.items() if c not in inside),
+          sum(n for c, n in gathers.items() if c in inside))
+
+
+@pytest.mark.slow
+def test_skipping_padding_micro_batches_keeps_fsdp_gathers_out_of_the_loop(t5_model):
+  """The original's batching skips a step's all-padding micro-batches with a loop of traced length,
+  and XLA still gathers the FSDP-sharded weights before the micro-batch loop, as without skipping
+  (a `lax.cond` per micro-batch kept every gather inside its branch: one per micro-batch)."""
+  model = models.EncoderDecoderModel(TINY)
+  mesh, rules = make_mesh(4, 1), partitioning.fsdp_logical_axis_rules()
+  optimizer = optimizers.make_optimizer(OPTIMIZER_CONFIG, NUM_TRAIN_STEPS)
+  state, shardings = train_state_lib.create_train_state(
+      model, optimizer, mesh, rules, jax.random.key(0),
+      init_params_fn=lambda: random_params(TINY))
+  batch = partitioning.global_batch(
+      {name: np.concatenate([value] * 2) for name, value in make_batch().items()}, mesh)
+  gathers = {}
+  for skip in (False, True):
+    step = train_step_lib.make_train_step(model, optimizer, shardings, mesh, 4, rules=rules,
+                                          skip_empty_microbatches=skip)
+    gathers[skip] = _all_gathers_outside_and_inside_loops(
+        step.lower(state, batch, jax.random.key(1)).compile().as_text())
+  outside, inside = gathers[False]
+  assert outside > inside  # FSDP: most weights are gathered once, before the loop
+  assert gathers[True] == gathers[False]

@@ -84,7 +84,8 @@ class MicroBatchPlan:
 
   @property
   def formats(self) -> Tuple[str, ...]:
-    return tuple(self.counts)
+    """The formats in sorted order: the plan does not depend on the order `counts` lists them."""
+    return tuple(sorted(self.counts))
 
   def effective_batches(self, format_name: str) -> int:
     """Whole effective batches of a format per epoch (the original drops a shorter last one)."""
@@ -230,8 +231,9 @@ class StepLayout:
     format_index, example, scale = (np.concatenate(x) for x in (format_index, example, scale))
     real, rows = len(example), self.rows_per_step
     if real > rows:
-      raise ConfigError(f"Optimizer step {step} holds {real} rows of the original's micro-batches "
-                        f"but a step has {rows}; {growth_advice(real, rows, self.device_micro_batches)}")
+      raise ConfigError(
+          f"Optimizer step {step} holds {real} rows of the original's micro-batches but a step "
+          f"has {rows}; {growth_advice(real, rows, self.device_micro_batches)}")
     # Real row j goes to device micro-batch j // R, its row j % R: position (j % R) * k + j // R.
     k = self.device_micro_batches
     per_device = rows // k
@@ -261,18 +263,3 @@ def micro_batch_share(plan: MicroBatchPlan) -> Dict[str, float]:
   """Each format's share of an epoch's micro-batches: the mixture the original trains on."""
   total = sum(plan.micro_batches_per_epoch.values())
   return {f: n / total for f, n in plan.micro_batches_per_epoch.items()}
-
-
-def token_mean_weights(target_weights: Sequence[np.ndarray], accumulation: int) -> List[np.ndarray]:
-  """Per-token loss weights that make a summed loss the original's: micro-batch j's tokens weigh
-  `1 / (accumulation * tokens_j)`, so summing weight x token loss over a step's micro-batches gives
-  the mean over micro-batches of each one's token mean, divided as the original divides.
-
-  `target_weights`: one `[rows, length]` 0/1 array per micro-batch (1 on real target tokens).
-  """
-  result = []
-  for weights in target_weights:
-    tokens = float(np.sum(weights))
-    result.append(np.asarray(weights, np.float32) / (accumulation * tokens) if tokens else
-                  np.zeros_like(weights, np.float32))
-  return result

@@ -385,7 +385,7 @@ class PreparedSource(seqio.DataSource):
     for name in self._format_names:
       prepared.check_format(name)
     plan = self._batching.plan({f: prepared.num_examples(f) for f in self._format_names}, seed)
-    tokens = [prepared.target_tokens(f) + 1 for f in self._format_names]  # + the EOS
+    tokens = [prepared.target_tokens(f) + 1 for f in plan.formats]  # + the EOS
     return micro_batches.StepLayout(plan, self._batching.rows_per_step,
                                     self._batching.device_micro_batches, tokens)
 
@@ -434,8 +434,8 @@ class PreparedSource(seqio.DataSource):
                    seed)
     shard_info = shard_info or seqio.ShardInfo(0, 1)
     if self._batching is not None:
-      names = list(self._format_names)
       layout = self.step_layout(prepared, seed)
+      names = list(layout.plan.formats)  # the layout's format indices
       if rows_per_batch > 1 and rows_per_batch * shard_info.num_shards != layout.rows_per_step:
         raise ConfigError(
             f"The batch has {rows_per_batch * shard_info.num_shards} rows but the original's "

@@ -17,9 +17,10 @@ Terms:
       * with no factor (a plain sum, T5X's default) or a constant one, the full loss is the sum of
         the micro-batch losses (weight 1).
     Gradients are accumulated as `sum_i N_i * grad_i` and divided once at the end.
-  skipped micro-batch: with `skip_empty_microbatches`, a micro-batch whose loss weights are all
-    zero (padding rows of the original's batching, `prepared.micro_batches`) is not computed
-    (`lax.cond`); it would add exactly zero to every sum. Extra losses
+  skipped micro-batches: with `skip_empty_microbatches`, the micro-batches after the last one with
+    a positive loss weight (padding rows of the original's batching, `prepared.micro_batches`, which
+    fills micro-batches in order) are not computed: the loop stops there. They would add exactly
+    zero to every sum. Extra losses
     (e.g. distillation) are assumed to follow the model's loss normalizing factor; one that
     normalizes differently is averaged with the same weights and matches only approximately.
   metrics: float32 scalars computed inside the step, each equal for any number of micro-batches
@@ -98,21 +99,12 @@ def _accumulate_gradients(model: Any, params: Any, batch: Batch, dropout_rng: ja
       return grads
     return lax.with_sharding_constraint(grads, grad_shardings)
 
-  weight_shape, grad_shapes, metric_shapes = jax.eval_shape(one, 0)
+  _, grad_shapes, metric_shapes = jax.eval_shape(one, 0)
   zeros = lambda tree: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), tree)
-
-  def one_or_nothing(index):
-    if not skip_empty_microbatches:
-      return one(index)
-    weights = microbatch(batch, index, num_microbatches)['decoder_loss_weights']
-    return lax.cond(jnp.any(weights > 0), one,
-                    lambda _: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                                     (weight_shape, grad_shapes, metric_shapes)),
-                    index)
 
   def body(carry, index):
     weight_sum, grad_sum, metric_sum = carry
-    weight, grads, metrics = one_or_nothing(index)
+    weight, grads, metrics = one(index)
     # A micro-batch without real targets divides 0 by 0 in the model's loss; it weighs nothing
     # in the full batch, so its NaNs are dropped rather than poisoning the sums.
     weighted = lambda x: jnp.where(weight > 0, weight * x, 0.0)
@@ -127,7 +119,18 @@ def _accumulate_gradients(model: Any, params: Any, batch: Batch, dropout_rng: ja
     return (weight_sum + weight, grad_sum, new_metric_sum), None
 
   init = (jnp.zeros((), jnp.float32), constrain(zeros(grad_shapes)), zeros(metric_shapes))
-  (weight_sum, grad_sum, metric_sum), _ = lax.scan(body, init, jnp.arange(num_microbatches))
+  if skip_empty_microbatches:
+    # Up to the last micro-batch with a weighted token; a loop with a traced trip count, so XLA
+    # still hoists the FSDP weight gathers out of it (a `lax.cond` per micro-batch would keep one
+    # gather per micro-batch inside its branch).
+    weights = batch['decoder_loss_weights']
+    weights = weights.reshape((weights.shape[0] // num_microbatches, num_microbatches, -1))
+    has_weight = jnp.any(weights > 0, axis=(0, 2))  # [num_microbatches]
+    used = jnp.max(jnp.where(has_weight, jnp.arange(num_microbatches) + 1, 0))
+    weight_sum, grad_sum, metric_sum = lax.fori_loop(
+        0, used, lambda index, carry: body(carry, index)[0], init)
+  else:
+    (weight_sum, grad_sum, metric_sum), _ = lax.scan(body, init, jnp.arange(num_microbatches))
 
   divisor = weight_sum if _uses_batch_factor(model) else jnp.ones((), jnp.float32)
   grads = jax.tree_util.tree_map(lambda g: g / divisor, grad_sum)
