@@ -9,10 +9,11 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The pipeline: the data and the teacher's samples, aligned and prepared, train a model whose
-# checkpoints the trainer writes, `plan` sizes and the evaluation reads; jobs assemble the steps,
-# the demo and the T5X bridge run them, the command line parses flags and calls them.
+# checkpoints the trainer writes, `plan` sizes, the evaluation reads and `serve` answers with; jobs
+# assemble the steps, the demo and the T5X bridge run them, the command line parses flags and calls
+# them.
 LAYERS = ["runtime", "data", "teacher", "align", "prepared", "model", "checkpoints", "training",
-          "planning", "evaluation", "jobs", "demo", "tasks", "integrations", "cli"]
+          "planning", "evaluation", "serving", "jobs", "demo", "tasks", "integrations", "cli"]
 # Modules at the package root that every layer may import.
 ROOT_MODULES = {"errors"}
 # Packages a layer must never import.

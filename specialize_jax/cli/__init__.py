@@ -24,6 +24,7 @@
   specialize teacher --base_url URL --model NAME --api {completions,chat} --output FILE.jsonl [...]
   specialize teacher_import --from fu2023_pickle SRC --output FILE.jsonl
   specialize teacher_filter --input FILE.jsonl --output FILTERED.jsonl
+  specialize serve CHECKPOINT --vocab SPM_MODEL [--port 8000] [--host 127.0.0.1] [--api_key KEY]
 
 This package is the only place that reads argv and imports `tasks` (which registers SeqIO tasks).
 Each module of it is one group of commands, declaring its flags (`add_arguments`) beside its
@@ -52,6 +53,7 @@ from specialize_jax.cli import data
 from specialize_jax.cli import demo
 from specialize_jax.cli import jobs
 from specialize_jax.cli import plan
+from specialize_jax.cli import serve
 from specialize_jax.cli import sweep
 from specialize_jax.cli import teacher
 from specialize_jax.errors import ConfigError
@@ -64,7 +66,7 @@ from specialize_jax.runtime import xla_flags
 USER_ERRORS = (UserError, FileNotFoundError)
 
 # The command groups, in the order `specialize --help` lists their commands.
-COMMAND_GROUPS = (data, convert, jobs, plan, demo, sweep, teacher)
+COMMAND_GROUPS = (data, convert, jobs, plan, demo, sweep, teacher, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
