@@ -236,8 +236,9 @@ def resolve_config(config: Any, shapes: Mapping[str, Tuple[int, ...]], source: s
 
 
 def architecture(config: T5Config) -> Dict[str, Any]:
-  """The fields that decide the parameters and the function (not dtype or dropout)."""
+  """The fields that decide the parameters and the function (not dtype, dropout or what the
+  backward pass rematerializes)."""
   fields = dataclasses.asdict(config)
-  for name in ('dtype', 'dropout_rate'):
+  for name in ('dtype', 'dropout_rate', 'remat_policy'):
     fields.pop(name)
   return fields

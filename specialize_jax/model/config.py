@@ -14,6 +14,10 @@ import jax.numpy as jnp
 # The T5 SentencePiece model has 32,000 pieces; T5X pads the embedding to a multiple of 128.
 T5_VOCAB_SIZE = 32128
 DTYPES = ('float32', 'bfloat16')  # compute dtypes
+# What a layer keeps for the backward pass (`network`): 'none' keeps every activation; 'full'
+# recomputes the whole layer (keeps its input); 'minimal' keeps the matmul outputs that have no
+# batch dimension, as T5X's and MaxText's policy of that name; 'dots' keeps every matmul output.
+REMAT_POLICIES = ('none', 'minimal', 'dots', 'full')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +41,14 @@ class T5Config:
   dtype: str = 'float32'
   logits_via_embedding: bool = False
   layer_norm_epsilon: float = 1e-6
+  remat_policy: str = 'none'
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
       raise ValueError(f'T5Config.dtype={self.dtype!r} is not supported; use one of {DTYPES}.')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'T5Config.remat_policy={self.remat_policy!r}; use one of '
+                       f'{REMAT_POLICIES}.')
     # gin and json hand over lists; a tuple keeps the config hashable (it is a jit static arg).
     object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
     for field in ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim',

@@ -40,6 +40,11 @@ Departures from T5X, all output-preserving:
     cross-attention keys/values are cached once instead of being re-projected at every step.
   * attention logits and softmax are computed in float32 whatever the compute dtype (T5X's
     `float32_attention_logits=True`), which changes nothing in float32 and steadies bfloat16.
+
+Rematerialization (`T5Config.remat_policy`): each encoder and decoder layer can recompute its
+activations in the backward pass instead of keeping them (`nn.remat` with a `jax.checkpoint`
+policy), trading compute for the activation memory that `specialize plan` shows dominating from
+FlanT5-Large up. Decoding never rematerializes (no gradient).
 """
 import functools
 from typing import Any, Callable, Optional, Sequence, Tuple
@@ -414,6 +419,21 @@ def _embed(embedding: Array, tokens: Array, dtype: Any) -> Array:
   return nn.with_logical_constraint(x, _EMBED_AXES)  # [batch, length, embed]
 
 
+_REMAT = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'dots': jax.checkpoint_policies.dots_saveable,
+}
+
+
+def _layer(cls, cfg: T5Config, static_argnums: Tuple[int, ...], decode: bool = False):
+  """`cls`, or with `cfg.remat_policy` its rematerialized version for training (decoding computes
+  no gradient). `static_argnums` count `self` as 0. Parameter names are unchanged."""
+  if cfg.remat_policy == 'none' or decode:
+    return cls
+  return nn.remat(cls, policy=_REMAT[cfg.remat_policy], static_argnums=static_argnums)
+
+
 class Encoder(nn.Module):
   """Embedding, a stack of encoder layers sharing one relative bias table, final norm."""
   config: T5Config
@@ -428,8 +448,9 @@ class Encoder(nn.Module):
     bias = _relpos_bias(cfg)(row, row, bidirectional=True)
     x = _embed(self.shared_embedding.embedding, tokens, cfg.compute_dtype)
     x = _dropout(cfg, x, deterministic)
+    layer = _layer(EncoderLayer, cfg, static_argnums=(4,))  # deterministic
     for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, name=f'layers_{i}')(x, mask, bias, deterministic)
+      x = layer(cfg, name=f'layers_{i}')(x, mask, bias, deterministic)
     x = RmsNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name='encoder_norm')(x)
     return _dropout(cfg, x, deterministic, broadcast_length=False)
 
@@ -462,9 +483,10 @@ class Decoder(nn.Module):
 
     y = _embed(self.shared_embedding.embedding, tokens, cfg.compute_dtype)
     y = _dropout(cfg, y, deterministic)
+    layer = _layer(DecoderLayer, cfg, static_argnums=(6, 7), decode=decode)  # deterministic, decode
     for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, name=f'layers_{i}')(y, encoded, self_mask, cross_mask, bias,
-                                                  deterministic, decode, decode_index)
+      y = layer(cfg, name=f'layers_{i}')(y, encoded, self_mask, cross_mask, bias, deterministic,
+                                         decode, decode_index)
     y = RmsNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name='decoder_norm')(y)
     y = _dropout(cfg, y, deterministic)
 
