@@ -236,9 +236,10 @@ def resolve_config(config: Any, shapes: Mapping[str, Tuple[int, ...]], source: s
 
 
 def architecture(config: T5Config) -> Dict[str, Any]:
-  """The fields that decide the parameters and the function (not dtype, dropout or what the
-  backward pass rematerializes)."""
+  """The fields that decide the parameters and the function (not dtype, dropout, what the backward
+  pass rematerializes or how attention is computed)."""
   fields = dataclasses.asdict(config)
-  for name in ('dtype', 'dropout_rate', 'remat_policy'):
+  for name in ('dtype', 'dropout_rate', 'remat_policy', 'attention_kernel',
+               'float32_attention_logits'):
     fields.pop(name)
   return fields

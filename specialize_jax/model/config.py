@@ -18,6 +18,10 @@ DTYPES = ('float32', 'bfloat16')  # compute dtypes
 # recomputes the whole layer (keeps its input); 'minimal' keeps the matmul outputs that have no
 # batch dimension, as T5X's and MaxText's policy of that name; 'dots' keeps every matmul output.
 REMAT_POLICIES = ('none', 'minimal', 'dots', 'full')
+# How attention runs (`network.MultiHeadAttention`): 'xla' the reference einsum/softmax path;
+# 'cudnn' `jax.nn.dot_product_attention`'s cuDNN fused kernel (GPU, bf16/fp16); 'auto' cuDNN where
+# it applies, else 'xla', the reason logged once.
+ATTENTION_KERNELS = ('xla', 'cudnn', 'auto')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +46,15 @@ class T5Config:
   logits_via_embedding: bool = False
   layer_norm_epsilon: float = 1e-6
   remat_policy: str = 'none'
+  float32_attention_logits: bool = True
+  attention_kernel: str = 'xla'
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
       raise ValueError(f'T5Config.dtype={self.dtype!r} is not supported; use one of {DTYPES}.')
+    if self.attention_kernel not in ATTENTION_KERNELS:
+      raise ValueError(f'T5Config.attention_kernel={self.attention_kernel!r}; use one of '
+                       f'{ATTENTION_KERNELS}.')
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f'T5Config.remat_policy={self.remat_policy!r}; use one of '
                        f'{REMAT_POLICIES}.')

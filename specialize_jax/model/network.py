@@ -39,7 +39,13 @@ Departures from T5X, all output-preserving:
     multiply); heads-first keeps each step's attention free of cache transposes on CPU/GPU; the
     cross-attention keys/values are cached once instead of being re-projected at every step.
   * attention logits and softmax are computed in float32 whatever the compute dtype (T5X's
-    `float32_attention_logits=True`), which changes nothing in float32 and steadies bfloat16.
+    `float32_attention_logits=True`), which changes nothing in float32 and steadies bfloat16;
+    `T5Config.float32_attention_logits=False` computes them in the compute dtype, as T5X then does.
+
+Attention kernels (`T5Config.attention_kernel`, `attention_kernel()`): 'xla' (default) is the
+einsum/softmax path below; 'cudnn' runs `jax.nn.dot_product_attention`'s fused cuDNN kernel, which
+takes T5's `[1, heads, q, k]` relative bias (with its gradient); 'auto' uses it where it applies and
+falls back to 'xla' otherwise. Decoding always takes the 'xla' path (its heads-first cache).
 
 Rematerialization (`T5Config.remat_policy`): each encoder and decoder layer can recompute its
 activations in the backward pass instead of keeping them (`nn.remat` with a `jax.checkpoint`
@@ -47,6 +53,7 @@ policy), trading compute for the activation memory that `specialize plan` shows 
 FlanT5-Large up. Decoding never rematerializes (no gradient).
 """
 import functools
+import logging
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -316,17 +323,24 @@ class MultiHeadAttention(nn.Module):
         filled = (jnp.arange(max_length) <= decode_index)[None, None, None, :]
         mask = filled if mask is None else jnp.logical_and(mask, filled)
 
+    dropout = not deterministic and cfg.dropout_rate > 0.0
+    if not decode and attention_kernel(cfg, query, key, dropout) == 'cudnn':
+      x = fused_attention(query, key, value, mask, bias, implementation='cudnn')
+      x = nn.with_logical_constraint(x, _HEADS_AXES)
+      return Dense((inputs_q.shape[-1],), ('joined_kv', 'embed'), num_input_axes=2,
+                   kernel_init=_ATTENTION_INIT, dtype=dtype, name='out')(x)
     # Cached keys/values are heads-first ([b, heads, k, d]) so the per-step attention over the
     # whole cache is a batched matmul with leading batch dims: no transpose of the cache per step.
     kv = 'bhkd' if decode else 'bkhd'
+    logits_dtype = jnp.float32 if cfg.float32_attention_logits else dtype
     # [batch, heads, q_len, kv_len]
-    logits = jnp.einsum(f'bqhd,{kv}->bhqk', query, key, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f'bqhd,{kv}->bhqk', query, key, preferred_element_type=logits_dtype)
     if mask is not None:
-      logits = logits + _mask_to_bias(mask)
+      logits = logits + _mask_to_bias(mask).astype(logits_dtype)
     if bias is not None:
-      logits = logits + bias.astype(jnp.float32)
+      logits = logits + bias.astype(logits_dtype)
     weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    if not deterministic and cfg.dropout_rate > 0.0:
+    if dropout:
       # T5X drops whole query rows of the attention weights (broadcast along q_len).
       keep_prob = 1.0 - cfg.dropout_rate
       keep_shape = weights.shape[:-2] + (1,) + weights.shape[-1:]
@@ -336,6 +350,52 @@ class MultiHeadAttention(nn.Module):
     x = nn.with_logical_constraint(x, _HEADS_AXES)
     return Dense((inputs_q.shape[-1],), ('joined_kv', 'embed'), num_input_axes=2,
                  kernel_init=_ATTENTION_INIT, dtype=dtype, name='out')(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_kernel_choice(choice: str, reason: str) -> None:
+  logging.info('attention_kernel=auto: %s (%s).', choice, reason)
+
+
+def attention_kernel(cfg: T5Config, query: Array, key: Array, dropout: bool) -> str:
+  """'xla' or 'cudnn' for a training/scoring attention of these shapes (`cfg.attention_kernel`):
+  'cudnn' needs a GPU, a bf16/fp16 compute dtype, head_dim <= 128 and a multiple of 8, even
+  query and key lengths, and no attention dropout; 'auto' falls back to 'xla' otherwise (logged
+  once per reason), an explicit 'cudnn' raises naming what is missing."""
+  if cfg.attention_kernel == 'xla':
+    return 'xla'
+  head_dim = query.shape[-1]
+  reasons = []
+  if jax.default_backend() != 'gpu':
+    reasons.append(f'the backend is {jax.default_backend()}, not gpu')
+  if cfg.compute_dtype not in (jnp.bfloat16, jnp.float16):
+    reasons.append(f'the compute dtype is {cfg.dtype}, not bfloat16')
+  if head_dim > 128 or head_dim % 8:
+    reasons.append(f'head_dim {head_dim} is not a multiple of 8 up to 128')
+  if query.shape[1] % 2 or key.shape[1] % 2:
+    reasons.append(f'lengths {query.shape[1]} x {key.shape[1]} are not even')
+  if dropout:
+    reasons.append('attention dropout is on')
+  if not reasons:
+    return 'cudnn'
+  if cfg.attention_kernel == 'cudnn':
+    raise ValueError(f"attention_kernel='cudnn' cannot run here: {'; '.join(reasons)}. Use "
+                     "'auto' (falls back to 'xla') or 'xla'.")
+  _log_kernel_choice('xla', '; '.join(reasons))
+  return 'xla'
+
+
+def fused_attention(query: Array, key: Array, value: Array, mask: Optional[Array],
+                    bias: Optional[Array], implementation: str) -> Array:
+  """`jax.nn.dot_product_attention` with T5's conventions: `[b, q, heads, d]` in and out, no
+  1/sqrt(d) scale (folded into the query kernel), the additive bias `[1 or b, heads, q, k]`
+  (relative positions) plus the boolean mask as a bias."""
+  total = None if bias is None else bias.astype(query.dtype)
+  if mask is not None:
+    masked = _mask_to_bias(mask).astype(query.dtype)
+    total = masked if total is None else total + masked
+  return jax.nn.dot_product_attention(query, key, value.astype(query.dtype), bias=total,
+                                      scale=1.0, implementation=implementation)
 
 
 def grow_self_attention_cache(cache: Any, length: int) -> Any:
