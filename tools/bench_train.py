@@ -14,6 +14,12 @@ the peer, the script also times a 2048^3 float32 matrix product in both librarie
 training step could at best approach, so a target ratio can be checked against what the machine
 does. The sides take turns
 (`side_by_side.py`: two steps per turn, the second timed). Run it on an otherwise idle machine.
+
+`--variants remat=full,attention=auto,logits=compute,remat=minimal+attention=cudnn` adds our step
+under other settings as further sides of the same turns (`T5Config.remat_policy`,
+`attention_kernel`, `float32_attention_logits=False` for `logits=compute`; `+` combines), each
+reported with its rate, model FLOPs rate (MFU on an accelerator: model FLOPs count no
+recomputation), first-step time, device memory peak and its ratio to the default step.
 """
 import argparse
 import json
@@ -46,8 +52,31 @@ def random_batch(np, batch, inputs, targets, vocab, seed=0):
           "decoder_loss_weights": np.ones((batch, targets), np.float32)}
 
 
-def our_step(args, np_batch):
-  """`(step() -> loss, info)`: our jitted train step on `np_batch`, compiled by a first step."""
+# --variants keys -> T5Config fields.
+VARIANT_FIELDS = {"remat": ("remat_policy", str), "attention": ("attention_kernel", str),
+                  "logits": ("float32_attention_logits", lambda v: {"float32": True,
+                                                                    "compute": False}[v])}
+
+
+def parse_variants(text: str) -> dict:
+  """`{name: T5Config overrides}` of `--variants` (see the module docstring)."""
+  variants = {}
+  for name in filter(None, (part.strip() for part in text.split(","))):
+    overrides = {}
+    for setting in name.split("+"):
+      key, _, value = setting.partition("=")
+      if key not in VARIANT_FIELDS:
+        raise SystemExit(f"--variants: unknown setting {key!r} in {name!r}; use "
+                         f"{sorted(VARIANT_FIELDS)}.")
+      field, convert = VARIANT_FIELDS[key]
+      overrides[field] = convert(value)
+    variants[name] = overrides
+  return variants
+
+
+def our_step(args, np_batch, overrides=None):
+  """`(step() -> loss, info)`: our jitted train step on `np_batch`, compiled by a first step;
+  `overrides`: T5Config fields (a `--variants` entry)."""
   import jax  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import config as model_config  # pylint: disable=g-import-not-at-top
   from specialize_jax.model import models  # pylint: disable=g-import-not-at-top
@@ -56,7 +85,8 @@ def our_step(args, np_batch):
   from specialize_jax.training import train_state  # pylint: disable=g-import-not-at-top
   from specialize_jax.training import train_step  # pylint: disable=g-import-not-at-top
 
-  config = model_config.get_config(args.preset, dtype=args.dtype, dropout_rate=0.0)
+  config = model_config.get_config(args.preset, dtype=args.dtype, dropout_rate=0.0,
+                                   **(overrides or {}))
   model = models.EncoderDecoderModel(config)
   tx = optimizers.make_optimizer(optimizers.OptimizerConfig(learning_rate=1e-4,
                                                             schedule="constant", warmup_steps=0),
@@ -150,7 +180,10 @@ def main() -> None:
   add_step_arguments(parser)
   parser.add_argument("--steps", type=int, default=5, help="turns: timed steps per side (median)")
   parser.add_argument("--skip_peer", action="store_true", help="ours only (e.g. on a GPU)")
+  parser.add_argument("--variants", default="", help="more of our steps under other settings, "
+                      "e.g. remat=full,attention=auto,logits=compute")
   args = parser.parse_args()
+  variants = parse_variants(args.variants)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if not args.skip_peer:  # On a GPU, leave PyTorch room beside JAX's pool (75 % by default).
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
@@ -168,6 +201,9 @@ def main() -> None:
   peer_step, peer = (None, None) if args.skip_peer else _peer(args, np_batch,
                                                                ours["backend"] != "cpu")
   sides = {"ours": ours_step} if peer_step is None else {"ours": ours_step, "peer": peer_step}
+  variant_info = {}
+  for name, overrides in variants.items():
+    sides[name], variant_info[name] = our_step(args, np_batch, overrides)
   times = side_by_side.time_in_turns(sides, args.steps)
   ours_s = statistics.median(times["ours"])
   result = {"preset": args.preset, "dtype": args.dtype, "batch": args.batch,
@@ -200,6 +236,16 @@ def main() -> None:
         "peak_rss_mb_after_peer": round(_peak_rss_mb())})
     if ours["backend"] == "cpu":
       result["matmul_2048_gflops_per_s"] = _matmul_rates()
+  if variants:
+    result["variants"] = {}
+    for name, info in variant_info.items():
+      seconds = statistics.median(times[name])
+      result["variants"][name] = {
+          "target_tokens_per_s": round(target_tokens / seconds, 1),
+          "over_default": round(ours_s / seconds, 3),
+          "model_gflops_per_s": round(flops / seconds / 1e9, 1),
+          "mfu_percent": round(100 * flops / seconds / 1e12 / peak, 1) if peak else None,
+          "first_step_s": round(info["first_step_s"], 2), "device_peak_gb": info["device_peak_gb"]}
   print(json.dumps(result))
 
 
