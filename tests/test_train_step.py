@@ -21,6 +21,7 @@ from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
 from specialize_jax.training import train_state as train_state_lib
 from specialize_jax.training import train_step as train_step_lib
+from tests.support import hlo
 from tests.support import tiny_model
 
 VOCAB = 128
@@ -382,29 +383,6 @@ def test_learning_rate_is_read_from_the_state():
   assert rates == pytest.approx([0.0, 0.25, 0.5])
 
 
-def _all_gathers_outside_and_inside_loops(hlo_text):
-  """`(all-gathers outside every while loop, inside one)` of a compiled module's text; inside means
-  in a loop body or any computation it calls (fusions, conditionals' branches, ...)."""
-  import re  # pylint: disable=g-import-not-at-top
-  gathers, calls = {}, {}
-  for block in hlo_text.split('\n\n'):
-    name = re.match(r'\s*(?:ENTRY\s+)?%?([\w.\-]+)', block)
-    if name:
-      gathers[name.group(1)] = len(re.findall(r'all-gather(?:-start)?\(', block))
-      callees = re.findall(r'(?:calls|to_apply|body|condition|branch_computations|'
-                           r'true_computation|false_computation)=(\{[^}]*\}|%?[\w.\-]+)', block)
-      calls[name.group(1)] = {c for group in callees for c in re.findall(r'[\w.\-]+', group)}
-  inside = set(re.findall(r'while\(.*?body=%?([\w.\-]+)', hlo_text))
-  frontier = list(inside)
-  while frontier:
-    for callee in calls.get(frontier.pop(), ()):
-      if callee not in inside:
-        inside.add(callee)
-        frontier.append(callee)
-  return (sum(n for c, n in gathers.items() if c not in inside),
-          sum(n for c, n in gathers.items() if c in inside))
-
-
 @pytest.mark.slow
 def test_skipping_padding_micro_batches_keeps_fsdp_gathers_out_of_the_loop(t5_model):
   """The original's batching skips a step's all-padding micro-batches with a loop of traced length,
@@ -422,7 +400,7 @@ def test_skipping_padding_micro_batches_keeps_fsdp_gathers_out_of_the_loop(t5_mo
   for skip in (False, True):
     step = train_step_lib.make_train_step(model, optimizer, shardings, mesh, 4, rules=rules,
                                           skip_empty_microbatches=skip)
-    gathers[skip] = _all_gathers_outside_and_inside_loops(
+    gathers[skip] = hlo.collectives_outside_and_inside_loops(
         step.lower(state, batch, jax.random.key(1)).compile().as_text())
   outside, inside = gathers[False]
   assert outside > inside  # FSDP: most weights are gathered once, before the loop

@@ -28,8 +28,10 @@ Terms:
 Sharding: params may be sharded (the trainer's state as it is, or a checkpoint read straight into
 the same shardings by `inference.restore_params`) or host arrays (replicated onto the mesh once
 per call); batches are split over the mesh's 'data' axis and the decodes gathered to every process
-(`inference.Decoder`). Activation constraints are left to XLA's propagation (no axis-rules
-context): simple and correct, if not the fastest layout.
+(`inference.Decoder`). Decoding is traced under the params' logical-axis rules when the caller
+gives them (training's in-loop eval, `specialize eval`, `sweep`, `infer`), so the activation
+constraints apply as in training; under FSDP that gathers the weights once per decode instead of
+reducing activations at every token.
 """
 import dataclasses
 import difflib
@@ -253,11 +255,14 @@ class Evaluator:
     vocabulary_for_task: `task -> vocabulary` that decodes predictions (default: the task's
       targets vocabulary).
     mesh: with a mesh, batches are split over its 'data' axis (batch_size must divide it).
+    logical_axis_rules: the rules the params are sharded under; decoding is traced under them
+      (`inference.Decoder`). None: no activation constraints.
   """
 
   def __init__(self, model: models.EncoderDecoderModel, config: EvalConfig,
                vocabulary_for_task: Optional[Callable[[seqio.Task], seqio.Vocabulary]] = None,
-               mesh: Optional[Mesh] = None):
+               mesh: Optional[Mesh] = None,
+               logical_axis_rules: Optional[partitioning.LogicalAxisRules] = None):
     if not config.task_names:
       raise ConfigError('EvalConfig.task_names is empty; name the eval tasks (e.g. '
                         '--gin.EVAL_TASKS="(\'gsm8k_dev_zs_cot\',)").')
@@ -269,6 +274,7 @@ class Evaluator:
     # One decoder for every task and evaluation: decoding compiles once per params sharding.
     self._decoder = inference.Decoder(model, mesh, config.max_decode_length,
                                       setting='EvalConfig.batch_size', flag='--gin.EVAL_BATCH_SIZE',
+                                      logical_axis_rules=logical_axis_rules,
                                       decode_method=config.decode_method)
     self._data: Dict[str, _TaskData] = {}
     for name in expand_task_names(config.task_names):
@@ -514,7 +520,8 @@ def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
     checkpoint_config, params = inference.restore_params(step_path, mesh, logical_axis_rules,
                                                          model_config, dtype)
     if evaluator is None or evaluator.model.config != checkpoint_config:
-      evaluator = Evaluator(models.EncoderDecoderModel(checkpoint_config), config, mesh=mesh)
+      evaluator = Evaluator(models.EncoderDecoderModel(checkpoint_config), config, mesh=mesh,
+                            logical_axis_rules=logical_axis_rules)
     logging.info('Evaluating %s (step %d, %s) on %s.', step_path, step, dtype, pending)
     results[step].update(evaluator.evaluate(params, step, output_dir, task_names=pending))
   return results

@@ -19,6 +19,7 @@ Terms:
 
 The evaluator (`evaluator.py`) builds on these helpers and adds metrics.
 """
+import contextlib
 import difflib
 import json
 import logging
@@ -204,13 +205,21 @@ class Decoder:
     mesh: the mesh of the batches; None: the params' mesh, else this process's first device.
     max_decode_length, decode_options: as `predict_batch` takes them (static).
     setting, flag: how the batch size is named in a divisibility error.
+    logical_axis_rules: the rules the params were sharded under (the trainer's): the decode is
+      traced under them, so the model's activation constraints apply as in training. Under FSDP
+      XLA then gathers the weights once, before the decode loop, instead of reducing activations
+      across the data axis at every token (`tests/test_sharded_eval.py` counts the collectives).
+      None: no constraints, XLA's propagation alone.
   """
 
   def __init__(self, model: models.EncoderDecoderModel, mesh: Optional[Mesh],
                max_decode_length: int, *, setting: str = 'batch_size',
-               flag: Optional[str] = None, **decode_options):
+               flag: Optional[str] = None,
+               logical_axis_rules: Optional[partitioning.LogicalAxisRules] = None,
+               **decode_options):
     self.model = model
     self.mesh = mesh
+    self.logical_axis_rules = logical_axis_rules
     self.max_decode_length = max_decode_length
     self.decode_options = decode_options
     self.setting, self.flag = setting, flag
@@ -221,11 +230,14 @@ class Decoder:
     key = (jax.tree.structure(params), tuple(jax.tree.leaves(shardings)), mesh)
     if key not in self._steps:
       model, options = self.model, dict(self.decode_options)
-      max_decode_length = self.max_decode_length
+      max_decode_length, rules = self.max_decode_length, self.logical_axis_rules
 
       def step(params, batch, key_data):
-        return model.predict_batch(params, batch, jax.random.wrap_key_data(key_data),
-                                   max_decode_length=max_decode_length, jit=False, **options)
+        with contextlib.ExitStack() as stack:
+          if rules is not None:
+            stack.enter_context(partitioning.partitioning_context(mesh, rules))
+          return model.predict_batch(params, batch, jax.random.wrap_key_data(key_data),
+                                     max_decode_length=max_decode_length, jit=False, **options)
 
       replicated = partitioning.replicated(mesh)
       self._steps[key] = jax.jit(
@@ -370,6 +382,7 @@ def infer(model: models.EncoderDecoderModel, params: Any, vocabulary: Optional[s
           batch_size: int = 32, max_decode_length: int = 256,
           max_input_length: Optional[int] = None, max_examples: Optional[int] = None,
           mesh: Optional[Mesh] = None, rng: Optional[jax.Array] = None,
+          logical_axis_rules: Optional[partitioning.LogicalAxisRules] = None,
           **decode_options) -> int:
   """Decodes `inputs` and writes the predictions file; returns the number of predictions.
 
@@ -417,7 +430,8 @@ def infer(model: models.EncoderDecoderModel, params: Any, vocabulary: Optional[s
   if decode_options.get('decode_method') == 'sample' and rng is None:
     rng = jax.random.key(0)
   decoder = Decoder(model, mesh, max_decode_length, setting='INFER_BATCH_SIZE',
-                    flag='--gin.INFER_BATCH_SIZE', **decode_options)
+                    flag='--gin.INFER_BATCH_SIZE', logical_axis_rules=logical_axis_rules,
+                    **decode_options)
   outputs = decoder(params, {'encoder_input_tokens': encoder_input_tokens}, batch_size, rng)
   rows = []
   for index, (input_text, ids) in enumerate(zip(input_texts, outputs, strict=True)):
@@ -453,4 +467,5 @@ def infer_from_checkpoint(checkpoint_path: str, inputs: Union[str, os.PathLike, 
     vocabulary = seqio.SentencePieceVocabulary(vocabulary_path, extra_ids=100)
   elif not (isinstance(inputs, str) and inputs in seqio.TaskRegistry.names()):
     vocabulary = vocabulary_lib.get_vocabulary()
-  return infer(model, params, vocabulary, inputs, output_path, mesh=mesh, **infer_options)
+  return infer(model, params, vocabulary, inputs, output_path, mesh=mesh,
+               logical_axis_rules=logical_axis_rules, **infer_options)

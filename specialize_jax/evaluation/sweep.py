@@ -270,7 +270,7 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
         # Eval data and the compiled decoder are per evaluator: built once for the whole sweep
         # unless a checkpoint has another architecture.
         evaluator = evaluator_lib.Evaluator(models.EncoderDecoderModel(checkpoint_config), config,
-                                            mesh=mesh)
+                                            mesh=mesh, logical_axis_rules=logical_axis_rules)
       for name in pending[step]:
         pair_start = time.perf_counter()
         result = evaluator.evaluate(params, step, output_dir, task_names=[name])[name]

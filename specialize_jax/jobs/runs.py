@@ -47,7 +47,8 @@ def train(model_dir: str,
     # The trainer's mesh (the same devices and axes): the loop's params are decoded in the
     # shardings they are trained in, batches split over `data`.
     evaluator = evaluator_lib.Evaluator(model, eval_config,
-                                        mesh=partitioning.make_mesh(partitioner))
+                                        mesh=partitioning.make_mesh(partitioner),
+                                        logical_axis_rules=partitioner.logical_axis_rules)
     eval_dir = f"{model_dir}/eval"
     eval_fn = lambda params, step: _flatten(evaluator.evaluate(params, step, output_dir=eval_dir))
   return trainer.train(model_dir, model, dataset, num_train_steps, optimizer=optimizer,

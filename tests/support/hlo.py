@@ -1,0 +1,26 @@
+"""Counting collectives in a compiled XLA module's text (where a step gathers or reduces)."""
+import re
+from typing import Tuple
+
+
+def collectives_outside_and_inside_loops(hlo_text: str, op: str = "all-gather") -> Tuple[int, int]:
+  """`(ops outside every while loop, inside one)` of a compiled module's text (`op`: "all-gather",
+  "all-reduce", ...); inside means in a loop body or any computation it calls (fusions,
+  conditionals' branches, ...)."""
+  gathers, calls = {}, {}
+  for block in hlo_text.split('\n\n'):
+    name = re.match(r'\s*(?:ENTRY\s+)?%?([\w.\-]+)', block)
+    if name:
+      gathers[name.group(1)] = len(re.findall(re.escape(op) + r'(?:-start)?\(', block))
+      callees = re.findall(r'(?:calls|to_apply|body|condition|branch_computations|'
+                           r'true_computation|false_computation)=(\{[^}]*\}|%?[\w.\-]+)', block)
+      calls[name.group(1)] = {c for group in callees for c in re.findall(r'[\w.\-]+', group)}
+  inside = set(re.findall(r'while\(.*?body=%?([\w.\-]+)', hlo_text))
+  frontier = list(inside)
+  while frontier:
+    for callee in calls.get(frontier.pop(), ()):
+      if callee not in inside:
+        inside.add(callee)
+        frontier.append(callee)
+  return (sum(n for c, n in gathers.items() if c not in inside),
+          sum(n for c, n in gathers.items() if c in inside))
