@@ -124,6 +124,7 @@ def test_concurrent_requests_are_batched_without_changing_results(client, served
     ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "'stop' must be"),
     ({"prompt": "word " * 2100}, openai.BadRequestError, "at most 2048"),
     ({"model": "gpt-4"}, openai.NotFoundError, "does not exist"),
+    ({"prompt": ["a"] * 9, "n": 8}, openai.BadRequestError, "72 completions; at most 64"),
 ])
 def test_bad_requests_get_openai_shaped_errors(client, kwargs, error, words):
   request = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 4, **kwargs}

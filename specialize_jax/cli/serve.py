@@ -49,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
   name = args.model_name or os.path.basename(os.path.normpath(str(args.checkpoint)))
   limits = completions.Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                               max_n=args.max_n, max_logprobs=args.max_logprobs,
-                              max_prompts=args.max_batch_rows)
+                              max_prompts=args.max_batch_rows, max_rows=args.max_batch_rows)
   engine = completions.CompletionEngine(model, name, limits, seed=args.seed)
   config = server_lib.ServeConfig(host=args.host, port=args.port,
                                   api_key=args.api_key or os.environ.get(API_KEY_ENV),

@@ -55,6 +55,7 @@ class Limits:
   max_n: int = 64
   max_logprobs: int = 20
   max_prompts: int = 64
+  max_rows: int = 64  # completions (prompts x n) per request: one decode's rows at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +95,9 @@ class CompletionRequest:
       raise RequestError(f"{len(prompts)} prompts; at most {limits.max_prompts} per request.",
                          param="prompt")
     n = _integer(body, "n", 1, 1, limits.max_n)
+    if len(prompts) * n > limits.max_rows:
+      raise RequestError(f"{len(prompts)} prompts x n={n} is {len(prompts) * n} completions; at "
+                         f"most {limits.max_rows} per request.", param="n")
     best_of = body.get("best_of")
     if best_of is not None and best_of != n:
       raise RequestError("'best_of' other than 'n' is not supported.", param="best_of")

@@ -16,13 +16,13 @@ Terms:
         weighted by `N_i / sum_j N_j`; a micro-batch with fewer real target tokens counts less.
       * with no factor (a plain sum, T5X's default) or a constant one, the full loss is the sum of
         the micro-batch losses (weight 1).
-    Gradients are accumulated as `sum_i N_i * grad_i` and divided once at the end.
+    Gradients are accumulated as `sum_i N_i * grad_i` and divided once at the end. Extra losses
+    (e.g. distillation) are assumed to follow the model's loss normalizing factor; one that
+    normalizes differently is averaged with the same weights and matches only approximately.
   skipped micro-batches: with `skip_empty_microbatches`, the micro-batches after the last one with
     a positive loss weight (padding rows of the original's batching, `prepared.micro_batches`, which
     fills micro-batches in order) are not computed: the loop stops there. They would add exactly
-    zero to every sum. Extra losses
-    (e.g. distillation) are assumed to follow the model's loss normalizing factor; one that
-    normalizes differently is averaged with the same weights and matches only approximately.
+    zero to every sum.
   metrics: float32 scalars computed inside the step, each equal for any number of micro-batches
     of the same batch: `loss`, `cross_ent_loss`, `z_loss`, `kl` (and any other extra-loss metric)
     combined like the loss; the per-token means `accuracy` and `teacher_mass` weighted by target
