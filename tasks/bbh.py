@@ -4,10 +4,12 @@ One split, `test`. Metrics: exact match after the last "the answer is" (CoT) / o
 
 `bbh_{task}_ao_paper` (mixture `bbh_ao_paper`) is the original's answer-only input: its
 `modify_prompt` of the raw prompt file (`readers.bbh_answer_only_prompt_paper`), then
-`\n\nQ: {question}\nA: the answer is `. It is a task of its own, not a scoring switch, because the
-prompt decides what the model generates: `--metric_mode paper` rescores saved predictions, it
-cannot change the inputs they were generated from. Its metrics are the `_ao` tasks' (the paper's
-substring rule as `accuracy_paper`).
+`\n\nQ: {question}\nA: the answer is `. `bbh_{task}_cot_paper` (mixture `bbh_cot_paper`) is its CoT
+input: the raw prompt file as it is (canary header included), then
+`\n\nQ: {question}\nA: Let's think step by step.\n` (`test_bbh.py`). They are tasks of their own,
+not a scoring switch, because the prompt decides what the model generates: `--metric_mode paper`
+rescores saved predictions, it cannot change the inputs they were generated from. Their metrics are
+the `_ao` and `_cot` tasks' (the paper's substring rule as `accuracy_paper`).
 """
 import functools
 
@@ -19,12 +21,14 @@ from specialize_jax.data import readers
 from specialize_jax.tasks import common
 
 EVAL_SPLIT = "test"
-FORMATS = ("cot", "ao", "ao_paper")
+FORMATS = ("cot", "ao", "ao_paper", "cot_paper")
 COT_ANSWER_TRIGGER = "\nA: Let's think step by step."
 AO_ANSWER_TRIGGER = "\nA:"
 AO_PAPER_ANSWER_TRIGGER = f"\nA: {readers.BBH_PAPER_ANSWER_TRIGGER}"
+# The original's CoT trigger ends in a newline (`test_bbh.py`); ours, as BBH's own, does not.
+COT_PAPER_ANSWER_TRIGGER = COT_ANSWER_TRIGGER + "\n"
 _TRIGGERS = {"cot": COT_ANSWER_TRIGGER, "ao": AO_ANSWER_TRIGGER,
-             "ao_paper": AO_PAPER_ANSWER_TRIGGER}
+             "ao_paper": AO_PAPER_ANSWER_TRIGGER, "cot_paper": COT_PAPER_ANSWER_TRIGGER}
 
 
 def bbh_task_name(task: str, format_name: str) -> str:
@@ -44,6 +48,8 @@ def _source(task: str) -> seqio.DataSource:
 def bbh_prompt(task: str, format_name: str) -> str:
   if format_name == "ao_paper":
     return readers.bbh_answer_only_prompt_paper(readers.read_bbh_prompt_file(task))
+  if format_name == "cot_paper":
+    return readers.read_bbh_prompt_file(task)
   cot_prompt = readers.read_bbh_cot_prompt(task)
   return cot_prompt if format_name == "cot" else readers.bbh_answer_only_prompt(cot_prompt)
 
@@ -61,7 +67,7 @@ def format_bbh(dataset: tf.data.Dataset, task: str, format_name: str) -> tf.data
 
 def register() -> None:
   for format_name in FORMATS:
-    if format_name == "cot":
+    if format_name in ("cot", "cot_paper"):
       metric_fns = [metrics.bbh_cot_accuracy, common.paper_variant(metrics.bbh_cot_accuracy_paper)]
     else:
       metric_fns = [metrics.bbh_answer_only_accuracy,

@@ -1,4 +1,4 @@
-"""The original's BBH answer-only input (`bbh_{task}_ao_paper`), pinned on one real task."""
+"""The original's BBH inputs (`bbh_{task}_ao_paper`, `bbh_{task}_cot_paper`), pinned on one real task."""
 import tensorflow as tf
 
 from specialize_jax.data import readers
@@ -42,3 +42,22 @@ def test_ao_paper_is_a_format_of_its_own_in_reports():
   key = task_keys.describe_task("bbh_date_understanding_ao_paper")
   assert (key.dataset, key.subtask, key.format) == ("bbh", "date_understanding", "ao_paper")
   assert task_keys.describe_task("bbh_date_understanding_ao").format == "ao"
+
+
+def test_cot_paper_input_is_the_raw_file_then_the_originals_trigger(data_dir):
+  """The original's BBH CoT input (`test_bbh.py`): the prompt file as it is, canary header
+  included, then `\\n\\nQ: {question}\\nA: Let's think step by step.\\n`."""
+  from specialize_jax.tasks import bbh  # pylint: disable=g-import-not-at-top
+  example = readers.read_bbh(TASK)[0]
+  dataset = tf.data.Dataset.from_tensors({"id": example.id, "question": example.input,
+                                          "answer": example.target})
+  inputs = next(bbh.format_bbh(dataset, TASK, "cot_paper").as_numpy_iterator())["inputs"].decode()
+  raw = readers.read_bbh_prompt_file(TASK)
+  assert inputs == f"{raw}\n\nQ: {example.input}\nA: Let's think step by step.\n"
+  assert inputs.startswith("BENCHMARK DATA SHOULD NEVER APPEAR")
+  ours = next(bbh.format_bbh(dataset, TASK, "cot").as_numpy_iterator())["inputs"].decode()
+  assert ours.endswith("\nA: Let's think step by step.") and "BENCHMARK DATA" not in ours
+  from specialize_jax.evaluation import task_keys  # pylint: disable=g-import-not-at-top
+  assert task_keys.describe_task(f"bbh_{TASK}_cot_paper").format == "cot_paper"
+  import seqio  # pylint: disable=g-import-not-at-top
+  assert "bbh_cot_paper" in seqio.MixtureRegistry.names()

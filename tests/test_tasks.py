@@ -27,8 +27,9 @@ LENGTHS = {"inputs": 2048, "targets": 256}
 def test_required_names_registered(registry):
   names = set(registry.names())
   assert not set(REQUIRED) - names
-  assert sum(n.startswith("bbh_") for n in names) == 3 * 27
-  assert {"bbh_cot", "bbh_ao", "bbh_ao_paper"} <= set(seqio.MixtureRegistry.names())
+  assert sum(n.startswith("bbh_") for n in names) == 4 * 27
+  assert {"bbh_cot", "bbh_ao", "bbh_ao_paper", "bbh_cot_paper"} <= set(
+      seqio.MixtureRegistry.names())
   assert {"gsm8k_distill", "gsm8k_distill_top5", "gsm8k_distill_top20"} <= names
 
 
@@ -47,11 +48,12 @@ def test_every_task_iterates(registry, tmp_path):
   is_prepared = lambda name: isinstance(registry.get(name).source, prepared_data.PreparedSource)
   # Not walked: TFDS and demo tasks (see above), the top-k tasks (the gold set has no teacher rows:
   # tests/test_teacher_features.py covers them), prepared tasks other tests register, and the BBH
-  # `_ao_paper` tasks but one (the same source as `_ao`, shorter prompts; tests/test_bbh_prompts.py
-  # pins their inputs).
+  # `_ao_paper` and `_cot_paper` tasks but one each (the sources of `_ao` and `_cot`, other
+  # prompts; tests/test_bbh_prompts.py pins their inputs).
   names = [n for n in sorted(registry.names())
            if not n.startswith(("gsm8k_tfds_", "demo_", "gsm8k_distill_top"))
-           and (not n.endswith("_ao_paper") or n == "bbh_date_understanding_ao_paper")
+           and (not n.endswith(("_ao_paper", "_cot_paper")) or n in (
+               "bbh_date_understanding_ao_paper", "bbh_date_understanding_cot_paper"))
            and (n.startswith("gsm8k_distill") or not is_prepared(n))]
   assert len([n for n in names if n.startswith("gsm8k_distill")]) == 5 and len(names) > 80
   for name in names:

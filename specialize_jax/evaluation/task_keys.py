@@ -5,8 +5,8 @@ reports read these facts from the registered names, whose patterns `tasks/` fixe
 
   math: `{dataset}_{split}_{format}`, e.g. `gsm8k_dev_icl_cot`, `multiarith_test_zs_cot`,
     `asdiv_test_icl_ao` (`gsm8k_tfds_test_{format}` counts as GSM8K test).
-  BBH: `bbh_{subtask}_{cot|ao|ao_paper}`, e.g. `bbh_date_understanding_cot` (`ao_paper`: the
-  original's answer-only prompt, a format of its own so reports never average it with `ao`).
+  BBH: `bbh_{subtask}_{cot|ao|cot_paper|ao_paper}`, e.g. `bbh_date_understanding_cot` (`*_paper`:
+  the original's prompts, formats of their own so reports never average them with `cot` / `ao`).
   demo: `demo_{id|ood|long}_{cot|ao}` (the generated demo's held-out test sets).
   anything else: `{dataset}_{format}` when it ends in a known format, else the name is the dataset.
 
@@ -34,7 +34,7 @@ ID_DATASETS = ('gsm8k', 'demo_id')
 OOD_DATASETS = ('multiarith', 'asdiv', 'svamp', 'addsub', 'singleeq', 'demo_ood', 'demo_long')
 _MATH_RE = re.compile(r'(gsm8k_tfds|gsm8k|multiarith|asdiv|svamp|addsub|singleeq)_(dev|test|train)_'
                       r'(icl_cot|zs_cot|icl_ao|zs_ao)')
-_BBH_RE = re.compile(r'bbh_(\w+)_(cot|ao_paper|ao)')
+_BBH_RE = re.compile(r'bbh_(\w+?)_(cot_paper|ao_paper|cot|ao)')
 _DEMO_RE = re.compile(r'demo_(id|ood|long)_(cot|ao)')
 _FORMAT_SUFFIX_RE = re.compile(r'(\w+?)_(icl_cot|zs_cot|icl_ao|zs_ao|cot|ao)')
 
