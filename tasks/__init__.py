@@ -10,13 +10,18 @@ the names.
   `bbh_ao_paper` (`ao_paper`: the original's answer-only prompt)
 - `tasks.distillation`: `gsm8k_distill_{format}` and the mixture `gsm8k_distill`
 - `tasks.demo`: `demo_train_{cot,ao}`, `demo_{id,ood,long}_{cot,ao}` (the generated CPU demo)
+- `tasks.world`: the demo's world (`specialize demo`): `world_pretrain`, `world_instruct`,
+  `world_teacher_train`, `world_distill[_top6][_zs]`, `world_{family}_{dev,test}_{format}`,
+  `world_bbh_{task}_{dev,test}_{format}`
 """
 from specialize_jax.tasks import bbh
 from specialize_jax.tasks import demo
 from specialize_jax.tasks import distillation
 from specialize_jax.tasks import math_eval
+from specialize_jax.tasks import world
 
 math_eval.register()
 bbh.register()
 distillation.register()
 demo.register()
+world.register()

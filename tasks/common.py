@@ -6,13 +6,14 @@ from specialize_jax.data import feature_converters
 from specialize_jax.data import vocabulary
 
 
-def output_features(with_teacher: bool = False) -> dict:
-  """`inputs` and `targets` in the T5 vocabulary; `with_teacher` adds the teacher top-k features.
+def output_features(with_teacher: bool = False, vocab=None) -> dict:
+  """`inputs` and `targets` in `vocab` (default the T5 vocabulary); `with_teacher` adds the teacher
+  top-k features.
 
   The teacher features must be output features: a SeqIO Mixture keeps only its tasks' output
   features, so without them a top-k mixture would silently drop the teacher distributions.
   """
-  vocab = vocabulary.get_vocabulary()
+  vocab = vocab or vocabulary.get_vocabulary()
   features = {
       "inputs": seqio.Feature(vocabulary=vocab, add_eos=True, required=True),
       "targets": seqio.Feature(vocabulary=vocab, add_eos=True),

@@ -20,6 +20,8 @@ def add_arguments(sub) -> None:
   p.add_argument("--model", required=True)
   p.add_argument("--api", choices=("completions", "chat"), default="completions")
   p.add_argument("--split", default="gsm8k_train", help="training split to sample (gsm8k_train)")
+  p.add_argument("--questions", default=None, help="sample these questions instead of --split: a "
+                 "teacher-data JSONL (its ids, questions and gold answers)")
   p.add_argument("--num_samples", type=int, default=40, help="samples per question")
   p.add_argument("--temperature", type=float, default=0.5)
   p.add_argument("--top_logprobs", type=int, default=5,
@@ -115,7 +117,8 @@ def cmd_teacher(args: argparse.Namespace) -> int:
       progress_period_s=args.progress_period_s)
   sampling.check()
   prompt = teacher_client.load_few_shot_prompt(args.prompt_file)
-  examples = teacher_client.split_examples(args.split)[:args.limit]
+  examples = (teacher_client.file_examples(args.questions) if args.questions else
+              teacher_client.split_examples(args.split))[:args.limit]
   if args.dry_run:
     todo = teacher_client.pending(examples, args.output, sampling.teacher_info())
     print(json.dumps(dict(teacher_client.dry_run_estimate(

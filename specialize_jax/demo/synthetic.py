@@ -298,13 +298,15 @@ def make_splits(num_train: int = 200_000, num_eval: int = 600,
   }
 
 
-def to_records(problems: Sequence[Problem], split: str) -> List[teacher_data.TeacherRecord]:
-  """Teacher records (ids `demo/<split>/<i>`), each with the gold CoT as its one correct sample."""
+def to_records(problems: Sequence[Problem], split: str,
+               source: str = SOURCE) -> List[teacher_data.TeacherRecord]:
+  """Teacher records (ids `<source>/<split>/<i>`), each with the gold CoT as its one correct
+  sample."""
   records = []
   for i, problem in enumerate(problems):
     answer = float(problem.answer)
     records.append(teacher_data.TeacherRecord(
-        id=f"{SOURCE}/{split}/{i}", source=SOURCE, split=split, question=problem.question,
+        id=f"{source}/{split}/{i}", source=source, split=split, question=problem.question,
         gold_answer=str(problem.answer), gold_number=answer,
         samples=(teacher_data.TeacherSample(text=problem.cot, answer=answer, correct=True),),
         meta={"num_steps": problem.num_steps}))
@@ -326,17 +328,21 @@ def vocabulary_text(problems: Sequence[Problem]) -> List[str]:
   return lines
 
 
-def train_vocabulary(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> bytes:
-  """A serialized SentencePiece BPE model (see the module docstring for its settings)."""
+def train_vocabulary(texts: Iterable[str], vocab_size: int = VOCAB_SIZE,
+                     extra_symbols: Sequence[str] = (), model_type: str = "bpe",
+                     hard_vocab_limit: bool = True) -> bytes:
+  """A serialized SentencePiece model (see the module docstring for its settings); `extra_symbols`
+  become user-defined pieces after the number pieces; without `hard_vocab_limit`, `vocab_size` is
+  an upper bound (a small text may hold fewer pieces)."""
   import sentencepiece  # pylint: disable=g-import-not-at-top  (only writers need it)
   model = io.BytesIO()
   sentencepiece.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_writer=model, model_type="bpe",
+      sentence_iterator=iter(texts), model_writer=model, model_type=model_type,
       vocab_size=vocab_size, character_coverage=1.0, split_digits=False,
-      user_defined_symbols=list(NUMBER_PIECES),
+      user_defined_symbols=list(NUMBER_PIECES) + list(extra_symbols),
       required_chars=REQUIRED_CHARS,
       pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=False,
-      num_threads=1, minloglevel=2)
+      hard_vocab_limit=hard_vocab_limit, num_threads=1, minloglevel=2)
   return model.getvalue()
 
 

@@ -137,7 +137,7 @@ def _write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
 # Plots
 
 
-def _figure(nrows: int = 1, ncols: int = 1, size: Tuple[float, float] = _FIGURE_SIZE):
+def new_figure(nrows: int = 1, ncols: int = 1, size: Tuple[float, float] = _FIGURE_SIZE):
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   figure = Figure(figsize=size, dpi=_DPI)
@@ -146,7 +146,7 @@ def _figure(nrows: int = 1, ncols: int = 1, size: Tuple[float, float] = _FIGURE_
   return figure, axes
 
 
-def _save(figure, path: str) -> str:
+def save_figure(figure, path: str) -> str:
   figure.tight_layout()
   with storage.atomic_write(path, mode='wb') as f:
     figure.savefig(f, format='png', dpi=_DPI)
@@ -177,7 +177,7 @@ def plot_accuracy_vs_step(table: Table, columns: Sequence[Column], chosen: selec
   drawn = [c for c in columns if c.dataset != 'bbh' and _series(table, steps, c)[0]]
   if not drawn:
     return None
-  figure, axes = _figure()
+  figure, axes = new_figure()
   ax = axes[0][0]
   for column in drawn:
     xs, ys = _series(table, steps, column)
@@ -201,7 +201,7 @@ def plot_accuracy_vs_step(table: Table, columns: Sequence[Column], chosen: selec
   ax.set_ylabel('accuracy (%)')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc='best')
-  return _save(figure, path)
+  return save_figure(figure, path)
 
 
 def plot_math_vs_bbh(table: Table, columns: Sequence[Column], chosen: selection_lib.Selection,
@@ -211,7 +211,7 @@ def plot_math_vs_bbh(table: Table, columns: Sequence[Column], chosen: selection_
   bbh_columns = [c for c in columns if c.dataset == 'bbh' and c.task_names]
   if not math_columns or not bbh_columns:
     return None
-  figure, axes = _figure()
+  figure, axes = new_figure()
   ax = axes[0][0]
   drew = False
   for column in bbh_columns:
@@ -236,7 +236,7 @@ def plot_math_vs_bbh(table: Table, columns: Sequence[Column], chosen: selection_
   ax.set_ylabel('BBH accuracy (%): mean over the evaluated BBH tasks')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  return _save(figure, path)
+  return save_figure(figure, path)
 
 
 def _format_series(table: Table) -> Dict[str, Dict[str, List[str]]]:
@@ -261,7 +261,7 @@ def plot_formats(table: Table, path: str, start_step: Optional[int] = None) -> O
   datasets = [d for d in dict.fromkeys(order) if d in series]
   ncols = min(3, len(datasets))
   nrows = -(-len(datasets) // ncols)
-  figure, axes = _figure(nrows, ncols, (4.0 * ncols, 3.2 * nrows + 0.6))
+  figure, axes = new_figure(nrows, ncols, (4.0 * ncols, 3.2 * nrows + 0.6))
   steps = sorted(table)
   for index, dataset in enumerate(datasets):
     ax = axes[index // ncols][index % ncols]
@@ -283,7 +283,7 @@ def plot_formats(table: Table, path: str, start_step: Optional[int] = None) -> O
     axes[index // ncols][index % ncols].set_visible(False)
   figure.suptitle('Accuracy by prompt format (in-context vs zero-shot, CoT vs answer-only)',
                   fontsize=11)
-  return _save(figure, path)
+  return save_figure(figure, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,7 +482,7 @@ def plot_comparison(entries: Sequence[Mapping[str, Any]], labels: Sequence[str],
   labels = [k for k in labels if any(e['values'].get(k) is not None for e in entries)]
   if not labels:
     return None
-  figure, axes = _figure(size=(min(12.0, max(6.0, 0.8 * len(labels) * len(entries) + 2)), 5.0))
+  figure, axes = new_figure(size=(min(12.0, max(6.0, 0.8 * len(labels) * len(entries) + 2)), 5.0))
   ax = axes[0][0]
   width = 0.8 / len(entries)
   for index, entry in enumerate(entries):
@@ -499,4 +499,4 @@ def plot_comparison(entries: Sequence[Mapping[str, Any]], labels: Sequence[str],
   ax.set_ylim(0, max(top * 1.15, 1.0))
   ax.grid(axis='y', alpha=0.3)
   ax.legend(fontsize=8)
-  return _save(figure, path)
+  return save_figure(figure, path)

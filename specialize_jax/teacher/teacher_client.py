@@ -154,6 +154,14 @@ def split_examples(split: str) -> List[MathExample]:
   return splits.math_split(*SPLITS[split])
 
 
+def file_examples(path) -> List[MathExample]:
+  """The questions of a teacher-data JSONL (ids, questions and gold answers; samples ignored): what
+  `--questions FILE` samples, e.g. another dataset's training questions."""
+  return [MathExample(id=r.id, question=r.question, answer_text=r.gold_answer,
+                      answer_number=r.gold_number, source=r.source)
+          for r in teacher_data.read_records(path, strict=True).records]
+
+
 def sibling_path(output, kind: str) -> pathlib.Path:
   """``X.jsonl`` -> ``X.<kind>.jsonl`` (``failures``, ``filtered``)."""
   output = pathlib.Path(output)
