@@ -73,7 +73,7 @@ def _read(path: pathlib.Path) -> List[teacher_data.TeacherRecord]:
   if not path.is_file():
     raise FileNotFoundError(
         f"Demo data file {path} does not exist. Write the demo directory first: "
-        f"`specialize demo`, or synthetic.write_demo_data({str(path.parent)!r}) from "
+        f"`specialize demo --only_data`, or synthetic.write_demo_data({str(path.parent)!r}) from "
         "specialize_jax.data; or register the tasks with another `demo_dir`.")
   return list(teacher_data.read_records(path).records)
 

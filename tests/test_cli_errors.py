@@ -49,7 +49,7 @@ CASES = [
     (["score", "--task", "gsm8k_test_zs_cot", "--predictions", "preds.jsonl"], None,
      ["gsm8k/test.jsonl", DOWNLOAD]),
     (["score", "--task", "demo_id_cot", "--predictions", "preds.jsonl"], None,
-     ["demo/test_id.jsonl", "`specialize demo`"]),
+     ["demo/test_id.jsonl", "`specialize demo --only_data`"]),
     (["score", "--task", "gsm8k_test_zz_cot", "--predictions", "preds.jsonl"], None,
      ["'gsm8k_test_zz_cot'", "gsm8k_test_zs_cot"]),
     (["prepare_tfds", "--tfds_data_dir", "tfds"], None, ["gsm8k/train.jsonl", DOWNLOAD]),

@@ -20,6 +20,7 @@ REQUIRED = {
              "CHECKPOINT_PATH='/tmp/x'", "EVAL_TASKS=('gsm8k_test_zs_cot',)",
              "INFER_INPUTS='gsm8k_test_zs_cot'", "INFER_OUTPUT='/tmp/x.jsonl'"],
     "experiments": ["MODEL_DIR='/tmp/x'"],
+    "demo": ["MODEL_DIR='/tmp/x'", "INITIAL_CHECKPOINT_PATH='/tmp/x/checkpoint_1'"],
 }
 
 

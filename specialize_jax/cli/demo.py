@@ -21,7 +21,8 @@ def add_arguments(sub) -> None:
                  "are judged on the seed mean")
   p.add_argument("--quick", action="store_true", help="a tiny world and a few steps per stage: "
                  "every stage in minutes (the numbers mean nothing)")
-  p.add_argument("--only_data", action="store_true", help="write the world and stop")
+  p.add_argument("--only_data", action="store_true", help="write the world (and the arithmetic "
+                 "set of gin/experiments/demo_cpu*.gin) and stop")
   p.set_defaults(fn=cmd_demo)
 
 
@@ -37,6 +38,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
               miniature.DemoSettings(seeds=seeds))
   world_dir = args.world_dir or str(data_dir.data_dir() / ("world_quick" if args.quick else
                                                            world_tasks.WORLD_SUBDIR))
+  if args.only_data:
+    from specialize_jax.demo import synthetic
+    from specialize_jax.tasks import demo as demo_tasks
+    synthetic.write_demo_data(demo_tasks.default_demo_dir())
   try:
     return miniature.run_demo(args.output_dir, world_dir, world_tasks.register_world_tasks,
                               settings, only_data=args.only_data)

@@ -49,6 +49,7 @@ class DemoSettings:
   teacher_samples: int = 4
   teacher_questions: Optional[int] = None  # None: every `gsm` train question.
   eval_batch_size: int = 64
+  eval_max_decode_length: int = 80
 
   @classmethod
   def quick(cls, seeds: Sequence[int] = (0,)) -> "DemoSettings":
@@ -61,7 +62,7 @@ class DemoSettings:
     teacher = ("TRAIN_STEPS = 120", "CHECKPOINT_PERIOD = 120", "WARMUP_STEPS = 5",
                "LOG_PERIOD = 40", "BATCH_SIZE = 4", "LEARNING_RATE = 3e-3", "USE_PACKING = False")
     return cls(world_size=world.WorldSize.quick(), seeds=seeds, teacher_samples=2,
-               teacher_questions=16, eval_batch_size=8,
+               teacher_questions=16, eval_batch_size=8, eval_max_decode_length=24,
                stage_bindings={"pretrain": short, "generalist": short, "teacher": teacher,
                                **{run: specialize for run in RUN_GIN_FILES}})
 
@@ -92,7 +93,8 @@ def _eval_config(settings: DemoSettings, task_names: Sequence[str]):
   from specialize_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   return evaluator.EvalConfig(task_names=tuple(task_names),
                               feature_lengths={"inputs": 320, "targets": 80},
-                              batch_size=settings.eval_batch_size, max_decode_length=80)
+                              batch_size=settings.eval_batch_size,
+                              max_decode_length=settings.eval_max_decode_length)
 
 
 def _accuracies(metrics_by_step: Dict[int, Dict[str, Dict]], step: int) -> Dict[str, float]:
