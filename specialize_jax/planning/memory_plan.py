@@ -15,7 +15,8 @@ Terms:
     `num_microbatches > 1` the step also carries a float32 accumulator of the same size
     (`train_step._accumulate_gradients`). With `gradient_reduction='once'` (GRADIENT_REDUCTION)
     both are per data shard and not reduced over `data` until the step's end: each is the size of
-    the parameters sharded without `data` (under FSDP, data-axis times the parameters' bytes).
+    the parameters sharded without `data` (under FSDP up to data-axis times the parameters'
+    bytes: only parameters with an `embed` dimension shard on `data`).
     Both live inside XLA's temporaries; the table shows this analytic part and the rest of the
     temporaries (activations, collectives' buffers) separately.
   XLA temporaries: `memory_analysis().temp_size_in_bytes` of the CPU compilation. The CPU compiler
