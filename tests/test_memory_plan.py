@@ -126,6 +126,58 @@ def test_state_bytes_per_device_are_what_the_trainer_holds(partitioning_gin):
   assert 'verdict: fits:' in memory_plan.format_plan(result)
 
 
+ONCE = ["--gin.GRADIENT_REDUCTION='once'"]
+
+
+def test_gradient_reduction_once_reaches_the_plan_from_gin_with_its_memory():
+  """GRADIENT_REDUCTION='once' under FSDP: the gradient and accumulator rows become the unreduced
+  partial gradients, sharded on the model axis only (as the standard rules shard the params); the
+  first fix of a 'once' plan is reducing per micro-batch; a bad value names the choices."""
+  overrides = DEMO_OVERRIDES + ['--gin.NUM_PARTITIONS=2']
+  fsdp = _request(DEMO + ['partitioning/fsdp.gin'], overrides)
+  once = _request(DEMO + ['partitioning/fsdp.gin'], overrides + ONCE)
+  assert (fsdp.gradient_reduction, once.gradient_reduction) == ('per_microbatch', 'once')
+  per_plan, once_plan, standard_plan = (
+      memory_plan.plan(request, compile_step=False)
+      for request in (fsdp, once, _request(DEMO + ['partitioning/data_model.gin'], overrides)))
+  assert per_plan.gradient_bytes == 2 * per_plan.params_bytes
+  assert once_plan.gradient_bytes == 2 * standard_plan.params_bytes > 2 * per_plan.gradient_bytes
+  assert once_plan.total_bytes - per_plan.total_bytes == (once_plan.gradient_bytes -
+                                                          per_plan.gradient_bytes)
+  text = memory_plan.format_plan(once_plan)
+  assert "Gradients reduced over data once per step (GRADIENT_REDUCTION='once')" in text
+  assert re.search(r'^unreduced gradients \+ accumulator \(f32, temps\)\s+[\d.]+ GiB$', text,
+                   re.MULTILINE), text
+  fix, fixed = next(memory_plan.suggest_fixes(once_plan))
+  assert fix.startswith('--gin.GRADIENT_REDUCTION="\'per_microbatch\'"')
+  assert fixed == once.replace(gradient_reduction='per_microbatch')
+  # One micro-batch: no accumulator, nothing to defer.
+  single = memory_plan.plan(once.replace(num_microbatches=1), compile_step=False)
+  assert single.gradient_bytes == single.params_bytes
+  with pytest.raises(ConfigError,
+                     match="gradient_reduction='twice' is not one of 'per_microbatch', 'once'"):
+    memory_plan.plan(once.replace(gradient_reduction='twice'), compile_step=False)
+
+
+@pytest.mark.slow
+def test_the_plan_compiles_the_once_step():
+  """The compiled plans of both reductions (FSDP, 8 data shards): the same arguments (the state),
+  and XLA's temporaries of 'once' hold its unreduced gradient and accumulator. On the CPU compiler
+  the 'per_microbatch' temporaries hold full-size gradients too (its reduce-scatter is an
+  all-reduce then a slice), so its total is not smaller for this small model (docs/memory_plan.md
+  gives FlanT5-XL's numbers)."""
+  plans = {}
+  for overrides in ([], ONCE):
+    request = _request(DEMO + ['partitioning/fsdp.gin'], DEMO_OVERRIDES + overrides)
+    plans[request.gradient_reduction] = memory_plan.plan(request, devices=jax.devices()[:8])
+  per_plan, once_plan = plans['per_microbatch'], plans['once']
+  assert per_plan.compiled and once_plan.compiled and per_plan.mesh_shape == {'data': 8, 'model': 1}
+  assert once_plan.argument_bytes == per_plan.argument_bytes
+  assert once_plan.gradient_bytes > 7 * per_plan.gradient_bytes  # not data-sharded: 8 shards
+  assert once_plan.temp_bytes >= once_plan.gradient_bytes
+  assert once_plan.temp_bytes != per_plan.temp_bytes
+
+
 @pytest.mark.slow
 def test_batch_spec_is_what_the_input_pipeline_yields(tmp_path_factory):
   request = _request(DEMO, DEMO_OVERRIDES)

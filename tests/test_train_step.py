@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from specialize_jax import errors
 from specialize_jax.model import config as config_lib
 from specialize_jax.model import distillation_loss
 from specialize_jax.model import models
@@ -405,3 +406,165 @@ def test_skipping_padding_micro_batches_keeps_fsdp_gathers_out_of_the_loop(t5_mo
   outside, inside = gathers[False]
   assert outside > inside  # FSDP: most weights are gathered once, before the loop
   assert gathers[True] == gathers[False]
+
+
+# -- where the gradient is reduced over the data axis (GRADIENT_REDUCTION) ------------------------
+
+REDUCTION_MICROBATCHES = (2, 4)
+
+
+def _sixteen_rows():
+  """16 rows, so 4 micro-batches split over 4 data shards; rows 8 and 12 have no targets, so in
+  micro-batch 0 of 4 (rows 0, 4, 8, 12: one per shard) two shards have no real target tokens."""
+  second = make_batch(seed=1, target_lengths=(0, 5, 2, 5, 0, 4, 1, 5))
+  return {name: np.concatenate([value, second[name]]) for name, value in make_batch().items()}
+
+
+@pytest.fixture(scope='module')
+def fsdp_steps_by_reduction(t5_model):
+  """`{(gradient_reduction, num_microbatches): (gradient, metrics, compiled HLO text)}` of one
+  step of the tiny T5 under the FSDP rules on 4 data shards; SGD with rate 1, so the params
+  before minus after the step are the gradient."""
+  mesh, rules = make_mesh(4, 1), partitioning.fsdp_logical_axis_rules()
+  optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+  params = random_params(TINY)
+  batch = partitioning.global_batch(_sixteen_rows(), mesh)
+  results = {}
+  for reduction in train_step_lib.GRADIENT_REDUCTIONS:
+    for num_microbatches in REDUCTION_MICROBATCHES:
+      state, shardings = train_state_lib.create_train_state(
+          t5_model, optimizer, mesh, rules, jax.random.key(0), init_params_fn=lambda: params)
+      step = train_step_lib.make_train_step(t5_model, optimizer, shardings, mesh,
+                                            num_microbatches, rules=rules,
+                                            gradient_reduction=reduction)
+      compiled = step.lower(state, batch, jax.random.key(1)).compile()
+      state, metrics = compiled(state, batch, jax.random.key(1))
+      gradient = jax.tree_util.tree_map(lambda a, b: a - b, params, jax.device_get(state.params))
+      results[reduction, num_microbatches] = (gradient, jax.device_get(metrics),
+                                              compiled.as_text())
+  return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('num_microbatches', REDUCTION_MICROBATCHES)
+def test_reducing_once_per_step_equals_reducing_every_micro_batch(fsdp_steps_by_reduction,
+                                                                  num_microbatches):
+  """'once' (per-shard partial gradients, reduced after the loop) == 'per_microbatch': the
+  gradient and every metric, with micro-batches whose shards hold no real targets."""
+  gradient, metrics, _ = fsdp_steps_by_reduction['per_microbatch', num_microbatches]
+  once_gradient, once_metrics, _ = fsdp_steps_by_reduction['once', num_microbatches]
+  assert set(once_metrics) == set(metrics)
+  for name in sorted(metrics):
+    np.testing.assert_allclose(once_metrics[name], metrics[name], **TOL, err_msg=name)
+  assert np.isfinite(metrics['loss']) and float(metrics['grad_norm']) > 0.1
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), once_gradient,
+                         gradient)
+
+
+@pytest.mark.slow
+def test_reducing_once_per_step_leaves_no_reduction_in_the_micro_batch_loop(
+    fsdp_steps_by_reduction):
+  """Collectives of the compiled step, `(outside loops, inside)`, in ops and in the arrays they
+  carry. XLA's CPU compiler writes the reduce-scatter to the parameters' FSDP sharding as an
+  all-reduce (then a slice) and combines a step's all-reduces into one op over many arrays, so
+  both kinds are counted. Measured with jaxlib 0.10.2 on 4 CPU devices (the tiny T5):
+    per_microbatch, 2 and 4 micro-batches: all-reduce ops (1, 2), arrays (50, 58);
+    once, 2 and 4 micro-batches: all-reduce ops (2, 0), arrays (108, 0); no reduce-scatter op.
+  """
+  def reductions(reduction, num_microbatches, arrays):
+    text = fsdp_steps_by_reduction[reduction, num_microbatches][2]
+    counts = [hlo.collectives_outside_and_inside_loops(text, op, arrays=arrays)
+              for op in ('all-reduce', 'reduce-scatter')]
+    return tuple(map(sum, zip(*counts)))
+
+  for arrays in (False, True):
+    for num_microbatches in REDUCTION_MICROBATCHES:
+      assert reductions('per_microbatch', num_microbatches, arrays)[1] > 0
+      assert reductions('once', num_microbatches, arrays)[1] == 0
+    # One reduction per step whatever the micro-batch count.
+    assert reductions('once', 4, arrays) == reductions('once', 2, arrays)
+    # What left the loop is reduced after it, not dropped.
+    assert reductions('once', 2, arrays)[0] > reductions('per_microbatch', 2, arrays)[0]
+  # The FSDP weight gathers stay out of the loop as before.
+  gathers = {key: hlo.collectives_outside_and_inside_loops(text)
+             for key, (_, _, text) in fsdp_steps_by_reduction.items()}
+  assert gathers['once', 4] == gathers['per_microbatch', 4]
+
+
+def _linear_state_and_shardings(mesh, optimizer):
+  """The linear model's params sharded as FSDP would (`embed` on both axes), and its state."""
+  P = jax.sharding.PartitionSpec
+  params = jax.tree_util.tree_map(jnp.asarray, linear_params())
+  param_specs = {'embed': P(None, ('data', 'model')), 'out': P('data', 'model')}
+  replicated = partitioning.replicated(mesh)
+  state = train_state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                     opt_state=optimizer.init(params))
+  shardings = train_state_lib.TrainState(
+      step=replicated,
+      params={name: jax.sharding.NamedSharding(mesh, spec) for name, spec in param_specs.items()},
+      opt_state=jax.tree_util.tree_map(lambda _: replicated, state.opt_state))
+  return jax.device_put(state, shardings), shardings
+
+
+def _originals_batch():
+  """The original's batching in miniature: per-token weights scaled per micro-batch and the last
+  of 4 micro-batches (rows 3 and 7) all padding, skipped."""
+  batch = make_batch(seed=5, target_lengths=(3, 5, 2, 0, 4, 1, 5, 0))
+  scale = np.random.default_rng(6).uniform(0.1, 1.0, (BATCH, 1)).astype(np.float32)
+  batch['decoder_loss_weights'] = batch['decoder_loss_weights'] * scale
+  return batch
+
+
+@pytest.mark.parametrize('factor', [None, 'NUM_REAL_TARGET_TOKENS', 'NUM_TOTAL_TARGET_TOKENS',
+                                    'AVERAGE_PER_SEQUENCE', 'originals_batching'])
+def test_reducing_once_per_step_equals_reducing_every_micro_batch_for_every_factor(factor):
+  """The linear model on data=2 x model=2, 2 and 4 micro-batches: packed segments and teacher
+  distributions (every factor), or the original's batching weights with a skipped micro-batch."""
+  originals = factor == 'originals_batching'
+  model = LinearModel(TINY, loss_normalizing_factor=None if originals else factor, z_loss=1e-2,
+                      label_smoothing=0.1, loss_type='distribution', distribution_ce_weight=0.5)
+  mesh = make_mesh(2, 2)
+  optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+  host_batch = _originals_batch() if originals else _packed_batch()
+  if originals:
+    teacher = (distillation_loss.TEACHER_TOPK_IDS, distillation_loss.TEACHER_TOPK_LOGPROBS)
+    host_batch.update({name: _packed_batch()[name] for name in teacher})
+  batch = partitioning.global_batch(host_batch, mesh)
+  results = {}
+  for reduction in train_step_lib.GRADIENT_REDUCTIONS:
+    for num_microbatches in REDUCTION_MICROBATCHES:
+      state, shardings = _linear_state_and_shardings(mesh, optimizer)
+      step = train_step_lib.make_train_step(model, optimizer, shardings, mesh, num_microbatches,
+                                            skip_empty_microbatches=originals,
+                                            gradient_reduction=reduction)
+      results[reduction, num_microbatches] = jax.device_get(
+          step(state, batch, jax.random.key(0)))
+  for num_microbatches in REDUCTION_MICROBATCHES:
+    state, metrics = results['per_microbatch', num_microbatches]
+    once_state, once_metrics = results['once', num_microbatches]
+    for name in sorted(metrics):
+      np.testing.assert_allclose(once_metrics[name], metrics[name], **TOL,
+                                 err_msg=f'{name}, k={num_microbatches}')
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, **TOL),
+                           once_state.params, state.params)
+
+
+def test_partial_gradients_shard_on_data_first_and_like_the_params_without_data():
+  mesh = make_mesh(4, 2)
+  P = jax.sharding.PartitionSpec
+  specs = [P('data', 'model'), P(None, ('data', 'model')), P(('model', 'data')), P('model'), P()]
+  partial = train_step_lib.partial_gradient_shardings(
+      [jax.sharding.NamedSharding(mesh, spec) for spec in specs])
+  assert [s.spec for s in partial] == [P('data', None, 'model'), P('data', None, 'model'),
+                                       P('data', 'model'), P('data', 'model'), P('data')]
+
+
+def test_an_unknown_gradient_reduction_names_the_choices(t5_model):
+  mesh = make_mesh(4, 1)
+  optimizer = optimizers.make_optimizer(OPTIMIZER_CONFIG, NUM_TRAIN_STEPS)
+  _, shardings = train_state_lib.abstract_train_state(
+      t5_model, optimizer, mesh, partitioning.STANDARD_LOGICAL_AXIS_RULES)
+  match = r"gradient_reduction='twice' is not one of 'per_microbatch', 'once'"
+  with pytest.raises(errors.ConfigError, match=match):
+    train_step_lib.make_train_step(t5_model, optimizer, shardings, mesh, 2,
+                                   gradient_reduction='twice')

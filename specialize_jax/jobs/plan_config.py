@@ -37,7 +37,8 @@ def plan_request(gin_files: List[str], overrides: List[str], search_paths: List[
       num_train_steps=bindings["num_train_steps"],
       optimizer=bindings.get("optimizer", optimizers.OptimizerConfig()),
       partitioner=bindings.get("partitioner", partitioning.PartitioningConfig()),
-      num_microbatches=bindings.get("num_microbatches", 1), topology=topology)
+      num_microbatches=bindings.get("num_microbatches", 1), topology=topology,
+      gradient_reduction=bindings.get("gradient_reduction", "per_microbatch"))
 
 
 def gin_topology(gin_files: Sequence[str], search_paths: Sequence[str],

@@ -34,6 +34,7 @@ def train(model_dir: str,
           partitioner: partitioning.PartitioningConfig = partitioning.PartitioningConfig(),
           checkpoint: checkpoint_manager.CheckpointConfig = checkpoint_manager.CheckpointConfig(),
           num_microbatches: int = 1,
+          gradient_reduction: str = "per_microbatch",
           seed: int = 0,
           initial_checkpoint_path: Optional[str] = None,
           log_period: int = 10,
@@ -53,7 +54,8 @@ def train(model_dir: str,
     eval_fn = lambda params, step: _flatten(evaluator.evaluate(params, step, output_dir=eval_dir))
   return trainer.train(model_dir, model, dataset, num_train_steps, optimizer=optimizer,
                        partitioner=partitioner, checkpoint=checkpoint,
-                       num_microbatches=num_microbatches, seed=seed,
+                       num_microbatches=num_microbatches,
+                       gradient_reduction=gradient_reduction, seed=seed,
                        initial_checkpoint_path=initial_checkpoint_path, log_period=log_period,
                        eval_period=eval_period, eval_fn=eval_fn, tensorboard=tensorboard)
 

@@ -13,8 +13,12 @@ Terms:
     its item size.
   gradients: the float32 gradient of one micro-batch, sharded like the parameters; with
     `num_microbatches > 1` the step also carries a float32 accumulator of the same size
-    (`train_step._accumulate_gradients`). Both live inside XLA's temporaries; the table shows this
-    analytic part and the rest of the temporaries (activations, collectives' buffers) separately.
+    (`train_step._accumulate_gradients`). With `gradient_reduction='once'` (GRADIENT_REDUCTION)
+    both are per data shard and not reduced over `data` until the step's end: each is the size of
+    the parameters sharded without `data` (under FSDP up to data-axis times the parameters'
+    bytes: only parameters with an `embed` dimension shard on `data`).
+    Both live inside XLA's temporaries; the table shows this analytic part and the rest of the
+    temporaries (activations, collectives' buffers) separately.
   XLA temporaries: `memory_analysis().temp_size_in_bytes` of the CPU compilation. The CPU compiler
     fuses, schedules and rematerializes differently from the TPU and GPU compilers, so this row is an
     estimate of theirs; `USABLE_FRACTION` leaves headroom for that and for the runtime's reservations.
@@ -60,6 +64,7 @@ class PlanRequest:
   partitioner: partitioning.PartitioningConfig
   num_microbatches: int
   topology: topologies.Topology
+  gradient_reduction: str = 'per_microbatch'  # GRADIENT_REDUCTION: 'per_microbatch' or 'once'.
 
   def replace(self, **changes) -> 'PlanRequest':
     return dataclasses.replace(self, **changes)
@@ -117,7 +122,8 @@ def _shard_bytes(tree: Any, shardings: Any) -> int:
 def _check_request(request: PlanRequest) -> None:
   """The trainer's own argument checks and the model axis against the topology's devices (a
   batch that does not split is not an error here: the plan reports it, `_batch_problem`)."""
-  trainer.check_train_arguments(request.dataset, request.num_train_steps, request.num_microbatches)
+  trainer.check_train_arguments(request.dataset, request.num_train_steps, request.num_microbatches,
+                                request.gradient_reduction)
   num_devices, parts = request.topology.num_devices, request.partitioner.num_partitions
   if num_devices % parts:
     divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
@@ -148,6 +154,22 @@ def _batch_problem(request: PlanRequest) -> Optional[str]:
   return None
 
 
+def _defers_reduction(request: PlanRequest) -> bool:
+  """Whether the step accumulates unreduced per-data-shard gradients (`gradient_reduction='once'`
+  with several micro-batches; with one there is no accumulator and the two are the same)."""
+  return request.gradient_reduction == 'once' and request.num_microbatches > 1
+
+
+def _gradient_bytes(request: PlanRequest, params: Any, param_shardings: Any) -> int:
+  """One micro-batch's f32 gradient plus the accumulator (see the module docstring)."""
+  if not _defers_reduction(request):
+    return _shard_bytes(params, param_shardings) * (2 if request.num_microbatches > 1 else 1)
+  data = request.topology.num_devices // request.partitioner.num_partitions
+  partial = jax.tree_util.tree_map(
+      lambda leaf: jax.ShapeDtypeStruct((data,) + tuple(leaf.shape), np.float32), params)
+  return 2 * _shard_bytes(partial, train_step.partial_gradient_shardings(param_shardings))
+
+
 def _analytic(request: PlanRequest, mesh) -> Tuple[Any, Any, Any, Optional[Dict[str, Any]],
                                                    Dict[str, int]]:
   """`(optimizer, abstract state, its shardings, abstract batch, per-device bytes)` on `mesh`
@@ -161,7 +183,7 @@ def _analytic(request: PlanRequest, mesh) -> Tuple[Any, Any, Any, Optional[Dict[
     raise ConfigError(str(e)) from e
   batch = None if _batch_problem(request) else _abstract_batch(request.dataset, mesh)
   params = _shard_bytes(state.params, shardings.params)
-  gradients = params * (2 if request.num_microbatches > 1 else 1)  # f32, like the params.
+  gradients = _gradient_bytes(request, state.params, shardings.params)
   sizes = {
       'params': params,
       'optimizer': _shard_bytes(state.opt_state, shardings.opt_state) + 4,  # + the int32 step.
@@ -256,7 +278,8 @@ def _compiled_plan(request: PlanRequest, devices: Optional[Sequence[jax.Device]]
   step_fn = train_step.make_train_step(
       request.model, tx, shardings, mesh, request.num_microbatches,
       rules=request.partitioner.logical_axis_rules,
-      skip_empty_microbatches=request.dataset.micro_batches is not None)
+      skip_empty_microbatches=request.dataset.micro_batches is not None,
+      gradient_reduction=request.gradient_reduction)
   log(f'Compiling the train step for {num_devices} devices (mesh {dict(mesh.shape)}) ...')
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch, rng).compile()
@@ -270,9 +293,10 @@ def _compiled_plan(request: PlanRequest, devices: Optional[Sequence[jax.Device]]
 
 
 def _candidates(request: PlanRequest) -> Iterator[Tuple[str, PlanRequest]]:
-  """Changes in the order we suggest them: shard the state over every device (FSDP), also with a
-  larger model axis; then other micro-batch counts (more first: smaller activations; fewer only
-  help a batch that does not split); then a larger model axis under the same rules."""
+  """Changes in the order we suggest them: with unreduced gradients ('once'), reducing them in
+  every micro-batch; shard the state over every device (FSDP), also with a larger model axis; then
+  other micro-batch counts (more first: smaller activations; fewer only help a batch that does not
+  split); then a larger model axis under the same rules."""
   num_devices = request.topology.num_devices
   parts = request.partitioner.num_partitions
   batch, k = request.dataset.batch_size, request.num_microbatches
@@ -281,6 +305,10 @@ def _candidates(request: PlanRequest) -> Iterator[Tuple[str, PlanRequest]]:
   micro_counts = sorted((m for m in range(1, batch + 1) if batch % m == 0 and m != k),
                         key=lambda m: (m < k, abs(m - k)))
   with_parts = lambda partitioner, p: dataclasses.replace(partitioner, num_partitions=p)
+  if _defers_reduction(request):
+    yield ('--gin.GRADIENT_REDUCTION="\'per_microbatch\'": gradients reduced in every '
+           'micro-batch, accumulated sharded like the parameters',
+           request.replace(gradient_reduction='per_microbatch'))
   partitioners = [(current, '')]
   if not _is_fsdp(current.logical_axis_rules):
     fsdp = dataclasses.replace(current, logical_axis_rules=partitioning.fsdp_logical_axis_rules())
@@ -405,13 +433,17 @@ def format_plan(result: Plan) -> str:
       f'{micro_rows:g} rows: {feed}',
       *layout_lines,
       *_batching_lines(request),
+      *(['Gradients reduced over data once per step (GRADIENT_REDUCTION=\'once\'): each device '
+         'accumulates a full-size partial gradient of its rows.'] if _defers_reduction(request)
+        else []),
       '',
       f'{"per device":<46}{"bytes":>12}',
   ]
   rows = [
       ('params', result.params_bytes),
       ('optimizer state (+ step)', result.optimizer_bytes),
-      (f'gradients{" + accumulator" if request.num_microbatches > 1 else ""} (f32, in XLA temps)',
+      (('unreduced gradients + accumulator (f32, temps)' if _defers_reduction(request) else
+        f'gradients{" + accumulator" if request.num_microbatches > 1 else ""} (f32, in XLA temps)'),
        result.gradient_bytes),
       ('other XLA temporaries (activations, ...)', result.other_temp_bytes),
       ('batch (+ key)', result.batch_bytes),

@@ -23,6 +23,24 @@ Terms:
     a positive loss weight (padding rows of the original's batching, `prepared.micro_batches`, which
     fills micro-batches in order) are not computed: the loop stops there. They would add exactly
     zero to every sum.
+  gradient reduction (`gradient_reduction`, GRADIENT_REDUCTION in gin): where the sum of the
+    gradient over the `data` mesh axis (each data shard holds other rows of the batch) happens.
+      * 'per_microbatch' (default): every micro-batch's gradient is reduced over `data` to the
+        parameters' sharding before it is added to the accumulator, so the loop holds one gradient
+        reduction per micro-batch (a reduce-scatter under FSDP, an all-reduce under data
+        parallelism), and the accumulator is sharded like the parameters.
+      * 'once': each micro-batch is split into its data shards' rows, `[data, rows / data, ...]`,
+        and the gradient is computed per shard under `jax.vmap(..., spmd_axis_name='data')` (the
+        model's activation rules lose their `data` axis, which the vmapped axis takes), so each
+        device computes the partial gradient of its own rows and nothing is reduced in the loop.
+        The accumulator is `[data, *param]`, sharded on `data` along its first axis and like the
+        parameters (without `data`) along the rest: every device holds a full-size (under FSDP,
+        not data-sharded) float32 partial gradient, and one more for the micro-batch being added.
+        After the loop one sum over that axis, constrained to the parameters' sharding, reduces
+        once per step. Each data shard's rows count as a micro-batch of their own (accumulation
+        weight and all), which gives the same sums; dropout masks differ from 'per_microbatch'
+        (a shard's key folds in its index too), with the same distribution. With one micro-batch,
+        or without `grad_shardings` (no mesh), the two are the same computation.
   metrics: float32 scalars computed inside the step, each equal for any number of micro-batches
     of the same batch: `loss`, `cross_ent_loss`, `z_loss`, `kl` (and any other extra-loss metric)
     combined like the loss; the per-token means `accuracy` and `teacher_mass` weighted by target
@@ -37,9 +55,11 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 import jax
 from jax import lax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import flax.linen as nn
 import optax
 
+from specialize_jax.errors import ConfigError
 from specialize_jax.model import losses
 from specialize_jax.training import optimizers
 from specialize_jax.training import partitioning
@@ -53,6 +73,17 @@ _SUMMED_METRICS = ('num_tokens', 'num_examples')
 # Means over a micro-batch's weighted target tokens: combined weighted by `num_tokens`, not like
 # the loss (with no loss normalizing factor the loss adds up, and these came out multiplied by k).
 _TOKEN_MEAN_METRICS = ('accuracy', 'teacher_mass')
+
+# Where the gradient is reduced over the data axis (see the module docstring).
+GRADIENT_REDUCTIONS = ('per_microbatch', 'once')
+
+
+def check_gradient_reduction(gradient_reduction: str) -> None:
+  """Raises a `ConfigError` naming the choices unless `gradient_reduction` is one of them."""
+  if gradient_reduction not in GRADIENT_REDUCTIONS:
+    raise ConfigError(f'gradient_reduction={gradient_reduction!r} is not one of '
+                      f'{", ".join(repr(c) for c in GRADIENT_REDUCTIONS)}; set '
+                      "--gin.GRADIENT_REDUCTION=\"'per_microbatch'\" or \"'once'\".")
 
 
 def microbatch(batch: Batch, index: Any, num_microbatches: int) -> Batch:
@@ -79,36 +110,96 @@ def _accumulation_weight(model: Any, batch: Batch) -> jax.Array:
   return jnp.asarray(factor, jnp.float32)
 
 
+def _without_data(mesh_axes: Any) -> Any:
+  """A `PartitionSpec` entry with the `data` mesh axis left out."""
+  if mesh_axes == 'data':
+    return None
+  if isinstance(mesh_axes, tuple):
+    kept = tuple(a for a in mesh_axes if a != 'data')
+    return kept if len(kept) > 1 else (kept[0] if kept else None)
+  return mesh_axes
+
+
+def partial_gradient_shardings(grad_shardings: Any) -> Any:
+  """The shardings of the 'once' accumulator `[data, *param]` (see the module docstring): the
+  first axis on `data`, the rest like the parameters without `data`."""
+  return jax.tree_util.tree_map(
+      lambda s: NamedSharding(s.mesh, PartitionSpec('data', *map(_without_data, s.spec))),
+      grad_shardings)
+
+
+def _rules_without_data(rules: Any) -> Any:
+  """Logical-axis rules with the `data` mesh axis mapped to nothing (for the per-shard vmap,
+  whose vmapped axis takes `data`)."""
+  return tuple((name, _without_data(mesh_axes)) for name, mesh_axes in rules)
+
+
 def _accumulate_gradients(model: Any, params: Any, batch: Batch, dropout_rng: jax.Array,
                           num_microbatches: int, grad_shardings: Any = None,
-                          skip_empty_microbatches: bool = False
+                          skip_empty_microbatches: bool = False,
+                          gradient_reduction: str = 'per_microbatch'
                           ) -> Tuple[Any, Mapping[str, jax.Array]]:
   """Gradients and metrics of the whole batch, one micro-batch at a time."""
+  check_gradient_reduction(gradient_reduction)
   grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
   if num_microbatches == 1:
     (_, metrics), grads = grad_fn(params, batch, dropout_rng)
     return grads, dict(metrics)
+  # 'once': the sums are kept per data shard (a leading `data` axis) and reduced after the loop.
+  per_shard = gradient_reduction == 'once' and grad_shardings is not None
+  if per_shard:
+    mesh = jax.tree_util.tree_leaves(grad_shardings)[0].mesh
+    data = mesh.shape['data']
+    on_data = NamedSharding(mesh, PartitionSpec('data'))
+    accumulator_shardings = partial_gradient_shardings(grad_shardings)
+  else:
+    accumulator_shardings = grad_shardings
 
   def one(index):
     micro = microbatch(batch, index, num_microbatches)
-    (_, metrics), grads = grad_fn(params, micro, jax.random.fold_in(dropout_rng, index))
-    return _accumulation_weight(model, micro), grads, metrics
+    key = jax.random.fold_in(dropout_rng, index)
+    if not per_shard:
+      (_, metrics), grads = grad_fn(params, micro, key)
+      return _accumulation_weight(model, micro), grads, metrics
+    # Rows of data shard `s` of the micro-batch: `[data, rows / data, ...]`, a local reshape.
+    shards = lax.with_sharding_constraint(
+        {name: value.reshape((data, value.shape[0] // data) + value.shape[1:])
+         for name, value in micro.items()}, on_data)
 
-  def constrain(grads):
-    if grad_shardings is None:
-      return grads
-    return lax.with_sharding_constraint(grads, grad_shardings)
+    def shard_gradient(rows, shard):
+      (_, metrics), grads = grad_fn(params, rows, jax.random.fold_in(key, shard))
+      return _accumulation_weight(model, rows), grads, metrics
 
-  _, grad_shapes, metric_shapes = jax.eval_shape(one, 0)
+    with nn.logical_axis_rules(_rules_without_data(nn.get_logical_axis_rules())):
+      return jax.vmap(shard_gradient, spmd_axis_name='data')(shards, jnp.arange(data))
+
+  def constrain(tree, shardings):
+    if shardings is None:
+      return tree
+    return lax.with_sharding_constraint(tree, shardings)
+
+  def constrain_sums(weight_sum, grad_sum, metric_sum):
+    grad_sum = constrain(grad_sum, accumulator_shardings)
+    if per_shard:  # Every sum stays on its shard inside the loop.
+      weight_sum, metric_sum = constrain((weight_sum, metric_sum), on_data)
+    return weight_sum, grad_sum, metric_sum
+
+  weight_shape, grad_shapes, metric_shapes = jax.eval_shape(one, 0)
   zeros = lambda tree: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), tree)
 
   def body(carry, index):
     weight_sum, grad_sum, metric_sum = carry
+    # `weight` and metrics: scalars, or `[data]` (one per shard) with 'once'.
     weight, grads, metrics = one(index)
-    # A micro-batch without real targets divides 0 by 0 in the model's loss; it weighs nothing
-    # in the full batch, so its NaNs are dropped rather than poisoning the sums.
-    weighted = lambda x: jnp.where(weight > 0, weight * x, 0.0)
-    grad_sum = constrain(jax.tree_util.tree_map(lambda a, g: a + weighted(g), grad_sum, grads))
+    # A micro-batch (with 'once': a shard's rows of it) without real targets divides 0 by 0 in the
+    # model's loss; it weighs nothing in the full batch, so its NaNs are dropped rather than
+    # poisoning the sums.
+
+    def weighted(x):
+      w = weight.reshape(weight.shape + (1,) * (x.ndim - weight.ndim))
+      return jnp.where(w > 0, w * x, 0.0)
+
+    grad_sum = jax.tree_util.tree_map(lambda a, g: a + weighted(g), grad_sum, grads)
     new_metric_sum = {}
     for name, value in metrics.items():
       if name in _TOKEN_MEAN_METRICS:
@@ -116,9 +207,9 @@ def _accumulate_gradients(model: Any, params: Any, batch: Batch, dropout_rng: ja
       elif name not in _SUMMED_METRICS:
         value = weighted(value)
       new_metric_sum[name] = metric_sum[name] + value.astype(jnp.float32)
-    return (weight_sum + weight, grad_sum, new_metric_sum), None
+    return constrain_sums(weight_sum + weight, grad_sum, new_metric_sum), None
 
-  init = (jnp.zeros((), jnp.float32), constrain(zeros(grad_shapes)), zeros(metric_shapes))
+  init = constrain_sums(zeros(weight_shape), zeros(grad_shapes), zeros(metric_shapes))
   if skip_empty_microbatches:
     # Up to the last micro-batch with a weighted token; a loop with a traced trip count, so XLA
     # still hoists the FSDP weight gathers out of it (a `lax.cond` per micro-batch would keep one
@@ -132,6 +223,11 @@ def _accumulate_gradients(model: Any, params: Any, batch: Batch, dropout_rng: ja
   else:
     (weight_sum, grad_sum, metric_sum), _ = lax.scan(body, init, jnp.arange(num_microbatches))
 
+  if per_shard:  # The one reduction over `data` of the step.
+    total = lambda x: jnp.sum(x, axis=0)
+    weight_sum = total(weight_sum)
+    grad_sum = constrain(jax.tree_util.tree_map(total, grad_sum), grad_shardings)
+    metric_sum = {name: total(value) for name, value in metric_sum.items()}
   divisor = weight_sum if _uses_batch_factor(model) else jnp.ones((), jnp.float32)
   grads = jax.tree_util.tree_map(lambda g: g / divisor, grad_sum)
   metrics = {}
@@ -157,7 +253,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: Any,
                optimizer: optax.GradientTransformation, num_microbatches: int = 1,
                learning_rate_fn: Optional[Callable[[Any], Any]] = None,
                grad_shardings: Any = None,
-               skip_empty_microbatches: bool = False) -> Tuple[TrainState, Metrics]:
+               skip_empty_microbatches: bool = False,
+               gradient_reduction: str = 'per_microbatch') -> Tuple[TrainState, Metrics]:
   """One update of `state` on `batch`; pure (jit it, or use `make_train_step`).
 
   Args:
@@ -172,6 +269,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: Any,
       the optimizer state that `optimizers.make_optimizer` builds.
     grad_shardings: optional shardings the accumulated gradients are constrained to (the params').
     skip_empty_microbatches: skip micro-batches without loss weight (see the module docstring).
+    gradient_reduction: 'per_microbatch' or 'once', where the gradient is reduced over the data
+      axis (see the module docstring); without `grad_shardings` (no mesh) both are the same.
 
   Returns:
     `(new_state, metrics)`; metrics as in the module docstring.
@@ -184,7 +283,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, model: Any,
   dropout_rng = jax.random.fold_in(rng, state.step)
   grads, model_metrics = _accumulate_gradients(model, state.params, batch, dropout_rng,
                                                num_microbatches, grad_shardings,
-                                               skip_empty_microbatches)
+                                               skip_empty_microbatches, gradient_reduction)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -201,17 +300,21 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation,
                     state_shardings: TrainState, mesh: Mesh, num_microbatches: int = 1, *,
                     rules: partitioning.LogicalAxisRules = partitioning.STANDARD_LOGICAL_AXIS_RULES,
                     learning_rate_fn: Optional[Callable[[Any], Any]] = None,
-                    skip_empty_microbatches: bool = False
+                    skip_empty_microbatches: bool = False,
+                    gradient_reduction: str = 'per_microbatch'
                     ) -> Callable[[TrainState, Batch, jax.Array], Tuple[TrainState, Metrics]]:
   """`train_step` jitted once: state donated, batch split on `data`, key and metrics replicated.
 
   The model's activation constraints are traced under `rules` and `mesh`. Drop your reference to
-  the old state after each call (its buffers are donated).
+  the old state after each call (its buffers are donated). `gradient_reduction`: see the module
+  docstring.
   """
+  check_gradient_reduction(gradient_reduction)
   step_fn = functools.partial(train_step, model=model, optimizer=optimizer,
                               num_microbatches=num_microbatches, learning_rate_fn=learning_rate_fn,
                               grad_shardings=state_shardings.params,
-                              skip_empty_microbatches=skip_empty_microbatches)
+                              skip_empty_microbatches=skip_empty_microbatches,
+                              gradient_reduction=gradient_reduction)
 
   def traced(state, batch, rng):
     # Shapes are static here, so this fails before compiling.

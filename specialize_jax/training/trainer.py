@@ -60,8 +60,10 @@ def _check_finite(losses, last_checked_step: int, done: int,
 
 
 def check_train_arguments(dataset: input_pipeline.DatasetConfig, num_train_steps: int,
-                          num_microbatches: int) -> None:
+                          num_microbatches: int,
+                          gradient_reduction: str = "per_microbatch") -> None:
   """The checks `train` makes before reading data (`specialize plan` makes them too)."""
+  train_step.check_gradient_reduction(gradient_reduction)
   if num_train_steps < 1:
     raise ConfigError(f"TRAIN_STEPS={num_train_steps} must be >= 1; set --gin.TRAIN_STEPS.")
   if num_microbatches < 1 or dataset.batch_size % num_microbatches:
@@ -77,6 +79,7 @@ def train(model_dir: str,
           partitioner: partitioning.PartitioningConfig = partitioning.PartitioningConfig(),
           checkpoint: checkpoint_manager.CheckpointConfig = checkpoint_manager.CheckpointConfig(),
           num_microbatches: int = 1,
+          gradient_reduction: str = "per_microbatch",
           seed: int = 0,
           initial_checkpoint_path: Optional[str] = None,
           log_period: int = 10,
@@ -86,9 +89,12 @@ def train(model_dir: str,
           log: Callable[[str], None] = logging.info) -> Dict[str, float]:
   """Trains `model` to `num_train_steps` (absolute: a resumed run continues to the same end).
 
+  `gradient_reduction`: where the gradient is reduced over the data axis, 'per_microbatch' or
+  'once' (`train_step`'s module docstring).
+
   Returns the last logged train metrics plus the last eval metrics.
   """
-  check_train_arguments(dataset, num_train_steps, num_microbatches)
+  check_train_arguments(dataset, num_train_steps, num_microbatches, gradient_reduction)
   feature_converters.check_vocabulary_fits(input_pipeline.mixture_or_task(dataset),
                                              model.config.vocab_size)
   step_rows = input_pipeline.micro_batch_rows(dataset, num_train_steps, num_microbatches)
@@ -143,7 +149,8 @@ def train(model_dir: str,
   if data_position:
     batches = input_pipeline.TrainIterator(dataset, position=data_position, shards=layout.shards)
   step_fn = train_step.make_train_step(model, tx, state_shardings, mesh, num_microbatches,
-                                       rules=rules, skip_empty_microbatches=step_rows is not None)
+                                       rules=rules, skip_empty_microbatches=step_rows is not None,
+                                       gradient_reduction=gradient_reduction)
   writer = metric_writers.MetricWriter(model_dir, enable_tensorboard=tensorboard)
   progress = metric_writers.ProgressLogger(num_train_steps, start_step, log=log)
   # From here a SIGTERM saves and stops; before, it ends the process (nothing new to save).
