@@ -2,7 +2,7 @@
 
 `specialize demo` runs the paper's experiment on this world (`demo/miniature.py`). Terms:
   math families: arithmetic word problems from the `synthetic` generator. `gsm` is the target
-    skill in distribution (this world's GSM8K: 2-3 steps, the training wording); the held-out
+    skill in distribution (this world's GSM8K: 1-3 steps, the training wording); the held-out
     families shift the structure in the same vocabulary: `multiarith` (simpler, 1-2 steps, other
     names and objects), `svamp` (the training wording with an irrelevant fact inserted after the
     first sentence, which the chain must ignore) and `asdiv` (other sentence templates, names and
@@ -52,7 +52,7 @@ from specialize_jax.teacher import teacher_data
 
 SOURCE = "world"
 # Bumped whenever what `write_world` writes changes, so older world directories are rebuilt.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 ID_FAMILY = "gsm"
 OOD_FAMILIES = ("multiarith", "svamp", "asdiv")
 FAMILIES = (ID_FAMILY,) + OOD_FAMILIES
@@ -79,7 +79,7 @@ TEACHER_TRAIN_FILE = "teacher_train.jsonl"
 # Names and objects of `multiarith` (the OOD pool's) with the training templates.
 MIXED_POOL = dataclasses.replace(synthetic.ID_POOL, name="mixed", people=synthetic.OOD_POOL.people,
                                  objects=synthetic.OOD_POOL.objects)
-_FAMILY_WORDING = {"gsm": (synthetic.ID_POOL, (2, 3)), "svamp": (synthetic.ID_POOL, (2, 3)),
+_FAMILY_WORDING = {"gsm": (synthetic.ID_POOL, (1, 2, 3)), "svamp": (synthetic.ID_POOL, (1, 2, 3)),
                    "multiarith": (MIXED_POOL, (1, 2)), "asdiv": (synthetic.OOD_POOL, (1, 2, 3))}
 
 
@@ -91,8 +91,8 @@ class WorldSize:
   instruct_math: int = 1_500
   # Per generic task (`boolean_expressions` has about 1,100 distinct questions in all).
   instruct_generic: int = 900
-  eval_math: int = 64  # per family and split
-  eval_generic: int = 32  # per task and split
+  eval_math: int = 48  # per family and split
+  eval_generic: int = 24  # per task and split
   pretrain_documents: int = 30_000
   # The quick world's teacher learns the very questions it is sampled on (a few steps of
   # memorizing), so that the chain has correct chains to filter, align and train on.
@@ -308,7 +308,10 @@ def _teacher_rows(problems: Sequence[synthetic.Problem], prompt: str) -> List[Di
 
 
 def _teacher_prompt(problem: synthetic.Problem) -> str:
-  return f"Question: {problem.question}\n{teacher_client.COT_TRIGGER}\n{problem.cot}\n"
+  """Empty: the teacher is prompted zero-shot (docs/demo.md: a one-exemplar prompt left the
+  teacher far weaker in the same budget). `problem` is the exemplar such a prompt would hold."""
+  del problem
+  return ""
 
 
 def _student_vocab_text(pretrain: Sequence[Mapping], instruct: Sequence[Mapping]) -> List[str]:
