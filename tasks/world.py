@@ -37,7 +37,7 @@ WORLD_SUBDIR = "world"
 PREPARED_SUBDIR = "prepared"
 EVAL_SPLIT = "test"
 TEACHER_K = 6
-ZERO_SHOT_FORMATS = ("zs_ao", "zs_cot")
+ZERO_SHOT_RATES = {"zs_cot": 0.2, "zs_ao": 0.005}
 
 
 def default_world_dir() -> pathlib.Path:
@@ -149,12 +149,14 @@ def register_world_tasks(world_dir: Optional[str] = None) -> List[str]:
       output_features=features(str(world_dir / world.TEACHER_VOCAB_FILE)))
   fix = "run `specialize demo`, which samples the teacher and prepares this set"
   prepared = prepared_dir(world_dir)
-  for suffix, format_names in (("", formats.FORMATS), ("_zs", ZERO_SHOT_FORMATS)):
+  # The original's rates (`prepare.DEFAULT_FORMAT_RATES`, recorded in the set); the zero-shot
+  # tasks keep its zero-shot formats at their relative rates.
+  for suffix, rates in (("", None), ("_zs", ZERO_SHOT_RATES)):
+    format_names = tuple(rates) if rates else formats.FORMATS
     for teacher_k, prefix in ((None, "world_distill"), (TEACHER_K, f"world_distill_top{TEACHER_K}")):
       name = prefix + suffix
       distillation.register_prepared_task(
-          name, lambda: prepared, format_names, teacher_k,
-          rates={f: 1.0 for f in format_names},
+          name, lambda: prepared, format_names, teacher_k, rates=rates,
           output_features=common.output_features(with_teacher=bool(teacher_k),
                                                  vocab=student["inputs"].vocabulary),
           vocabulary_path=student_vocab, missing_fix=fix)

@@ -172,3 +172,19 @@ def test_world_tasks_build_the_documented_inputs(world_dir):
   with pytest.raises(Exception, match="specialize demo"):
     seqio.get_mixture_or_task("world_distill_top6").get_dataset(
         {"inputs": 320, "targets": 80}, split="train")
+
+
+def test_world_task_names_say_split_distribution_and_selection_refuses_their_tests():
+  from specialize_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from specialize_jax.evaluation import selection  # pylint: disable=g-import-not-at-top
+  from specialize_jax.evaluation import task_keys  # pylint: disable=g-import-not-at-top
+  key = task_keys.describe_task("world_gsm_dev_icl_cot")
+  assert (key.dataset, key.split, key.format, key.distribution) == (
+      "world_gsm", "dev", "icl_cot", task_keys.IN_DISTRIBUTION)
+  key = task_keys.describe_task("world_svamp_test_zs_cot")
+  assert (key.split, key.distribution) == ("test", task_keys.OUT_OF_DISTRIBUTION)
+  key = task_keys.describe_task("world_bbh_dyck_languages_dev_icl_cot")
+  assert (key.dataset, key.subtask, key.distribution) == (
+      "world_bbh", "dyck_languages", task_keys.GENERIC)
+  with pytest.raises(ConfigError, match="test"):
+    selection.make_rule("custom", ["world_svamp_test_icl_cot"])

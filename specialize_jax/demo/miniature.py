@@ -168,7 +168,7 @@ def _teacher_data(teacher: stages.StageResult, world_dir: pathlib.Path,
   from specialize_jax.teacher import teacher_data  # pylint: disable=g-import-not-at-top
   config = prepare.PrepareConfig(
       output_dir=output, vocab_path=str(world_dir / world.STUDENT_VOCAB_FILE),
-      rates={f: 1.0 for f in ("zs_ao", "zs_cot", "icl_ao", "icl_cot")},
+      rates=dict(prepare.DEFAULT_FORMAT_RATES),
       teacher_k=prepare.DEFAULT_TEACHER_K, max_input_tokens=320,
       num_exemplars=world.NUM_EXEMPLARS, num_chunks=2)
   prepare.prepare(lambda: teacher_data.iter_records(filtered), config,
@@ -242,9 +242,9 @@ def run_demo(output_dir: str, world_dir: str, register_tasks: Callable[[str], An
   progress.stage("starts", "evaluating the generalist and the raw start")
   results: Dict[str, List[Dict[str, Any]]] = {}
   for name, start in (("generalist", generalist), ("raw_start", raw_start)):
+    # Written beside the start's checkpoint (`eval/`), so a rerun reuses them.
     test = _evaluate_checkpoint(start.checkpoint, settings,
-                                findings_lib.eval_tasks("dev") + findings_lib.eval_tasks("test"),
-                                output_dir=os.path.join(output_dir, name, "eval"))
+                                findings_lib.eval_tasks("dev") + findings_lib.eval_tasks("test"))
     entry = {"checkpoint": start.checkpoint, "scores": findings_lib.scores(test), "test": test}
     results[name] = [dict(entry, seed=seed) for seed in settings.seeds]
   progress.finish("starts")

@@ -8,7 +8,8 @@
     first sentence, which the chain must ignore) and `asdiv` (other sentence templates, names and
     objects, 1-3 steps).
   generic suite: the procedural tasks of `generic_tasks` (this world's BIG-Bench Hard).
-  formats: the project's four (`formats`): zero-shot or in-context (2 exemplars), CoT or answer-only.
+  formats: the project's four (`formats`): zero-shot or in-context (one exemplar), CoT or
+    answer-only.
     Generic tasks render them with `generic_tasks.build_input` (fixed exemplars, as BBH's prompts).
   files (what `write_world` puts in the world directory; every file is written atomically and
     `manifest.json`, written last, records the parameters and each file's sha256):
@@ -52,14 +53,14 @@ from specialize_jax.teacher import teacher_data
 
 SOURCE = "world"
 # Bumped whenever what `write_world` writes changes, so older world directories are rebuilt.
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 ID_FAMILY = "gsm"
 OOD_FAMILIES = ("multiarith", "svamp", "asdiv")
 FAMILIES = (ID_FAMILY,) + OOD_FAMILIES
 GSM_SPLITS = ("teacher_train", "train", "instruct", "dev", "test")
 EVAL_SPLITS = ("dev", "test")
 GENERIC_SPLITS = ("instruct", "dev", "test")
-NUM_EXEMPLARS = 2
+NUM_EXEMPLARS = 1
 NUM_SENTINELS = 16
 SENTINELS = tuple(f"<extra_id_{i}>" for i in range(NUM_SENTINELS))
 STUDENT_VOCAB_SIZE = 640

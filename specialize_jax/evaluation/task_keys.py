@@ -7,7 +7,9 @@ reports read these facts from the registered names, whose patterns `tasks/` fixe
     `asdiv_test_icl_ao` (`gsm8k_tfds_test_{format}` counts as GSM8K test).
   BBH: `bbh_{subtask}_{cot|ao|cot_paper|ao_paper}`, e.g. `bbh_date_understanding_cot` (`*_paper`:
   the original's prompts, formats of their own so reports never average them with `cot` / `ao`).
-  demo: `demo_{id|ood|long}_{cot|ao}` (the generated demo's held-out test sets).
+  demo: `demo_{id|ood|long}_{cot|ao}` (the arithmetic example's held-out test sets).
+  world (`specialize demo`): `world_{gsm|multiarith|svamp|asdiv}_{dev|test}_{format}` (`gsm` in
+    distribution, the others out of it) and `world_bbh_{task}_{dev|test}_{format}` (generic).
   anything else: `{dataset}_{format}` when it ends in a known format, else the name is the dataset.
 
 Terms:
@@ -30,12 +32,16 @@ UNKNOWN = 'unknown'
 MATH_FORMATS = ('icl_cot', 'zs_cot', 'icl_ao', 'zs_ao')
 # Order in which a report picks a column's format: the paper's headline numbers are in-context CoT.
 FORMAT_ORDER = ('icl_cot', 'zs_cot', 'cot', 'icl_ao', 'zs_ao', 'ao')
-ID_DATASETS = ('gsm8k', 'demo_id')
-OOD_DATASETS = ('multiarith', 'asdiv', 'svamp', 'addsub', 'singleeq', 'demo_ood', 'demo_long')
+ID_DATASETS = ('gsm8k', 'demo_id', 'world_gsm')
+OOD_DATASETS = ('multiarith', 'asdiv', 'svamp', 'addsub', 'singleeq', 'demo_ood', 'demo_long',
+                'world_multiarith', 'world_svamp', 'world_asdiv')
+GENERIC_DATASETS = ('bbh', 'world_bbh')
 _MATH_RE = re.compile(r'(gsm8k_tfds|gsm8k|multiarith|asdiv|svamp|addsub|singleeq)_(dev|test|train)_'
                       r'(icl_cot|zs_cot|icl_ao|zs_ao)')
 _BBH_RE = re.compile(r'bbh_(\w+?)_(cot_paper|ao_paper|cot|ao)')
 _DEMO_RE = re.compile(r'demo_(id|ood|long)_(cot|ao)')
+_WORLD_RE = re.compile(r'world_(gsm|multiarith|svamp|asdiv)_(dev|test)_(icl_cot|zs_cot|icl_ao|zs_ao)')
+_WORLD_BBH_RE = re.compile(r'world_bbh_(\w+?)_(dev|test)_(icl_cot|zs_cot|icl_ao|zs_ao)')
 _FORMAT_SUFFIX_RE = re.compile(r'(\w+?)_(icl_cot|zs_cot|icl_ao|zs_ao|cot|ao)')
 
 
@@ -68,7 +74,7 @@ def _distribution(dataset: str) -> str:
     return IN_DISTRIBUTION
   if dataset in OOD_DATASETS:
     return OUT_OF_DISTRIBUTION
-  return GENERIC if dataset == 'bbh' else UNKNOWN
+  return GENERIC if dataset in GENERIC_DATASETS else UNKNOWN
 
 
 def describe_task(name: str) -> TaskKey:
@@ -87,6 +93,15 @@ def describe_task(name: str) -> TaskKey:
   if match:
     dataset = f'demo_{match.group(1)}'
     return TaskKey(name, dataset, 'test', match.group(2), distribution=_distribution(dataset))
+  match = _WORLD_RE.fullmatch(name)
+  if match:
+    dataset = f'world_{match.group(1)}'
+    return TaskKey(name, dataset, match.group(2), match.group(3),
+                   distribution=_distribution(dataset))
+  match = _WORLD_BBH_RE.fullmatch(name)
+  if match:
+    return TaskKey(name, 'world_bbh', match.group(2), match.group(3), subtask=match.group(1),
+                   distribution=GENERIC)
   match = _FORMAT_SUFFIX_RE.fullmatch(name)
   if match:
     return TaskKey(name, match.group(1), None, match.group(2))
