@@ -188,3 +188,14 @@ def test_world_task_names_say_split_distribution_and_selection_refuses_their_tes
       "world_bbh", "dyck_languages", task_keys.GENERIC)
   with pytest.raises(ConfigError, match="test"):
     selection.make_rule("custom", ["world_svamp_test_icl_cot"])
+
+
+def test_teacher_client_samples_the_questions_of_a_world_file(world_dir):
+  """`specialize teacher --questions FILE`: ids, questions and gold answers of the file."""
+  from specialize_jax.teacher import teacher_client  # pylint: disable=g-import-not-at-top
+  path = world.math_path(world_dir, world.ID_FAMILY, "train")
+  examples = teacher_client.file_examples(path)
+  records = teacher_data.read_records(path).records
+  assert [(e.id, e.question, e.answer_number) for e in examples] == [
+      (r.id, r.question, r.gold_number) for r in records]
+  assert examples[0].id == "world/gsm_train/0"

@@ -56,11 +56,11 @@ class DemoSettings:
     """Every stage, a few steps each: the chain end to end in minutes (tests)."""
     short = ("TRAIN_STEPS = 6", "CHECKPOINT_PERIOD = 6", "WARMUP_STEPS = 2", "LOG_PERIOD = 3",
              "BATCH_SIZE = 4")
-    specialize = ("TRAIN_STEPS = 4", "CHECKPOINT_PERIOD = 2", "WARMUP_STEPS = 1", "LOG_PERIOD = 2",
+    specialize = ("TRAIN_STEPS = 2", "CHECKPOINT_PERIOD = 2", "WARMUP_STEPS = 1", "LOG_PERIOD = 1",
                   "BATCH_SIZE = 4")
     # The quick teacher memorizes its 16 questions (`WorldSize.teacher_memorizes_train`).
-    teacher = ("TRAIN_STEPS = 120", "CHECKPOINT_PERIOD = 120", "WARMUP_STEPS = 5",
-               "LOG_PERIOD = 40", "BATCH_SIZE = 4", "LEARNING_RATE = 3e-3", "USE_PACKING = False")
+    teacher = ("TRAIN_STEPS = 100", "CHECKPOINT_PERIOD = 100", "WARMUP_STEPS = 5",
+               "LOG_PERIOD = 50", "BATCH_SIZE = 4", "LEARNING_RATE = 3e-3", "USE_PACKING = False")
     return cls(world_size=world.WorldSize.quick(), seeds=seeds, teacher_samples=2,
                teacher_questions=16, eval_batch_size=8, eval_max_decode_length=24,
                stage_bindings={"pretrain": short, "generalist": short, "teacher": teacher,
