@@ -21,12 +21,11 @@ only when those change; the runs of stage 7 resume, and their sweeps reuse what 
 """
 import dataclasses
 import json
-import logging
 import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from specialize_jax.data import storage
 from specialize_jax.demo import findings as findings_lib
@@ -68,25 +67,33 @@ class DemoSettings:
 
 
 class _Progress:
-  """One line per stage on stderr: which stage, and the elapsed time with an ETA from the
-  expected stage shares."""
+  """One line per stage on stderr: which stage, the elapsed time and an ETA from the expected
+  shares of the stages still to run (a reused stage leaves the expected total)."""
 
   # Rough shares of a full first run per stage (docs/demo.md), for the ETA.
-  SHARES = {"world": 0.02, "pretrain": 0.12, "generalist": 0.12, "teacher": 0.14,
-            "teacher data": 0.08, "starts": 0.04, "specialize": 0.46, "report": 0.02}
+  SHARES = {"world": 0.01, "pretrain": 0.07, "generalist": 0.12, "teacher": 0.19,
+            "teacher data": 0.09, "starts": 0.04, "specialize": 0.47, "report": 0.01}
 
   def __init__(self):
     self._start = time.perf_counter()
-    self._done = 0.0
+    self._done = 0.0  # Shares of the stages this run did.
+    self._total = sum(self.SHARES.values())  # Shares this run does in all.
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self._start
 
   def stage(self, name: str, detail: str = "") -> None:
-    elapsed = time.perf_counter() - self._start
-    eta = elapsed / self._done * (1 - self._done) if self._done > 0.05 else None
+    elapsed = self.elapsed()
+    eta = (elapsed / self._done * (self._total - self._done) if self._done > 0.05 else None)
     print(f"[demo {elapsed / 60:5.1f} min{'' if eta is None else f', ETA {eta / 60:.1f} min'}] "
           f"{name}{': ' + detail if detail else ''}", file=sys.stderr, flush=True)
 
-  def finish(self, name: str) -> None:
-    self._done = min(1.0, self._done + self.SHARES.get(name, 0.0))
+  def finish(self, name: str, reused: bool = False, fraction: float = 1.0) -> None:
+    share = self.SHARES.get(name, 0.0) * fraction
+    if reused:
+      self._total -= share
+    else:
+      self._done += share
 
 
 def _eval_config(settings: DemoSettings, task_names: Sequence[str]):
@@ -112,9 +119,10 @@ def _evaluate_checkpoint(checkpoint: str, settings: DemoSettings, task_names: Se
 
 
 def _teacher_data(teacher: stages.StageResult, world_dir: pathlib.Path,
-                  settings: DemoSettings) -> str:
-  """Samples the served teacher, filters, aligns and prepares; returns the prepared directory.
-  Each file is reused when its inputs are unchanged (the teacher client resumes by question)."""
+                  settings: DemoSettings) -> Tuple[str, bool]:
+  """Samples the served teacher, filters, aligns and prepares; returns the prepared directory and
+  whether all of it was reused. Each file is reused when its inputs are unchanged (the teacher
+  client resumes by question)."""
   from specialize_jax.align import alignment  # pylint: disable=g-import-not-at-top
   from specialize_jax.checkpoints import pretrained  # pylint: disable=g-import-not-at-top
   from specialize_jax.prepared import prepare  # pylint: disable=g-import-not-at-top
@@ -131,7 +139,9 @@ def _teacher_data(teacher: stages.StageResult, world_dir: pathlib.Path,
   sampling = teacher_client.SamplingConfig(
       model=TEACHER_MODEL_NAME, num_samples=settings.teacher_samples, temperature=0.5,
       max_tokens=80, top_logprobs=5, stop=(), prompt_file=str(world_dir / world.TEACHER_PROMPT_FILE))
-  if teacher_client.pending(examples, samples, sampling.teacher_info()) or not filtered.exists():
+  sampled = bool(teacher_client.pending(examples, samples, sampling.teacher_info())
+                 or not filtered.exists())
+  if sampled:
     model = pretrained.load_pretrained(teacher.checkpoint,
                                        vocabulary=str(world_dir / world.TEACHER_VOCAB_FILE))
     limits = completions.Limits(max_prompt_tokens=320, max_tokens=80, max_n=8, max_logprobs=5,
@@ -159,7 +169,7 @@ def _teacher_data(teacher: stages.StageResult, world_dir: pathlib.Path,
              "aligned_sha256": prepared_data.file_sha256(str(aligned))}
   try:
     if prepared_data.PreparedSet.open(output).metadata["sources"] == sources:
-      return output
+      return output, not sampled
   except prepared_data.PreparedDataError:
     pass
   if os.path.isdir(output):
@@ -175,7 +185,7 @@ def _teacher_data(teacher: stages.StageResult, world_dir: pathlib.Path,
                   aligned=teacher_features.load_dense_rows(str(aligned), config.teacher_k),
                   exemplar_pool=world.read_math(world_dir, world.ID_FAMILY, "train"),
                   sources=sources)
-  return output
+  return output, False
 
 
 def _specialize(run: str, seed: int, start: stages.StageResult, world_digest: str,
@@ -229,7 +239,7 @@ def run_demo(output_dir: str, world_dir: str, register_tasks: Callable[[str], An
         (*bindings, *settings.stage_bindings.get(name, ())), tuple(u.key for u in upstream)),
         digest)
     progress.stage(name, f"{'reused' if result.reused else 'trained'} {result.checkpoint}")
-    progress.finish(name)
+    progress.finish(name, result.reused)
     return result
 
   raw_start = stage("pretrain", "demo/pretrain.gin")
@@ -237,8 +247,8 @@ def run_demo(output_dir: str, world_dir: str, register_tasks: Callable[[str], An
                      [f"INITIAL_CHECKPOINT_PATH = '{raw_start.checkpoint}'"], [raw_start])
   teacher = stage("teacher", "demo/teacher.gin")
   progress.stage("teacher data", "serve, sample, filter, align, prepare")
-  prepared = _teacher_data(teacher, world_path, settings)
-  progress.finish("teacher data")
+  prepared, reused = _teacher_data(teacher, world_path, settings)
+  progress.finish("teacher data", reused)
   progress.stage("starts", "evaluating the generalist and the raw start")
   results: Dict[str, List[Dict[str, Any]]] = {}
   for name, start in (("generalist", generalist), ("raw_start", raw_start)):
@@ -254,7 +264,7 @@ def run_demo(output_dir: str, world_dir: str, register_tasks: Callable[[str], An
       progress.stage("specialize", f"{run}, seed {seed}")
       start = raw_start if run == "raw" else generalist
       results[run].append(_specialize(run, seed, start, digest, output_dir, settings))
-  progress.finish("specialize")
+      progress.finish("specialize", fraction=1 / (len(findings_lib.RUNS) * len(settings.seeds)))
   progress.stage("report")
   found = findings_lib.findings(results)
   summary = {"findings": found, "seeds": list(settings.seeds), "runs": results,
@@ -262,7 +272,7 @@ def run_demo(output_dir: str, world_dir: str, register_tasks: Callable[[str], An
                        "size": dataclasses.asdict(settings.world_size)},
              "stages": {"pretrain": raw_start.checkpoint, "generalist": generalist.checkpoint,
                         "teacher": teacher.checkpoint, "prepared": prepared},
-             "seconds": round(time.perf_counter() - progress._start, 1)}  # pylint: disable=protected-access
+             "seconds": round(progress.elapsed(), 1)}
   from specialize_jax.demo import demo_report  # pylint: disable=g-import-not-at-top
   files = demo_report.write_report(os.path.join(output_dir, REPORT_SUBDIR), summary)
   storage.write_text(os.path.join(output_dir, RESULTS_FILE), json.dumps(summary, indent=2) + "\n")
