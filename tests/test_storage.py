@@ -57,6 +57,9 @@ LOCAL_ONLY_FILES = {
     'specialize_jax/demo/synthetic.py': "the demo's data, generated in the local data directory",
     'specialize_jax/demo/miniature.py': 'the demo writes its local runs/ folder',
     'tasks/demo.py': "the demo's tasks over the local data directory",
+    'specialize_jax/demo/world.py': "the demo's world, generated in the local data directory",
+    'specialize_jax/demo/stages.py': "the demo's cached stages in the local data directory",
+    'tasks/world.py': "the demo world's tasks over the local data directory",
     'specialize_jax/teacher/teacher_client.py': 'appends one durable line per teacher response: a '
                                                 'local file (a URL --output is refused)',
     'specialize_jax/teacher/teacher_sources.py': "imports the original repository's files from a "

@@ -43,7 +43,8 @@ def _first(task_name, split):
 def test_every_task_iterates(registry, tmp_path):
   """Walks every registered task: first example tokenized, non-empty, within the feature lengths.
   (The TFDS-backed tasks are covered by tests/test_tfds_gsm8k.py, which prepares the dataset, and
-  the generated demo tasks by tests/test_synthetic.py, which writes their data.)"""
+  the generated demo and world tasks by tests/test_synthetic.py and tests/test_world.py, which
+  write their data.)"""
   vocab = seqio.get_mixture_or_task("gsm8k_test_zs_cot").output_features["inputs"].vocabulary
   is_prepared = lambda name: isinstance(registry.get(name).source, prepared_data.PreparedSource)
   # Not walked: TFDS and demo tasks (see above), the top-k tasks (the gold set has no teacher rows:
@@ -51,7 +52,7 @@ def test_every_task_iterates(registry, tmp_path):
   # `_ao_paper` and `_cot_paper` tasks but one each (the sources of `_ao` and `_cot`, other
   # prompts; tests/test_bbh_prompts.py pins their inputs).
   names = [n for n in sorted(registry.names())
-           if not n.startswith(("gsm8k_tfds_", "demo_", "gsm8k_distill_top"))
+           if not n.startswith(("gsm8k_tfds_", "demo_", "world_", "gsm8k_distill_top"))
            and (not n.endswith(("_ao_paper", "_cot_paper")) or n in (
                "bbh_date_understanding_ao_paper", "bbh_date_understanding_cot_paper"))
            and (n.startswith("gsm8k_distill") or not is_prepared(n))]
