@@ -48,6 +48,7 @@ from specialize_jax.data import storage
 from specialize_jax.data.records import MathExample
 from specialize_jax.demo import generic_tasks
 from specialize_jax.demo import synthetic
+from specialize_jax.prepared import prepared_data
 from specialize_jax.teacher import teacher_client
 from specialize_jax.teacher import teacher_data
 
@@ -321,10 +322,6 @@ def _student_vocab_text(pretrain: Sequence[Mapping], instruct: Sequence[Mapping]
   return texts[:synthetic.VOCAB_TRAINING_PROBLEMS * 2]
 
 
-def _sha256(path: pathlib.Path) -> str:
-  return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def world_files(directory) -> Dict[str, pathlib.Path]:
   """Every file `write_world` writes but the manifest, by key."""
   directory = pathlib.Path(directory)
@@ -352,7 +349,8 @@ def is_current(directory, size: WorldSize, seed: int) -> bool:
   if manifest.get("parameters") != parameters(size, seed):
     return False
   recorded = manifest.get("sha256", {})
-  return all(key in recorded and path.is_file() and _sha256(path) == recorded[key]
+  return all(key in recorded and path.is_file()
+             and prepared_data.file_sha256(str(path)) == recorded[key]
              for key, path in world_files(directory).items())
 
 
@@ -401,7 +399,7 @@ def write_world(directory, size: WorldSize = WorldSize(), seed: int = 0) -> Dict
   with storage.atomic_write(files[TEACHER_VOCAB_FILE], "wb") as f:
     f.write(teacher_vocab)
   manifest = {"parameters": parameters(size, seed),
-              "sha256": {key: _sha256(path) for key, path in files.items()}}
+              "sha256": {key: prepared_data.file_sha256(str(path)) for key, path in files.items()}}
   with storage.atomic_write(manifest_path) as f:
     f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
   return files
