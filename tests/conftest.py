@@ -1,5 +1,5 @@
-"""Test-wide setup: 8 fake CPU devices (set before jax is imported) and the shared data
-directory."""
+"""Test-wide setup: 8 fake CPU devices (set before jax is imported), the shared data directory,
+and the order files are handed to the workers in (longest first)."""
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -20,6 +20,24 @@ from tests.support import shared_data  # noqa: E402
 _SHARED_VOCAB = shared_data.location() / "tokenizer" / "t5_spiece.model"
 if os.path.exists(_SHARED_VOCAB):
   os.environ.setdefault("SPECIALIZE_VOCAB_PATH", str(_SHARED_VOCAB))
+
+
+# The longest files, as the README's two-worker run measures them (docs/testing.md), go to the
+# workers first, so that no long file starts last while the other worker idles; the rest follow
+# in collection order. (pytest-xdist would otherwise order files by their number of tests.)
+LONGEST_FILES_FIRST = ("test_multihost_cli.py", "test_demo.py", "test_cli_errors.py",
+                       "test_train_step.py", "test_memory_plan.py", "test_trainer.py",
+                       "test_original_batching.py", "test_network.py", "test_serve.py")
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest in order
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ once and is reused by later evaluations; the padded last batch adds no predictio
 predictions score 100 %; a checkpoint sweep evaluates every step and a rerun skips them; `infer`
 writes one line per input, identical to the evaluator's decodes of the same inputs.
 """
+import copy
 import dataclasses
 import json
 import os
@@ -129,6 +130,33 @@ def test_metrics_file_is_rescoring_of_predictions_and_decode_compiles_once(
   assert sorted(os.listdir(os.path.join(out, TASK))) == [
       'metrics_step1.json', 'metrics_step2.json', 'predictions_step1.jsonl',
       'predictions_step2.jsonl']
+
+
+def test_evaluators_built_again_reuse_the_eval_data_and_the_compiled_decoder(
+    evaluator, model, params_pair, tmp_path, monkeypatch):
+  """A job that builds evaluators again for the same model (a sweep per run, a checkpoint per
+  call: `specialize demo` does ten) reads each task once and compiles once; a task registered
+  again is read again."""
+  builds = []
+  original = evaluator_lib._build_task_data  # pylint: disable=protected-access
+
+  def counting(task, config, vocabulary):
+    builds.append(task.name)
+    return original(task, config, vocabulary)
+  monkeypatch.setattr(evaluator_lib, '_build_task_data', counting)
+  evaluator.evaluate(params_pair[0], 1, str(tmp_path / 'first'))
+  traces = model.traces
+  again = evaluator_lib.Evaluator(model, CONFIG)
+  again.evaluate(params_pair[0], 1, str(tmp_path / 'again'))
+  assert builds == [] and model.traces == traces
+  assert (_read_jsonl(evaluator_lib.predictions_path(str(tmp_path / 'again'), TASK, 1))
+          == _read_jsonl(evaluator_lib.predictions_path(str(tmp_path / 'first'), TASK, 1)))
+
+  # A new Task object of the same name, as registering the task again makes.
+  registered_again = copy.copy(seqio.get_mixture_or_task(TASK))
+  monkeypatch.setattr(seqio, 'get_mixture_or_task', lambda name: registered_again)
+  evaluator_lib.Evaluator(model, CONFIG)
+  assert builds == [TASK]
 
 
 def _fake_predict(wrong_rows):

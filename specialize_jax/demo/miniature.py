@@ -37,6 +37,7 @@ RUN_GIN_FILES = {"distribution": "demo/specialize.gin", "sample": "demo/speciali
 RESULTS_FILE = "demo_results.json"
 REPORT_SUBDIR = "report"
 TEACHER_MODEL_NAME = "world-teacher"
+COMPILATION_CACHE_SUBDIR = "xla_cache"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +71,17 @@ class _Progress:
   """One line per stage on stderr: which stage, the elapsed time and an ETA from the expected
   shares of the stages still to run (a reused stage leaves the expected total)."""
 
-  # Rough shares of a full first run per stage (docs/demo.md), for the ETA.
+  # Rough shares of a first run per stage (docs/demo.md), for the ETA: full and `--quick`.
   SHARES = {"world": 0.01, "pretrain": 0.07, "generalist": 0.12, "teacher": 0.19,
             "teacher data": 0.09, "starts": 0.04, "specialize": 0.47, "report": 0.01}
+  QUICK_SHARES = {"world": 0.01, "pretrain": 0.15, "generalist": 0.06, "teacher": 0.20,
+                  "teacher data": 0.15, "starts": 0.14, "specialize": 0.27, "report": 0.03}
 
-  def __init__(self):
+  def __init__(self, shares: Dict[str, float]):
     self._start = time.perf_counter()
+    self._shares = shares
     self._done = 0.0  # Shares of the stages this run did.
-    self._total = sum(self.SHARES.values())  # Shares this run does in all.
+    self._total = sum(shares.values())  # Shares this run does in all.
 
   def elapsed(self) -> float:
     return time.perf_counter() - self._start
@@ -89,11 +93,19 @@ class _Progress:
           f"{name}{': ' + detail if detail else ''}", file=sys.stderr, flush=True)
 
   def finish(self, name: str, reused: bool = False, fraction: float = 1.0) -> None:
-    share = self.SHARES.get(name, 0.0) * fraction
+    share = self._shares.get(name, 0.0) * fraction
     if reused:
       self._total -= share
     else:
       self._done += share
+
+
+def _cache_compiled_programs(directory: pathlib.Path) -> None:
+  """JAX's persistent compilation cache in `directory`, unless one is configured: the runs of
+  stage 7 share programs (three train the same step) and a rerun compiles nothing it did before."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(directory))
 
 
 def _eval_config(settings: DemoSettings, task_names: Sequence[str]):
@@ -219,9 +231,11 @@ def run_demo(output_dir: str, world_dir: str, register_tasks: Callable[[str], An
              settings: DemoSettings = DemoSettings(), only_data: bool = False) -> int:
   """Runs the chain (module docstring); `register_tasks(world_dir)` registers the world's SeqIO
   tasks (the CLI passes `tasks.world.register_world_tasks`)."""
-  progress = _Progress()
+  progress = _Progress(_Progress.QUICK_SHARES if settings.world_size == world.WorldSize.quick()
+                       else _Progress.SHARES)
   world_path = pathlib.Path(world_dir)
   output_dir = os.path.abspath(output_dir)
+  _cache_compiled_programs(world_path / COMPILATION_CACHE_SUBDIR)
   progress.stage("world", str(world_path))
   world.write_world(world_path, settings.world_size)
   register_tasks(str(world_path))

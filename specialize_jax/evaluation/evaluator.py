@@ -7,6 +7,9 @@ Terms:
     `seqio.EncDecFeatureConverter(pack=False)` at fixed `feature_lengths`, in fixed-size batches
     (see `inference.py`), so decoding compiles once per shape and is reused across evaluations and
     checkpoints. An input longer than `feature_lengths['inputs']` is an error, not truncated.
+    Built once per process for each registered task object and shapes (`_task_data`): a job that
+    evaluates the same tasks again (`specialize demo`'s sweeps and starts) reads them once. A
+    task registered again is a new object and is built again.
   prediction: the decoded text (up to EOS) after the task's `postprocess_fn(text, example=...,
     is_target=False)`; target: `postprocess_fn(None, example=..., is_target=True)` (our tasks'
     gold answer, see `tasks/common.py`). The metrics are the task's `predict_metric_fns` merged.
@@ -211,6 +214,28 @@ def _build_task_data(task: seqio.Task, config: EvalConfig,
   return _TaskData(task, vocabulary, examples, features, targets)
 
 
+# (task name, id(task), lengths, max_examples) -> (task, its eval data); the task is held so that
+# its id names it for as long as the entry lives. Oldest entries go first past the bound.
+_TASK_DATA: Dict[Tuple[Any, ...], Tuple[seqio.Task, _TaskData]] = {}
+_MAX_TASK_DATA = 256
+
+
+def _task_data(task: seqio.Task, config: EvalConfig, vocabulary: seqio.Vocabulary) -> _TaskData:
+  """`_build_task_data`, once per registered task object and shapes in this process."""
+  key = (task.name, id(task), tuple(sorted(config.lengths.items())), config.max_examples)
+  cached = _TASK_DATA.get(key)
+  if cached is not None and cached[0] is task:
+    return dataclasses.replace(cached[1], vocabulary=vocabulary)
+  start = time.perf_counter()
+  data = _build_task_data(task, config, vocabulary)
+  logging.info('Eval task %s: %d examples built in %.1f s.', task.name, len(data.examples),
+               time.perf_counter() - start)
+  while len(_TASK_DATA) >= _MAX_TASK_DATA:
+    del _TASK_DATA[next(iter(_TASK_DATA))]
+  _TASK_DATA[key] = (task, data)
+  return data
+
+
 def _round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
 
@@ -271,11 +296,12 @@ class Evaluator:
     self.model = model
     self.config = config
     self.mesh = mesh
-    # One decoder for every task and evaluation: decoding compiles once per params sharding.
-    self._decoder = inference.Decoder(model, mesh, config.max_decode_length,
-                                      setting='EvalConfig.batch_size', flag='--gin.EVAL_BATCH_SIZE',
-                                      logical_axis_rules=logical_axis_rules,
-                                      decode_method=config.decode_method)
+    # One decoder for every task, evaluation and evaluator of this architecture in the process:
+    # decoding compiles once per params sharding.
+    self._decoder = inference.shared_decoder(
+        model, mesh, config.max_decode_length, setting='EvalConfig.batch_size',
+        flag='--gin.EVAL_BATCH_SIZE', logical_axis_rules=logical_axis_rules,
+        decode_method=config.decode_method)
     self._data: Dict[str, _TaskData] = {}
     for name in expand_task_names(config.task_names):
       task = seqio.get_mixture_or_task(name)
@@ -285,10 +311,7 @@ class Evaluator:
                           'remove it from EvalConfig.task_names (--gin.EVAL_TASKS).')
       vocabulary = (vocabulary_for_task(task) if vocabulary_for_task is not None
                     else task.output_features['targets'].vocabulary)
-      start = time.perf_counter()
-      self._data[name] = _build_task_data(task, config, vocabulary)
-      logging.info('Eval task %s: %d examples built in %.1f s.', name,
-                   len(self._data[name].examples), time.perf_counter() - start)
+      self._data[name] = _task_data(task, config, vocabulary)
 
   @property
   def task_names(self) -> List[str]:
@@ -520,7 +543,7 @@ def evaluate_checkpoints(model_dir_or_checkpoint: str, config: EvalConfig,
     checkpoint_config, params = inference.restore_params(step_path, mesh, logical_axis_rules,
                                                          model_config, dtype)
     if evaluator is None or evaluator.model.config != checkpoint_config:
-      evaluator = Evaluator(models.EncoderDecoderModel(checkpoint_config), config, mesh=mesh,
+      evaluator = Evaluator(inference.checkpoint_model(checkpoint_config), config, mesh=mesh,
                             logical_axis_rules=logical_axis_rules)
     logging.info('Evaluating %s (step %d, %s) on %s.', step_path, step, dtype, pending)
     results[step].update(evaluator.evaluate(params, step, output_dir, task_names=pending))

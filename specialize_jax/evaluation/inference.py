@@ -276,6 +276,47 @@ class Decoder:
     return result
 
 
+# (id(model), mesh, max_decode_length, rules, options) -> (model, its Decoder); the model is held
+# so that its id names it for as long as the entry lives (`shared_decoder`).
+_SHARED_DECODERS: Dict[Any, Tuple[models.EncoderDecoderModel, Decoder]] = {}
+_MAX_SHARED_DECODERS = 16
+
+
+def _frozen(value: Any) -> Any:
+  """`value` with its lists as tuples (gin gives rules as lists), so that it can be a key."""
+  return tuple(map(_frozen, value)) if isinstance(value, (list, tuple)) else value
+
+
+def shared_decoder(model: models.EncoderDecoderModel, mesh: Optional[Mesh],
+                   max_decode_length: int, *, setting: str = 'batch_size',
+                   flag: Optional[str] = None,
+                   logical_axis_rules: Optional[partitioning.LogicalAxisRules] = None,
+                   **decode_options) -> Decoder:
+  """One `Decoder` per model object and decoding settings in this process, so that evaluators
+  built again for the same model (one per sweep or checkpoint call: `checkpoint_model` hands
+  them the same model) compile each decode shape once."""
+  key = (id(model), mesh, max_decode_length, setting, flag, _frozen(logical_axis_rules),
+         _frozen(sorted(decode_options.items())))
+  if key not in _SHARED_DECODERS:
+    while len(_SHARED_DECODERS) >= _MAX_SHARED_DECODERS:
+      del _SHARED_DECODERS[next(iter(_SHARED_DECODERS))]
+    _SHARED_DECODERS[key] = (model, Decoder(
+        model, mesh, max_decode_length, setting=setting, flag=flag,
+        logical_axis_rules=logical_axis_rules, **decode_options))
+  return _SHARED_DECODERS[key][1]
+
+
+_CHECKPOINT_MODELS: Dict[Any, models.EncoderDecoderModel] = {}
+
+
+def checkpoint_model(config: Any) -> models.EncoderDecoderModel:
+  """The model that decodes checkpoints of architecture `config` (a `T5Config`), one per
+  architecture in this process, so their decoding compiles once (`shared_decoder`)."""
+  if config not in _CHECKPOINT_MODELS:
+    _CHECKPOINT_MODELS[config] = models.EncoderDecoderModel(config)
+  return _CHECKPOINT_MODELS[config]
+
+
 def predict_tokens(model: models.EncoderDecoderModel, params: Any,
                    features: Mapping[str, np.ndarray], batch_size: int, max_decode_length: int,
                    *, mesh: Optional[Mesh] = None, rng: Optional[jax.Array] = None,

@@ -51,7 +51,6 @@ from specialize_jax.evaluation import reference as reference_lib
 from specialize_jax.evaluation import report as report_lib
 from specialize_jax.evaluation import selection as selection_lib
 from specialize_jax.checkpoints import directories
-from specialize_jax.model import models
 from specialize_jax.training import partitioning
 from specialize_jax.errors import ConfigError
 
@@ -267,9 +266,9 @@ def sweep(model_dir: str, config: evaluator_lib.EvalConfig, *,
                                                            model_config, dtype)
       load_seconds += time.perf_counter() - load_start
       if evaluator is None or evaluator.model.config != checkpoint_config:
-        # Eval data and the compiled decoder are per evaluator: built once for the whole sweep
-        # unless a checkpoint has another architecture.
-        evaluator = evaluator_lib.Evaluator(models.EncoderDecoderModel(checkpoint_config), config,
+        # Eval data and the compiled decoder are built once per process (`evaluator._task_data`,
+        # `inference.shared_decoder`): once for this sweep and for any later one.
+        evaluator = evaluator_lib.Evaluator(inference.checkpoint_model(checkpoint_config), config,
                                             mesh=mesh, logical_axis_rules=logical_axis_rules)
       for name in pending[step]:
         pair_start = time.perf_counter()

@@ -1,13 +1,19 @@
 """Subprocesses of the tests: the `specialize` command, worker scripts, loopback ports.
 
 A child's variables are `environment()`: this process's, with this checkout first on PYTHONPATH
-(so a child imports the library under test, not another installed copy) and by default without
-XLA_FLAGS (a child chooses its own device count).
+(so a child imports the library under test, not another installed copy), by default without
+XLA_FLAGS (a child chooses its own device count), and with a persistent compilation cache shared
+by the children of this test process (`JAX_COMPILATION_CACHE_DIR`, unless a test names its own):
+a command run again (a resume, a rerun) loads its programs instead of compiling them.
 """
+import atexit
+import functools
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from typing import Iterable, List, Optional
 
 from tests.support import REPO_ROOT
@@ -21,11 +27,19 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@functools.lru_cache(maxsize=None)
+def _children_compilation_cache() -> str:
+  directory = tempfile.mkdtemp(prefix='specialize-test-xla-cache-')
+  atexit.register(shutil.rmtree, directory, ignore_errors=True)
+  return directory
+
+
 def environment(drop: Iterable[str] = ('XLA_FLAGS',), **values) -> dict:
   """`os.environ` without the variables `drop`, updated with `values`, this checkout first on
-  PYTHONPATH."""
+  PYTHONPATH, the children's compilation cache unless `values` names one."""
   drop = set(drop)
   env = {k: v for k, v in os.environ.items() if k not in drop}
+  env.setdefault('JAX_COMPILATION_CACHE_DIR', _children_compilation_cache())
   env.update(values)
   env['PYTHONPATH'] = os.pathsep.join([str(REPO_ROOT)] + [
       p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
