@@ -193,14 +193,15 @@ class Run:
     with open(self.logs[process_id], encoding='utf-8', errors='replace') as f:
       return f.read()
 
-  def wait_for(self, predicate, what: str) -> None:
-    """Polls (every 2 ms) until `predicate()`; fails when the run ends or times out first."""
+  def wait_for(self, predicate, what: str, period_s: float = 0.002) -> None:
+    """Polls (every `period_s`: 2 ms catches a save in flight) until `predicate()`; fails when the
+    run ends or times out first."""
     while not predicate():
       if time.monotonic() > self.deadline or all(p.poll() is not None for p in self.processes):
         self.kill()
         pytest.fail(f'{what} never happened; the first process output ends:\n'
                     f'{self.text(0)[-3000:]}')
-      time.sleep(0.002)
+      time.sleep(period_s)
 
   def wait(self, expect_codes=(0,)) -> None:
     for process_id, process in enumerate(self.processes):
@@ -556,7 +557,7 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes(
   command then resumes and ends with the uninterrupted two-process run's params, bit for bit."""
   _, two = uninterrupted
   run = Run(env, tmp_path / 'run', tmp_path / 'logs', 2, 2)
-  run.wait_for(lambda: 'First step' in run.text(1), 'the first step of process 1')
+  run.wait_for(lambda: 'First step' in run.text(1), 'the first step of process 1', period_s=0.05)
   os.kill(run.processes[1].pid, signal.SIGTERM)
   run.wait()
   steps = [_preempted_step(run.text(i)) for i in range(2)]
@@ -595,7 +596,8 @@ def test_sigkill_at_any_moment_then_the_same_command_ends_identical(env, uninter
   run.wait(expect_codes=(-signal.SIGKILL,))
 
   run = Run(env, model_dir, tmp_path / 'logs', 1, 4)
-  run.wait_for(lambda: 'First step' in run.text(0), 'the first step after the restart')
+  run.wait_for(lambda: 'First step' in run.text(0), 'the first step after the restart',
+               period_s=0.05)  # A log read 500 times a second would compete with the run.
   resumed = re.search(r'Starting at step (\d+) from resume', run.text(0))
   assert resumed and int(resumed.group(1)) >= CHECKPOINT_PERIOD, run.text(0)[-3000:]
   time.sleep(delay_s)

@@ -55,6 +55,13 @@ def test_malformed_predictions_name_file_and_line(gsm8k_task, tmp_path, content,
     scoring.score(gsm8k_task, str(path))
 
 
+def test_a_missing_predictions_file_fails_before_the_task_is_read(gsm8k_task, tmp_path,
+                                                                  monkeypatch):
+  monkeypatch.setattr(scoring, "task_targets", lambda *a, **k: pytest.fail("read the task"))
+  with pytest.raises(scoring.PredictionsError, match="missing.jsonl does not exist"):
+    scoring.score(gsm8k_task, str(tmp_path / "missing.jsonl"))
+
+
 @pytest.mark.slow
 def test_cli_prints_one_json_object(tmp_path):
   data = shared_data.shared_data_dir()

@@ -109,6 +109,9 @@ def score(task: seqio.Task, predictions_path: str, metric_mode: str = "default",
   if not task.predict_metric_fns:
     raise ConfigError(f"Task {task.name} has no prediction metrics; score an eval task "
                       "(`specialize tasks` lists them).")
+  if not storage.exists(predictions_path):  # Before the task's data is read.
+    raise PredictionsError(f"{predictions_path} does not exist; give the predictions JSONL "
+                           "(`specialize infer` and `eval` write one per task).")
   targets = task_targets(task, split)
   predictions = read_predictions(predictions_path, len(targets), prediction_field)
   indices = sorted(predictions)
