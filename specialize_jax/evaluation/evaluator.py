@@ -296,8 +296,8 @@ class Evaluator:
     self.model = model
     self.config = config
     self.mesh = mesh
-    # One decoder for every task, evaluation and evaluator of this architecture in the process:
-    # decoding compiles once per params sharding.
+    # One decoder for every task, evaluation and evaluator of this model object in the process
+    # (`inference.shared_decoder`): decoding compiles once per params sharding.
     self._decoder = inference.shared_decoder(
         model, mesh, config.max_decode_length, setting='EvalConfig.batch_size',
         flag='--gin.EVAL_BATCH_SIZE', logical_axis_rules=logical_axis_rules,
