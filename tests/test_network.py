@@ -367,34 +367,3 @@ def test_attention_logits_in_the_compute_dtype_are_a_switch():
     assert losses[1] == pytest.approx(losses[0], rel=tolerance), dtype
     if dtype == 'bfloat16':
       assert losses[1] != losses[0]  # the switch reaches the attention
-
-
-def test_the_fused_attention_call_is_t5_attention():
-  """`fused_attention` (what 'cudnn' runs, here through its XLA implementation) is T5's attention:
-  no 1/sqrt(d) scale, the relative bias and the mask added to the logits."""
-  rng = np.random.default_rng(2)
-  query, key, value = (rng.standard_normal((2, length, 3, 8)).astype(np.float32)
-                       for length in (4, 6, 6))
-  bias = rng.standard_normal((1, 3, 4, 6)).astype(np.float32)
-  mask = rng.random((2, 1, 4, 6)) < 0.8
-  mask[..., 0] = True  # every query sees something
-  logits = np.einsum('bqhd,bkhd->bhqk', query, key) + bias + np.where(mask, 0.0, -1e10)
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  expected = np.einsum('bhqk,bkhd->bqhd', weights, value)
-  got = network.fused_attention(jnp.asarray(query), jnp.asarray(key), jnp.asarray(value),
-                                jnp.asarray(mask), jnp.asarray(bias), implementation='xla')
-  np.testing.assert_allclose(got, expected, atol=1e-5)
-
-
-def test_auto_attention_falls_back_with_its_reason_and_cudnn_names_what_is_missing(caplog):
-  caplog.set_level('INFO')
-  query = jnp.zeros((2, 5, 3, 12), jnp.bfloat16)
-  auto = tiny_model.config(attention_kernel='auto', dtype='bfloat16')
-  assert network.attention_kernel(auto, query, query, dropout=False) == 'xla'
-  assert any('attention_kernel=auto: xla' in r.getMessage() and 'not gpu' in r.getMessage()
-             for r in caplog.records)
-  with pytest.raises(ValueError, match="head_dim 12 is not a multiple of 8"):
-    network.attention_kernel(tiny_model.config(attention_kernel='cudnn', dtype='bfloat16'), query,
-                             query, dropout=False)
-  assert network.attention_kernel(tiny_model.config(), query, query, dropout=True) == 'xla'

@@ -18,10 +18,11 @@ DTYPES = ('float32', 'bfloat16')  # compute dtypes
 # recomputes the whole layer (keeps its input); 'minimal' keeps the matmul outputs that have no
 # batch dimension, as T5X's and MaxText's policy of that name; 'dots' keeps every matmul output.
 REMAT_POLICIES = ('none', 'minimal', 'dots', 'full')
-# How attention runs (`network.MultiHeadAttention`): 'xla' the reference einsum/softmax path;
-# 'cudnn' `jax.nn.dot_product_attention`'s cuDNN fused kernel (GPU, bf16/fp16); 'auto' cuDNN where
+# How attention runs (`attention_kernels`): 'xla' the reference einsum/softmax path; 'cudnn'
+# `jax.nn.dot_product_attention`'s cuDNN fused kernel (GPU, bf16/fp16); 'pallas' the Pallas
+# flash-attention kernel (TPU; interpreted elsewhere); 'auto' the platform's fused kernel where
 # it applies, else 'xla', the reason logged once.
-ATTENTION_KERNELS = ('xla', 'cudnn', 'auto')
+ATTENTION_KERNELS = ('xla', 'cudnn', 'pallas', 'auto')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,10 +42,11 @@ Departures from T5X, all output-preserving:
     `float32_attention_logits=True`), which changes nothing in float32 and steadies bfloat16;
     `T5Config.float32_attention_logits=False` computes them in the compute dtype, as T5X then does.
 
-Attention kernels (`T5Config.attention_kernel`, `attention_kernel()`): 'xla' (default) is the
-einsum/softmax path below; 'cudnn' runs `jax.nn.dot_product_attention`'s fused cuDNN kernel, which
-takes T5's `[1, heads, q, k]` relative bias (with its gradient); 'auto' uses it where it applies and
-falls back to 'xla' otherwise. Decoding always takes the 'xla' path (its heads-first cache).
+Attention kernels (`T5Config.attention_kernel`, `attention_kernels.choose`): 'xla' (default) is the
+einsum/softmax path below; 'cudnn' (GPU) and 'pallas' (TPU) are fused kernels that take T5's
+relative bias with its gradient; 'auto' picks per platform and shape. Masks travel as per-token
+attention ids (`attention_mask.AttentionMask`), made dense only where a path needs it. Decoding
+always takes the 'xla' path (its heads-first cache).
 
 Rematerialization (`T5Config.remat_policy`): each encoder and decoder layer can recompute its
 activations in the backward pass instead of keeping them (`nn.remat` with a `jax.checkpoint`
@@ -62,6 +63,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from specialize_jax.model import attention_kernels
+from specialize_jax.model.attention_mask import AttentionMask, attention_ids
 from specialize_jax.model.config import T5Config
 
 Array = jax.Array
@@ -73,8 +76,6 @@ _DENSE_INIT = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'
 _ATTENTION_INIT = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
 _EMBEDDING_INIT = nn.initializers.normal(stddev=1.0)
 _RELPOS_INIT = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
-# Added to attention logits of masked pairs (T5X's value).
-_MASKED_LOGIT = -1e10
 
 # Logical axis names of activations (T5X's).
 _EMBED_AXES = ('batch', 'length', 'embed')
@@ -244,12 +245,6 @@ def bucket_sums(values: Array, buckets: Array, num_buckets: int, backend: str) -
   return jnp.dot(values.reshape(values.shape[0], -1), one_hot, precision=lax.Precision.HIGHEST)
 
 
-def _mask_to_bias(mask: Optional[Array]) -> Optional[Array]:
-  if mask is None:
-    return None
-  return jnp.where(mask, 0.0, _MASKED_LOGIT).astype(jnp.float32)
-
-
 def _heads_first(key: Array, value: Array) -> Tuple[Array, Array]:
   """`[batch, length, heads, head_dim]` -> `[batch, heads, length, head_dim]` (the cache layout)."""
   return key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
@@ -265,12 +260,13 @@ class MultiHeadAttention(nn.Module):
   cache_kind: str = 'self'
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Optional[Array], mask: Optional[Array] = None,
-               bias: Optional[Array] = None, *, deterministic: bool = True, decode: bool = False,
+  def __call__(self, inputs_q: Array, inputs_kv: Optional[Array],
+               mask: Optional[AttentionMask] = None, bias: Optional[Array] = None, *,
+               deterministic: bool = True, decode: bool = False,
                decode_index: Optional[Array] = None) -> Array:
     """Attends `inputs_q [batch, q_len, embed]` to `inputs_kv [batch, kv_len, embed]`.
 
-    `mask` (bool, True = may attend) and `bias` broadcast to `[batch, heads, q_len, kv_len]`.
+    `mask` says which pairs may attend; `bias` broadcasts to `[batch, heads, q_len, kv_len]`.
     In decode mode, `decode_index` is the position of the single query token.
     """
     cfg = self.config
@@ -321,14 +317,34 @@ class MultiHeadAttention(nn.Module):
         key, value = cached_key.value, cached_value.value
         # Only the positions written so far are visible.
         filled = (jnp.arange(max_length) <= decode_index)[None, None, None, :]
-        mask = filled if mask is None else jnp.logical_and(mask, filled)
+        if mask is not None:
+          filled = jnp.logical_and(mask.dense(), filled)
+        x = self._reference(query, key, value, filled, bias, dropout=False, decode=True)
+        return self._out(x, inputs_q.shape[-1])
 
+    dense = None if mask is None else mask.dense()
     dropout = not deterministic and cfg.dropout_rate > 0.0
-    if not decode and attention_kernel(cfg, query, key, dropout) == 'cudnn':
-      x = fused_attention(query, key, value, mask, bias, implementation='cudnn')
-      x = nn.with_logical_constraint(x, _HEADS_AXES)
-      return Dense((inputs_q.shape[-1],), ('joined_kv', 'embed'), num_input_axes=2,
-                   kernel_init=_ATTENTION_INIT, dtype=dtype, name='out')(x)
+    kernel = 'xla' if decode else attention_kernels.choose(cfg, query, key, dropout)
+    if kernel == 'cudnn':
+      x = attention_kernels.cudnn_attention(query, key, value, dense, bias)
+    elif kernel == 'pallas':
+      if mask is None:
+        raise ValueError("attention_kernel='pallas' needs the attention mask (the token ids).")
+      x = attention_kernels.pallas_attention(query, key, value, mask, bias)
+    else:
+      x = self._reference(query, key, value, dense, bias, dropout, decode)
+    return self._out(x, inputs_q.shape[-1])
+
+  def _out(self, x: Array, features: int) -> Array:
+    x = nn.with_logical_constraint(x, _HEADS_AXES)  # [b, q, heads, kv]
+    return Dense((features,), ('joined_kv', 'embed'), num_input_axes=2,
+                 kernel_init=_ATTENTION_INIT, dtype=self.config.compute_dtype, name='out')(x)
+
+  def _reference(self, query: Array, key: Array, value: Array, mask: Optional[Array],
+                 bias: Optional[Array], dropout: bool, decode: bool) -> Array:
+    """The einsum/softmax attention ('xla'), `mask` dense boolean; `[b, q, heads, kv]` out."""
+    cfg = self.config
+    dtype = cfg.compute_dtype
     # Cached keys/values are heads-first ([b, heads, k, d]) so the per-step attention over the
     # whole cache is a batched matmul with leading batch dims: no transpose of the cache per step.
     kv = 'bhkd' if decode else 'bkhd'
@@ -336,7 +352,7 @@ class MultiHeadAttention(nn.Module):
     # [batch, heads, q_len, kv_len]
     logits = jnp.einsum(f'bqhd,{kv}->bhqk', query, key, preferred_element_type=logits_dtype)
     if mask is not None:
-      logits = logits + _mask_to_bias(mask).astype(logits_dtype)
+      logits = logits + attention_kernels.mask_to_bias(mask).astype(logits_dtype)
     if bias is not None:
       logits = logits + bias.astype(logits_dtype)
     weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
@@ -346,56 +362,7 @@ class MultiHeadAttention(nn.Module):
       keep_shape = weights.shape[:-2] + (1,) + weights.shape[-1:]
       keep = jax.random.bernoulli(self.make_rng('dropout'), keep_prob, keep_shape)
       weights = weights * (keep.astype(dtype) / jnp.asarray(keep_prob, dtype))
-    x = jnp.einsum(f'bhqk,{kv}->bqhd', weights, value.astype(dtype))  # [b, q, heads, kv]
-    x = nn.with_logical_constraint(x, _HEADS_AXES)
-    return Dense((inputs_q.shape[-1],), ('joined_kv', 'embed'), num_input_axes=2,
-                 kernel_init=_ATTENTION_INIT, dtype=dtype, name='out')(x)
-
-
-@functools.lru_cache(maxsize=None)
-def _log_kernel_choice(choice: str, reason: str) -> None:
-  logging.info('attention_kernel=auto: %s (%s).', choice, reason)
-
-
-def attention_kernel(cfg: T5Config, query: Array, key: Array, dropout: bool) -> str:
-  """'xla' or 'cudnn' for a training/scoring attention of these shapes (`cfg.attention_kernel`):
-  'cudnn' needs a GPU, a bf16/fp16 compute dtype, head_dim <= 128 and a multiple of 8, even
-  query and key lengths, and no attention dropout; 'auto' falls back to 'xla' otherwise (logged
-  once per reason), an explicit 'cudnn' raises naming what is missing."""
-  if cfg.attention_kernel == 'xla':
-    return 'xla'
-  head_dim = query.shape[-1]
-  reasons = []
-  if jax.default_backend() != 'gpu':
-    reasons.append(f'the backend is {jax.default_backend()}, not gpu')
-  if cfg.compute_dtype not in (jnp.bfloat16, jnp.float16):
-    reasons.append(f'the compute dtype is {cfg.dtype}, not bfloat16')
-  if head_dim > 128 or head_dim % 8:
-    reasons.append(f'head_dim {head_dim} is not a multiple of 8 up to 128')
-  if query.shape[1] % 2 or key.shape[1] % 2:
-    reasons.append(f'lengths {query.shape[1]} x {key.shape[1]} are not even')
-  if dropout:
-    reasons.append('attention dropout is on')
-  if not reasons:
-    return 'cudnn'
-  if cfg.attention_kernel == 'cudnn':
-    raise ValueError(f"attention_kernel='cudnn' cannot run here: {'; '.join(reasons)}. Use "
-                     "'auto' (falls back to 'xla') or 'xla'.")
-  _log_kernel_choice('xla', '; '.join(reasons))
-  return 'xla'
-
-
-def fused_attention(query: Array, key: Array, value: Array, mask: Optional[Array],
-                    bias: Optional[Array], implementation: str) -> Array:
-  """`jax.nn.dot_product_attention` with T5's conventions: `[b, q, heads, d]` in and out, no
-  1/sqrt(d) scale (folded into the query kernel), the additive bias `[1 or b, heads, q, k]`
-  (relative positions) plus the boolean mask as a bias."""
-  total = None if bias is None else bias.astype(query.dtype)
-  if mask is not None:
-    masked = _mask_to_bias(mask).astype(query.dtype)
-    total = masked if total is None else total + masked
-  return jax.nn.dot_product_attention(query, key, value.astype(query.dtype), bias=total,
-                                      scale=1.0, implementation=implementation)
+    return jnp.einsum(f'bhqk,{kv}->bqhd', weights, value.astype(dtype))
 
 
 def grow_self_attention_cache(cache: Any, length: int) -> Any:
@@ -426,7 +393,7 @@ class EncoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, bias: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, mask: AttentionMask, bias: Array, deterministic: bool) -> Array:
     cfg = self.config
     norm = functools.partial(RmsNorm, cfg.layer_norm_epsilon, cfg.compute_dtype)
     y = norm(name='pre_attention_layer_norm')(x)
@@ -443,8 +410,8 @@ class DecoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Optional[Array], self_mask: Optional[Array],
-               cross_mask: Optional[Array], bias: Array, deterministic: bool, decode: bool,
+  def __call__(self, x: Array, encoded: Optional[Array], self_mask: Optional[AttentionMask],
+               cross_mask: AttentionMask, bias: Array, deterministic: bool, decode: bool,
                decode_index: Optional[Array]) -> Array:
     cfg = self.config
     norm = functools.partial(RmsNorm, cfg.layer_norm_epsilon, cfg.compute_dtype)
@@ -500,7 +467,7 @@ class Encoder(nn.Module):
   shared_embedding: nn.Module
 
   @nn.compact
-  def __call__(self, tokens: Array, mask: Array, positions: Optional[Array],
+  def __call__(self, tokens: Array, mask: AttentionMask, positions: Optional[Array],
                deterministic: bool) -> Array:
     del positions  # See "positions" in the module docstring.
     cfg = self.config
@@ -522,7 +489,7 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded: Optional[Array], tokens: Array, positions: Optional[Array],
-               self_mask: Optional[Array], cross_mask: Optional[Array], deterministic: bool,
+               self_mask: Optional[AttentionMask], cross_mask: AttentionMask, deterministic: bool,
                decode: bool) -> Array:
     cfg = self.config
     relpos = _relpos_bias(cfg)
@@ -572,18 +539,6 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, tokens.astype(jnp.int32), axis=0)
 
 
-def _pair_mask(query: Array, key: Array, fn: Callable = jnp.logical_and) -> Array:
-  """`[batch, 1, q_len, k_len]` mask from per-token `[batch, q_len]` and `[batch, k_len]`."""
-  return fn(query[:, None, :, None], key[:, None, None, :])
-
-
-def _combine(*masks: Optional[Array]) -> Optional[Array]:
-  masks = [m for m in masks if m is not None]
-  if not masks:
-    return None
-  return functools.reduce(jnp.logical_and, masks)
-
-
 class Transformer(nn.Module):
   """The T5 v1.1 encoder-decoder; `encode` once, then `decode` (optionally step by step)."""
   config: T5Config
@@ -600,11 +555,8 @@ class Transformer(nn.Module):
     if encoder_input_tokens.ndim != 2:
       raise ValueError(f'encoder_input_tokens must be [batch, length], got shape '
                        f'{encoder_input_tokens.shape}.')
-    valid = encoder_input_tokens > 0
-    mask = _pair_mask(valid, valid)
-    if encoder_segment_ids is not None:
-      mask = _combine(mask, _pair_mask(encoder_segment_ids, encoder_segment_ids, jnp.equal))
-    return self.encoder(encoder_input_tokens, mask, encoder_positions,
+    ids = attention_ids(encoder_input_tokens, encoder_segment_ids)
+    return self.encoder(encoder_input_tokens, AttentionMask(ids, ids), encoder_positions,
                         deterministic=not enable_dropout)
 
   def decode(self, encoded: Optional[Array], encoder_input_tokens: Array,
@@ -626,25 +578,22 @@ class Transformer(nn.Module):
                          'decode=True (decode unpacked batches).')
       # No target padding mask at inference; causality comes from the cache index.
       self_mask = None
-      cross_mask = _pair_mask(jnp.ones_like(decoder_input_tokens, bool), encoder_input_tokens > 0)
+      cross_mask = AttentionMask(jnp.ones_like(decoder_input_tokens, jnp.int32),
+                                 attention_ids(encoder_input_tokens))
     else:
       if decoder_target_tokens is None:
         raise ValueError('decoder_target_tokens is required when decode=False: it gives the '
                          'target padding mask.')
-      valid = decoder_target_tokens > 0
-      length = decoder_target_tokens.shape[-1]
-      causal = (jnp.arange(length)[:, None] >= jnp.arange(length)[None, :])[None, None]
-      self_mask = _combine(causal, _pair_mask(valid, valid))
-      cross_mask = _pair_mask(valid, encoder_input_tokens > 0)
-      if decoder_segment_ids is not None:
-        self_mask = _combine(self_mask,
-                             _pair_mask(decoder_segment_ids, decoder_segment_ids, jnp.equal))
-      if encoder_segment_ids is not None:
-        if decoder_segment_ids is None:
-          raise ValueError('encoder_segment_ids given without decoder_segment_ids; packed '
-                           'batches need both.')
-        cross_mask = _combine(cross_mask,
-                              _pair_mask(decoder_segment_ids, encoder_segment_ids, jnp.equal))
+      if encoder_segment_ids is not None and decoder_segment_ids is None:
+        raise ValueError('encoder_segment_ids given without decoder_segment_ids; packed '
+                         'batches need both.')
+      targets = attention_ids(decoder_target_tokens, decoder_segment_ids)
+      self_mask = AttentionMask(targets, targets, causal=True)
+      # Unpacked inputs: every real target token (id 1) sees every real input token (id 1).
+      cross_queries = targets if encoder_segment_ids is not None else attention_ids(
+          decoder_target_tokens)
+      cross_mask = AttentionMask(cross_queries,
+                                 attention_ids(encoder_input_tokens, encoder_segment_ids))
     return self.decoder(encoded, decoder_input_tokens, decoder_positions, self_mask, cross_mask,
                         deterministic=not enable_dropout, decode=decode)
 
