@@ -25,8 +25,8 @@ if os.path.exists(_SHARED_VOCAB):
 # The longest files, as the README's two-worker run measures them (docs/testing.md), go to the
 # workers first, so that no long file starts last while the other worker idles; the rest follow
 # in collection order. (pytest-xdist would otherwise order files by their number of tests.)
-LONGEST_FILES_FIRST = ("test_multihost_cli.py", "test_demo.py", "test_cli_errors.py",
-                       "test_train_step.py", "test_memory_plan.py", "test_trainer.py",
+LONGEST_FILES_FIRST = ("test_multihost_cli.py", "test_demo.py", "test_train_step.py",
+                       "test_memory_plan.py", "test_trainer.py", "test_storage.py",
                        "test_original_batching.py", "test_network.py", "test_serve.py")
 
 

@@ -1,8 +1,10 @@
 """A user's mistake ends in one line on stderr naming the path or value and the fix, exit code 2,
 before anything compiles: every `specialize` subcommand on an empty data directory (a fresh
 machine), with the vocabulary missing or present, and a gin value the code validates. Each case is
-one subprocess, as a user runs it; all fail within seconds, before any model is built. A bug inside
-a command (an exception outside the user-error family) ends in a traceback and exit code 1."""
+one process of its own, forked from a server that has imported the libraries
+(`tests/support/forked_commands.py`: a case then costs its command's work, not 7 s of imports); all
+fail before any model is built. A bug inside a command (an exception outside the user-error family)
+ends in a traceback and exit code 1 (a `python -c` subprocess patching the library)."""
 import os
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import sys
 import pytest
 
 from tests.support import demo_data
+from tests.support import forked_commands
 from tests.support import processes
 from tests.support import shared_data
 
@@ -66,11 +69,21 @@ CASES = [
 ]
 
 
-def _run(argv, cwd, data_dir, vocabulary=None, timeout=300, program=None):
-  env = processes.environment(
-      drop=("SPECIALIZE_VOCAB_PATH", "SPECIALIZE_PREPARED_DATA"), SPECIALIZE_DATA_DIR=str(data_dir),
-      JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-      GLIBC_TUNABLES="")  # No re-exec for the malloc settings: one process per case.
+def _environment(**values):
+  return processes.environment(
+      drop=("SPECIALIZE_VOCAB_PATH", "SPECIALIZE_PREPARED_DATA"), JAX_PLATFORMS="cpu",
+      TF_CPP_MIN_LOG_LEVEL="3", GLIBC_TUNABLES="", **values)  # No re-exec for the malloc settings.
+
+
+@pytest.fixture(scope="module")
+def server():
+  serving = forked_commands.Server(_environment())
+  yield serving
+  serving.close()
+
+
+def _run(argv, cwd, data_dir, vocabulary=None, timeout=300, program=None, server=None):
+  env = _environment(SPECIALIZE_DATA_DIR=str(data_dir))
   if vocabulary == EMPTY_VOCAB:
     env["SPECIALIZE_VOCAB_PATH"] = str(cwd / "missing.model")
   elif vocabulary == SHARED_VOCAB:
@@ -78,6 +91,8 @@ def _run(argv, cwd, data_dir, vocabulary=None, timeout=300, program=None):
   if program is not None:  # A script standing in for the command (see _PATCHED_ALIGN).
     return subprocess.run([sys.executable, "-c", program, *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+  if server is not None:
+    return server.run(argv, env, cwd, timeout)
   return processes.run_specialize(argv, env, cwd, timeout)
 
 
@@ -88,11 +103,11 @@ def _error_lines(done, command):
 @pytest.mark.slow
 @pytest.mark.parametrize("argv, vocabulary, expected", CASES,
                          ids=[" ".join(c[0])[:70] + f" [{c[1]}]" for c in CASES])
-def test_user_errors_are_one_line_and_exit_2(tmp_path, argv, vocabulary, expected):
+def test_user_errors_are_one_line_and_exit_2(server, tmp_path, argv, vocabulary, expected):
   (tmp_path / "data").mkdir()
   (tmp_path / "preds.jsonl").write_text('{"prediction": "The answer is 3."}\n')
   (tmp_path / "inputs.txt").write_text("Q: 1 + 1?\n")
-  done = _run(argv, tmp_path, tmp_path / "data", vocabulary)
+  done = _run(argv, tmp_path, tmp_path / "data", vocabulary, server=server)
   assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
   assert done.returncode == 2, done.stderr[-3000:]
   lines = _error_lines(done, argv[0])
@@ -141,8 +156,8 @@ def test_a_user_error_raised_by_the_library_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_tasks_needs_no_data(tmp_path):
-  done = _run(["tasks", "--filter", "bbh_snarks"], tmp_path, tmp_path)
+def test_tasks_needs_no_data(server, tmp_path):
+  done = _run(["tasks", "--filter", "bbh_snarks"], tmp_path, tmp_path, server=server)
   assert (done.returncode, done.stdout.split()) == (0, ["bbh_snarks_ao", "bbh_snarks_ao_paper",
                                                         "bbh_snarks_cot", "bbh_snarks_cot_paper"])
 
@@ -154,10 +169,10 @@ def tiny_demo(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_validated_gin_value_is_one_line_and_exit_2(tiny_demo, tmp_path):
+def test_a_validated_gin_value_is_one_line_and_exit_2(server, tiny_demo, tmp_path):
   """The demo's cosine schedule warms up for 40 steps: 2 training steps cannot hold it."""
   done = _run(["train", "--gin_file=experiments/demo_cpu.gin", '--gin.MODEL_DIR="runs/x"',
-               "--gin.TRAIN_STEPS=2"], tmp_path, tiny_demo.parent)
+               "--gin.TRAIN_STEPS=2"], tmp_path, tiny_demo.parent, server=server)
   assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
   assert done.returncode == 2, done.stderr[-3000:]
   assert _error_lines(done, "train") == [
@@ -167,12 +182,12 @@ def test_a_validated_gin_value_is_one_line_and_exit_2(tiny_demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_training_data_fails_before_the_model_is_built(tmp_path):
+def test_missing_training_data_fails_before_the_model_is_built(server, tmp_path):
   """No eval tasks, so only the trainer reads data: it builds its input pipeline first."""
   (tmp_path / "data").mkdir()
   done = _run(["train", "--gin_file=experiments/flan_t5_small_gsm8k.gin",
                '--gin.MODEL_DIR="runs/x"', "--gin.EVAL_PERIOD=0"], tmp_path, tmp_path / "data",
-              SHARED_VOCAB)
+              SHARED_VOCAB, server=server)
   assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
   assert done.returncode == 2, done.stderr[-3000:]
   [line] = _error_lines(done, "train")

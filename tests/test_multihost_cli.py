@@ -2,8 +2,10 @@
 preempted by SIGTERM, killed by SIGKILL, and restarted with the same command; then `specialize
 eval`, `sweep` and `infer` over the run beside a half-written checkpoint, with 1 and 2 processes.
 
-Every run is a subprocess typing the same command (`python -m specialize_jax.cli train ...`, a tiny
-model on the tiny demo data, 24 steps, a checkpoint every 4) into a fresh MODEL_DIR:
+Every run is processes of the same command (`specialize train ...`, a tiny model on the tiny demo
+data, 24 steps, a checkpoint every 4) into a fresh MODEL_DIR, each process forked from a server
+that has imported the libraries (`tests/support/forked_commands.py`; it skips 7 s of imports per
+process, and is otherwise the command's own process):
 
 Terms:
   one-process run: 1 process with 4 fake CPU devices (the reference).
@@ -46,6 +48,7 @@ from specialize_jax.checkpoints import param_tree
 from specialize_jax.checkpoints import t5x_legacy
 from specialize_jax.training import partitioning
 from tests.support import demo_data
+from tests.support import forked_commands
 from tests.support import processes
 from tests.support import tiny_model
 
@@ -72,14 +75,17 @@ EVAL_FEATURE_LENGTHS = {'inputs': 256, 'targets': 80}  # the demo's
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  """The subprocesses' environment: the tiny demo data, one compilation cache for all runs."""
+def commands(tmp_path_factory):
+  """What starts the commands' processes (`forked_commands.Server`) and their environment
+  (`.env`): the tiny demo data, one compilation cache for all runs."""
   with demo_data.tiny_demo_data(tmp_path_factory) as directory:
-    yield processes.environment(
+    server = forked_commands.Server(processes.environment(
         SPECIALIZE_DATA_DIR=str(directory.parent), JAX_PLATFORMS='cpu',
         JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0'))
+    yield server
+    server.close()
 
 
 @pytest.mark.parametrize('command', [
@@ -160,7 +166,7 @@ class Run:
   """The processes of one `specialize` command (by default `train` into `model_dir`), each
   logging to its file."""
 
-  def __init__(self, env, model_dir, log_dir, num_processes, devices_per_process,
+  def __init__(self, commands, model_dir, log_dir, num_processes, devices_per_process,
                overrides=None, args=None, interleaved=False):
     """`args`: the command line after `specialize` (default: `train` into `model_dir` with
     OVERRIDES and `overrides`); `interleaved`: the device order of a TPU slice."""
@@ -173,8 +179,8 @@ class Run:
               f"--gin.MODEL_DIR='{self.model_dir}'"] + [
                   f'--gin.{name}={value}' for name, value in {**OVERRIDES,
                                                               **(overrides or {})}.items()]
-    argv = processes.specialize_argv(*args)
-    environ = dict(env, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
+    environ = dict(commands.env,
+                   XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
     if interleaved:
       environ[partitioning.DEVICE_ORDER_ENV] = 'interleaved'
     os.makedirs(log_dir, exist_ok=True)
@@ -183,9 +189,8 @@ class Run:
           f'--coordinator_address={address}', f'--num_processes={num_processes}',
           f'--process_id={process_id}']
       log = os.path.join(log_dir, f'process_{process_id}_{len(os.listdir(log_dir))}.log')
-      with open(log, 'w', encoding='utf-8') as f:
-        self.processes.append(subprocess.Popen(argv + flags, stdout=f, stderr=subprocess.STDOUT,
-                                               env=environ, cwd=REPO_ROOT))
+      open(log, 'w', encoding='utf-8').close()
+      self.processes.append(commands.start(args + flags, environ, REPO_ROOT, log))
       self.logs.append(log)
     self.deadline = time.monotonic() + TIMEOUT_S
 
@@ -242,11 +247,11 @@ def _largest_difference(actual, expected):
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(env, tmp_path_factory):
+def uninterrupted(commands, tmp_path_factory):
   """The one-process and the two-process run, side by side, evaluating in the loop: (one, two)."""
   root = tmp_path_factory.mktemp('uninterrupted')
-  one = Run(env, root / 'one', root / 'logs_one', 1, 4, IN_LOOP_EVAL)
-  two = Run(env, root / 'two', root / 'logs_two', 2, 2, IN_LOOP_EVAL)
+  one = Run(commands, root / 'one', root / 'logs_one', 1, 4, IN_LOOP_EVAL)
+  two = Run(commands, root / 'two', root / 'logs_two', 2, 2, IN_LOOP_EVAL)
   try:
     one.wait()
     two.wait()
@@ -352,7 +357,7 @@ def _eval_command(command, run_dir, output=None):
 
 
 @pytest.fixture(scope='module')
-def evaluated(env, uninterrupted, tmp_path_factory):
+def evaluated(commands, uninterrupted, tmp_path_factory):
   """Copies of the one-process run (checkpoints 20 and 24, and a half-written checkpoint_28)
   evaluated by `specialize eval` with 1 process x 4 devices (the reference, also of the sweep:
   the same settings write the same files) and 2 processes x 2 devices, by `specialize sweep` with
@@ -369,7 +374,7 @@ def evaluated(env, uninterrupted, tmp_path_factory):
       run_dir = _copy_with_a_save_in_flight(one.model_dir, root / name)
       output = root / f'{name}.jsonl'
       started[command, num_processes] = Run(
-          env, output if command == 'infer' else run_dir, root / f'logs_{name}', num_processes,
+          commands, output if command == 'infer' else run_dir, root / f'logs_{name}', num_processes,
           4 // num_processes, args=_eval_command(command, run_dir, output))
     try:
       for run in started.values():
@@ -444,7 +449,7 @@ def _model_axis_overrides(num_partitions):
 
 
 @pytest.fixture(scope='module')
-def one_process_reference(env, tmp_path_factory):
+def one_process_reference(commands, tmp_path_factory):
   """`reference(num_partitions)`: the one-process run (8 devices, data 8/num_partitions x model
   num_partitions, 4 steps), run once per mesh: the reference of the four-process runs; the
   model-2 one's params are also the start checkpoint of the per-shard read below."""
@@ -453,7 +458,7 @@ def one_process_reference(env, tmp_path_factory):
   def reference(num_partitions):
     if num_partitions not in runs:
       root = tmp_path_factory.mktemp(f'model_axis_{num_partitions}')
-      run = Run(env, root / 'one', root / 'logs_one', 1, 8, _model_axis_overrides(num_partitions))
+      run = Run(commands, root / 'one', root / 'logs_one', 1, 8, _model_axis_overrides(num_partitions))
       try:
         run.wait()
       finally:
@@ -489,14 +494,14 @@ INTERLEAVED_LAYOUTS = {
 
 
 @pytest.fixture(scope='module')
-def interleaved_runs(env, tmp_path_factory):
+def interleaved_runs(commands, tmp_path_factory):
   """`run(num_partitions)`: 4 processes x 2 devices in the interleaved order, run once per mesh."""
   runs = {}
 
   def run(num_partitions):
     if num_partitions not in runs:
       root = tmp_path_factory.mktemp(f'interleaved_{num_partitions}')
-      four = Run(env, root / 'four', root / 'logs_four', 4, 2,
+      four = Run(commands, root / 'four', root / 'logs_four', 4, 2,
                  _model_axis_overrides(num_partitions), interleaved=True)
       try:
         four.wait()
@@ -522,18 +527,18 @@ def test_four_processes_in_a_tpu_like_interleaved_order_equal_one_process(
 
 @pytest.mark.slow
 def test_interleaved_processes_killed_after_a_checkpoint_resume_bit_identical(
-    env, interleaved_runs, tmp_path):
+    commands, interleaved_runs, tmp_path):
   """The whole interleaved job SIGKILLed once step 2 is committed (a slice's preemption), then
   the same command: parameters and logged losses equal the uninterrupted interleaved run's."""
   reference = interleaved_runs(1)
   overrides = _model_axis_overrides(1)
-  run = Run(env, tmp_path / 'run', tmp_path / 'logs', 4, 2, overrides, interleaved=True)
+  run = Run(commands, tmp_path / 'run', tmp_path / 'logs', 4, 2, overrides, interleaved=True)
   committed = os.path.join(run.model_dir, 'checkpoint_2', 'commit_success.txt')
   run.wait_for(lambda: os.path.exists(committed), 'the commit of checkpoint 2')
   for process in run.processes:
     process.send_signal(signal.SIGKILL)
   run.wait(expect_codes=(-signal.SIGKILL, 0))
-  rerun = Run(env, tmp_path / 'run', tmp_path / 'logs', 4, 2, overrides, interleaved=True)
+  rerun = Run(commands, tmp_path / 'run', tmp_path / 'logs', 4, 2, overrides, interleaved=True)
   rerun.wait()
   resumed = re.search(r'Starting at step (\d+) from resume', rerun.text(0))
   assert resumed and int(resumed.group(1)) >= 2, rerun.text(0)[-3000:]
@@ -552,11 +557,11 @@ def _preempted_step(text: str) -> int:
 
 @pytest.mark.slow
 def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes(
-    env, uninterrupted, tmp_path):
+    commands, uninterrupted, tmp_path):
   """SIGTERM to process 1 only: both processes save one step, print it and exit 0; the same
   command then resumes and ends with the uninterrupted two-process run's params, bit for bit."""
   _, two = uninterrupted
-  run = Run(env, tmp_path / 'run', tmp_path / 'logs', 2, 2)
+  run = Run(commands, tmp_path / 'run', tmp_path / 'logs', 2, 2)
   run.wait_for(lambda: 'First step' in run.text(1), 'the first step of process 1', period_s=0.05)
   os.kill(run.processes[1].pid, signal.SIGTERM)
   run.wait()
@@ -568,7 +573,7 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes(
   # Metrics were flushed up to the saved step.
   assert [r['step'] for r in _records(run.model_dir)][-1] == step
 
-  rerun = Run(env, tmp_path / 'run', tmp_path / 'logs', 2, 2)
+  rerun = Run(commands, tmp_path / 'run', tmp_path / 'logs', 2, 2)
   rerun.wait()
   for process_id in range(2):
     assert f'Starting at step {step} from resume' in rerun.text(process_id)
@@ -579,7 +584,7 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere_and_resumes(
 
 
 @pytest.mark.slow
-def test_sigkill_at_any_moment_then_the_same_command_ends_identical(env, uninterrupted, tmp_path):
+def test_sigkill_at_any_moment_then_the_same_command_ends_identical(commands, uninterrupted, tmp_path):
   """One process killed mid-save (an orbax temporary step directory exists), then at a random
   moment, then run to the end: params and every logged loss equal the uninterrupted run's."""
   one, _ = uninterrupted
@@ -587,7 +592,7 @@ def test_sigkill_at_any_moment_then_the_same_command_ends_identical(env, uninter
   seed = random.randrange(1 << 30)
   delay_s = random.Random(seed).uniform(0.0, 1.5)
 
-  run = Run(env, model_dir, tmp_path / 'logs', 1, 4)
+  run = Run(commands, model_dir, tmp_path / 'logs', 1, 4)
   in_flight = os.path.join(str(model_dir), 'checkpoint_*.orbax-checkpoint-tmp*')
   # Mid-save of a step after the first, so the restart has a committed step to resume from.
   run.wait_for(lambda: any(int(os.path.basename(p).split('_')[1].split('.')[0]) > CHECKPOINT_PERIOD
@@ -595,7 +600,7 @@ def test_sigkill_at_any_moment_then_the_same_command_ends_identical(env, uninter
   run.processes[0].send_signal(signal.SIGKILL)
   run.wait(expect_codes=(-signal.SIGKILL,))
 
-  run = Run(env, model_dir, tmp_path / 'logs', 1, 4)
+  run = Run(commands, model_dir, tmp_path / 'logs', 1, 4)
   run.wait_for(lambda: 'First step' in run.text(0), 'the first step after the restart',
                period_s=0.05)  # A log read 500 times a second would compete with the run.
   resumed = re.search(r'Starting at step (\d+) from resume', run.text(0))
@@ -604,7 +609,7 @@ def test_sigkill_at_any_moment_then_the_same_command_ends_identical(env, uninter
   run.processes[0].send_signal(signal.SIGKILL)
   run.wait(expect_codes=(-signal.SIGKILL, 0))  # it may have finished first
 
-  run = Run(env, model_dir, tmp_path / 'logs', 1, 4)
+  run = Run(commands, model_dir, tmp_path / 'logs', 1, 4)
   run.wait()
   worst = _largest_difference(_params(model_dir), _params(one.model_dir))
   assert worst[0] == 0.0, f'kill delay seed {seed}: parameter difference {worst[0]} in {worst[1]}'
@@ -621,7 +626,7 @@ FETCHED = re.compile(r'INITIAL_CHECKPOINT_PATH: fetched ([0-9.]+) MB from storag
 
 @pytest.mark.slow
 def test_four_processes_read_only_their_shards_of_the_start_checkpoint(
-    env, one_process_reference, tmp_path):
+    commands, one_process_reference, tmp_path):
   """INITIAL_CHECKPOINT_PATH in T5X's legacy layout (zarr, small chunks; the trained parameters
   of the one-process data 4 x model 2 run), data 1 x model 8 over 4 processes: each process
   fetches less than half of the checkpoint, and the run starts from it (learning rate 1e-30:
@@ -631,7 +636,7 @@ def test_four_processes_read_only_their_shards_of_the_start_checkpoint(
       os.path.join(one_process_reference(2).model_dir, 'checkpoint_4'))
   start = t5x_legacy.save_t5x(start_params, tmp_path / 'start' / 'checkpoint_0',
                               optimizer_state=False, chunk_bytes=1024)
-  four = Run(env, tmp_path / 'four', tmp_path / 'logs_four', 4, 2,
+  four = Run(commands, tmp_path / 'four', tmp_path / 'logs_four', 4, 2,
              {**overrides, 'LEARNING_RATE': 1e-30, 'INITIAL_CHECKPOINT_PATH': f"'{start}'"})
   try:
     four.wait()

@@ -316,11 +316,10 @@ def test_init_gives_plain_float32_and_folds_query_scale():
   assert abs(ratio - 1 / 8) < 0.02
 
 
-@pytest.mark.parametrize('policy', ['minimal', 'dots', 'full'])
-def test_every_remat_policy_gives_the_same_loss_and_gradients(policy):
-  """Rematerialization changes what the backward pass keeps, not what it computes: the loss and
-  every gradient equal the plain network's (f32), with the same parameter tree; and the compiled
-  step keeps fewer bytes alive (`full` recomputes whole layers)."""
+@pytest.fixture(scope='module')
+def remat_steps():
+  """`step(policy)`: the tiny T5's (loss, gradients) and compiled temporary bytes with that
+  remat policy, computed once per policy."""
   from specialize_jax.model import models  # pylint: disable=g-import-not-at-top
   base = tiny_model.config(vocab_size=64, num_encoder_layers=2, num_decoder_layers=2)
   rng = np.random.default_rng(0)
@@ -330,23 +329,33 @@ def test_every_remat_policy_gives_the_same_loss_and_gradients(policy):
            'decoder_input_tokens': np.pad(targets[:, :-1], ((0, 0), (1, 0))),
            'decoder_loss_weights': np.ones_like(targets, np.float32)}
   params = tiny_model.random_params(base)
-  results = {}
-  for name in ('none', policy):
-    model = models.EncoderDecoderModel(dataclasses.replace(base, remat_policy=name))
-    initialized = jax.eval_shape(lambda m=model: nn.meta.unbox(m.module.init(
+
+  @functools.lru_cache(maxsize=None)
+  def step(policy):
+    model = models.EncoderDecoderModel(dataclasses.replace(base, remat_policy=policy))
+    initialized = jax.eval_shape(lambda: nn.meta.unbox(model.module.init(
         jax.random.key(0), batch['encoder_input_tokens'], batch['decoder_input_tokens'],
         batch['decoder_target_tokens'])['params']))
     assert jax.tree_util.tree_structure(initialized) == jax.tree_util.tree_structure(params)
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, m=model: m.loss_fn(p, batch, None)[0]))
-    results[name] = grad_fn(params)
-    results[name + '_bytes'] = grad_fn.lower(params).compile().memory_analysis().temp_size_in_bytes
-  (loss, grads), (loss_remat, grads_remat) = results['none'], results[policy]
+    compiled = jax.jit(jax.value_and_grad(lambda p: model.loss_fn(p, batch, None)[0])).lower(
+        params).compile()
+    return compiled(params), compiled.memory_analysis().temp_size_in_bytes
+  return step
+
+
+@pytest.mark.parametrize('policy', ['minimal', 'dots', 'full'])
+def test_every_remat_policy_gives_the_same_loss_and_gradients(remat_steps, policy):
+  """Rematerialization changes what the backward pass keeps, not what it computes: the loss and
+  every gradient equal the plain network's (f32), with the same parameter tree; and the compiled
+  step keeps fewer bytes alive (`full` recomputes whole layers)."""
+  ((loss, grads), plain_bytes), ((loss_remat, grads_remat), remat_bytes) = (
+      remat_steps('none'), remat_steps(policy))
   np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
   for got, want in zip(jax.tree_util.tree_leaves(grads_remat), jax.tree_util.tree_leaves(grads)):
     # f32: the recomputed activations sum in another order.
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))))
   if policy == 'full':
-    assert results['full_bytes'] < results['none_bytes']
+    assert remat_bytes < plain_bytes
 
 
 def test_attention_logits_in_the_compute_dtype_are_a_switch():
@@ -361,9 +370,9 @@ def test_attention_logits_in_the_compute_dtype_are_a_switch():
   for dtype, tolerance in (('float32', 1e-6), ('bfloat16', 2e-2)):
     base = tiny_model.config(vocab_size=64, dtype=dtype)
     params = tiny_model.random_params(base)
-    losses = [float(models.EncoderDecoderModel(dataclasses.replace(
-        base, float32_attention_logits=f32)).loss_fn(params, batch, None)[0]) for f32 in (True,
-                                                                                         False)]
+    losses = [float(jax.jit(models.EncoderDecoderModel(dataclasses.replace(
+        base, float32_attention_logits=f32)).loss_fn)(params, batch, None)[0])
+              for f32 in (True, False)]
     assert losses[1] == pytest.approx(losses[0], rel=tolerance), dtype
     if dtype == 'bfloat16':
       assert losses[1] != losses[0]  # the switch reaches the attention

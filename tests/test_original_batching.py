@@ -2,6 +2,7 @@
 reads the original's single-format micro-batches, laid into a fixed-shape batch, and its gradient is
 the original's rule (each micro-batch's token mean, divided by the accumulation count) computed by
 hand; the layout is the same on any number of data shards and resumes at its step."""
+import functools
 import os
 
 import jax
@@ -97,10 +98,12 @@ def test_a_step_has_the_originals_gradient(toy_set):
   optimizer = optax.sgd(1.0)  # new params = params - gradient
   state = train_state.TrainState(step=jnp.asarray(step), params=params,
                                  opt_state=optimizer.init(params))
-  new_state, metrics = train_step.train_step(
-      state, jax.tree_util.tree_map(jnp.asarray, batch), jax.random.PRNGKey(0), model=model,
-      optimizer=optimizer, num_microbatches=DEVICE_MICRO_BATCHES, learning_rate_fn=lambda _: 1.0,
-      skip_empty_microbatches=True)
+  run_step = jax.jit(functools.partial(
+      train_step.train_step, model=model, optimizer=optimizer,
+      num_microbatches=DEVICE_MICRO_BATCHES, learning_rate_fn=lambda _: 1.0,
+      skip_empty_microbatches=True))
+  new_state, metrics = run_step(state, jax.tree_util.tree_map(jnp.asarray, batch),
+                                jax.random.PRNGKey(0))
   ours = jax.tree_util.tree_map(lambda a, b: a - b, params, new_state.params)
 
   def token_mean(p, micro_batch):
@@ -111,11 +114,12 @@ def test_a_step_has_the_originals_gradient(toy_set):
     return jnp.sum(ce * mask) / jnp.sum(mask)
 
   step_micro_batches = _plan(toy_set).step(step)
+  token_mean_and_grad = jax.jit(jax.value_and_grad(token_mean))
   expected = None
   losses = []
   for micro_batch in step_micro_batches:
     arrays = _hand_written_micro_batch(toy_set, micro_batch)
-    loss, grads = jax.value_and_grad(token_mean)(params, arrays)
+    loss, grads = token_mean_and_grad(params, arrays)
     losses.append(float(loss))
     grads = jax.tree_util.tree_map(lambda g: g / ACCUMULATION, grads)
     expected = grads if expected is None else jax.tree_util.tree_map(jnp.add, expected, grads)

@@ -98,7 +98,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     allocator.reexec_with_tunables()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   xla_flags.apply()  # Before anything starts JAX; a no-op once a backend is running.
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  # `force`: a library imported before this call (in a notebook, a script calling `main`) may have
+  # given the root logger a WARNING-level handler, which would hide the run's progress.
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      force=True)
   # Orbax and absl log every save at INFO; keep the console for the run's own progress.
   for name in ("absl", "orbax", "jax._src.xla_bridge"):
     logging.getLogger(name).setLevel(logging.WARNING)

@@ -5,6 +5,8 @@ A child's variables are `environment()`: this process's, with this checkout firs
 XLA_FLAGS (a child chooses its own device count), and with a persistent compilation cache shared
 by the children of this test process (`JAX_COMPILATION_CACHE_DIR`, unless a test names its own):
 a command run again (a resume, a rerun) loads its programs instead of compiling them.
+`run_specialize` forks the command from a server that has imported the libraries
+(`forked_commands`); `specialize_argv` is for a test that needs a new interpreter.
 """
 import atexit
 import functools
@@ -17,6 +19,7 @@ import tempfile
 from typing import Iterable, List, Optional
 
 from tests.support import REPO_ROOT
+from tests.support import forked_commands
 
 TIMEOUT_S = 600  # A hang's limit; on a loaded 2-core machine a run can take minutes.
 
@@ -60,13 +63,13 @@ def module_argv(module: str, *args: str) -> List[str]:
 def run_specialize(args, env: Optional[dict] = None, cwd=REPO_ROOT,
                    timeout: Optional[float] = TIMEOUT_S,
                    check: bool = False) -> subprocess.CompletedProcess:
-  """Runs `specialize ARGS` to its end (text output captured; env default `environment()`).
+  """Runs `specialize ARGS` to its end (text output captured; env default `environment()`), in a
+  process forked from a server that has imported the libraries (`forked_commands`).
 
   With `check`, fails the test with the end of stderr unless it exits 0.
   """
-  result = subprocess.run(specialize_argv(*args), cwd=cwd,
-                          env=environment() if env is None else env, capture_output=True,
-                          text=True, timeout=timeout)
+  env = environment() if env is None else env
+  result = forked_commands.shared_server(env).run(list(args), env, cwd, timeout)
   if check:
     assert result.returncode == 0, f'specialize {args[0]} failed:\n{result.stderr[-4000:]}'
   return result
