@@ -21,6 +21,7 @@ replies `{"pid": PID}` per request and `{"exited": PID, "code": CODE}` when a ch
 `subprocess`'s `returncode`: negative for a signal).
 """
 import atexit
+import gc
 import json
 import os
 import select
@@ -224,6 +225,9 @@ def serve() -> None:
   import tensorflow
   from specialize_jax import cli
   # pylint: enable=g-import-not-at-top,unused-import
+  # The imported objects are shared with every child until written: kept out of the children's
+  # garbage collections, which would touch (and so copy) every page of them.
+  gc.freeze()
   reply = lambda message: print(json.dumps(message), flush=True)
   children, pending, stdin_open = set(), b'', True
   while stdin_open or children:
