@@ -26,8 +26,9 @@ if os.path.exists(_SHARED_VOCAB):
 # workers first, so that no long file starts last while the other worker idles; the rest follow
 # in collection order. (pytest-xdist would otherwise order files by their number of tests.)
 LONGEST_FILES_FIRST = ("test_multihost_cli.py", "test_demo.py", "test_train_step.py",
-                       "test_memory_plan.py", "test_trainer.py", "test_storage.py",
-                       "test_original_batching.py", "test_network.py", "test_serve.py")
+                       "test_trainer.py", "test_memory_plan.py", "test_original_batching.py",
+                       "test_attention_kernels.py", "test_network.py", "test_wheel.py",
+                       "test_multiprocess.py", "test_tasks.py")
 
 
 def pytest_configure(config):

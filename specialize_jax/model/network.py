@@ -54,7 +54,6 @@ policy), trading compute for the activation memory that `specialize plan` shows 
 FlanT5-Large up. Decoding never rematerializes (no gradient).
 """
 import functools
-import logging
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -322,17 +321,18 @@ class MultiHeadAttention(nn.Module):
         x = self._reference(query, key, value, filled, bias, dropout=False, decode=True)
         return self._out(x, inputs_q.shape[-1])
 
-    dense = None if mask is None else mask.dense()
     dropout = not deterministic and cfg.dropout_rate > 0.0
     kernel = 'xla' if decode else attention_kernels.choose(cfg, query, key, dropout)
-    if kernel == 'cudnn':
-      x = attention_kernels.cudnn_attention(query, key, value, dense, bias)
-    elif kernel == 'pallas':
+    if kernel == 'pallas':
       if mask is None:
         raise ValueError("attention_kernel='pallas' needs the attention mask (the token ids).")
       x = attention_kernels.pallas_attention(query, key, value, mask, bias)
     else:
-      x = self._reference(query, key, value, dense, bias, dropout, decode)
+      dense = None if mask is None else mask.dense()
+      if kernel == 'cudnn':
+        x = attention_kernels.cudnn_attention(query, key, value, dense, bias)
+      else:
+        x = self._reference(query, key, value, dense, bias, dropout, decode)
     return self._out(x, inputs_q.shape[-1])
 
   def _out(self, x: Array, features: int) -> Array:
