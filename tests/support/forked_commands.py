@@ -2,12 +2,14 @@
 
 Every `specialize` process spends about 7 of its first seconds importing TensorFlow (through
 SeqIO), JAX, Flax and orbax: most of what a failing command or a tiny multi-process training run
-costs, and most of the suite's time. The server (`python -m tests.support.forked_commands`) imports
+costs, and a large share of the suite's. The server (`python -m tests.support.forked_commands`) imports
 them once, before JAX has a backend or any thread has started; each command is then a child forked
 from it that takes its own environment, working directory and log file and runs
 `specialize_jax.cli.main(argv)` to its exit code, with its exit handlers, as the command's process
 would. It is a separate process (its own pid, signals, devices and `jax.distributed` client);
-what it skips is the interpreter start and those imports.
+what it skips is the interpreter start and those imports. The server freezes its objects
+(`gc.freeze`): a child's garbage collections would otherwise touch, and so copy, all of them (a
+forked tiny training run then took about as long as a new interpreter).
 
 What a child cannot change, because the server read it at import: the `JAX_*` variables and
 `TF_CPP_MIN_LOG_LEVEL` (JAX reads its configuration when imported) and `GLIBC_TUNABLES` (glibc reads
