@@ -46,6 +46,14 @@ def _fixed(env: Dict[str, str]) -> Dict[str, Optional[str]]:
   return {n: env.get(n) for n in sorted(names)}
 
 
+def _with_start_defaults(env: Dict[str, str]) -> Dict[str, str]:
+  """`env` with what a `specialize train` process runs with where it sets nothing: glibc's
+  `allocator.TUNABLES` (its re-exec) and `TF_CPP_MIN_LOG_LEVEL=3` (`cli.main`, before TensorFlow
+  is imported)."""
+  from specialize_jax.runtime import allocator  # pylint: disable=g-import-not-at-top
+  return {'GLIBC_TUNABLES': allocator.TUNABLES, 'TF_CPP_MIN_LOG_LEVEL': '3', **env}
+
+
 def check_same_start(server_env: Dict[str, str], env: Dict[str, str]) -> None:
   """Raises unless a command's `env` agrees with its server's on what was read at start."""
   if _fixed(env) != _fixed(server_env):
@@ -85,10 +93,7 @@ class Server:
   """The server process and the exits it reports (read on a thread of this process)."""
 
   def __init__(self, env: Dict[str, str]):
-    from specialize_jax.runtime import allocator  # pylint: disable=g-import-not-at-top
-    self.env = dict(env)
-    self.env.setdefault('GLIBC_TUNABLES', allocator.TUNABLES)
-    self.env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')  # as `cli.main` sets before TF is imported
+    self.env = _with_start_defaults(env)
     self._log = tempfile.TemporaryFile()  # the server's own stderr: its failures
     self._process = subprocess.Popen(
         [sys.executable, '-m', 'tests.support.forked_commands'], cwd=REPO_ROOT, env=self.env,
@@ -113,9 +118,7 @@ class Server:
             stderr=None) -> ForkedProcess:
     """Forks `specialize ARGV` with `env` in `cwd`, its output appended to the file `stdout` and
     its errors to `stderr` (default: the same file)."""
-    env = dict(env)
-    for name in ('GLIBC_TUNABLES', 'TF_CPP_MIN_LOG_LEVEL'):
-      env.setdefault(name, self.env[name])
+    env = _with_start_defaults(env)
     check_same_start(self.env, env)
     with self._changed:
       asked = len(self._pids)
@@ -175,9 +178,7 @@ _SERVERS: Dict[tuple, Server] = {}
 
 def shared_server(env: Dict[str, str]) -> Server:
   """This test process's server for commands with `env`'s import-time variables (one per set)."""
-  from specialize_jax.runtime import allocator  # pylint: disable=g-import-not-at-top
-  key = tuple(_fixed({'GLIBC_TUNABLES': allocator.TUNABLES, 'TF_CPP_MIN_LOG_LEVEL': '3',
-                      **env}).items())
+  key = tuple(_fixed(_with_start_defaults(env)).items())
   if key not in _SERVERS or _SERVERS[key].closed:
     _SERVERS[key] = Server(env)
   return _SERVERS[key]
